@@ -1,0 +1,1 @@
+"""fedtune client: ClientApp, local training and privacy."""

@@ -1,0 +1,171 @@
+"""ClientApp: Flower wiring only (training and privacy live in trainer/privacy).
+
+A site's data comes from its node_config: ``data-path`` (a deployed hospital) or, in
+simulation, ``partition-id``/``num-partitions`` of ``data.source``. ``device`` in the
+node_config picks the accelerator. The reply carries the adapter tensors and scalar
+metrics only.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedtune.client import privacy, trainer
+from fedtune.common import data, records
+from fedtune.common.config import RunConfig, from_run_config
+from fedtune.common.data import EncodedDataset
+from fedtune.common.errors import DataError
+from fedtune.common.model import adapter_state, build_model, load_tokenizer
+from fedtune.common.model import set_adapter_state
+
+logger = logging.getLogger(__name__)
+PRIVACY_STATE = "fedtune-privacy"
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """A site's tokenized private data, split into train and validation."""
+
+    train: EncodedDataset
+    val: EncodedDataset
+    name: str
+
+
+def encode(recs: list[dict[str, Any]], cfg: RunConfig, *, source: str
+           ) -> EncodedDataset:
+    """Tokenize records for the run's task."""
+    tok = load_tokenizer(cfg.model.name_or_path, cfg.model.gguf_file)
+    if cfg.model.task == "classification":
+        return data.encode_classification(recs, tok, cfg=cfg.data, source=source)
+    return data.encode_sft(recs, tok, cfg=cfg.data)
+
+
+def required_columns(cfg: RunConfig) -> list[str]:
+    d = cfg.data
+    return ([d.text_column, d.label_column] if cfg.model.task == "classification"
+            else [d.prompt_column, d.response_column])
+
+
+@functools.lru_cache(maxsize=16)
+def _site_data(cfg: RunConfig, source: str, part: int, num_parts: int) -> SiteData:
+    recs = data.read_records(source, required=required_columns(cfg))
+    name = source
+    if num_parts > 0:
+        ys = (data.label_ids(recs, column=cfg.data.label_column,
+                             labels=cfg.data.labels, source=source)
+              if cfg.model.task == "classification" else None)
+        parts = data.partition(recs, cfg.data, num_parts=num_parts,
+                               seed=cfg.train.seed, label_col_ids=ys)
+        recs, name = [recs[i] for i in parts[part]], f"partition {part}/{num_parts}"
+    if cfg.data.max_samples_per_site:
+        recs = recs[: cfg.data.max_samples_per_site]
+    tr, va = data.split_validation(range(len(recs)), fraction=cfg.data.val_fraction,
+                                   seed=cfg.train.seed + part)
+    return SiteData(train=encode([recs[i] for i in tr], cfg, source=source),
+                    val=encode([recs[i] for i in va], cfg, source=source), name=name)
+
+
+def site_data(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteData:
+    """This node's data: its own file, or its simulation partition."""
+    if "data-path" in node_config:
+        return _site_data(cfg, str(node_config["data-path"]), 0, 0)
+    if "partition-id" in node_config:
+        return _site_data(cfg, cfg.data.source, int(node_config["partition-id"]),
+                          int(node_config["num-partitions"]))
+    raise DataError("this node has no data: start the SuperNode with "
+                    "--node-config \"data-path='/path/to/site.jsonl'\"")
+
+
+def run_config(context: Context, defaults: Mapping[str, Any]) -> RunConfig:
+    """The run's config: Flower's run_config over the defaults baked into the app."""
+    return from_run_config({**defaults, **context.run_config})
+
+
+def _setup(msg: Message, context: Context, defaults: Mapping[str, Any]
+           ) -> tuple[RunConfig, SiteData, torch.nn.Module, torch.device, int]:
+    cfg = run_config(context, defaults)
+    device = trainer.resolve_device(str(context.node_config.get("device", "auto")))
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.federation.client_cpus)))
+    site = site_data(cfg, context.node_config)
+    model = build_model(cfg.model, cfg.lora, num_labels=len(cfg.data.labels),
+                        seed=cfg.train.seed)
+    set_adapter_state(model, records.from_record(msg.content[records.ARRAYS]))
+    pad = load_tokenizer(cfg.model.name_or_path, cfg.model.gguf_file).pad_token_id
+    return cfg, site, model.to(device), device, int(pad)
+
+
+def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
+    """A ClientApp; ``defaults`` is a flat run_config used under Flower's (simulation
+    runs started from Python carry an empty one)."""
+    defaults = dict(defaults or {})
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        cfg, site, model, device, pad = _setup(msg, context, defaults)
+        rnd = int(msg.content[records.CONFIG][records.SERVER_ROUND])
+        state = privacy.PrivacyState.from_config(
+            dict(context.state[PRIVACY_STATE]) if PRIVACY_STATE in context.state
+            else None)
+        if cfg.privacy.enabled and state.noise_multiplier == 0.0:
+            q = privacy.sample_rate(batch_size=cfg.train.batch_size,
+                                    num_examples=len(site.train))
+            steps = privacy.steps_per_round(sample_rate_=q,
+                                            epochs=cfg.train.local_epochs,
+                                            max_steps=cfg.train.max_steps)
+            state.noise_multiplier = privacy.plan_noise(
+                cfg.privacy, sample_rate_=q, steps_per_round_=steps,
+                num_rounds=cfg.federation.num_rounds)
+        if not cfg.privacy.enabled:
+            logger.warning("DP is OFF on this site: the adapter update is not "
+                           "differentially private (privacy.enabled=false)")
+        res = trainer.train_local(
+            model, site.train, site.val, task=cfg.model.task, train_cfg=cfg.train,
+            privacy_cfg=cfg.privacy, noise_multiplier=state.noise_multiplier,
+            device=device, pad_id=pad, seed=cfg.train.seed * 1000 + rnd)
+        if cfg.privacy.enabled:
+            state.charge(sample_rate_=res.sample_rate, steps=res.steps)
+            context.state[PRIVACY_STATE] = ConfigRecord(state.to_config())
+        eps = state.epsilon(cfg.privacy) if cfg.privacy.enabled else math.inf
+        metrics = {
+            records.NUM_EXAMPLES: res.num_examples, records.TRAIN_LOSS: res.train_loss,
+            records.TRAIN_SECONDS: res.seconds, records.DP_STEPS: res.steps,
+        }
+        if cfg.privacy.enabled:  # no epsilon key at all = not private
+            metrics.update({records.EPSILON: eps, records.DELTA: cfg.privacy.target_delta,
+                            records.NOISE_MULTIPLIER: state.noise_multiplier})
+        if not math.isnan(res.val_loss):
+            metrics[records.VAL_LOSS] = res.val_loss
+        logger.info("round %d: %s trained %d steps on %d examples, loss %.4f, "
+                    "epsilon %.3f", rnd, site.name, res.steps, res.num_examples,
+                    res.train_loss, eps)
+        content = RecordDict({records.ARRAYS: records.to_record(adapter_state(model)),
+                              records.METRICS: MetricRecord(metrics)})
+        return Message(content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        cfg, site, model, device, pad = _setup(msg, context, defaults)
+        ds = site.val if len(site.val) else site.train
+        res = trainer.evaluate(model, ds, task=cfg.model.task, device=device,
+                               batch_size=cfg.train.eval_batch_size, pad_id=pad,
+                               labels=list(cfg.data.labels))
+        metrics: dict[str, float | int] = {records.NUM_EXAMPLES: len(ds)}
+        metrics.update({("eval-loss" if k == "loss" else k): v for k, v in res.items()})
+        return Message(RecordDict({records.METRICS: MetricRecord(metrics)}),
+                       reply_to=msg)
+
+    return app
+
+
+app = make_client_app()

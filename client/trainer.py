@@ -1,0 +1,240 @@
+"""Local training and evaluation loops (plain torch + Opacus; no Flower).
+
+One call of :func:`train_local` is one site's work in one round: AdamW with a linear
+warmup/decay schedule, epochs or a step budget, optional early stopping on the local
+validation split, and either DP-SGD (Poisson sampling, per-sample clipping, Gaussian
+noise) or ordinary gradient-norm clipping.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import sys
+import time
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from fedtune.client import privacy
+from fedtune.common import metrics
+from fedtune.common.config import PrivacyConfig, TrainConfig
+from fedtune.common.data import collate
+from fedtune.common.errors import ConfigError
+from fedtune.common.model import adapter_state, set_adapter_state
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one local round did (scalars only)."""
+
+    num_examples: int
+    train_loss: float
+    val_loss: float
+    steps: int
+    seconds: float
+    sample_rate: float
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; otherwise the named device."""
+    if name in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but CUDA is not available here; use cpu")
+    return dev
+
+
+def autocast(device: torch.device, precision: str, *, dp: bool
+             ) -> AbstractContextManager[object]:
+    """Mixed precision: bf16 on CUDA where supported (``auto``), else full fp32."""
+    if precision == "auto":
+        precision = ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported()
+                     else "fp32")
+    if precision == "fp32":
+        return nullcontext()
+    if precision == "fp16" and dp:
+        raise ConfigError("train.precision: fp16 needs loss scaling, which DP-SGD's "
+                          "per-sample clipping does not support; use bf16 or fp32")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def per_sample_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, task: str
+                    ) -> torch.Tensor:
+    """Loss of each sequence in the batch, shape ``[B]``.
+
+    Causal LM: token losses summed over the response tokens divided by their count
+    (HF's ``labels=`` loss averages over all tokens of the batch, which mixes samples
+    and breaks per-sample gradients).
+    """
+    if task == "classification":
+        logits = model(input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"])
+        return F.cross_entropy(logits.float(), batch["labels"], reduction="none")
+    logits = model(input_ids=batch["input_ids"],
+                   attention_mask=batch["attention_mask"]).logits[:, :-1]
+    target = batch["input_ids"][:, 1:]
+    mask = batch["loss_mask"][:, 1:]
+    tok = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                          target.reshape(-1), reduction="none").view(target.shape)
+    return (tok * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _progress(total: int, desc: str) -> tqdm:
+    return tqdm(total=total, desc=desc, leave=False, disable=not sys.stderr.isatty())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, *, task: str, batch_size: int,
+             device: torch.device, pad_id: int, labels: list[str] | None = None,
+             precision: str = "auto") -> dict[str, float]:
+    """Loss (+ accuracy, macro-F1, per-class recall | perplexity) on a dataset."""
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        return {}
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size,
+                        collate_fn=functools.partial(collate, pad_id=pad_id))
+    total, weight, y_true, y_pred = 0.0, 0.0, [], []
+    for batch in loader:
+        batch = _to(batch, device)
+        with autocast(device, precision, dp=False):
+            if task == "classification":
+                logits = model(input_ids=batch["input_ids"],
+                               attention_mask=batch["attention_mask"]).float()
+                total += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
+                weight += len(batch["labels"])
+                y_true += batch["labels"].tolist()
+                y_pred += logits.argmax(-1).tolist()
+            else:
+                n_tok = batch["loss_mask"][:, 1:].sum(1)
+                losses = per_sample_loss(model, batch, task=task)
+                total += (losses * n_tok).sum().item()
+                weight += n_tok.sum().item()
+    model.train(was_training)
+    loss = total / max(weight, 1.0)
+    if task != "classification":
+        return {"loss": loss, "perplexity": metrics.perplexity(loss)}
+    names = labels or [str(i) for i in range(int(max(y_true + y_pred)) + 1)]
+    out = {"loss": loss, "accuracy": metrics.accuracy(y_true, y_pred),
+           "macro-f1": metrics.macro_f1(y_true, y_pred, num_classes=len(names))}
+    recalls = metrics.per_class_recall(y_true, y_pred, num_classes=len(names))
+    out.update({f"recall-{n}": r for n, r in zip(names, recalls, strict=True)
+                if not math.isnan(r)})
+    return out
+
+
+def _loader(dataset: Dataset, *, cfg: TrainConfig, dp: bool, pad_id: int,
+            generator: torch.Generator) -> tuple[DataLoader, float]:
+    n = len(dataset)  # type: ignore[arg-type]
+    col = functools.partial(collate, pad_id=pad_id)
+    rate = privacy.sample_rate(batch_size=cfg.batch_size, num_examples=n)
+    if dp:
+        sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=rate,
+                                                generator=generator)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=col), rate
+    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True,
+                      collate_fn=col, generator=generator), rate
+
+
+def train_local(model: nn.Module, train_set: Dataset, val_set: Dataset, *,
+                task: str, train_cfg: TrainConfig, privacy_cfg: PrivacyConfig,
+                noise_multiplier: float, device: torch.device, pad_id: int,
+                seed: int) -> TrainResult:
+    """Train the model's adapter in place for one round; see module docstring."""
+    start = time.perf_counter()
+    dp = privacy_cfg.enabled
+    gen = torch.Generator().manual_seed(seed)
+    loader, rate = _loader(train_set, cfg=train_cfg, dp=dp, pad_id=pad_id,
+                           generator=gen)
+    per_epoch = len(loader)
+    total = (train_cfg.max_steps if train_cfg.max_steps > 0
+             else train_cfg.local_epochs * per_epoch)
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt: torch.optim.Optimizer = torch.optim.AdamW(
+        params, lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay)
+    net: nn.Module = model
+    if dp:
+        net, opt = privacy.make_private(
+            model, opt, cfg=privacy_cfg, noise_multiplier=noise_multiplier,
+            expected_batch_size=round(rate * len(train_set)),  # type: ignore[arg-type]
+            generator=torch.Generator(device=device).manual_seed(seed + 1))
+    sched = get_linear_schedule_with_warmup(
+        opt, num_warmup_steps=int(train_cfg.warmup_ratio * total),
+        num_training_steps=total)
+    steps, loss_sum, loss_n, best, stale = 0, 0.0, 0, math.inf, 0
+    best_state = None
+    bar = _progress(total, "local steps")
+    try:
+        while steps < total:
+            for batch in loader:
+                if steps >= total:
+                    break
+                loss = _step(net, opt, _to(batch, device), task=task, dp=dp,
+                             cfg=train_cfg, device=device, params=params)
+                sched.step()
+                steps += 1
+                bar.update(1)
+                if loss is not None:
+                    loss_sum, loss_n = loss_sum + loss, loss_n + 1
+            if train_cfg.early_stopping_patience and len(val_set):  # type: ignore
+                val = evaluate(model, val_set, task=task, device=device, pad_id=pad_id,
+                               batch_size=train_cfg.eval_batch_size)["loss"]
+                if val < best - 1e-4:
+                    best, stale, best_state = val, 0, adapter_state(model)
+                else:
+                    stale += 1
+                    if stale >= train_cfg.early_stopping_patience:
+                        logger.info("early stopping after %d steps (val loss %.4f)",
+                                    steps, best)
+                        break
+    finally:
+        bar.close()
+        if dp:
+            net._close()  # type: ignore[operator]  # remove Opacus hooks
+    if best_state is not None:
+        set_adapter_state(model, best_state)
+    val_loss = (evaluate(model, val_set, task=task, device=device, pad_id=pad_id,
+                         batch_size=train_cfg.eval_batch_size)["loss"]
+                if len(val_set) else math.nan)  # type: ignore[arg-type]
+    return TrainResult(num_examples=len(train_set),  # type: ignore[arg-type]
+                       train_loss=loss_sum / max(loss_n, 1), val_loss=val_loss,
+                       steps=steps, seconds=time.perf_counter() - start,
+                       sample_rate=rate if dp else 0.0)
+
+
+def _step(net: nn.Module, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+          *, task: str, dp: bool, cfg: TrainConfig, device: torch.device,
+          params: list[nn.Parameter]) -> float | None:
+    """One optimizer step; returns the batch loss (None for an empty Poisson batch)."""
+    opt.zero_grad(set_to_none=True)
+    if batch["input_ids"].shape[0] == 0:
+        # Poisson sampling drew no record: the step still counts (and adds noise).
+        for p in params:
+            p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+        opt.step()
+        return None
+    with autocast(device, cfg.precision, dp=dp):
+        loss = per_sample_loss(net, batch, task=task).mean()
+    loss.backward()
+    if not dp:
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    opt.step()
+    return float(loss.detach())

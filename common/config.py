@@ -1,0 +1,397 @@
+"""Run configuration: YAML <-> frozen dataclasses <-> Flower's flat run_config.
+
+One YAML file describes a run. Each section is a frozen dataclass whose
+``__post_init__`` validates every field; :func:`from_dict` collects the problems of
+all sections (unknown keys, wrong types, bad values) and raises them together in one
+:class:`ConfigError`. Flower carries the run config as a flat mapping of scalars, so
+:func:`to_run_config` flattens a :class:`RunConfig` into dotted kebab-case keys
+(``train.learning-rate``) with lists JSON-encoded, and :func:`from_run_config`
+reverses it exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from fedtune.common.errors import ConfigError
+
+Scalar = bool | int | float | str
+
+TASKS = ("classification", "causal-lm")
+PARTITIONS = ("iid", "dirichlet", "column")
+STRATEGIES = ("fedavg",)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if origin is tuple:
+        item = typing.get_args(hint)[0]
+        return isinstance(value, list | tuple) and all(_type_ok(v, item) for v in value)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin is tuple:
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    return {bool: "true or false", int: "an integer", float: "a number"}.get(
+        hint, "a string"
+    )
+
+
+class _Section:
+    """Validation shared by every config section (types first, then values)."""
+
+    SECTION = ""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        problems = []
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if hints[f.name] is float and isinstance(value, int):
+                if not isinstance(value, bool):  # accept 1 where 1.0 is meant
+                    object.__setattr__(self, f.name, float(value))
+                    continue
+            if isinstance(value, list):  # lists from YAML become (hashable) tuples
+                value = tuple(value)
+                object.__setattr__(self, f.name, value)
+            if not _type_ok(value, hints[f.name]):
+                problems.append(
+                    f"{self.SECTION}.{f.name}: expected {_describe(hints[f.name])}, "
+                    f"got {value!r}"
+                )
+        try:  # value checks too, so one error lists everything
+            problems += [f"{self.SECTION}.{p}" for p in self._check()]
+        except TypeError:
+            pass  # a wrongly typed field was already reported above
+        if problems:
+            raise ConfigError(problems)
+
+    def _check(self) -> list[str]:
+        """Return ``"field: problem"`` lines for values of the right type."""
+        return []
+
+
+def _positive(obj: object, *names: str) -> list[str]:
+    return [f"{n}: must be > 0, got {getattr(obj, n)!r}" for n in names
+            if _is_num(getattr(obj, n)) and getattr(obj, n) <= 0]
+
+
+def _non_negative(obj: object, *names: str) -> list[str]:
+    return [f"{n}: must be >= 0, got {getattr(obj, n)!r}" for n in names
+            if _is_num(getattr(obj, n)) and getattr(obj, n) < 0]
+
+
+def _is_num(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Section):
+    """Which pretrained model to fine-tune, and for which task."""
+
+    SECTION = "model"
+    name_or_path: str = "fedtune:all-MiniLM-L6-v2"
+    task: Literal["classification", "causal-lm"] = "classification"
+    gguf_file: str = ""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    def _check(self) -> list[str]:
+        if not self.name_or_path.strip():
+            return ["name_or_path: must name a local directory or a hub model id"]
+        return []
+
+
+@dataclass(frozen=True)
+class LoraConfig(_Section):
+    """LoRA adapter shape. Empty ``target_modules`` means the architecture default."""
+
+    SECTION = "lora"
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ()
+
+    def _check(self) -> list[str]:
+        out = _positive(self, "r", "alpha")
+        if not 0.0 <= self.dropout < 1.0:
+            out.append(f"dropout: must be in [0, 1), got {self.dropout!r}")
+        return out
+
+
+@dataclass(frozen=True)
+class PrivacyConfig(_Section):
+    """Record-level DP-SGD on each site (Opacus).
+
+    With ``noise_multiplier == 0`` the noise is calibrated so that the planned rounds
+    spend exactly ``target_epsilon`` at ``target_delta``.
+    """
+
+    SECTION = "privacy"
+    enabled: bool = True
+    target_epsilon: float = 8.0
+    target_delta: float = 1e-5
+    noise_multiplier: float = 0.0
+    max_grad_norm: float = 1.0
+    accountant: Literal["rdp", "prv"] = "rdp"
+    grad_sample_mode: Literal["hooks", "functorch", "ew"] = "hooks"
+
+    def _check(self) -> list[str]:
+        out = _positive(self, "target_epsilon", "max_grad_norm")
+        out += _non_negative(self, "noise_multiplier")
+        if not 0.0 < self.target_delta < 1.0:
+            out.append(f"target_delta: must be in (0, 1), got {self.target_delta!r}")
+        return out
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Section):
+    """Local training on a site (one call per round)."""
+
+    SECTION = "train"
+    local_epochs: int = 1
+    max_steps: int = 0
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    learning_rate: float = 5e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    early_stopping_patience: int = 0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    seed: int = 0
+
+    def _check(self) -> list[str]:
+        out = _positive(self, "local_epochs", "batch_size", "eval_batch_size",
+                        "learning_rate", "max_grad_norm")
+        out += _non_negative(self, "max_steps", "weight_decay",
+                             "early_stopping_patience")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            out.append(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio!r}")
+        return out
+
+
+@dataclass(frozen=True)
+class DataConfig(_Section):
+    """Where the data is and how simulation splits it into sites."""
+
+    SECTION = "data"
+    source: str = "fedtune:drug-reviews"
+    test_source: str = "fedtune:drug-reviews-test"
+    text_column: str = "review"
+    label_column: str = "rating"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    labels: tuple[str, ...] = ("negative", "neutral", "positive")
+    max_length: int = 128
+    partition: Literal["iid", "dirichlet", "column"] = "column"
+    partition_column: str = "condition"
+    dirichlet_alpha: float = 0.5
+    val_fraction: float = 0.1
+    max_samples_per_site: int = 0
+    max_test_samples: int = 0
+
+    def _check(self) -> list[str]:
+        out = _positive(self, "max_length", "dirichlet_alpha")
+        out += _non_negative(self, "max_samples_per_site", "max_test_samples")
+        if not 0.0 <= self.val_fraction < 0.5:
+            out.append(f"val_fraction: must be in [0, 0.5), got {self.val_fraction!r}")
+        if len(set(self.labels)) != len(self.labels):
+            out.append(f"labels: must be distinct, got {self.labels!r}")
+        if self.partition == "column" and not self.partition_column:
+            out.append("partition_column: required when partition is 'column'")
+        return out
+
+
+@dataclass(frozen=True)
+class FederationConfig(_Section):
+    """Rounds, sampling and the simulated federation."""
+
+    SECTION = "federation"
+    num_sites: int = 8
+    num_rounds: int = 5
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 0.0
+    min_train_nodes: int = 2
+    strategy: Literal["fedavg"] = "fedavg"
+    run_dir: str = "runs"
+    client_cpus: float = 1.0
+    client_gpus: float = 0.0
+    round_timeout: float = 3600.0
+
+    def _check(self) -> list[str]:
+        out = _positive(self, "num_sites", "num_rounds", "min_train_nodes",
+                        "client_cpus", "round_timeout")
+        out += _non_negative(self, "client_gpus")
+        for name in ("fraction_train", "fraction_evaluate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                out.append(f"{name}: must be in [0, 1], got {getattr(self, name)!r}")
+        if self.min_train_nodes > self.num_sites:
+            out.append(f"min_train_nodes: {self.min_train_nodes} exceeds num_sites "
+                       f"{self.num_sites}")
+        return out
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole run: one instance per section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    f.name: typing.get_type_hints(RunConfig)[f.name] for f in dataclasses.fields(RunConfig)
+}
+
+
+def from_dict(raw: Mapping[str, Any] | None) -> RunConfig:
+    """Build a :class:`RunConfig`, reporting every problem at once.
+
+    Raises
+    ------
+    ConfigError
+        Listing each unknown key and each bad value with what it expects.
+    """
+    raw = {} if raw is None else raw
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"top level: expected a mapping of sections, got {raw!r}")
+    problems = [f"{k}: unknown section (known: {', '.join(SECTIONS)})"
+                for k in raw if k not in SECTIONS]
+    built: dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        values = raw.get(name) or {}
+        if not isinstance(values, Mapping):
+            problems.append(f"{name}: expected a mapping of keys, got {values!r}")
+            continue
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        values = {str(k).replace("-", "_"): v for k, v in values.items()}
+        unknown = sorted(set(values) - known)
+        problems += [f"{name}.{k}: unknown key (known: {', '.join(sorted(known))})"
+                     for k in unknown]
+        try:
+            built[name] = cls(**{k: v for k, v in values.items() if k in known})
+        except ConfigError as err:
+            problems += err.problems
+    if problems:
+        raise ConfigError(problems)
+    return RunConfig(**built)
+
+
+def to_dict(cfg: RunConfig) -> dict[str, dict[str, Any]]:
+    """Return the plain nested mapping that :func:`from_dict` accepts."""
+    return {
+        name: {k: list(v) if isinstance(v, tuple) else v
+               for k, v in dataclasses.asdict(getattr(cfg, name)).items()}
+        for name in SECTIONS
+    }
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, dict[str, Any]]:
+    """Turn ``section.key=value`` strings into a nested mapping (values as YAML)."""
+    out: dict[str, dict[str, Any]] = {}
+    bad = []
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            bad.append(f"{pair!r}: expected section.key=value, e.g. train.batch-size=32")
+            continue
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            bad.append(f"{pair!r}: value is not valid YAML ({err})")
+            continue
+        out.setdefault(section, {})[name.replace("-", "_")] = value
+    if bad:
+        raise ConfigError(bad)
+    return out
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = {k: dict(v) if isinstance(v, Mapping) else v for k, v in base.items()}
+    for section, values in over.items():
+        if isinstance(values, Mapping) and isinstance(merged.get(section), dict):
+            merged[section].update(values)
+        else:
+            merged[section] = values
+    return merged
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run file (or the defaults) and apply ``key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found; pass an existing YAML file")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p}: not valid YAML: {err}") from err
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+        raw = loaded or {}
+    return from_dict(_merge(raw, parse_overrides(overrides or [])))
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML (written into every run directory)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def to_run_config(cfg: RunConfig) -> dict[str, Scalar]:
+    """Flatten to Flower's run_config: ``section.kebab-key`` -> scalar."""
+    flat: dict[str, Scalar] = {}
+    for section, values in to_dict(cfg).items():
+        for key, value in values.items():
+            name = f"{section}.{key.replace('_', '-')}"
+            flat[name] = json.dumps(value) if isinstance(value, list) else value
+    return flat
+
+
+def from_run_config(flat: Mapping[str, Any]) -> RunConfig:
+    """Inverse of :func:`to_run_config`; keys outside the sections are ignored
+    (Flower adds its own)."""
+    raw: dict[str, dict[str, Any]] = {}
+    list_fields = {
+        (s, f.name)
+        for s, cls in SECTIONS.items()
+        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        if typing.get_origin(typing.get_type_hints(cls)[f.name]) is tuple
+    }
+    for key, value in flat.items():
+        section, dot, name = str(key).partition(".")
+        if not dot or section not in SECTIONS:
+            continue
+        name = name.replace("-", "_")
+        if (section, name) in list_fields and isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{key}: expected a JSON list, got {value!r}") from err
+        raw.setdefault(section, {})[name] = value
+    return from_dict(raw)

@@ -1,0 +1,249 @@
+"""A site's private data: reading, checking, tokenizing, and partitioning for simulation.
+
+Records are plain dicts read from JSONL, CSV or TSV. Classification records need a
+text and a label column; causal-LM records a prompt and a response column. Every
+problem (missing file, missing columns, empty data, unknown labels) is a
+:class:`DataError` that names the file, the problem and the fix. The partitioners are
+pure functions of sizes/labels/values and a seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from fedtune.common import assets
+from fedtune.common.config import DataConfig
+from fedtune.common.errors import DataError
+
+Record = dict[str, Any]
+
+
+def read_records(source: str, *, required: Sequence[str]) -> list[Record]:
+    """Read a JSONL / CSV / TSV file (or ``fedtune:NAME`` asset) into records."""
+    path = Path(assets.resolve(source))
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found; set data.source (simulation) "
+                        "or the node's data-path to an existing .jsonl/.csv/.tsv file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".jsonl", ".json"):
+            records = _read_jsonl(path)
+        elif suffix in (".csv", ".tsv"):
+            with open(path, newline="", encoding="utf-8") as fh:
+                records = list(csv.DictReader(fh, delimiter="\t" if suffix == ".tsv"
+                                              else ","))
+        else:
+            raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, "
+                            ".csv or .tsv")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err}); re-save it as UTF-8") from err
+    except csv.Error as err:
+        raise DataError(f"{path}: malformed CSV ({err})") from err
+    if not records:
+        raise DataError(f"{path}: no records; the file is empty")
+    missing = [c for c in required if c not in records[0]]
+    if missing:
+        raise DataError(
+            f"{path}: missing column(s) {missing}; found {sorted(records[0])}. Rename "
+            "the columns or set data.text_column / label_column / prompt_column / "
+            "response_column")
+    for i, rec in enumerate(records):
+        empty = [c for c in required if rec.get(c) in (None, "")]
+        if empty:
+            raise DataError(f"{path}: record {i + 1} has empty {empty}; fill or drop it")
+    return records
+
+
+def _read_jsonl(path: Path) -> list[Record]:
+    records = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object per line")
+            records.append(rec)
+    return records
+
+
+def label_ids(records: Sequence[Record], *, column: str, labels: Sequence[str],
+              source: str = "data") -> list[int]:
+    """Map label names to ids, rejecting labels the run does not declare."""
+    index = {name: i for i, name in enumerate(labels)}
+    unknown = Counter(str(r[column]) for r in records if str(r[column]) not in index)
+    if unknown:
+        raise DataError(
+            f"{source}: unknown label(s) {sorted(unknown)} in column {column!r}; the run "
+            f"declares data.labels={list(labels)}. Add them there or fix the data")
+    return [index[str(r[column])] for r in records]
+
+
+# --- partitioning (pure) ----------------------------------------------------------
+
+def iid_partition(n: int, *, num_parts: int, seed: int) -> list[list[int]]:
+    """Shuffle ``range(n)`` and deal it into ``num_parts`` near-equal parts."""
+    if n < num_parts:
+        raise DataError(f"{n} records cannot fill {num_parts} sites; lower "
+                        "federation.num_sites")
+    idx = list(range(n))
+    random.Random(seed).shuffle(idx)
+    return [sorted(idx[i::num_parts]) for i in range(num_parts)]
+
+
+def dirichlet_partition(labels: Sequence[int], *, num_parts: int, alpha: float,
+                        seed: int, min_size: int = 2) -> list[list[int]]:
+    """Label skew: each class is split over the parts by Dirichlet(alpha) shares.
+
+    Redraws (up to 100 times) until every part has ``min_size`` records.
+    """
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[int]] = defaultdict(list)
+    for i, y in enumerate(labels):
+        by_class[y].append(i)
+    for _ in range(100):
+        parts: list[list[int]] = [[] for _ in range(num_parts)]
+        for y in sorted(by_class):
+            idx = rng.permutation(by_class[y]).tolist()
+            shares = rng.dirichlet([alpha] * num_parts)
+            cuts = (np.cumsum(shares)[:-1] * len(idx)).round().astype(int).tolist()
+            for p, chunk in enumerate(np.split(np.array(idx, dtype=int), cuts)):
+                parts[p].extend(chunk.tolist())
+        if min(len(p) for p in parts) >= min_size:
+            return [sorted(p) for p in parts]
+    raise DataError(f"Dirichlet(alpha={alpha}) left a site with < {min_size} records "
+                    "after 100 draws; raise data.dirichlet_alpha or lower num_sites")
+
+
+def column_partition(values: Sequence[str], *, num_parts: int) -> list[list[int]]:
+    """Natural sites: whole groups of equal ``values`` go to one part.
+
+    Groups are placed largest first on the part with the fewest records (ties by
+    name), so the split is deterministic and every group stays on a single site.
+    """
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, v in enumerate(values):
+        groups[str(v)].append(i)
+    if len(groups) < num_parts:
+        raise DataError(f"only {len(groups)} distinct values to split into "
+                        f"{num_parts} sites; lower federation.num_sites or use "
+                        "data.partition: iid")
+    parts: list[list[int]] = [[] for _ in range(num_parts)]
+    for _, idx in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        min(parts, key=len).extend(idx)
+    return [sorted(p) for p in parts]
+
+
+def partition(records: Sequence[Record], cfg: DataConfig, *, num_parts: int,
+              seed: int, label_col_ids: Sequence[int] | None = None
+              ) -> list[list[int]]:
+    """Split records into ``num_parts`` sites as ``cfg.partition`` says."""
+    if cfg.partition == "iid":
+        return iid_partition(len(records), num_parts=num_parts, seed=seed)
+    if cfg.partition == "dirichlet":
+        if label_col_ids is None:
+            raise DataError("dirichlet partitioning needs labels (classification task)")
+        return dirichlet_partition(label_col_ids, num_parts=num_parts,
+                                   alpha=cfg.dirichlet_alpha, seed=seed)
+    if cfg.partition_column not in records[0]:
+        raise DataError(f"data.partition_column {cfg.partition_column!r} is not a "
+                        f"column of the data; found {sorted(records[0])}")
+    return column_partition([r[cfg.partition_column] for r in records],
+                            num_parts=num_parts)
+
+
+def split_validation(indices: Sequence[int], *, fraction: float, seed: int
+                     ) -> tuple[list[int], list[int]]:
+    """Hold out ``fraction`` of a site's records (at least one when > 0)."""
+    idx = list(indices)
+    if fraction <= 0 or len(idx) < 4:
+        return idx, []
+    random.Random(seed).shuffle(idx)
+    k = max(1, int(len(idx) * fraction))
+    return sorted(idx[k:]), sorted(idx[:k])
+
+
+# --- tokenization -----------------------------------------------------------------
+
+class EncodedDataset(Dataset):  # type: ignore[type-arg]
+    """Token ids (+ label, or a loss mask over response tokens) per record."""
+
+    def __init__(self, items: list[dict[str, torch.Tensor]]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.items[i]
+
+
+def encode_classification(records: Sequence[Record], tokenizer: Any, *,
+                          cfg: DataConfig, source: str = "data") -> EncodedDataset:
+    """Tokenize text records with their integer labels."""
+    ys = label_ids(records, column=cfg.label_column, labels=cfg.labels, source=source)
+    enc = tokenizer([str(r[cfg.text_column]) for r in records], truncation=True,
+                    max_length=cfg.max_length)
+    return EncodedDataset([
+        {"input_ids": torch.tensor(ids), "labels": torch.tensor(y)}
+        for ids, y in zip(enc["input_ids"], ys, strict=True)
+    ])
+
+
+def encode_sft(records: Sequence[Record], tokenizer: Any, *, cfg: DataConfig
+               ) -> EncodedDataset:
+    """Prompt + response (+ EOS); the loss mask covers the response tokens only.
+
+    Long prompts are cut from the left so the response always survives truncation.
+    """
+    items = []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for r in records:
+        prompt = tokenizer(str(r[cfg.prompt_column]) + "\n",
+                           add_special_tokens=False)["input_ids"]
+        response = tokenizer(str(r[cfg.response_column]),
+                             add_special_tokens=False)["input_ids"] + eos
+        response = response[: cfg.max_length - 1]
+        prompt = prompt[-(cfg.max_length - len(response)):]
+        ids = prompt + response
+        mask = [0] * len(prompt) + [1] * len(response)
+        items.append({"input_ids": torch.tensor(ids),
+                      "loss_mask": torch.tensor(mask, dtype=torch.float32)})
+    return EncodedDataset(items)
+
+
+def collate(batch: list[dict[str, torch.Tensor]], *, pad_id: int = 0
+            ) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; an empty batch (Poisson sampling) gives 0-row tensors."""
+    if not batch:
+        return {"input_ids": torch.zeros((0, 1), dtype=torch.long),
+                "attention_mask": torch.zeros((0, 1), dtype=torch.long)}
+    width = max(len(b["input_ids"]) for b in batch)
+    out: dict[str, torch.Tensor] = {
+        "input_ids": torch.full((len(batch), width), pad_id, dtype=torch.long),
+        "attention_mask": torch.zeros((len(batch), width), dtype=torch.long),
+    }
+    if "loss_mask" in batch[0]:
+        out["loss_mask"] = torch.zeros((len(batch), width))
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        out["input_ids"][i, :n] = b["input_ids"]
+        out["attention_mask"][i, :n] = 1
+        if "loss_mask" in b:
+            out["loss_mask"][i, :n] = b["loss_mask"]
+    if "labels" in batch[0]:
+        out["labels"] = torch.stack([b["labels"] for b in batch])
+    return out

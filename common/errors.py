@@ -1,0 +1,45 @@
+"""The one exception hierarchy of fedtune.
+
+Every error names the problem and, where there is one, the fix.
+"""
+
+from __future__ import annotations
+
+
+class FedtuneError(Exception):
+    """Base class of every error fedtune raises on purpose."""
+
+
+class ConfigError(FedtuneError, ValueError):
+    """A run configuration is malformed.
+
+    Parameters
+    ----------
+    problems : list[str]
+        One line per bad key, each naming the key and what it expects.
+    """
+
+    def __init__(self, problems: list[str] | str) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        lines = "\n  - ".join(self.problems)
+        super().__init__(f"invalid configuration:\n  - {lines}")
+
+
+class DataError(FedtuneError, ValueError):
+    """A site's data file is missing, unreadable or does not fit the config."""
+
+
+class ModelError(FedtuneError, ValueError):
+    """A model cannot be loaded or does not fit the configured task."""
+
+
+class AssetError(FedtuneError, RuntimeError):
+    """An embedded offline asset (default model or data) cannot be fetched."""
+
+
+class PrivacyError(FedtuneError, RuntimeError):
+    """Differential-privacy setup or accounting failed."""
+
+
+class PrivacyBudgetExhausted(PrivacyError):
+    """Training this round would exceed the site's privacy budget."""

@@ -1,0 +1,223 @@
+"""Base model + LoRA (peft): build, get/set the adapter state, save in PEFT format.
+
+Two tasks behind one switch (``model.task``):
+
+- ``classification``: ``AutoModel`` encoder, masked mean pooling over the last hidden
+  state, a linear head. The stock ``AutoModelForSequenceClassification`` [CLS]+pooler
+  head collapsed to the majority class under DP-SGD in our spike (the per-sample
+  gradient sat almost entirely in the classifier); mean pooling is what sentence
+  encoders such as all-MiniLM were trained with and trains well under DP.
+- ``causal-lm``: ``AutoModelForCausalLM``; the loss covers the response tokens only.
+
+The trainable state - LoRA A/B of every targeted module plus the classification head
+(peft ``modules_to_save``) - is the only thing that ever leaves a site.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict
+from peft import set_peft_model_state_dict
+from torch import nn
+
+from fedtune.common import assets
+from fedtune.common.config import LoraConfig, ModelConfig
+from fedtune.common.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+# LoRA targets by transformers ``model_type`` (attention query/value projections).
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "bert": ["query", "value"], "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"], "mpnet": ["q", "v"],
+    "distilbert": ["q_lin", "v_lin"], "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"], "phi3": ["qkv_proj"], "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"], "opt": ["q_proj", "v_proj"],
+}
+HEAD = "head"
+FEDTUNE_META = "fedtune_model.json"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+           "float16": torch.float16}
+
+
+class MeanPoolClassifier(nn.Module):
+    """Encoder + masked mean pooling + linear head."""
+
+    def __init__(self, encoder: nn.Module, num_labels: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.config = encoder.config  # peft reads model.config
+        self.head = nn.Linear(encoder.config.hidden_size, num_labels)
+
+    def forward(self, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids,
+                              attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return self.head(pooled.to(self.head.weight.dtype))
+
+
+def _gguf_cache(path: str, gguf_file: str) -> Path:
+    key = hashlib.sha256(f"{Path(path).resolve()}::{gguf_file}".encode()).hexdigest()
+    return assets.cache_dir() / "models" / key[:16]
+
+
+def _from_pretrained(loader: Any, path: str, **kwargs: Any) -> Any:
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, ImportError) as err:
+        raise ModelError(
+            f"cannot load {path!r} with {loader.__name__}: {str(err)[:500]}. Name a "
+            "local directory holding config.json + weights (or a .gguf with "
+            "model.gguf_file), a hub id this machine can reach, or an embedded "
+            f"default ({', '.join('fedtune:' + n for n in assets.names())})"
+        ) from err
+
+
+@functools.lru_cache(maxsize=2)
+def _load_pretrained(name_or_path: str, task: str, gguf_file: str, dtype: str) -> Any:
+    """Load a base model once per process (simulation actors reuse it every round)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    loader = AutoModel if task == "classification" else AutoModelForCausalLM
+    path = assets.resolve(name_or_path)
+    if gguf_file:
+        cached = _gguf_cache(path, gguf_file)
+        if (cached / "config.json").is_file():
+            return _from_pretrained(loader, str(cached), dtype=_DTYPES[dtype])
+        logger.info("dequantizing %s (one-time, cached in %s)", gguf_file, cached)
+        model = _from_pretrained(loader, path, gguf_file=gguf_file,
+                                 dtype=torch.float32)
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(cached)
+        load_tokenizer(name_or_path, gguf_file).save_pretrained(cached)
+        return model.to(_DTYPES[dtype])
+    return _from_pretrained(loader, path, dtype=_DTYPES[dtype])
+
+
+@functools.lru_cache(maxsize=2)
+def load_tokenizer(name_or_path: str, gguf_file: str = "") -> Any:
+    """The model's tokenizer, with a pad token (EOS where the model has none)."""
+    from transformers import AutoTokenizer
+
+    path = assets.resolve(name_or_path)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    if gguf_file and (_gguf_cache(path, gguf_file) / "tokenizer_config.json").is_file():
+        path, kwargs = str(_gguf_cache(path, gguf_file)), {}
+    tok = _from_pretrained(AutoTokenizer, path, **kwargs)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def target_modules(model_type: str, lora: LoraConfig) -> list[str]:
+    """The configured LoRA targets, or the architecture's default."""
+    if lora.target_modules:
+        return list(lora.target_modules)
+    if model_type not in DEFAULT_TARGETS:
+        raise ModelError(f"no default LoRA targets for model_type {model_type!r}; set "
+                         "lora.target_modules (e.g. [q_proj, v_proj])")
+    return DEFAULT_TARGETS[model_type]
+
+
+def build_base(cfg: ModelConfig, *, num_labels: int, seed: int = 0) -> nn.Module:
+    """A fresh copy of the base model (with a seeded head for classification)."""
+    pretrained = copy.deepcopy(_load_pretrained(cfg.name_or_path, cfg.task,
+                                                cfg.gguf_file, cfg.dtype))
+    if cfg.task == "causal-lm":
+        return pretrained
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MeanPoolClassifier(pretrained, num_labels)
+
+
+def build_model(cfg: ModelConfig, lora: LoraConfig, *, num_labels: int = 0,
+                seed: int = 0) -> PeftModel:
+    """Base model wrapped with LoRA; only adapter (and head) params are trainable."""
+    if cfg.task == "classification" and num_labels < 2:
+        raise ModelError(f"classification needs >= 2 labels, got {num_labels}; set "
+                         "data.labels")
+    base = build_base(cfg, num_labels=num_labels, seed=seed)
+    peft_cfg = PeftLoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=target_modules(base.config.model_type, lora),
+        modules_to_save=[HEAD] if cfg.task == "classification" else None,
+        task_type="CAUSAL_LM" if cfg.task == "causal-lm" else None,
+        base_model_name_or_path=cfg.name_or_path,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # identical LoRA A init everywhere for a given seed
+        try:
+            model = get_peft_model(base, peft_cfg)
+        except ValueError as err:
+            raise ModelError(f"LoRA does not fit this model: {err}; check "
+                             "lora.target_modules") from err
+    return model
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors (LoRA A/B + head) as detached fp32 CPU copies."""
+    state = get_peft_model_state_dict(_unwrap(model))
+    return {k: v.detach().to("cpu", torch.float32).contiguous().clone()
+            for k, v in state.items()}
+
+
+def set_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load adapter tensors, refusing missing/extra names or wrong shapes."""
+    own = get_peft_model_state_dict(_unwrap(model))
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    bad = [k for k in own.keys() & state.keys()
+           if tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or extra or bad:
+        raise ModelError(f"adapter state does not fit this model: missing={missing[:5]}"
+                         f" extra={extra[:5]} wrong_shape={bad[:5]}")
+    ref = next(iter(own.values()))
+    set_peft_model_state_dict(_unwrap(model), {k: v.to(ref.device)
+                                               for k, v in state.items()})
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """Peel Opacus' GradSampleModule (``_module``) off a PeftModel."""
+    while not isinstance(model, PeftModel) and hasattr(model, "_module"):
+        model = model._module
+    return model
+
+
+def num_bytes(state: dict[str, torch.Tensor]) -> int:
+    """Parameter bytes of a state dict."""
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def save_adapter(model: nn.Module, directory: str | Path, *,
+                 meta: dict[str, Any] | None = None) -> Path:
+    """Save in PEFT format (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    ``PeftModel.from_pretrained(build_base(cfg, ...), directory)`` loads it back; the
+    side file ``fedtune_model.json`` records task and labels for that rebuild.
+    """
+    out = Path(directory)
+    _unwrap(model).save_pretrained(str(out))
+    (out / FEDTUNE_META).write_text(json.dumps(meta or {}, indent=2) + "\n")
+    return out
+
+
+def load_adapter(cfg: ModelConfig, directory: str | Path, *, num_labels: int = 0
+                 ) -> PeftModel:
+    """Rebuild the base model and load a saved adapter with plain peft."""
+    base = build_base(cfg, num_labels=num_labels)
+    return PeftModel.from_pretrained(base, str(directory))

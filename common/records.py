@@ -1,0 +1,57 @@
+"""Adapter state <-> Flower ``ArrayRecord``, message keys, and payload size.
+
+Message keys are named constants so the server and client never drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+
+# RecordDict keys (Flower's strategies use the same defaults).
+ARRAYS = "arrays"
+METRICS = "metrics"
+CONFIG = "config"
+
+# MetricRecord keys a client sends (scalars only; never per-sample values).
+NUM_EXAMPLES = "num-examples"  # FedAvg weights by this
+TRAIN_LOSS = "train-loss"
+VAL_LOSS = "val-loss"
+EPSILON = "epsilon"
+DELTA = "delta"
+NOISE_MULTIPLIER = "noise-multiplier"
+DP_STEPS = "dp-steps"
+TRAIN_SECONDS = "train-seconds"
+EVAL_LOSS = "eval-loss"
+ACCURACY = "accuracy"
+MACRO_F1 = "macro-f1"
+PERPLEXITY = "perplexity"
+
+# ConfigRecord keys the server sends.
+SERVER_ROUND = "server-round"
+
+
+def to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """Pack adapter tensors (kept in their order) into an ``ArrayRecord``."""
+    return ArrayRecord({k: Array(v.detach().cpu().contiguous().numpy())
+                        for k, v in state.items()})
+
+
+def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """Unpack an ``ArrayRecord`` into CPU tensors (copies, writable)."""
+    return {k: torch.from_numpy(np.array(arr.numpy(), copy=True))
+            for k, arr in record.items()}
+
+
+def payload_bytes(record: ArrayRecord) -> int:
+    """Bytes of tensor data in a record (the adapter parameters, without framing)."""
+    return int(sum(int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize
+                   for a in record.values()))
+
+
+def wire_bytes(record: ArrayRecord) -> int:
+    """Serialized bytes of a record (tensor data plus Flower's per-array headers)."""
+    return int(record.count_bytes())

@@ -1,0 +1,1 @@
+"""fedtune server: ServerApp, strategies, checkpoints."""

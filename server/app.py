@@ -1,0 +1,139 @@
+"""ServerApp: Flower wiring only (strategy, evaluation and checkpoints live beside)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from tqdm.auto import tqdm
+
+from fedtune.client.trainer import resolve_device
+from fedtune.common import records
+from fedtune.common.config import RunConfig, from_run_config
+from fedtune.common.model import adapter_state, build_model, save_adapter
+from fedtune.common.model import set_adapter_state
+from fedtune.server import checkpoint
+from fedtune.server.evaluate import CentralEvaluator
+from fedtune.server.strategy import FedTuneAvg, build_strategy
+
+logger = logging.getLogger(__name__)
+RUN_PATH = "fedtune.run-path"  # run_config key: exact run directory (set by the CLI)
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    return value
+
+
+class RoundRecorder:
+    """Strategy ``evaluate_fn``: central eval, checkpoint, metrics line, summary log."""
+
+    def __init__(self, *, cfg: RunConfig, run_dir: Path, strategy: FedTuneAvg,
+                 evaluator: CentralEvaluator, model: Any) -> None:
+        self.cfg, self.run_dir, self.strategy = cfg, run_dir, strategy
+        self.evaluator, self.model = evaluator, model
+        self.t_last = time.perf_counter()
+        self.bar = tqdm(total=cfg.federation.num_rounds, desc="rounds", unit="round")
+        self.meta = {"task": cfg.model.task, "base_model": cfg.model.name_or_path,
+                     "gguf_file": cfg.model.gguf_file, "labels": list(cfg.data.labels),
+                     "head": "masked mean pooling + linear"
+                     if cfg.model.task == "classification" else None}
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        round_seconds = time.perf_counter() - self.t_last
+        state = records.from_record(arrays)
+        t0 = time.perf_counter()
+        ev = self.evaluator(state)
+        eval_seconds = time.perf_counter() - t0
+        row: dict[str, Any] = {"round": server_round, **{
+            f"eval_{k.replace('-', '_')}": v for k, v in ev.items()}}
+        if server_round > 0:
+            self._checkpoint(server_round, state)
+            stats = self.strategy.round_stats.get(server_round)
+            train = self.strategy.train_metrics.get(server_round, {})
+            row.update({"train_loss": train.get(records.TRAIN_LOSS),
+                        **(stats.summary() if stats else {}),
+                        "round_seconds": round_seconds, "eval_seconds": eval_seconds})
+            fed = self.strategy.eval_metrics.get(server_round)
+            if fed:
+                row["federated_eval"] = fed
+            self._log(row)
+            self.bar.update(1)
+        checkpoint.append_metrics(self.run_dir, _clean(row))
+        self.t_last = time.perf_counter()
+        return MetricRecord({k: float(v) for k, v in ev.items()}) if ev else None
+
+    def _checkpoint(self, server_round: int, state: dict[str, Any]) -> None:
+        final = checkpoint.checkpoint_dir(self.run_dir, server_round)
+        tmp = final.with_name(final.name + ".tmp")
+        set_adapter_state(self.model, state)
+        save_adapter(self.model, tmp, meta={**self.meta, "round": server_round})
+        tmp.replace(final)
+        checkpoint.publish_final(self.run_dir, server_round)
+
+    def _log(self, row: dict[str, Any]) -> None:
+        if not self.cfg.privacy.enabled:
+            logger.warning("DP is OFF: this round's adapter updates are not "
+                           "differentially private (privacy.enabled=false)")
+        eps = row.get("epsilon_max")
+        quality = (f"acc {row['eval_accuracy']:.3f} macro-F1 {row['eval_macro_f1']:.3f}"
+                   if "eval_accuracy" in row else
+                   f"ppl {row.get('eval_perplexity', float('nan')):.2f}")
+        logger.info(
+            "round %d/%d | train loss %.4f | eval loss %.4f %s | eps max %s | "
+            "%d/%d clients | %.2f MB up %.2f MB down | %.1f s",
+            row["round"], self.cfg.federation.num_rounds, row["train_loss"] or math.nan,
+            row.get("eval_loss", math.nan), quality,
+            "off (no DP)" if eps is None else f"{eps:.3f}",
+            row.get("clients_replied", 0), row.get("clients_sampled", 0),
+            row.get("bytes_received", 0) / 1e6, row.get("bytes_sent", 0) / 1e6,
+            row["round_seconds"])
+
+
+def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
+    """A ServerApp; ``defaults`` is a flat run_config under Flower's own."""
+    defaults = dict(defaults or {})
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        flat = {**defaults, **context.run_config}
+        cfg = from_run_config(flat)
+        run_dir = (Path(str(flat[RUN_PATH])) if flat.get(RUN_PATH)
+                   else checkpoint.new_run_dir(cfg.federation.run_dir, "run"))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_config(run_dir, cfg)
+        if not cfg.privacy.enabled:
+            logger.warning("DP is OFF for this run (privacy.enabled=false): sites "
+                           "send non-private adapter updates")
+        model = build_model(cfg.model, cfg.lora, num_labels=len(cfg.data.labels),
+                            seed=cfg.train.seed)
+        initial = records.to_record(adapter_state(model))
+        evaluator = CentralEvaluator(cfg, model, resolve_device("auto"))
+        fed = cfg.federation
+        strategy = build_strategy(
+            fed.strategy, fraction_train=fed.fraction_train,
+            fraction_evaluate=fed.fraction_evaluate, min_train_nodes=fed.min_train_nodes,
+            min_evaluate_nodes=min(fed.min_train_nodes, 2),
+            min_available_nodes=fed.min_train_nodes)
+        recorder = RoundRecorder(cfg=cfg, run_dir=run_dir, strategy=strategy,
+                                 evaluator=evaluator, model=model)
+        logger.info("run directory: %s", run_dir)
+        strategy.start(grid=grid, initial_arrays=initial, num_rounds=fed.num_rounds,
+                       timeout=fed.round_timeout, train_config=ConfigRecord(),
+                       evaluate_config=ConfigRecord(), evaluate_fn=recorder)
+        recorder.bar.close()
+
+    return app
+
+
+app = make_server_app()

@@ -1,0 +1,53 @@
+"""Centralized evaluation of the global adapter on a held-out set, each round."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from fedtune.client import trainer
+from fedtune.client.app import encode, required_columns
+from fedtune.common import data
+from fedtune.common.config import RunConfig
+from fedtune.common.model import load_tokenizer, set_adapter_state
+
+logger = logging.getLogger(__name__)
+
+
+class CentralEvaluator:
+    """Evaluates adapter states with one model built once on the server.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        The run; ``data.test_source`` names the held-out set ("" disables it).
+    model : torch.nn.Module
+        The server's model (base + LoRA) whose adapter is overwritten per call.
+    device : torch.device
+        Where to evaluate.
+    """
+
+    def __init__(self, cfg: RunConfig, model: torch.nn.Module,
+                 device: torch.device) -> None:
+        self.cfg, self.model, self.device = cfg, model.to(device), device
+        self.dataset = None
+        if cfg.data.test_source:
+            recs = data.read_records(cfg.data.test_source,
+                                     required=required_columns(cfg))
+            if cfg.data.max_test_samples:
+                recs = recs[: cfg.data.max_test_samples]
+            self.dataset = encode(recs, cfg, source=cfg.data.test_source)
+            logger.info("central evaluation on %d held-out records", len(recs))
+        tok = load_tokenizer(cfg.model.name_or_path, cfg.model.gguf_file)
+        self.pad_id = int(tok.pad_token_id)
+
+    def __call__(self, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+        if self.dataset is None:
+            return {}
+        set_adapter_state(self.model, state)
+        return trainer.evaluate(
+            self.model, self.dataset, task=self.cfg.model.task, device=self.device,
+            batch_size=self.cfg.train.eval_batch_size, pad_id=self.pad_id,
+            labels=list(self.cfg.data.labels), precision=self.cfg.train.precision)

@@ -1,0 +1,110 @@
+"""LoRA-aware strategies: small subclasses of Flower's Message-API strategies.
+
+:class:`FedTuneAvg` is Flower's FedAvg (weighted by ``num-examples`` over the adapter
+tensors) plus one thing: it keeps the per-round facts the run directory needs (bytes
+sent and received, client epsilons, failures) in :attr:`round_stats`.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedtune.common import records
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundStats:
+    """What one training round moved and spent."""
+
+    sampled: int = 0
+    replied: int = 0
+    failed: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    payload_bytes: int = 0
+    epsilons: list[float] = field(default_factory=list)
+    train_seconds: list[float] = field(default_factory=list)
+    non_private: int = 0
+
+    def summary(self) -> dict[str, float | int | None]:
+        eps = self.epsilons
+        return {
+            "clients_sampled": self.sampled, "clients_replied": self.replied,
+            "clients_failed": self.failed, "clients_non_private": self.non_private,
+            "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
+            "adapter_payload_bytes": self.payload_bytes,
+            "epsilon_max": max(eps) if eps else None,
+            "epsilon_mean": statistics.fmean(eps) if eps else None,
+            "client_train_seconds_sum": sum(self.train_seconds),
+        }
+
+
+def summarize_replies(replies: list[Message], stats: RoundStats) -> None:
+    """Fill ``stats`` from the training replies (errors counted, not raised)."""
+    for msg in replies:
+        if msg.has_error():
+            stats.failed += 1
+            continue
+        stats.replied += 1
+        arrays = msg.content.array_records.get(records.ARRAYS)
+        if arrays is not None:
+            stats.bytes_received += records.wire_bytes(arrays)
+            stats.payload_bytes = max(stats.payload_bytes, records.payload_bytes(arrays))
+        m = msg.content.metric_records.get(records.METRICS, MetricRecord())
+        if records.EPSILON in m:
+            stats.epsilons.append(float(m[records.EPSILON]))  # type: ignore[arg-type]
+        else:
+            stats.non_private += 1
+        if records.TRAIN_SECONDS in m:
+            stats.train_seconds.append(float(m[records.TRAIN_SECONDS]))  # type: ignore
+
+
+class FedTuneAvg(FedAvg):
+    """FedAvg over adapter tensors that records :class:`RoundStats` each round."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.round_stats: dict[int, RoundStats] = {}
+        self.train_metrics: dict[int, dict[str, float]] = {}
+        self.eval_metrics: dict[int, dict[str, float]] = {}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord,
+                        config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        stats = self.round_stats.setdefault(server_round, RoundStats())
+        stats.sampled = len(messages)
+        stats.bytes_sent = len(messages) * records.wire_bytes(arrays)
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        summarize_replies(replies, self.round_stats.setdefault(server_round,
+                                                               RoundStats()))
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if metrics is not None:
+            self.train_metrics[server_round] = dict(metrics)  # type: ignore[arg-type]
+        return arrays, metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        metrics = super().aggregate_evaluate(server_round, replies)
+        if metrics is not None:
+            self.eval_metrics[server_round] = dict(metrics)  # type: ignore[arg-type]
+        return metrics
+
+
+def build_strategy(name: str, **kwargs: object) -> FedTuneAvg:
+    """The strategy named in ``federation.strategy``."""
+    if name == "fedavg":
+        return FedTuneAvg(**kwargs)
+    raise ValueError(f"unknown strategy {name!r}")
