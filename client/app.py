@@ -24,8 +24,12 @@ from fedtune.common import data, records
 from fedtune.common.config import RunConfig, from_run_config
 from fedtune.common.data import EncodedDataset
 from fedtune.common.errors import DataError
-from fedtune.common.model import adapter_state, build_model, load_tokenizer
-from fedtune.common.model import set_adapter_state
+from fedtune.common.model import (
+    adapter_state,
+    build_model,
+    load_tokenizer,
+    set_adapter_state,
+)
 
 logger = logging.getLogger(__name__)
 PRIVACY_STATE = "fedtune-privacy"
@@ -142,7 +146,8 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
             records.TRAIN_SECONDS: res.seconds, records.DP_STEPS: res.steps,
         }
         if cfg.privacy.enabled:  # no epsilon key at all = not private
-            metrics.update({records.EPSILON: eps, records.DELTA: cfg.privacy.target_delta,
+            metrics.update({records.EPSILON: eps,
+                            records.DELTA: cfg.privacy.target_delta,
                             records.NOISE_MULTIPLIER: state.noise_multiplier})
         if not math.isnan(res.val_loss):
             metrics[records.VAL_LOSS] = res.val_loss

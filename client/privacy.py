@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -26,6 +27,10 @@ from fedtune.common.config import PrivacyConfig
 from fedtune.common.errors import PrivacyError
 
 logger = logging.getLogger(__name__)
+# Opacus' hooks fire on modules whose inputs need no grad (frozen embeddings under
+# LoRA); torch warns on every backward. Expected here, so keep the log readable.
+warnings.filterwarnings("ignore", message="Full backward hook is firing",
+                        category=UserWarning)
 
 Segment = tuple[float, float, int]  # (noise multiplier, sample rate, steps)
 

@@ -92,7 +92,8 @@ def per_sample_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, task: s
     return (tok * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+def _to(batch: dict[str, torch.Tensor], device: torch.device
+        ) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
@@ -118,7 +119,8 @@ def evaluate(model: nn.Module, dataset: Dataset, *, task: str, batch_size: int,
             if task == "classification":
                 logits = model(input_ids=batch["input_ids"],
                                attention_mask=batch["attention_mask"]).float()
-                total += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
+                total += F.cross_entropy(logits, batch["labels"],
+                                         reduction="sum").item()
                 weight += len(batch["labels"])
                 y_true += batch["labels"].tolist()
                 y_pred += logits.argmax(-1).tolist()

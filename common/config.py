@@ -264,7 +264,8 @@ class RunConfig:
 
 
 SECTIONS: dict[str, type[_Section]] = {
-    f.name: typing.get_type_hints(RunConfig)[f.name] for f in dataclasses.fields(RunConfig)
+    f.name: typing.get_type_hints(RunConfig)[f.name]
+    for f in dataclasses.fields(RunConfig)
 }
 
 
@@ -283,7 +284,8 @@ def from_dict(raw: Mapping[str, Any] | None) -> RunConfig:
                 for k in raw if k not in SECTIONS]
     built: dict[str, Any] = {}
     for name, cls in SECTIONS.items():
-        values = raw.get(name) or {}
+        values = raw.get(name)
+        values = {} if values is None else values
         if not isinstance(values, Mapping):
             problems.append(f"{name}: expected a mapping of keys, got {values!r}")
             continue
@@ -318,7 +320,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, dict[str, Any]]:
         key, sep, text = pair.partition("=")
         section, dot, name = key.strip().partition(".")
         if not sep or not dot or not name:
-            bad.append(f"{pair!r}: expected section.key=value, e.g. train.batch-size=32")
+            bad.append(f"{pair!r}: expected section.key=value, "
+                       "e.g. train.batch-size=32")
             continue
         try:
             value = yaml.safe_load(text)
@@ -341,7 +344,8 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def load(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+def load(path: str | Path | None = None,
+         overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML run file (or the defaults) and apply ``key=value`` overrides."""
     raw: dict[str, Any] = {}
     if path is not None:
@@ -392,6 +396,7 @@ def from_run_config(flat: Mapping[str, Any]) -> RunConfig:
             try:
                 value = json.loads(value)
             except json.JSONDecodeError as err:
-                raise ConfigError(f"{key}: expected a JSON list, got {value!r}") from err
+                raise ConfigError(
+                    f"{key}: expected a JSON list, got {value!r}") from err
         raw.setdefault(section, {})[name] = value
     return from_dict(raw)

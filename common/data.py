@@ -1,4 +1,4 @@
-"""A site's private data: reading, checking, tokenizing, and partitioning for simulation.
+"""A site's private data: reading, checking, tokenizing, partitioning (simulation).
 
 Records are plain dicts read from JSONL, CSV or TSV. Classification records need a
 text and a label column; causal-LM records a prompt and a response column. Every
@@ -60,7 +60,8 @@ def read_records(source: str, *, required: Sequence[str]) -> list[Record]:
     for i, rec in enumerate(records):
         empty = [c for c in required if rec.get(c) in (None, "")]
         if empty:
-            raise DataError(f"{path}: record {i + 1} has empty {empty}; fill or drop it")
+            raise DataError(
+                f"{path}: record {i + 1} has empty {empty}; fill or drop it")
     return records
 
 
@@ -87,8 +88,9 @@ def label_ids(records: Sequence[Record], *, column: str, labels: Sequence[str],
     unknown = Counter(str(r[column]) for r in records if str(r[column]) not in index)
     if unknown:
         raise DataError(
-            f"{source}: unknown label(s) {sorted(unknown)} in column {column!r}; the run "
-            f"declares data.labels={list(labels)}. Add them there or fix the data")
+            f"{source}: unknown label(s) {sorted(unknown)} in column {column!r}; "
+            f"the run declares data.labels={list(labels)}. Add them there or fix "
+            "the data")
     return [index[str(r[column])] for r in records]
 
 

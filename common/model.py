@@ -25,8 +25,12 @@ from typing import Any
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model, get_peft_model_state_dict
-from peft import set_peft_model_state_dict
+from peft import (
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
 from torch import nn
 
 from fedtune.common import assets
@@ -140,10 +144,13 @@ def build_base(cfg: ModelConfig, *, num_labels: int, seed: int = 0) -> nn.Module
     pretrained = copy.deepcopy(_load_pretrained(cfg.name_or_path, cfg.task,
                                                 cfg.gguf_file, cfg.dtype))
     if cfg.task == "causal-lm":
+        pretrained.name_or_path = cfg.name_or_path  # what adapter_config.json names
         return pretrained
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MeanPoolClassifier(pretrained, num_labels)
+        model = MeanPoolClassifier(pretrained, num_labels)
+    model.name_or_path = cfg.name_or_path
+    return model
 
 
 def build_model(cfg: ModelConfig, lora: LoraConfig, *, num_labels: int = 0,
@@ -172,14 +179,14 @@ def build_model(cfg: ModelConfig, lora: LoraConfig, *, num_labels: int = 0,
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors (LoRA A/B + head) as detached fp32 CPU copies."""
-    state = get_peft_model_state_dict(_unwrap(model))
+    state = get_peft_model_state_dict(_unwrap(model), save_embedding_layers=False)
     return {k: v.detach().to("cpu", torch.float32).contiguous().clone()
             for k, v in state.items()}
 
 
 def set_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load adapter tensors, refusing missing/extra names or wrong shapes."""
-    own = get_peft_model_state_dict(_unwrap(model))
+    own = get_peft_model_state_dict(_unwrap(model), save_embedding_layers=False)
     missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     bad = [k for k in own.keys() & state.keys()
            if tuple(own[k].shape) != tuple(state[k].shape)]
@@ -211,7 +218,7 @@ def save_adapter(model: nn.Module, directory: str | Path, *,
     side file ``fedtune_model.json`` records task and labels for that rebuild.
     """
     out = Path(directory)
-    _unwrap(model).save_pretrained(str(out))
+    _unwrap(model).save_pretrained(str(out), save_embedding_layers=False)
     (out / FEDTUNE_META).write_text(json.dumps(meta or {}, indent=2) + "\n")
     return out
 

@@ -16,8 +16,12 @@ from tqdm.auto import tqdm
 from fedtune.client.trainer import resolve_device
 from fedtune.common import records
 from fedtune.common.config import RunConfig, from_run_config
-from fedtune.common.model import adapter_state, build_model, save_adapter
-from fedtune.common.model import set_adapter_state
+from fedtune.common.model import (
+    adapter_state,
+    build_model,
+    save_adapter,
+    set_adapter_state,
+)
 from fedtune.server import checkpoint
 from fedtune.server.evaluate import CentralEvaluator
 from fedtune.server.strategy import FedTuneAvg, build_strategy
@@ -122,7 +126,8 @@ def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
         fed = cfg.federation
         strategy = build_strategy(
             fed.strategy, fraction_train=fed.fraction_train,
-            fraction_evaluate=fed.fraction_evaluate, min_train_nodes=fed.min_train_nodes,
+            fraction_evaluate=fed.fraction_evaluate,
+            min_train_nodes=fed.min_train_nodes,
             min_evaluate_nodes=min(fed.min_train_nodes, 2),
             min_available_nodes=fed.min_train_nodes)
         recorder = RoundRecorder(cfg=cfg, run_dir=run_dir, strategy=strategy,

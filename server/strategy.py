@@ -58,7 +58,8 @@ def summarize_replies(replies: list[Message], stats: RoundStats) -> None:
         arrays = msg.content.array_records.get(records.ARRAYS)
         if arrays is not None:
             stats.bytes_received += records.wire_bytes(arrays)
-            stats.payload_bytes = max(stats.payload_bytes, records.payload_bytes(arrays))
+            stats.payload_bytes = max(stats.payload_bytes,
+                                      records.payload_bytes(arrays))
         m = msg.content.metric_records.get(records.METRICS, MetricRecord())
         if records.EPSILON in m:
             stats.epsilons.append(float(m[records.EPSILON]))  # type: ignore[arg-type]

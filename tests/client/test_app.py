@@ -1,0 +1,113 @@
+"""The ClientApp called directly with Flower Messages: what a site sends."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from fedtune.client.app import make_client_app
+from fedtune.common import config, records
+from fedtune.common.errors import DataError
+from fedtune.common.model import adapter_state, build_model, num_bytes
+from tests.conftest import tiny_config
+
+DECLARED_METRICS = {records.NUM_EXAMPLES, records.TRAIN_LOSS, records.VAL_LOSS,
+                    records.TRAIN_SECONDS, records.DP_STEPS, records.EPSILON,
+                    records.DELTA, records.NOISE_MULTIPLIER}
+
+
+def _setup(tiny_bert: Path, review_files: tuple[Path, Path], **sections: dict
+           ) -> tuple[config.RunConfig, dict, Message]:
+    cfg = config.from_dict(tiny_config(tiny_bert, *review_files, **sections))
+    flat = config.to_run_config(cfg)
+    model = build_model(cfg.model, cfg.lora, num_labels=3)
+    msg = Message(RecordDict({
+        records.ARRAYS: records.to_record(adapter_state(model)),
+        records.CONFIG: ConfigRecord({records.SERVER_ROUND: 1})}),
+        dst_node_id=7, message_type="train")
+    return cfg, flat, msg
+
+
+def _context(node_config: dict) -> Context:
+    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(),
+                   run_config={})
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_reply_holds_only_adapter_tensors_and_declared_scalars(
+        tiny_bert: Path, review_files: tuple[Path, Path]) -> None:
+    # Prepare
+    cfg, flat, msg = _setup(tiny_bert, review_files)
+    app = make_client_app(flat)
+    ctx = _context({"partition-id": 1, "num-partitions": 3})
+    # Execute
+    reply = app(msg, ctx)
+    # Assert: one ArrayRecord of adapter tensors, one MetricRecord, nothing else
+    content = reply.content
+    assert set(content.array_records) == {records.ARRAYS}
+    assert set(content.metric_records) == {records.METRICS}
+    assert not content.config_records
+    arrays = content[records.ARRAYS]
+    assert all(("lora_A" in k or "lora_B" in k or ".head." in k) for k in arrays)
+    expected = adapter_state(build_model(cfg.model, cfg.lora, num_labels=3))
+    assert list(arrays) == list(expected)
+    assert records.payload_bytes(arrays) == num_bytes(expected)
+    trainable = build_model(cfg.model, cfg.lora, num_labels=3)
+    assert records.payload_bytes(arrays) == 4 * sum(
+        p.numel() for p in trainable.parameters() if p.requires_grad)
+    metrics = content[records.METRICS]
+    assert set(metrics) <= DECLARED_METRICS
+    assert all(isinstance(v, int | float) for v in metrics.values())
+    assert metrics[records.NUM_EXAMPLES] == 36  # 40 records, 10% validation
+    assert 0 < metrics[records.EPSILON] < cfg.privacy.target_epsilon
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_epsilon_accumulates_in_the_node_state(tiny_bert: Path,
+                                               review_files: tuple[Path, Path]
+                                               ) -> None:
+    _, flat, msg = _setup(tiny_bert, review_files)
+    app = make_client_app(flat)
+    ctx = _context({"partition-id": 0, "num-partitions": 3})
+    first = app(msg, ctx).content[records.METRICS][records.EPSILON]
+    second = app(msg, ctx).content[records.METRICS][records.EPSILON]
+    assert 0 < first < second <= 8.0 + 1e-6
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_dp_off_is_loud_and_reports_no_epsilon(tiny_bert: Path,
+                                               review_files: tuple[Path, Path],
+                                               caplog: pytest.LogCaptureFixture
+                                               ) -> None:
+    _, flat, msg = _setup(tiny_bert, review_files, privacy={"enabled": False})
+    with caplog.at_level(logging.WARNING):
+        reply = make_client_app(flat)(msg, _context({"data-path": str(
+            review_files[0])}))
+    assert records.EPSILON not in reply.content[records.METRICS]
+    assert any("DP is OFF" in r.message for r in caplog.records)
+    assert reply.content[records.METRICS][records.NUM_EXAMPLES] == 108
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_node_without_data_is_told_how_to_fix_it(tiny_bert: Path,
+                                                 review_files: tuple[Path, Path]
+                                                 ) -> None:
+    _, flat, msg = _setup(tiny_bert, review_files)
+    with pytest.raises(Exception, match="data-path") as info:
+        make_client_app(flat)(msg, _context({}))
+    assert isinstance(info.value, DataError) or "DataError" in repr(info.value)
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_client_evaluate_reports_metrics(tiny_bert: Path,
+                                         review_files: tuple[Path, Path]) -> None:
+    _, flat, msg = _setup(tiny_bert, review_files)
+    ev = Message(msg.content, dst_node_id=7, message_type="evaluate")
+    reply = make_client_app(flat)(ev, _context({"partition-id": 2,
+                                                "num-partitions": 3}))
+    metrics = reply.content[records.METRICS]
+    assert {"eval-loss", "accuracy", "macro-f1", records.NUM_EXAMPLES} <= set(metrics)
+    assert not reply.content.array_records

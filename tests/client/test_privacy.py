@@ -1,0 +1,132 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+
+from fedtune.client import privacy, trainer
+from fedtune.common import data
+from fedtune.common import model as M
+from fedtune.common.config import LoraConfig, ModelConfig, PrivacyConfig
+from fedtune.common.errors import PrivacyError
+
+
+def _batch(tiny_bert: Path) -> dict[str, torch.Tensor]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    texts = ["good great drug", "bad awful pain nausea", "okay", "love it relief"]
+    items = [{"input_ids": torch.tensor(tok(t)["input_ids"]),
+              "labels": torch.tensor(i % 3)} for i, t in enumerate(texts)]
+    return data.collate(items, pad_id=tok.pad_token_id)
+
+
+def _flat_grads(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1) for p in params])
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch"])
+def test_per_sample_clipping_matches_manual_computation(tiny_bert: Path,
+                                                        mode: str) -> None:
+    # Prepare: per-sample gradients by a one-sample-at-a-time loop
+    torch.manual_seed(0)
+    model = M.build_model(ModelConfig(name_or_path=str(tiny_bert)), LoraConfig(r=4),
+                          num_labels=3)
+    with torch.no_grad():  # non-zero LoRA B so that A gets gradients too
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch = _batch(tiny_bert)
+    bsz, clip = len(batch["labels"]), 0.05
+    manual = []
+    for i in range(bsz):
+        model.zero_grad()
+        one = {k: v[i:i + 1] for k, v in batch.items()}
+        trainer.per_sample_loss(model, one, task="classification").sum().backward()
+        manual.append(_flat_grads(params).clone())
+    model.zero_grad()
+    norms = torch.stack([g.norm() for g in manual])
+    assert (norms > clip).all()  # every sample really gets clipped
+    expected = sum(g * min(1.0, clip / float(g.norm())) for g in manual) / bsz
+    # Execute: Opacus with zero noise
+    opt = torch.optim.SGD(params, lr=0.0)
+    gsm, dp_opt = privacy.make_private(
+        model, opt, cfg=PrivacyConfig(max_grad_norm=clip, grad_sample_mode=mode),
+        noise_multiplier=0.0, expected_batch_size=bsz)
+    trainer.per_sample_loss(gsm, batch, task="classification").mean().backward()
+    per_sample = torch.cat([p.grad_sample.reshape(bsz, -1) for p in params], dim=1)
+    dp_opt.pre_step()
+    got = _flat_grads(params)
+    gsm._close()
+    # Assert: Opacus' per-sample grads equal the loop's, and the update is the mean
+    # of the clipped per-sample gradients (so each sample moves it by <= clip / B)
+    for i in range(bsz):
+        rel = (per_sample[i] - manual[i]).norm() / manual[i].norm()
+        assert rel < 1e-4
+    assert torch.allclose(got, expected, atol=1e-7, rtol=1e-4)
+    assert float(got.norm()) <= clip + 1e-6
+
+
+def test_noise_is_added_with_the_configured_scale(tiny_bert: Path) -> None:
+    model = M.build_model(ModelConfig(name_or_path=str(tiny_bert)), LoraConfig(r=4),
+                          num_labels=3)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    gsm, dp_opt = privacy.make_private(
+        model, torch.optim.SGD(params, lr=0.0), cfg=PrivacyConfig(max_grad_norm=1.0),
+        noise_multiplier=2.0, expected_batch_size=1,
+        generator=torch.Generator().manual_seed(0))
+    for p in params:  # an empty Poisson batch: the update is pure noise
+        p.grad_sample = torch.zeros((0, *p.shape))
+    dp_opt.pre_step()
+    noise = _flat_grads(params)
+    gsm._close()
+    assert abs(float(noise.std()) - 2.0) < 0.1  # sigma * C / expected batch size
+
+
+def test_epsilon_grows_with_rounds_and_matches_opacus() -> None:
+    # Prepare
+    sigma, q, steps, rounds, delta = 1.1, 0.05, 20, 5, 1e-5
+    state = privacy.PrivacyState(noise_multiplier=sigma)
+    reference = RDPAccountant()
+    cfg = PrivacyConfig(target_delta=delta)
+    eps = []
+    for _ in range(rounds):
+        # Execute: one round charged, vs Opacus stepping the same steps in-process
+        state.charge(sample_rate_=q, steps=steps)
+        for _ in range(steps):
+            reference.step(noise_multiplier=sigma, sample_rate=q)
+        eps.append(state.epsilon(cfg))
+        # Assert
+        assert eps[-1] == pytest.approx(reference.get_epsilon(delta), rel=1e-9)
+    assert all(a < b for a, b in zip(eps, eps[1:], strict=False))
+    back = privacy.PrivacyState.from_config(state.to_config())
+    assert back == state
+
+
+def test_calibrated_noise_spends_the_target_over_the_planned_rounds() -> None:
+    cfg = PrivacyConfig(target_epsilon=3.0, target_delta=1e-5)
+    q = privacy.sample_rate(batch_size=16, num_examples=400)
+    per_round = privacy.steps_per_round(sample_rate_=q, epochs=2, max_steps=0)
+    assert per_round == 50
+    sigma = privacy.plan_noise(cfg, sample_rate_=q, steps_per_round_=per_round,
+                               num_rounds=4)
+    spent = privacy.epsilon_spent([(sigma, q, per_round * 4)], delta=1e-5)
+    assert 2.9 < spent <= 3.0
+    assert privacy.plan_noise(PrivacyConfig(noise_multiplier=0.7), sample_rate_=q,
+                              steps_per_round_=1, num_rounds=1) == 0.7
+
+
+def test_privacy_errors() -> None:
+    assert privacy.epsilon_spent([], delta=1e-5) == 0.0
+    with pytest.raises(PrivacyError, match="invalid noise multiplier"):
+        privacy.make_private(torch.nn.Linear(2, 2), torch.optim.SGD(
+            torch.nn.Linear(2, 2).parameters(), lr=0.1), cfg=PrivacyConfig(),
+            noise_multiplier=float("nan"), expected_batch_size=1)
+    with pytest.raises(PrivacyError, match="cannot reach epsilon"):
+        privacy.calibrate_noise(target_epsilon=1e-6, target_delta=1e-5,
+                                sample_rate=1.0, steps=10_000)

@@ -1,0 +1,148 @@
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedtune.client import trainer
+from fedtune.common import data
+from fedtune.common import model as M
+from fedtune.common.config import (
+    DataConfig,
+    LoraConfig,
+    ModelConfig,
+    PrivacyConfig,
+    TrainConfig,
+)
+from fedtune.common.errors import ConfigError
+from tests.conftest import make_reviews
+
+CPU = torch.device("cpu")
+
+
+def _sets(tiny_bert: Path, n: int = 96) -> tuple[data.EncodedDataset, ...]:
+    tok = M.load_tokenizer(str(tiny_bert))
+    cfg = DataConfig(max_length=32)
+    recs = make_reviews(n, 0)
+    return (data.encode_classification(recs[: n - 24], tok, cfg=cfg),
+            data.encode_classification(recs[n - 24:], tok, cfg=cfg))
+
+
+def _model(tiny_bert: Path) -> torch.nn.Module:
+    return M.build_model(ModelConfig(name_or_path=str(tiny_bert)), LoraConfig(r=4),
+                         num_labels=3)
+
+
+def test_non_private_training_learns(tiny_bert: Path) -> None:
+    train_set, val_set = _sets(tiny_bert)
+    model = _model(tiny_bert)
+    before = trainer.evaluate(model, val_set, task="classification", batch_size=32,
+                              device=CPU, pad_id=0)
+    res = trainer.train_local(
+        model, train_set, val_set, task="classification",
+        train_cfg=TrainConfig(local_epochs=8, batch_size=8, learning_rate=2e-2),
+        privacy_cfg=PrivacyConfig(enabled=False), noise_multiplier=0.0, device=CPU,
+        pad_id=0, seed=0)
+    after = trainer.evaluate(model, val_set, task="classification", batch_size=32,
+                             device=CPU, pad_id=0, labels=["negative", "neutral",
+                                                           "positive"])
+    assert res.steps == 8 * 9 and res.num_examples == 72 and res.sample_rate == 0.0
+    assert after["loss"] < before["loss"] - 0.2
+    assert after["accuracy"] > 0.6
+    assert {"macro-f1", "recall-negative", "recall-positive"} <= set(after)
+
+
+def test_dp_training_counts_every_poisson_step_including_empty(tiny_bert: Path
+                                                              ) -> None:
+    train_set, val_set = _sets(tiny_bert)
+    model = _model(tiny_bert)
+    # batch 1 of 72 records: q = 1/72, many Poisson batches are empty
+    res = trainer.train_local(
+        model, train_set, val_set, task="classification",
+        train_cfg=TrainConfig(max_steps=40, batch_size=1, learning_rate=1e-2),
+        privacy_cfg=PrivacyConfig(max_grad_norm=1.0), noise_multiplier=1.0,
+        device=CPU, pad_id=0, seed=0)
+    assert res.steps == 40
+    assert res.sample_rate == pytest.approx(1 / 72)
+    assert math.isfinite(res.train_loss) and math.isfinite(res.val_loss)
+    assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None
+                   for p in model.parameters())  # Opacus hooks removed
+
+
+def test_early_stopping_restores_best(tiny_bert: Path) -> None:
+    train_set, val_set = _sets(tiny_bert)
+    model = _model(tiny_bert)
+    res = trainer.train_local(
+        model, train_set, val_set, task="classification",
+        train_cfg=TrainConfig(local_epochs=30, batch_size=8, learning_rate=0.3,
+                              early_stopping_patience=1),
+        privacy_cfg=PrivacyConfig(enabled=False), noise_multiplier=0.0, device=CPU,
+        pad_id=0, seed=0)
+    assert res.steps < 30 * 9
+
+
+def test_causal_lm_loss_is_per_sequence_over_response_tokens(tiny_llama: Path
+                                                            ) -> None:
+    model = M.build_model(ModelConfig(name_or_path=str(tiny_llama),
+                                      task="causal-lm"), LoraConfig(r=2))
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 0, 0]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
+             "loss_mask": torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 0, 0.]])}
+    got = trainer.per_sample_loss(model, batch, task="causal-lm")
+    logits = model(input_ids=batch["input_ids"],
+                   attention_mask=batch["attention_mask"]).logits
+    # sample 0 predicts tokens 2,3,4 from positions 1,2,3; sample 1 tokens 1,2
+    l0 = F.cross_entropy(logits[0, 1:4], batch["input_ids"][0, 2:5])
+    l1 = F.cross_entropy(logits[1, 0:2], batch["input_ids"][1, 1:3])
+    assert torch.allclose(got, torch.stack([l0, l1]), atol=1e-5)
+
+
+def test_causal_lm_dp_training_and_perplexity(tiny_llama: Path, sft_file: Path
+                                              ) -> None:
+    tok = M.load_tokenizer(str(tiny_llama))
+    recs = data.read_records(str(sft_file), required=["prompt", "response"])
+    ds = data.encode_sft(recs, tok, cfg=DataConfig(max_length=24))
+    model = M.build_model(ModelConfig(name_or_path=str(tiny_llama),
+                                      task="causal-lm"), LoraConfig(r=2))
+    res = trainer.train_local(
+        model, ds, data.EncodedDataset([]), task="causal-lm",
+        train_cfg=TrainConfig(max_steps=4, batch_size=4), privacy_cfg=PrivacyConfig(),
+        noise_multiplier=0.5, device=CPU, pad_id=int(tok.pad_token_id), seed=0)
+    ev = trainer.evaluate(model, ds, task="causal-lm", batch_size=8, device=CPU,
+                          pad_id=int(tok.pad_token_id))
+    assert res.steps == 4 and math.isnan(res.val_loss)
+    assert ev["perplexity"] == pytest.approx(math.exp(ev["loss"]))
+
+
+def test_device_and_precision_choices() -> None:
+    assert trainer.resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        assert trainer.resolve_device("auto").type == "cpu"
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            trainer.resolve_device("cuda")
+    with pytest.raises(ConfigError, match="fp16 needs loss scaling"):
+        trainer.autocast(CPU, "fp16", dp=True)
+    assert trainer.autocast(CPU, "auto", dp=True) is not None
+
+
+def test_empty_dataset_evaluates_to_nothing(tiny_bert: Path) -> None:
+    assert trainer.evaluate(_model(tiny_bert), data.EncodedDataset([]),
+                            task="classification", batch_size=4, device=CPU,
+                            pad_id=0) == {}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_dp_training_on_cuda_bf16(tiny_bert: Path) -> None:
+    train_set, val_set = _sets(tiny_bert)
+    model = _model(tiny_bert)
+    res = trainer.train_local(
+        model, train_set, val_set, task="classification",
+        train_cfg=replace(TrainConfig(max_steps=5), precision="bf16"),
+        privacy_cfg=PrivacyConfig(), noise_multiplier=1.0,
+        device=torch.device("cuda"), pad_id=0, seed=0)
+    assert res.steps == 5 and math.isfinite(res.train_loss)

@@ -1,0 +1,148 @@
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedtune.common import config
+from fedtune.common.errors import ConfigError
+
+SHIPPED = sorted(Path(str(resources.files("fedtune.simulations"))).glob("*.yaml"))
+
+
+def test_defaults_are_valid_and_hashable() -> None:
+    cfg = config.RunConfig()
+    assert hash(cfg) == hash(config.RunConfig())
+    assert cfg.privacy.enabled and cfg.model.task == "classification"
+
+
+def test_run_config_round_trip_is_exact() -> None:
+    # Prepare
+    cfg = config.from_dict({"lora": {"target_modules": ["q", "v"]},
+                            "data": {"labels": ["a", "b"]},
+                            "train": {"learning_rate": 1e-4}})
+    # Execute
+    flat = config.to_run_config(cfg)
+    # Assert
+    assert all(isinstance(v, bool | int | float | str) for v in flat.values())
+    assert flat["lora.target-modules"] == '["q", "v"]'
+    assert flat["train.learning-rate"] == 1e-4
+    assert config.from_run_config({**flat, "flower.own-key": 1}) == cfg
+
+
+def test_yaml_round_trip(tmp_path: Path) -> None:
+    cfg = config.from_dict({"federation": {"num_rounds": 7}})
+    path = tmp_path / "run.yaml"
+    path.write_text(config.dump_yaml(cfg))
+    assert config.load(path) == cfg
+
+
+def test_overrides_accept_kebab_and_yaml_values(tmp_path: Path) -> None:
+    cfg = config.load(None, ["train.batch-size=32", "data.labels=[x, y]",
+                             "privacy.enabled=false"])
+    assert cfg.train.batch_size == 32
+    assert cfg.data.labels == ("x", "y")
+    assert cfg.privacy.enabled is False
+
+
+def test_all_problems_reported_together() -> None:
+    with pytest.raises(ConfigError) as info:
+        config.from_dict({
+            "nope": {}, "lora": {"r": 0, "bogus": 1},
+            "train": {"batch_size": "big"}, "privacy": {"target_delta": 2.0},
+        })
+    text = str(info.value)
+    assert len(info.value.problems) == 5
+    for part in ("nope: unknown section", "lora.bogus: unknown key",
+                 "lora.r: must be > 0", "train.batch_size: expected an integer",
+                 "privacy.target_delta: must be in (0, 1)"):
+        assert part in text
+
+
+@pytest.mark.parametrize(("raw", "match"), [
+    ({"model": {"task": "regression"}}, r"model.task: expected one of 'classif"),
+    ({"model": {"name_or_path": " "}}, r"model.name_or_path: must name"),
+    ({"model": {"dtype": "int8"}}, r"model.dtype: expected one of"),
+    ({"lora": {"alpha": -1}}, r"lora.alpha: must be > 0"),
+    ({"lora": {"dropout": 1.0}}, r"lora.dropout: must be in \[0, 1\)"),
+    ({"lora": {"target_modules": "q"}}, r"lora.target_modules: expected a list"),
+    ({"privacy": {"target_epsilon": 0}}, r"privacy.target_epsilon: must be > 0"),
+    ({"privacy": {"max_grad_norm": 0}}, r"privacy.max_grad_norm: must be > 0"),
+    ({"privacy": {"noise_multiplier": -1}}, r"privacy.noise_multiplier: must be >= 0"),
+    ({"privacy": {"enabled": "yes"}}, r"privacy.enabled: expected true or false"),
+    ({"privacy": {"accountant": "gdp"}}, r"privacy.accountant: expected one of"),
+    ({"privacy": {"grad_sample_mode": "ghost"}}, r"privacy.grad_sample_mode"),
+    ({"train": {"local_epochs": 0}}, r"train.local_epochs: must be > 0"),
+    ({"train": {"max_steps": -1}}, r"train.max_steps: must be >= 0"),
+    ({"train": {"warmup_ratio": 1.0}}, r"train.warmup_ratio: must be in \[0, 1\)"),
+    ({"train": {"precision": "fp8"}}, r"train.precision: expected one of"),
+    ({"train": {"learning_rate": True}}, r"train.learning_rate: expected a number"),
+    ({"data": {"max_length": 0}}, r"data.max_length: must be > 0"),
+    ({"data": {"val_fraction": 0.5}}, r"data.val_fraction: must be in \[0, 0.5\)"),
+    ({"data": {"labels": ["a", "a"]}}, r"data.labels: must be distinct"),
+    ({"data": {"partition": "column", "partition_column": ""}},
+     r"data.partition_column: required"),
+    ({"data": {"partition": "random"}}, r"data.partition: expected one of"),
+    ({"data": {"dirichlet_alpha": 0}}, r"data.dirichlet_alpha: must be > 0"),
+    ({"federation": {"num_sites": 0}}, r"federation.num_sites: must be > 0"),
+    ({"federation": {"fraction_train": 1.5}}, r"federation.fraction_train: must be in"),
+    ({"federation": {"num_sites": 2, "min_train_nodes": 3}},
+     r"federation.min_train_nodes: 3 exceeds num_sites 2"),
+    ({"federation": {"client_gpus": -1}}, r"federation.client_gpus: must be >= 0"),
+    ({"federation": {"strategy": "fedsgd"}}, r"federation.strategy: expected one of"),
+    ({"train": []}, r"train: expected a mapping"),
+    ([1, 2], r"top level: expected a mapping"),
+])
+def test_each_validation_branch(raw: object, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        config.from_dict(raw)  # type: ignore[arg-type]
+
+
+def test_int_accepted_where_float_expected() -> None:
+    assert config.from_dict({"train": {"learning_rate": 1}}).train.learning_rate == 1.0
+
+
+def test_load_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        config.load(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        config.load(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        config.load(scalar)
+
+
+def test_bad_overrides_are_reported() -> None:
+    with pytest.raises(ConfigError, match=r"expected section.key=value"):
+        config.parse_overrides(["batch_size=3"])
+    with pytest.raises(ConfigError, match=r"value is not valid YAML"):
+        config.parse_overrides(["train.batch_size=[1"])
+
+
+def test_bad_list_in_run_config() -> None:
+    with pytest.raises(ConfigError, match="data.labels: expected a JSON list"):
+        config.from_run_config({"data.labels": "[not json"})
+
+
+def test_every_shipped_yaml_loads() -> None:
+    assert {p.name for p in SHIPPED} >= {"default.yaml", "iid-nodp.yaml",
+                                          "causal-lm.yaml"}
+    for path in SHIPPED:
+        text = path.read_text()
+        assert text.startswith("#") and "fedtune simulate" in text.splitlines()[1]
+        cfg = config.load(path)
+        assert config.from_run_config(config.to_run_config(cfg)) == cfg
+        assert yaml.safe_load(text)  # plain YAML, no custom tags
+
+
+def test_default_yaml_is_the_main_job() -> None:
+    cfg = config.load(next(p for p in SHIPPED if p.name == "default.yaml"))
+    assert cfg.privacy.enabled
+    assert cfg.federation.num_sites >= 8
+    assert cfg.data.partition == "column" and cfg.data.partition_column == "condition"
+    assert cfg.model.name_or_path == "fedtune:all-MiniLM-L6-v2"

@@ -1,0 +1,153 @@
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedtune.common import data
+from fedtune.common.config import DataConfig
+from fedtune.common.errors import DataError
+from tests.conftest import make_reviews, write_jsonl
+
+
+def test_iid_partition_sizes_and_determinism() -> None:
+    parts = data.iid_partition(103, num_parts=4, seed=1)
+    assert sorted(len(p) for p in parts) == [25, 26, 26, 26]
+    assert sorted(i for p in parts for i in p) == list(range(103))
+    assert parts == data.iid_partition(103, num_parts=4, seed=1)
+    assert parts != data.iid_partition(103, num_parts=4, seed=2)
+
+
+def test_dirichlet_partition_skews_labels() -> None:
+    labels = [i % 3 for i in range(600)]
+    skewed = data.dirichlet_partition(labels, num_parts=5, alpha=0.1, seed=0)
+    mild = data.dirichlet_partition(labels, num_parts=5, alpha=100.0, seed=0)
+    assert sorted(i for p in skewed for i in p) == list(range(600))
+    assert skewed == data.dirichlet_partition(labels, num_parts=5, alpha=0.1, seed=0)
+
+    def top_share(parts: list[list[int]]) -> float:
+        shares = [max(Counter(labels[i] for i in p).values()) / len(p) for p in parts]
+        return sum(shares) / len(shares)
+
+    assert top_share(skewed) > 0.7 > top_share(mild)
+    assert top_share(mild) < 0.45
+
+
+def test_dirichlet_partition_reports_impossible_split() -> None:
+    with pytest.raises(DataError, match="raise data.dirichlet_alpha"):
+        data.dirichlet_partition([0, 1, 0], num_parts=3, alpha=0.01, seed=0,
+                                 min_size=2)
+
+
+def test_column_partition_keeps_groups_together() -> None:
+    values = ["a"] * 50 + ["b"] * 30 + ["c"] * 20 + ["d"] * 10 + ["e"] * 5
+    parts = data.column_partition(values, num_parts=3)
+    # largest first onto the emptiest part: a | b+e | c+d
+    assert sorted(len(p) for p in parts) == [30, 35, 50]
+    for p in parts:
+        for g in {values[i] for i in p}:
+            assert {i for i, v in enumerate(values) if v == g} <= set(p)
+    with pytest.raises(DataError, match="only 5 distinct values"):
+        data.column_partition(values, num_parts=6)
+
+
+def test_partition_dispatch(tmp_path: Path) -> None:
+    recs = make_reviews(60, 0)
+    cfg = DataConfig(partition="column", partition_column="condition")
+    parts = data.partition(recs, cfg, num_parts=3, seed=0)
+    assert sum(len(p) for p in parts) == 60
+    with pytest.raises(DataError, match="not a column of the data"):
+        data.partition(recs, DataConfig(partition_column="hospital"), num_parts=3,
+                       seed=0)
+    with pytest.raises(DataError, match="needs labels"):
+        data.partition(recs, DataConfig(partition="dirichlet"), num_parts=3, seed=0)
+    with pytest.raises(DataError, match="cannot fill 80 sites"):
+        data.partition(recs, DataConfig(partition="iid"), num_parts=80, seed=0)
+
+
+def test_split_validation() -> None:
+    tr, va = data.split_validation(range(50), fraction=0.1, seed=0)
+    assert len(va) == 5 and not set(tr) & set(va) and len(tr) + len(va) == 50
+    assert data.split_validation(range(3), fraction=0.2, seed=0) == ([0, 1, 2], [])
+
+
+def test_read_formats(tmp_path: Path) -> None:
+    rows = make_reviews(5, 0)
+    jl = write_jsonl(tmp_path / "a.jsonl", rows)
+    csv_path = tmp_path / "a.csv"
+    csv_path.write_text("review,rating\ngood drug,positive\nbad drug,negative\n")
+    tsv_path = tmp_path / "a.tsv"
+    tsv_path.write_text("review\trating\ngood, drug\tpositive\n")
+    assert len(data.read_records(str(jl), required=["review", "rating"])) == 5
+    assert data.read_records(str(csv_path), required=["review"])[1]["rating"] == \
+        "negative"
+    assert data.read_records(str(tsv_path), required=["review"])[0]["review"] == \
+        "good, drug"
+
+
+@pytest.mark.parametrize(("name", "content", "match"), [
+    ("missing.jsonl", None, "data file not found"),
+    ("empty.jsonl", "", "no records; the file is empty"),
+    ("cols.jsonl", '{"text": "x", "rating": "positive"}\n',
+     r"missing column\(s\) \['review'\]; found \['rating', 'text'\]"),
+    ("blank.jsonl", '{"review": "", "rating": "positive"}\n',
+     r"record 1 has empty \['review'\]"),
+    ("bad.jsonl", '{"review": "x"\n', r"bad.jsonl:1: not valid JSON"),
+    ("list.jsonl", '[1, 2]\n', "expected a JSON object per line"),
+    ("data.parquet", "x", "unsupported file type '.parquet'"),
+    ("latin.csv", b"review,rating\n\xe9t\xe9,positive\n", "not UTF-8 text"),
+])
+def test_read_errors(tmp_path: Path, name: str, content: str | bytes | None,
+                     match: str) -> None:
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(DataError, match=match):
+        data.read_records(str(path), required=["review", "rating"])
+
+
+def test_unknown_labels_are_named() -> None:
+    recs = [{"rating": "positive"}, {"rating": "great"}, {"rating": "meh"}]
+    with pytest.raises(DataError, match=r"unknown label\(s\) \['great', 'meh'\]"):
+        data.label_ids(recs, column="rating", labels=["negative", "positive"])
+    assert data.label_ids(recs[:1], column="rating", labels=["positive"]) == [0]
+
+
+def test_encode_sft_masks_only_the_response(tiny_llama: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    cfg = DataConfig(max_length=8)
+    ds = data.encode_sft([{"prompt": "the drug was good and i felt better",
+                           "response": "review is positive"}], tok, cfg=cfg)
+    item = ds[0]
+    assert len(item["input_ids"]) == 8  # prompt cut from the left
+    resp = tok("review is positive", add_special_tokens=False)["input_ids"]
+    assert item["input_ids"][-4:].tolist() == resp + [tok.eos_token_id]
+    assert item["loss_mask"].tolist() == [0] * 4 + [1] * 4
+
+
+def test_collate_pads_and_handles_empty() -> None:
+    batch = [{"input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor(1)},
+             {"input_ids": torch.tensor([8]), "labels": torch.tensor(0)}]
+    out = data.collate(batch, pad_id=0)
+    assert out["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert out["labels"].tolist() == [1, 0]
+    assert data.collate([], pad_id=0)["input_ids"].shape[0] == 0
+
+
+def test_embedded_drug_reviews_are_clean_jsonl() -> None:
+    path = data.read_records("fedtune:drug-reviews", required=["review", "rating"])
+    assert len(path) == 600
+    assert {r["rating"] for r in path} == {"negative", "neutral", "positive"}
+    assert all("&#039;" not in r["review"] for r in path)
+    test = data.read_records("fedtune:drug-reviews-test", required=["review"])
+    assert len(test) == 379
+    sft = data.read_records("fedtune:drug-review-sft", required=["prompt", "response"])
+    assert json.dumps(sft[0]) and sft[0]["response"].startswith("The review is")

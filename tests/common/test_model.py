@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+
+from fedtune.common import model as M
+from fedtune.common.config import LoraConfig, ModelConfig
+from fedtune.common.errors import ModelError
+
+
+def test_only_lora_and_head_are_trainable(tiny_bert: Path) -> None:
+    m = M.build_model(ModelConfig(name_or_path=str(tiny_bert)), LoraConfig(r=4),
+                      num_labels=3)
+    names = [n for n, p in m.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n or ".head." in n for n in names)
+    state = M.adapter_state(m)
+    assert all("lora_A" in k or "lora_B" in k or ".head." in k for k in state)
+    assert M.num_bytes(state) == 4 * sum(p.numel() for _, p in m.named_parameters()
+                                         if p.requires_grad)
+
+
+def test_same_seed_same_initial_adapter(tiny_bert: Path) -> None:
+    cfg = ModelConfig(name_or_path=str(tiny_bert))
+    a = M.adapter_state(M.build_model(cfg, LoraConfig(), num_labels=2, seed=3))
+    b = M.adapter_state(M.build_model(cfg, LoraConfig(), num_labels=2, seed=3))
+    c = M.adapter_state(M.build_model(cfg, LoraConfig(), num_labels=2, seed=4))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_peft_save_load_round_trip_with_plain_peft(tiny_bert: Path,
+                                                   tmp_path: Path) -> None:
+    # Prepare: a model whose adapter differs from a fresh one
+    cfg = ModelConfig(name_or_path=str(tiny_bert))
+    m = M.build_model(cfg, LoraConfig(r=4), num_labels=3)
+    state = {k: torch.randn_like(v) for k, v in M.adapter_state(m).items()}
+    M.set_adapter_state(m, state)
+    # Execute
+    out = M.save_adapter(m, tmp_path / "adapter", meta={"labels": ["a", "b", "c"]})
+    loaded = PeftModel.from_pretrained(M.build_base(cfg, num_labels=3), str(out))
+    # Assert
+    assert (out / "adapter_config.json").is_file()
+    assert (out / "adapter_model.safetensors").is_file()
+    back = M.adapter_state(loaded)
+    assert set(back) == set(state)
+    assert all(torch.equal(back[k], state[k]) for k in state)
+    ids = torch.tensor([[5, 6, 7]])
+    mask = torch.ones_like(ids)
+    m.eval()
+    loaded.eval()
+    assert torch.allclose(m(input_ids=ids, attention_mask=mask),
+                          loaded(input_ids=ids, attention_mask=mask))
+
+
+def test_causal_lm_adapter_round_trip(tiny_llama: Path, tmp_path: Path) -> None:
+    cfg = ModelConfig(name_or_path=str(tiny_llama), task="causal-lm")
+    m = M.build_model(cfg, LoraConfig(r=2))
+    assert all(("q_proj" in k or "v_proj" in k) and "lora_" in k
+               for k in M.adapter_state(m))
+    M.save_adapter(m, tmp_path / "a")
+    loaded = M.load_adapter(cfg, tmp_path / "a")
+    a, b = M.adapter_state(m), M.adapter_state(loaded)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_set_adapter_state_rejects_misfits(tiny_bert: Path) -> None:
+    m = M.build_model(ModelConfig(name_or_path=str(tiny_bert)), LoraConfig(r=4),
+                      num_labels=2)
+    state = M.adapter_state(m)
+    first = next(iter(state))
+    with pytest.raises(ModelError, match="missing="):
+        M.set_adapter_state(m, {k: v for k, v in state.items() if k != first})
+    with pytest.raises(ModelError, match=r"extra=\['evil'\]"):
+        M.set_adapter_state(m, {**state, "evil": torch.zeros(1)})
+    with pytest.raises(ModelError, match="wrong_shape="):
+        M.set_adapter_state(m, {**state, first: torch.zeros(1, 1)})
+
+
+def test_bad_model_inputs_are_clear(tmp_path: Path, tiny_bert: Path) -> None:
+    with pytest.raises(ModelError, match="cannot load .*Name a local directory"):
+        M.build_model(ModelConfig(name_or_path=str(tmp_path / "nowhere")),
+                      LoraConfig(), num_labels=2)
+    with pytest.raises(ModelError, match="needs >= 2 labels"):
+        M.build_model(ModelConfig(name_or_path=str(tiny_bert)), LoraConfig(),
+                      num_labels=1)
+    with pytest.raises(ModelError, match="LoRA does not fit"):
+        M.build_model(ModelConfig(name_or_path=str(tiny_bert)),
+                      LoraConfig(target_modules=("no_such_layer",)), num_labels=2)
+    with pytest.raises(ModelError, match="set lora.target_modules"):
+        M.target_modules("mystery-arch", LoraConfig())

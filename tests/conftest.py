@@ -1,0 +1,129 @@
+"""Shared fixtures: tiny random models saved to disk (loaded through the real
+``from_pretrained`` path) and small synthetic data files."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+WORDS = {
+    "positive": ["good", "great", "helped", "better", "relief", "love"],
+    "negative": ["bad", "awful", "worse", "pain", "nausea", "hate"],
+    "neutral": ["okay", "maybe", "some", "mixed", "average", "unsure"],
+}
+FILLER = ["the", "drug", "i", "took", "it", "for", "weeks", "and", "felt", "was"]
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "</s>"]
+
+
+def _tokenizer(directory: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab_words = SPECIAL + FILLER + [w for ws in WORDS.values() for w in ws] + [
+        "review", "is", "positive", "negative", "neutral", "the", "condition", ":",
+        ";", ".", "?", "a", "b", "c"]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(vocab_words))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]",
+                                   unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", eos_token="</s>")
+    fast.save_pretrained(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 32-wide random BERT + word-level tokenizer, saved like a hub model."""
+    from transformers import BertConfig, BertModel
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=64,
+                     max_position_embeddings=128, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    BertModel(cfg).save_pretrained(out)
+    _tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 32-wide random Llama + word-level tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2,
+                      intermediate_size=64, max_position_embeddings=128,
+                      pad_token_id=0, eos_token_id=4, bos_token_id=2)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    _tokenizer(out)
+    return out
+
+
+def make_reviews(n: int, seed: int) -> list[dict[str, str]]:
+    """Synthetic reviews whose label words decide the rating."""
+    rng = random.Random(seed)
+    conditions = ["acne", "pain", "anxiety", "insomnia", "migraine", "asthma"]
+    rows = []
+    for i in range(n):
+        label = rng.choice(["positive", "negative", "neutral"])
+        words = rng.sample(WORDS[label], 3) + rng.sample(FILLER, 4)
+        rng.shuffle(words)
+        rows.append({"review": " ".join(words), "rating": label,
+                     "condition": conditions[i % len(conditions)]})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def review_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(train.jsonl with 120 rows, test.jsonl with 40 rows)."""
+    out = tmp_path_factory.mktemp("reviews")
+    return (write_jsonl(out / "train.jsonl", make_reviews(120, 0)),
+            write_jsonl(out / "test.jsonl", make_reviews(40, 1)))
+
+
+@pytest.fixture(scope="session")
+def sft_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("sft")
+    rows = [{"prompt": f"review : {r['review']} ?",
+             "response": f"the review is {r['rating']}", "condition": r["condition"]}
+            for r in make_reviews(24, 2)]
+    return write_jsonl(out / "sft.jsonl", rows)
+
+
+def tiny_config(model_dir: Path, train: Path, test: Path, **sections: dict) -> dict:
+    """A nested run config for the tiny BERT and the synthetic reviews."""
+    base = {
+        "model": {"name_or_path": str(model_dir)},
+        "lora": {"r": 4, "alpha": 8},
+        "train": {"batch_size": 8, "learning_rate": 1e-2, "eval_batch_size": 32},
+        "data": {"source": str(train), "test_source": str(test), "max_length": 32,
+                 "partition": "iid"},
+        "federation": {"num_sites": 3, "num_rounds": 2, "min_train_nodes": 3},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    return base
+
+
+@pytest.fixture
+def flower_identity():
+    """Let tests build Flower Messages outside a running Flower process."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
