@@ -117,7 +117,7 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         cfg, site, model, device, pad = _setup(msg, context, defaults)
-        rnd = int(msg.content[records.CONFIG][records.SERVER_ROUND])
+        rnd = int(msg.content[records.CONFIG][records.SERVER_ROUND])  # type: ignore[arg-type]
         state = privacy.PrivacyState.from_config(
             dict(context.state[PRIVACY_STATE]) if PRIVACY_STATE in context.state
             else None)
@@ -165,7 +165,7 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         res = trainer.evaluate(model, ds, task=cfg.model.task, device=device,
                                batch_size=cfg.train.eval_batch_size, pad_id=pad,
                                labels=list(cfg.data.labels))
-        metrics: dict[str, float | int] = {records.NUM_EXAMPLES: len(ds)}
+        metrics: dict[str, Any] = {records.NUM_EXAMPLES: len(ds)}
         metrics.update({("eval-loss" if k == "loss" else k): v for k, v in res.items()})
         return Message(RecordDict({records.METRICS: MetricRecord(metrics)}),
                        reply_to=msg)

@@ -230,7 +230,8 @@ def _step(net: nn.Module, opt: torch.optim.Optimizer, batch: dict[str, torch.Ten
     if batch["input_ids"].shape[0] == 0:
         # Poisson sampling drew no record: the step still counts (and adds noise).
         for p in params:
-            p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+            p.grad_sample = torch.zeros(  # type: ignore[attr-defined]
+                (0, *p.shape), device=p.device, dtype=p.dtype)
         opt.step()
         return None
     with autocast(device, cfg.precision, dp=dp):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import yaml
 from fedtune.common.errors import ConfigError
 
 Scalar = bool | int | float | str
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 TASKS = ("classification", "causal-lm")
 PARTITIONS = ("iid", "dirichlet", "column")
@@ -67,6 +69,10 @@ class _Section:
         problems = []
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
+            numeric_text = isinstance(value, str) and _NUMBER.match(value)
+            if hints[f.name] is float and numeric_text:
+                value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+                object.__setattr__(self, f.name, value)
             if hints[f.name] is float and isinstance(value, int):
                 if not isinstance(value, bool):  # accept 1 where 1.0 is meant
                     object.__setattr__(self, f.name, float(value))

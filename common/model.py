@@ -58,7 +58,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,
 class MeanPoolClassifier(nn.Module):
     """Encoder + masked mean pooling + linear head."""
 
-    def __init__(self, encoder: nn.Module, num_labels: int) -> None:
+    def __init__(self, encoder: Any, num_labels: int) -> None:
         super().__init__()
         self.encoder = encoder
         self.config = encoder.config  # peft reads model.config
@@ -159,7 +159,7 @@ def build_model(cfg: ModelConfig, lora: LoraConfig, *, num_labels: int = 0,
     if cfg.task == "classification" and num_labels < 2:
         raise ModelError(f"classification needs >= 2 labels, got {num_labels}; set "
                          "data.labels")
-    base = build_base(cfg, num_labels=num_labels, seed=seed)
+    base: Any = build_base(cfg, num_labels=num_labels, seed=seed)
     peft_cfg = PeftLoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         target_modules=target_modules(base.config.model_type, lora),
@@ -201,7 +201,7 @@ def set_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 def _unwrap(model: nn.Module) -> nn.Module:
     """Peel Opacus' GradSampleModule (``_module``) off a PeftModel."""
     while not isinstance(model, PeftModel) and hasattr(model, "_module"):
-        model = model._module
+        model = model._module  # type: ignore[assignment]
     return model
 
 
@@ -218,7 +218,8 @@ def save_adapter(model: nn.Module, directory: str | Path, *,
     side file ``fedtune_model.json`` records task and labels for that rebuild.
     """
     out = Path(directory)
-    _unwrap(model).save_pretrained(str(out), save_embedding_layers=False)
+    peft_model: Any = _unwrap(model)
+    peft_model.save_pretrained(str(out), save_embedding_layers=False)
     (out / FEDTUNE_META).write_text(json.dumps(meta or {}, indent=2) + "\n")
     return out
 

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from fedtune.client.trainer import resolve_device
 from fedtune.common import records
 from fedtune.common.config import RunConfig, from_run_config
+from fedtune.common.errors import FedtuneError
 from fedtune.common.model import (
     adapter_state,
     build_model,
@@ -61,8 +62,14 @@ class RoundRecorder:
         row: dict[str, Any] = {"round": server_round, **{
             f"eval_{k.replace('-', '_')}": v for k, v in ev.items()}}
         if server_round > 0:
-            self._checkpoint(server_round, state)
             stats = self.strategy.round_stats.get(server_round)
+            if stats is None or stats.replied == 0:
+                failed = stats.failed if stats else 0
+                raise FedtuneError(
+                    f"round {server_round}: no site returned an update ({failed} "
+                    "failed); the sites' errors are logged above (look for 'Received "
+                    "error in reply'). Fix them and start the run again.")
+            self._checkpoint(server_round, state)
             train = self.strategy.train_metrics.get(server_round, {})
             row.update({"train_loss": train.get(records.TRAIN_LOSS),
                         **(stats.summary() if stats else {}),

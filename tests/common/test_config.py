@@ -146,3 +146,21 @@ def test_default_yaml_is_the_main_job() -> None:
     assert cfg.federation.num_sites >= 8
     assert cfg.data.partition == "column" and cfg.data.partition_column == "condition"
     assert cfg.model.name_or_path == "fedtune:all-MiniLM-L6-v2"
+
+
+def test_pyproject_flower_config_equals_typed_defaults() -> None:
+    import tomllib
+
+    root = Path(__file__).resolve().parents[2]
+    flower = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["flwr"]
+    assert flower["app"]["config"] == config.to_run_config(config.RunConfig())
+    assert flower["app"]["components"] == {"serverapp": "fedtune.server.app:app",
+                                           "clientapp": "fedtune.client.app:app"}
+
+
+def test_exponent_without_dot_is_a_number() -> None:
+    # YAML 1.1 (PyYAML) reads "1e-4" as a string; users write it anyway
+    cfg = config.load(None, ["train.learning-rate=1e-4", "privacy.target-delta=1E-5"])
+    assert cfg.train.learning_rate == 1e-4 and cfg.privacy.target_delta == 1e-5
+    with pytest.raises(ConfigError, match="expected a number, got 'fast'"):
+        config.load(None, ["train.learning-rate=fast"])
