@@ -149,11 +149,11 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
             metrics.update({records.EPSILON: eps,
                             records.DELTA: cfg.privacy.target_delta,
                             records.NOISE_MULTIPLIER: state.noise_multiplier})
-        if not math.isnan(res.val_loss):
-            metrics[records.VAL_LOSS] = res.val_loss
+        # Every site sends the same metric keys (Flower aggregates only consistent
+        # replies); the local validation loss stays on the site, in its log.
         logger.info("round %d: %s trained %d steps on %d examples, loss %.4f, "
-                    "epsilon %.3f", rnd, site.name, res.steps, res.num_examples,
-                    res.train_loss, eps)
+                    "val loss %.4f, epsilon %.3f", rnd, site.name, res.steps,
+                    res.num_examples, res.train_loss, res.val_loss, eps)
         content = RecordDict({records.ARRAYS: records.to_record(adapter_state(model)),
                               records.METRICS: MetricRecord(metrics)})
         return Message(content, reply_to=msg)
@@ -165,8 +165,13 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         res = trainer.evaluate(model, ds, task=cfg.model.task, device=device,
                                batch_size=cfg.train.eval_batch_size, pad_id=pad,
                                labels=list(cfg.data.labels))
-        metrics: dict[str, Any] = {records.NUM_EXAMPLES: len(ds)}
-        metrics.update({("eval-loss" if k == "loss" else k): v for k, v in res.items()})
+        # Fixed keys on every site (per-class recall would vary with the classes a
+        # site happens to hold; the server's central evaluation reports it).
+        keys = ((records.ACCURACY, records.MACRO_F1)
+                if cfg.model.task == "classification" else (records.PERPLEXITY,))
+        metrics: dict[str, Any] = {records.NUM_EXAMPLES: len(ds),
+                                   records.EVAL_LOSS: res["loss"],
+                                   **{k: res[k] for k in keys}}
         return Message(RecordDict({records.METRICS: MetricRecord(metrics)}),
                        reply_to=msg)
 

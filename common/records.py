@@ -19,7 +19,6 @@ CONFIG = "config"
 # MetricRecord keys a client sends (scalars only; never per-sample values).
 NUM_EXAMPLES = "num-examples"  # FedAvg weights by this
 TRAIN_LOSS = "train-loss"
-VAL_LOSS = "val-loss"
 EPSILON = "epsilon"
 DELTA = "delta"
 NOISE_MULTIPLIER = "noise-multiplier"
