@@ -1,0 +1,44 @@
+"""The shipped scenarios, run as a newcomer runs them (minutes each: marked slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(tmp_path: Path, *args: str) -> tuple[list[dict], float]:
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedtune.common.cli", "simulate", *args,
+         "--run-dir", str(tmp_path / "run")], capture_output=True, text=True,
+        timeout=900, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines], time.perf_counter() - start
+
+
+def test_default_main_job_under_ten_minutes(tmp_path: Path) -> None:
+    rows, seconds = _run(tmp_path)  # no config: the embedded default.yaml
+    assert seconds < 600
+    assert [r["round"] for r in rows] == list(range(6))
+    last = rows[-1]
+    assert last["clients_replied"] == 8
+    assert 7.5 < last["epsilon_max"] <= 8.0 + 1e-6  # calibrated to the whole run
+    assert last["eval_loss"] < rows[0]["eval_loss"]
+    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_causal_lm_scenario(tmp_path: Path) -> None:
+    pytest.importorskip("gguf")
+    rows, _ = _run(tmp_path, str(ROOT / "simulations" / "causal-lm.yaml"))
+    assert rows[-1]["eval_perplexity"] < rows[0]["eval_perplexity"]
+    assert 0 < rows[-1]["epsilon_max"] <= 8.0 + 1e-6
