@@ -35,20 +35,25 @@ def _tokenizer(directory: Path) -> None:
     fast.save_pretrained(directory)
 
 
+def _save_tiny(factory: pytest.TempPathFactory, name: str,
+               model: torch.nn.Module) -> Path:
+    out = factory.mktemp(name)
+    model.save_pretrained(out)  # type: ignore[operator]
+    _tokenizer(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer, 32-wide random BERT + word-level tokenizer, saved like a hub model."""
     from transformers import BertConfig, BertModel
 
-    out = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
                      num_attention_heads=2, intermediate_size=64,
                      max_position_embeddings=128, hidden_dropout_prob=0.0,
                      attention_probs_dropout_prob=0.0)
-    BertModel(cfg).save_pretrained(out)
-    _tokenizer(out)
-    return out
+    return _save_tiny(tmp_path_factory, "tiny-bert", BertModel(cfg))
 
 
 @pytest.fixture(scope="session")
@@ -56,15 +61,12 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer, 32-wide random Llama + word-level tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    out = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=2,
                       intermediate_size=64, max_position_embeddings=128,
                       pad_token_id=0, eos_token_id=4, bos_token_id=2)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    _tokenizer(out)
-    return out
+    return _save_tiny(tmp_path_factory, "tiny-llama", LlamaForCausalLM(cfg))
 
 
 def make_reviews(n: int, seed: int) -> list[dict[str, str]]:
