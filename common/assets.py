@@ -162,8 +162,11 @@ _ASSETS: dict[str, tuple[str, Callable[[zipfile.ZipFile, Path], None], Wheel, st
 }
 
 
+MODELS = ("all-MiniLM-L6-v2", "SmolLM2-135M-Instruct")
+
+
 def names() -> list[str]:
-    """The ``fedtune:NAME`` assets this version knows."""
+    """The ``fedtune:NAME`` assets this version knows (models and data)."""
     return sorted(_ASSETS)
 
 

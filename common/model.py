@@ -82,11 +82,12 @@ def _from_pretrained(loader: Any, path: str, **kwargs: Any) -> Any:
     try:
         return loader.from_pretrained(path, **kwargs)
     except (OSError, ValueError, ImportError) as err:
+        reason = " ".join(str(err).split())[:500].rstrip(".")
         raise ModelError(
-            f"cannot load {path!r} with {loader.__name__}: {str(err)[:500]}. Name a "
-            "local directory holding config.json + weights (or a .gguf with "
+            f"cannot load {path!r} with {loader.__name__}: {reason}. Name a local "
+            "directory holding config.json + weights (or a .gguf with "
             "model.gguf_file), a hub id this machine can reach, or an embedded "
-            f"default ({', '.join('fedtune:' + n for n in assets.names())})"
+            f"default ({', '.join(assets.PREFIX + n for n in assets.MODELS)})"
         ) from err
 
 

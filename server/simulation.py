@@ -9,16 +9,21 @@ from pathlib import Path
 from fedtune.common import assets
 from fedtune.common.config import RunConfig, to_run_config
 from fedtune.common.errors import FedtuneError
+from fedtune.common.model import build_base, load_tokenizer
 from fedtune.server import checkpoint
 
 logger = logging.getLogger(__name__)
 
 
 def _prefetch(cfg: RunConfig) -> None:
-    """Fetch embedded assets once in the driver, before actors race for them."""
-    for ref in (cfg.model.name_or_path, cfg.data.source, cfg.data.test_source):
+    """Fetch assets and load the base model once in the driver, before the engine
+    starts: a wrong model id or data path fails here, in seconds, and the ServerApp
+    (same process) then reuses the cached model."""
+    for ref in (cfg.data.source, cfg.data.test_source):
         if ref:
             assets.resolve(ref)
+    load_tokenizer(cfg.model.name_or_path, cfg.model.gguf_file)
+    build_base(cfg.model, num_labels=max(2, len(cfg.data.labels)))
 
 
 def simulate(cfg: RunConfig, *, name: str = "sim", run_dir: Path | None = None
