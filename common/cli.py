@@ -55,7 +55,9 @@ def cmd_assets(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedtune", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="fedtune", description="Privacy-preserving federated fine-tuning: LoRA "
+        "adapters trained with DP-SGD on each site, aggregated with Flower.")
     sub = p.add_subparsers(dest="command", required=True)
     items_help = ("[CONFIG.yaml] [section.key=value ...]; default config: the embedded "
                   "simulations/default.yaml")

@@ -105,13 +105,15 @@ def sft_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_jsonl(out / "sft.jsonl", rows)
 
 
-def tiny_config(model_dir: Path, train: Path, test: Path, **sections: dict) -> dict:
+def tiny_config(model_dir: Path, train_file: Path, test_file: Path, **sections: dict
+                ) -> dict:
     """A nested run config for the tiny BERT and the synthetic reviews."""
     base = {
         "model": {"name_or_path": str(model_dir)},
         "lora": {"r": 4, "alpha": 8},
         "train": {"batch_size": 8, "learning_rate": 1e-2, "eval_batch_size": 32},
-        "data": {"source": str(train), "test_source": str(test), "max_length": 32,
+        "data": {"source": str(train_file), "test_source": str(test_file),
+                 "max_length": 32,
                  "partition": "iid"},
         "federation": {"num_sites": 3, "num_rounds": 2, "min_train_nodes": 3},
     }

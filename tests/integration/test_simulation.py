@@ -102,3 +102,19 @@ def test_embedded_default_model_and_data(tmp_path: Path) -> None:
     last = _rounds(run_dir)[-1]
     assert last["adapter_payload_bytes"] == 299_532  # LoRA r=8 q/v + 3-class head
     assert 0 < last["epsilon_max"] <= 8.0 + 1e-6
+
+
+def test_partial_participation_dirichlet_and_early_stopping(
+        tmp_path: Path, tiny_bert: Path, review_files: tuple[Path, Path]) -> None:
+    raw = tiny_config(tiny_bert, *review_files,
+                      data={"partition": "dirichlet", "dirichlet_alpha": 1.0},
+                      train={"local_epochs": 3, "early_stopping_patience": 1},
+                      federation={"num_sites": 4, "min_train_nodes": 2,
+                                  "fraction_train": 0.5, "num_rounds": 2})
+    proc, run_dir = _simulate(tmp_path, raw)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _rounds(run_dir)[1:]
+    assert [r["clients_sampled"] for r in rows] == [2, 2]
+    assert all(r["clients_replied"] == 2 for r in rows)
+    # a site that trained in both rounds spent more than one that trained once
+    assert 0 < rows[0]["epsilon_max"] <= rows[1]["epsilon_max"] <= 8.0 + 1e-6
