@@ -142,6 +142,17 @@ def evaluate(model: nn.Module, dataset: Dataset, *, task: str, batch_size: int,
     return out
 
 
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig
+                   ) -> torch.optim.Optimizer:
+    """AdamW, or SGD with momentum (under heavy DP noise SGD moves each noise-only
+    coordinate by lr * noise, where Adam's normalised step moves it by ~lr)."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate,
+                             weight_decay=cfg.weight_decay)
+
+
 def _loader(dataset: Dataset, *, cfg: TrainConfig, dp: bool, pad_id: int,
             generator: torch.Generator) -> tuple[DataLoader, float]:
     n = len(dataset)  # type: ignore[arg-type]
@@ -170,8 +181,7 @@ def train_local(model: nn.Module, train_set: Dataset, val_set: Dataset, *,
              else train_cfg.local_epochs * per_epoch)
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt: torch.optim.Optimizer = torch.optim.AdamW(
-        params, lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay)
+    opt = make_optimizer(params, train_cfg)
     net: nn.Module = model
     if dp:
         net, opt = privacy.make_private(

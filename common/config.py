@@ -178,7 +178,9 @@ class TrainConfig(_Section):
     max_steps: int = 0
     batch_size: int = 16
     eval_batch_size: int = 64
+    optimizer: Literal["adamw", "sgd"] = "adamw"
     learning_rate: float = 5e-3
+    momentum: float = 0.9
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
@@ -193,6 +195,8 @@ class TrainConfig(_Section):
                              "early_stopping_patience")
         if not 0.0 <= self.warmup_ratio < 1.0:
             out.append(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio!r}")
+        if not 0.0 <= self.momentum < 1.0:
+            out.append(f"momentum: must be in [0, 1), got {self.momentum!r}")
         return out
 
 

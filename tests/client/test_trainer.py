@@ -146,3 +146,20 @@ def test_dp_training_on_cuda_bf16(tiny_bert: Path) -> None:
         privacy_cfg=PrivacyConfig(), noise_multiplier=1.0,
         device=torch.device("cuda"), pad_id=0, seed=0)
     assert res.steps == 5 and math.isfinite(res.train_loss)
+
+
+def test_sgd_optimizer_is_configurable_and_learns(tiny_bert: Path) -> None:
+    train_set, val_set = _sets(tiny_bert)
+    model = _model(tiny_bert)
+    cfg = TrainConfig(optimizer="sgd", momentum=0.5, learning_rate=0.5,
+                      local_epochs=8, batch_size=8)
+    opt = trainer.make_optimizer(list(model.parameters()), cfg)
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.5
+    before = trainer.evaluate(model, val_set, task="classification", batch_size=32,
+                              device=CPU, pad_id=0)["loss"]
+    trainer.train_local(model, train_set, val_set, task="classification",
+                        train_cfg=cfg, privacy_cfg=PrivacyConfig(enabled=False),
+                        noise_multiplier=0.0, device=CPU, pad_id=0, seed=0)
+    after = trainer.evaluate(model, val_set, task="classification", batch_size=32,
+                             device=CPU, pad_id=0)["loss"]
+    assert after < before - 0.1

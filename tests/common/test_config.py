@@ -78,6 +78,8 @@ def test_all_problems_reported_together() -> None:
     ({"train": {"max_steps": -1}}, r"train.max_steps: must be >= 0"),
     ({"train": {"warmup_ratio": 1.0}}, r"train.warmup_ratio: must be in \[0, 1\)"),
     ({"train": {"precision": "fp8"}}, r"train.precision: expected one of"),
+    ({"train": {"optimizer": "lion"}}, r"train.optimizer: expected one of"),
+    ({"train": {"momentum": 1.0}}, r"train.momentum: must be in \[0, 1\)"),
     ({"train": {"learning_rate": True}}, r"train.learning_rate: expected a number"),
     ({"data": {"max_length": 0}}, r"data.max_length: must be > 0"),
     ({"data": {"val_fraction": 0.5}}, r"data.val_fraction: must be in \[0, 0.5\)"),
