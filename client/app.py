@@ -44,24 +44,10 @@ class SiteData:
     name: str
 
 
-def encode(recs: list[dict[str, Any]], cfg: RunConfig, *, source: str
-           ) -> EncodedDataset:
-    """Tokenize records for the run's task."""
-    tok = load_tokenizer(cfg.model.name_or_path, cfg.model.gguf_file)
-    if cfg.model.task == "classification":
-        return data.encode_classification(recs, tok, cfg=cfg.data, source=source)
-    return data.encode_sft(recs, tok, cfg=cfg.data)
-
-
-def required_columns(cfg: RunConfig) -> list[str]:
-    d = cfg.data
-    return ([d.text_column, d.label_column] if cfg.model.task == "classification"
-            else [d.prompt_column, d.response_column])
-
-
 @functools.lru_cache(maxsize=16)
 def _site_data(cfg: RunConfig, source: str, part: int, num_parts: int) -> SiteData:
-    recs = data.read_records(source, required=required_columns(cfg))
+    recs = data.read_records(source, required=data.required_columns(cfg.model.task,
+                                                                  cfg.data))
     name = source
     if num_parts > 0:
         ys = (data.label_ids(recs, column=cfg.data.label_column,
@@ -74,8 +60,13 @@ def _site_data(cfg: RunConfig, source: str, part: int, num_parts: int) -> SiteDa
         recs = recs[: cfg.data.max_samples_per_site]
     tr, va = data.split_validation(range(len(recs)), fraction=cfg.data.val_fraction,
                                    seed=cfg.train.seed + part)
-    return SiteData(train=encode([recs[i] for i in tr], cfg, source=source),
-                    val=encode([recs[i] for i in va], cfg, source=source), name=name)
+    tok = load_tokenizer(cfg.model.name_or_path, cfg.model.gguf_file)
+
+    def enc(idx: list[int]) -> EncodedDataset:
+        return data.encode_for_task([recs[i] for i in idx], tok, task=cfg.model.task,
+                                    cfg=cfg.data, source=source)
+
+    return SiteData(train=enc(tr), val=enc(va), name=name)
 
 
 def site_data(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteData:

@@ -227,6 +227,20 @@ def encode_sft(records: Sequence[Record], tokenizer: Any, *, cfg: DataConfig
     return EncodedDataset(items)
 
 
+def required_columns(task: str, cfg: DataConfig) -> list[str]:
+    """The columns a record needs for ``task``."""
+    return ([cfg.text_column, cfg.label_column] if task == "classification"
+            else [cfg.prompt_column, cfg.response_column])
+
+
+def encode_for_task(records: Sequence[Record], tokenizer: Any, *, task: str,
+                    cfg: DataConfig, source: str = "data") -> EncodedDataset:
+    """Tokenize records for the run's task (classification or causal-LM SFT)."""
+    if task == "classification":
+        return encode_classification(records, tokenizer, cfg=cfg, source=source)
+    return encode_sft(records, tokenizer, cfg=cfg)
+
+
 def collate(batch: list[dict[str, torch.Tensor]], *, pad_id: int = 0
             ) -> dict[str, torch.Tensor]:
     """Right-pad a batch; an empty batch (Poisson sampling) gives 0-row tensors."""

@@ -8,7 +8,6 @@ from typing import Any
 import torch
 
 from fedtune.client import trainer
-from fedtune.client.app import encode, required_columns
 from fedtune.common import data
 from fedtune.common.config import RunConfig
 from fedtune.common.model import load_tokenizer, set_adapter_state
@@ -32,16 +31,19 @@ class CentralEvaluator:
     def __init__(self, cfg: RunConfig, model: torch.nn.Module,
                  device: torch.device) -> None:
         self.cfg, self.model, self.device = cfg, model.to(device), device
-        self.dataset = None
-        if cfg.data.test_source:
-            recs = data.read_records(cfg.data.test_source,
-                                     required=required_columns(cfg))
-            if cfg.data.max_test_samples:
-                recs = recs[: cfg.data.max_test_samples]
-            self.dataset = encode(recs, cfg, source=cfg.data.test_source)
-            logger.info("central evaluation on %d held-out records", len(recs))
         tok = load_tokenizer(cfg.model.name_or_path, cfg.model.gguf_file)
         self.pad_id = int(tok.pad_token_id)
+        self.dataset = None
+        if cfg.data.test_source:
+            recs = data.read_records(
+                cfg.data.test_source,
+                required=data.required_columns(cfg.model.task, cfg.data))
+            if cfg.data.max_test_samples:
+                recs = recs[: cfg.data.max_test_samples]
+            self.dataset = data.encode_for_task(recs, tok, task=cfg.model.task,
+                                                cfg=cfg.data,
+                                                source=cfg.data.test_source)
+            logger.info("central evaluation on %d held-out records", len(recs))
 
     def __call__(self, state: dict[str, torch.Tensor]) -> dict[str, Any]:
         if self.dataset is None:
