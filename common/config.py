@@ -27,12 +27,6 @@ from fedtune.common.errors import ConfigError
 Scalar = bool | int | float | str
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
-TASKS = ("classification", "causal-lm")
-PARTITIONS = ("iid", "dirichlet", "column")
-STRATEGIES = ("fedavg",)
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DTYPES = ("float32", "bfloat16", "float16")
-
 
 def _type_ok(value: Any, hint: Any) -> bool:
     origin = typing.get_origin(hint)

@@ -140,10 +140,15 @@ def target_modules(model_type: str, lora: LoraConfig) -> list[str]:
     return DEFAULT_TARGETS[model_type]
 
 
+def load_pretrained(cfg: ModelConfig) -> Any:
+    """The process-wide cached pretrained model. Shared: never train or mutate it;
+    :func:`build_base` hands out copies."""
+    return _load_pretrained(cfg.name_or_path, cfg.task, cfg.gguf_file, cfg.dtype)
+
+
 def build_base(cfg: ModelConfig, *, num_labels: int, seed: int = 0) -> nn.Module:
     """A fresh copy of the base model (with a seeded head for classification)."""
-    pretrained = copy.deepcopy(_load_pretrained(cfg.name_or_path, cfg.task,
-                                                cfg.gguf_file, cfg.dtype))
+    pretrained = copy.deepcopy(load_pretrained(cfg))
     if cfg.task == "causal-lm":
         pretrained.name_or_path = cfg.name_or_path  # what adapter_config.json names
         return pretrained

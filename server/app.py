@@ -72,7 +72,7 @@ class RoundRecorder:
             self._checkpoint(server_round, state)
             train = self.strategy.train_metrics.get(server_round, {})
             row.update({"train_loss": train.get(records.TRAIN_LOSS),
-                        **(stats.summary() if stats else {}),
+                        **stats.summary(),
                         "round_seconds": round_seconds, "eval_seconds": eval_seconds})
             fed = self.strategy.eval_metrics.get(server_round)
             if fed:

@@ -9,7 +9,7 @@ from pathlib import Path
 from fedtune.common import assets
 from fedtune.common.config import RunConfig, to_run_config
 from fedtune.common.errors import FedtuneError
-from fedtune.common.model import build_base, load_tokenizer
+from fedtune.common.model import load_pretrained, load_tokenizer
 from fedtune.server import checkpoint
 
 logger = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ def _prefetch(cfg: RunConfig) -> None:
         if ref:
             assets.resolve(ref)
     load_tokenizer(cfg.model.name_or_path, cfg.model.gguf_file)
-    build_base(cfg.model, num_labels=max(2, len(cfg.data.labels)))
+    load_pretrained(cfg.model)
 
 
 def simulate(cfg: RunConfig, *, name: str = "sim", run_dir: Path | None = None
