@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,8 @@ from fedtune.client import privacy, trainer
 from fedtune.common import data, records
 from fedtune.common.config import RunConfig, from_run_config
 from fedtune.common.data import EncodedDataset
-from fedtune.common.errors import DataError
+from fedtune.common.deployment import ensure_app_logging
+from fedtune.common.errors import DataError, FedtuneError
 from fedtune.common.model import (
     adapter_state,
     build_model,
@@ -99,6 +100,34 @@ def _setup(msg: Message, context: Context, defaults: Mapping[str, Any]
     return cfg, site, model.to(device), device, int(pad)
 
 
+class SiteFailure(FedtuneError):
+    """What the server learns when a site fails: the kind of error, no details."""
+
+
+Handler = Callable[[Message, Context], Message]
+
+
+def _private_errors(handler: Handler) -> Handler:
+    """Log a failure in full on the site; send the server only its class name.
+
+    Flower puts ``str(exception)`` in the error reply, and a message may name the
+    site's file paths or values from its data.
+    """
+
+    @functools.wraps(handler)
+    def guarded(msg: Message, context: Context) -> Message:
+        ensure_app_logging()
+        try:
+            return handler(msg, context)
+        except Exception as err:  # noqa: BLE001 - re-raised without its details
+            logger.error("%s failed on this site: %s: %s", msg.metadata.message_type,
+                         type(err).__name__, err)
+            raise SiteFailure(f"{type(err).__name__} on the site (details stay in "
+                              "the site's own log)") from None
+
+    return guarded
+
+
 def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
     """A ClientApp; ``defaults`` is a flat run_config used under Flower's (simulation
     runs started from Python carry an empty one)."""
@@ -106,6 +135,7 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
     app = ClientApp()
 
     @app.train()
+    @_private_errors
     def train(msg: Message, context: Context) -> Message:
         cfg, site, model, device, pad = _setup(msg, context, defaults)
         rnd = int(msg.content[records.CONFIG][records.SERVER_ROUND])  # type: ignore[arg-type]
@@ -150,6 +180,7 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         return Message(content, reply_to=msg)
 
     @app.evaluate()
+    @_private_errors
     def evaluate(msg: Message, context: Context) -> Message:
         cfg, site, model, device, pad = _setup(msg, context, defaults)
         ds = site.val if len(site.val) else site.train

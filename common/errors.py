@@ -43,3 +43,11 @@ class PrivacyError(FedtuneError, RuntimeError):
 
 class PrivacyBudgetExhausted(PrivacyError):
     """Training this round would exceed the site's privacy budget."""
+
+
+class KeyMaterialError(FedtuneError, ValueError):
+    """A certificate or key file is missing, unreadable or of the wrong kind."""
+
+
+class DeploymentError(FedtuneError, RuntimeError):
+    """A SuperLink/SuperNode cannot be started or reached as configured."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,6 +17,7 @@ from tqdm.auto import tqdm
 from fedtune.client.trainer import resolve_device
 from fedtune.common import records
 from fedtune.common.config import RunConfig, from_run_config
+from fedtune.common.deployment import INSECURE_ENV, ensure_app_logging
 from fedtune.common.errors import FedtuneError
 from fedtune.common.model import (
     adapter_state,
@@ -24,6 +26,7 @@ from fedtune.common.model import (
     set_adapter_state,
 )
 from fedtune.server import checkpoint
+from fedtune.server.daemon import RUNS_DIR_ENV
 from fedtune.server.evaluate import CentralEvaluator
 from fedtune.server.strategy import FedTuneAvg, build_strategy
 
@@ -92,6 +95,10 @@ class RoundRecorder:
         checkpoint.publish_final(self.run_dir, server_round)
 
     def _log(self, row: dict[str, Any]) -> None:
+        if os.environ.get(INSECURE_ENV) == "1":
+            logger.warning("INSECURE DEPLOYMENT: TLS and node authentication are OFF "
+                           "(fedtune server --insecure); this round's updates "
+                           "travelled in clear text from unauthenticated nodes")
         if not self.cfg.privacy.enabled:
             logger.warning("DP is OFF: this round's adapter updates are not "
                            "differentially private (privacy.enabled=false)")
@@ -108,6 +115,21 @@ class RoundRecorder:
             row.get("clients_replied", 0), row.get("clients_sampled", 0),
             row.get("bytes_received", 0) / 1e6, row.get("bytes_sent", 0) / 1e6,
             row["round_seconds"])
+        if row.get("epsilon_by_node"):
+            logger.info("round %d epsilon by node: %s", row["round"], ", ".join(
+                f"{k}={v:.3f}" for k, v in row["epsilon_by_node"].items()))
+        if row.get("nodes_failed"):
+            logger.warning("round %d: node(s) %s failed or did not answer",
+                           row["round"], ", ".join(row["nodes_failed"]))
+
+
+def _run_dir(flat: Mapping[str, Any], cfg: RunConfig, run_id: int) -> Path:
+    """The CLI's exact path, else the server's runs directory, else the config's."""
+    if flat.get(RUN_PATH):
+        return Path(str(flat[RUN_PATH]))
+    if os.environ.get(RUNS_DIR_ENV):
+        return checkpoint.new_run_dir(os.environ[RUNS_DIR_ENV], f"run-{run_id}")
+    return checkpoint.new_run_dir(cfg.federation.run_dir, "run")
 
 
 def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
@@ -117,10 +139,10 @@ def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        ensure_app_logging()
         flat = {**defaults, **context.run_config}
         cfg = from_run_config(flat)
-        run_dir = (Path(str(flat[RUN_PATH])) if flat.get(RUN_PATH)
-                   else checkpoint.new_run_dir(cfg.federation.run_dir, "run"))
+        run_dir = _run_dir(flat, cfg, context.run_id)
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.write_config(run_dir, cfg)
         if not cfg.privacy.enabled:

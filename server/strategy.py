@@ -34,8 +34,11 @@ class RoundStats:
     epsilons: list[float] = field(default_factory=list)
     train_seconds: list[float] = field(default_factory=list)
     non_private: int = 0
+    epsilon_by_node: dict[str, float] = field(default_factory=dict)
+    nodes_replied: list[str] = field(default_factory=list)
+    nodes_failed: list[str] = field(default_factory=list)
 
-    def summary(self) -> dict[str, float | int | None]:
+    def summary(self) -> dict[str, object]:
         eps = self.epsilons
         return {
             "clients_sampled": self.sampled, "clients_replied": self.replied,
@@ -45,16 +48,22 @@ class RoundStats:
             "epsilon_max": max(eps) if eps else None,
             "epsilon_mean": statistics.fmean(eps) if eps else None,
             "client_train_seconds_sum": sum(self.train_seconds),
+            "epsilon_by_node": dict(self.epsilon_by_node),
+            "nodes_replied": list(self.nodes_replied),
+            "nodes_failed": list(self.nodes_failed),
         }
 
 
 def summarize_replies(replies: list[Message], stats: RoundStats) -> None:
     """Fill ``stats`` from the training replies (errors counted, not raised)."""
     for msg in replies:
+        node = str(msg.metadata.src_node_id)
         if msg.has_error():
             stats.failed += 1
+            stats.nodes_failed.append(node)
             continue
         stats.replied += 1
+        stats.nodes_replied.append(node)
         arrays = msg.content.array_records.get(records.ARRAYS)
         if arrays is not None:
             stats.bytes_received += records.wire_bytes(arrays)
@@ -62,7 +71,9 @@ def summarize_replies(replies: list[Message], stats: RoundStats) -> None:
                                       records.payload_bytes(arrays))
         m = msg.content.metric_records.get(records.METRICS, MetricRecord())
         if records.EPSILON in m:
-            stats.epsilons.append(float(m[records.EPSILON]))  # type: ignore[arg-type]
+            eps = float(m[records.EPSILON])  # type: ignore[arg-type]
+            stats.epsilons.append(eps)
+            stats.epsilon_by_node[node] = eps
         else:
             stats.non_private += 1
         if records.TRAIN_SECONDS in m:

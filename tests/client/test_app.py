@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from fedtune.client.app import make_client_app
+from fedtune.client.app import SiteFailure, make_client_app
 from fedtune.common import config, records
-from fedtune.common.errors import DataError
 from fedtune.common.model import adapter_state, build_model, num_bytes
 from tests.conftest import tiny_config
 
@@ -92,12 +91,29 @@ def test_dp_off_is_loud_and_reports_no_epsilon(tiny_bert: Path,
 
 
 @pytest.mark.usefixtures("flower_identity")
-def test_node_without_data_is_told_how_to_fix_it(tiny_bert: Path,
-                                                 review_files: tuple[Path, Path]
-                                                 ) -> None:
+def test_node_without_data_is_told_how_to_fix_it(
+        tiny_bert: Path, review_files: tuple[Path, Path],
+        caplog: pytest.LogCaptureFixture) -> None:
     _, flat, msg = _setup(tiny_bert, review_files)
-    with pytest.raises(DataError, match=r"this node has no data: .*data-path="):
+    with pytest.raises(SiteFailure) as info:
         make_client_app(flat)(msg, _context({}))
+    # The site's own log says what to fix; the server only learns the error's kind.
+    assert "this node has no data" in caplog.text and "data-path=" in caplog.text
+    assert str(info.value).startswith("DataError on the site")
+    assert "data-path" not in str(info.value)
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_site_failure_sends_no_paths_or_values(tmp_path: Path, tiny_bert: Path,
+                                               review_files: tuple[Path, Path]
+                                               ) -> None:
+    _, flat, msg = _setup(tiny_bert, review_files)
+    secret = tmp_path / "patient-jane-doe.jsonl"
+    secret.write_text('{"review": "private text", "rating": "label-x"}\n' * 5)
+    with pytest.raises(SiteFailure) as info:
+        make_client_app(flat)(msg, _context({"data-path": str(secret)}))
+    text = str(info.value)
+    assert "jane-doe" not in text and "label-x" not in text and "private" not in text
 
 
 @pytest.mark.usefixtures("flower_identity")

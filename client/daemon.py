@@ -1,0 +1,134 @@
+"""``fedtune client``: the hospital daemon, a Flower SuperNode with this site's config.
+
+Everything the site owns is checked before it connects: the private data file is
+readable and parses, the privacy-ledger directory is writable, the device exists, the
+CA certificate is a certificate and the node key is an EC key Flower accepts. Then
+the process becomes ``flower-supernode``, which keeps running across runs and retries
+the connection for as long as the SuperLink is away. Only the path of the data file
+reaches Flower (as node_config); its records are read inside each ClientApp.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedtune.common import data, deployment, keys
+from fedtune.common.errors import DeploymentError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientOptions:
+    """What ``fedtune client`` was asked to start."""
+
+    superlink: str
+    data_path: Path
+    ledger_dir: Path
+    ca_cert: Path | None
+    node_key: Path | None
+    device: str = "auto"
+    state_dir: Path = Path("fedtune-node")
+    clientappio_address: str = "127.0.0.1:9094"
+    insecure: bool = False
+
+
+def check_device(name: str) -> str:
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``, present on this machine."""
+    import torch
+
+    if name in ("auto", "cpu"):
+        return name
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise DeploymentError(f"--device {name!r} is not a device; use auto, cpu, "
+                              "cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeploymentError(f"--device {name}: no CUDA device is visible here; "
+                                  "use --device cpu or fix the driver")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeploymentError(f"--device {name}: only {torch.cuda.device_count()} "
+                                  "CUDA device(s) here")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DeploymentError("--device mps: MPS is not available here")
+    elif dev.type not in ("cuda", "mps"):
+        raise DeploymentError(f"--device {name!r}: use auto, cpu, cuda[:N] or mps")
+    return name
+
+
+def check_data(path: Path) -> int:
+    """The file exists, is readable and parses into records; returns their count.
+
+    The records are not logged; only their number is.
+    """
+    path = path.expanduser()
+    if not path.exists():
+        raise DeploymentError(f"--data {path}: no such file; point it at this site's "
+                              "private .jsonl/.csv/.tsv file")
+    try:
+        with open(path, "rb") as fh:
+            fh.read(1)
+    except OSError as err:
+        raise DeploymentError(f"--data {path}: cannot be read ({err.strerror}); give "
+                              "the daemon's user read access") from None
+    return len(data.read_records(str(path.resolve()), required=()))
+
+
+def _quote(value: str) -> str:
+    if '"' in value or "\\" in value:
+        raise DeploymentError(f"path {value!r} contains a quote or backslash; "
+                              "move the file to a plainer path")
+    return f'"{value}"'
+
+
+def supernode_command(opts: ClientOptions) -> tuple[list[str], dict[str, str]]:
+    """The checked ``flower-supernode`` command line and its environment."""
+    deployment.split_address(opts.superlink, what="--superlink")
+    io_host, io_port = deployment.split_address(opts.clientappio_address,
+                                                what="--clientappio-address")
+    if not deployment.is_private_host(io_host):
+        raise DeploymentError("--clientappio-address must be a loopback address: "
+                              "it hands this site's tasks to local ClientApps")
+    count = check_data(opts.data_path)
+    ledger = deployment.writable_dir(opts.ledger_dir.expanduser(),
+                                     what="--ledger-dir")
+    device = check_device(opts.device)
+    state = deployment.writable_dir(opts.state_dir.expanduser(), what="--state-dir")
+    node_config = " ".join([
+        f"data-path={_quote(str(opts.data_path.expanduser().resolve()))}",
+        f"ledger-dir={_quote(str(ledger))}", f"device={_quote(device)}"])
+    argv = [deployment.executable("flower-supernode"), "--superlink", opts.superlink,
+            "--node-config", node_config, "--host", io_host, "--port", str(io_port)]
+    extra: dict[str, str] = {}
+    if opts.insecure:
+        argv.append("--insecure")
+        extra[deployment.INSECURE_ENV] = "1"
+    else:
+        if opts.ca_cert is None or opts.node_key is None:
+            raise DeploymentError(
+                "--ca-cert and --key are required: the federation's CA certificate "
+                "proves the server is genuine and the node key authenticates this "
+                "site. To connect without TLS on a trusted test network, pass "
+                "--insecure explicitly")
+        keys.load_ca_cert(opts.ca_cert)
+        keys.check_node_private_key(opts.node_key)
+        argv += ["--root-certificates", str(opts.ca_cert.resolve()),
+                 "--auth-supernode-private-key", str(opts.node_key.resolve())]
+    logger.info("site data: %d records in %s; ledger: %s; device: %s", count,
+                opts.data_path, ledger, device)
+    return argv, deployment.flower_env(home=state / "flwr", extra=extra)
+
+
+def run_client(opts: ClientOptions) -> None:
+    """Check everything, warn about insecure settings, then become the SuperNode."""
+    argv, env = supernode_command(opts)
+    if opts.insecure:
+        logger.warning(
+            "INSECURE CLIENT: TLS and node authentication are OFF (--insecure). This "
+            "site's adapter updates travel in clear text and it cannot tell the real "
+            "server from an impostor. Use this only on a trusted test network.")
+    deployment.exec_flower(argv, env)

@@ -1,0 +1,222 @@
+"""The operator's side: named deployments, ``fedtune run``, ``fedtune status``, node
+registration. Each step is a call of Flower's own ``flwr`` CLI against the SuperLink's
+Control API, with its connection settings kept under ``$FEDTUNE_HOME/flwr``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fedtune.common import deployment
+from fedtune.common.config import RunConfig, to_run_config
+from fedtune.common.errors import DeploymentError
+
+logger = logging.getLogger(__name__)
+RUN_PATH = "fedtune.run-path"  # same key as fedtune.server.app.RUN_PATH
+_DUPLICATE = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:[A-Z]+:")
+_ROUND = re.compile(r"\[ROUND (\d+)/(\d+)\]")
+_RUN_DIR = re.compile(r"run directory: (\S+)")
+
+
+def home() -> Path:
+    """fedtune's per-user state: ``$FEDTUNE_HOME`` or ``~/.fedtune``."""
+    return Path(os.environ.get("FEDTUNE_HOME", "~/.fedtune")).expanduser()
+
+
+def _flwr_home() -> Path:
+    return home() / "flwr"
+
+
+def _config_path() -> Path:
+    return _flwr_home() / "config.toml"
+
+
+def _read_config() -> dict[str, Any]:
+    path = _config_path()
+    if not path.is_file():
+        return {"superlink": {}}
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, OSError) as err:
+        raise DeploymentError(f"{path} is not valid TOML ({err}); fix or delete it "
+                              "and add the deployments again") from None
+
+
+def add_deployment(name: str, *, control: str, ca_cert: Path | None,
+                   insecure: bool = False) -> None:
+    """Remember how to reach a SuperLink's Control API under ``name``."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise DeploymentError(f"deployment name {name!r}: use letters, digits, - or _")
+    deployment.split_address(control, what="--control")
+    entry: dict[str, Any] = {"address": control}
+    if insecure:
+        logger.warning("deployment %s: Control API without TLS (--insecure)", name)
+        entry["insecure"] = True
+    elif ca_cert is None or not ca_cert.is_file():
+        raise DeploymentError(f"--ca-cert {ca_cert}: the federation's CA certificate "
+                              "is required (or --insecure for a test SuperLink)")
+    else:
+        entry["root-certificates"] = str(ca_cert.resolve())
+    doc = _read_config()
+    doc.setdefault("superlink", {})[name] = entry
+    doc["superlink"].setdefault("default", name)
+    _flwr_home().mkdir(parents=True, exist_ok=True)
+    _config_path().write_text(tomli_w.dumps(doc))
+
+
+def deployments() -> dict[str, dict[str, Any]]:
+    """Named deployments and their settings."""
+    return {k: v for k, v in _read_config().get("superlink", {}).items()
+            if isinstance(v, dict)}
+
+
+def _check_name(name: str) -> None:
+    if name not in deployments():
+        raise DeploymentError(
+            f"unknown deployment {name!r}; add it with `fedtune deployment add {name} "
+            "--control HOST:PORT --ca-cert ca.crt` (known: "
+            f"{sorted(deployments()) or 'none'})")
+
+
+def _flwr(args: Sequence[str], *, name: str, json_out: bool = True) -> Any:
+    """Run ``flwr ARGS NAME`` and return its JSON answer (or raise with its words)."""
+    _check_name(name)
+    argv = [deployment.executable("flwr"), *args, name]
+    if json_out:
+        argv += ["--format", "json"]
+    env = deployment.flower_env(home=_flwr_home())
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+    out = proc.stdout.strip()
+    if json_out:
+        start = out.find("{")
+        try:
+            answer = json.loads(out[start:]) if start >= 0 else {}
+        except json.JSONDecodeError:
+            answer = {}
+        if proc.returncode == 0 and answer.get("success", False):
+            return answer
+        reason = answer.get("error-message") or (proc.stderr or out)[-600:]
+        raise DeploymentError(f"`flwr {' '.join(args)}` on deployment {name!r} "
+                              f"failed: {reason.strip()}")
+    return proc
+
+
+def register_node(public_key: Path, *, name: str, label: str | None = None) -> int:
+    """Register a hospital's public key with the SuperLink; returns its node id."""
+    from fedtune.common import keys
+
+    keys.check_public_key(public_key)
+    args = ["supernode", "register", str(public_key.resolve())]
+    answer = _flwr(args + (["--name", label] if label else []), name=name)
+    return int(answer["node-id"])
+
+
+def unregister_node(node_id: int, *, name: str) -> None:
+    """Remove a node: its key no longer authenticates."""
+    _flwr(["supernode", "unregister", str(node_id)], name=name)
+
+
+def nodes(name: str) -> list[dict[str, Any]]:
+    """The SuperLink's nodes (id, status, online since ...)."""
+    return list(_flwr(["supernode", "list"], name=name).get("nodes", []))
+
+
+def runs(name: str) -> list[dict[str, Any]]:
+    """The SuperLink's runs, newest first."""
+    found = list(_flwr(["list"], name=name).get("runs", []))
+    return sorted(found, key=lambda r: str(r.get("pending-at", "")), reverse=True)
+
+
+def write_app(cfg: RunConfig, dest: Path, *, run_path: Path | None) -> Path:
+    """A Flower App directory: just a pyproject.toml whose components are fedtune's
+    installed apps and whose config is this run's flat run_config."""
+    flat: dict[str, Any] = dict(to_run_config(cfg))
+    if run_path is not None:
+        flat[RUN_PATH] = str(run_path)
+    from importlib.metadata import version
+
+    doc = {"build-system": {"requires": ["hatchling"],
+                            "build-backend": "hatchling.build"},
+           "project": {"name": "fedtune-run", "version": version("fedtune"),
+                       "dependencies": []},
+           "tool": {"flwr": {"app": {
+               "publisher": "fedtune",
+               "components": {"serverapp": "fedtune.server.app:app",
+                              "clientapp": "fedtune.client.app:app"},
+               "config": flat}}}}
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "pyproject.toml").write_text(tomli_w.dumps(doc))
+    return dest
+
+
+def submit(cfg: RunConfig, *, name: str, run_path: Path | None) -> int:
+    """Start a run on the deployment; returns Flower's run id."""
+    with tempfile.TemporaryDirectory(prefix="fedtune-app-") as tmp:
+        app_dir = write_app(cfg, Path(tmp), run_path=run_path)
+        answer = _flwr(["run", str(app_dir)], name=name)
+    return int(answer["run-id"])
+
+
+def stream(run_id: int, *, name: str) -> str:
+    """Print the run's log as it happens; return its final Flower status."""
+    _check_name(name)
+    argv = [deployment.executable("flwr"), "log", str(run_id), name, "--stream"]
+    env = deployment.flower_env(home=_flwr_home())
+    with subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if not _DUPLICATE.match(line):
+                sys.stdout.write(line)
+                sys.stdout.flush()
+    return run_status(run_id, name=name)
+
+
+def run_status(run_id: int, *, name: str) -> str:
+    """Flower's status of one run, e.g. ``finished:completed``."""
+    found = _flwr(["list", "--run-id", str(run_id)], name=name).get("runs", [])
+    return str(found[0]["status"]) if found else "unknown"
+
+
+def progress(run_id: int, *, name: str) -> tuple[int, int, str | None]:
+    """(last round started, rounds planned, run directory) read from the run's log."""
+    proc = _flwr(["log", str(run_id), "--show"], name=name, json_out=False)
+    text = proc.stdout if isinstance(proc, subprocess.CompletedProcess) else ""
+    rounds = _ROUND.findall(text)
+    where = _RUN_DIR.findall(text)
+    last, total = (int(rounds[-1][0]), int(rounds[-1][1])) if rounds else (0, 0)
+    return last, total, where[-1] if where else None
+
+
+def status_text(name: str) -> str:
+    """Nodes and runs of a deployment, as the operator reads them."""
+    lines = [f"deployment {name}: {deployments()[name]['address']}"]
+    node_list = nodes(name)
+    online = [n for n in node_list if n.get("status") == "online"]
+    lines.append(f"nodes: {len(online)} online of {len(node_list)} registered")
+    for n in node_list:
+        lines.append(f"  {n.get('node-id')}  {n.get('status'):<10} "
+                     f"online since {n.get('online-at')}")
+    run_list = runs(name)
+    lines.append(f"runs: {len(run_list)}")
+    for r in run_list[:5]:
+        rid = int(r["run-id"])
+        line = f"  {rid}  {r.get('status'):<20} {float(r.get('elapsed', 0)):.0f} s"
+        if str(r.get("status", "")).startswith(("running", "finished")):
+            last, total, where = progress(rid, name=name)
+            line += f"  round {last}/{total}" + (f"  {where}" if where else "")
+        lines.append(line)
+    return "\n".join(lines)
