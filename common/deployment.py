@@ -51,8 +51,13 @@ def flower_env(*, home: Path, extra: Mapping[str, str] | None = None
                ) -> dict[str, str]:
     """Environment for Flower processes: telemetry off, state under ``home``."""
     env = dict(os.environ)
+    # Flower starts flower-superexec, flwr-serverapp and flwr-clientapp by name:
+    # find the ones of this environment even when it is not activated.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent),
+                                   env.get("PATH", "")])
     env.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-                "FLWR_HOME": str(home), TASK_POLL_ENV: TASK_POLL_SECONDS})
+                "FLWR_HOME": str(home)})
+    env.setdefault(TASK_POLL_ENV, TASK_POLL_SECONDS)  # bench/ compares with 1.0
     env.update(extra or {})
     return env
 

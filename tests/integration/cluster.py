@@ -1,0 +1,120 @@
+"""Real fedtune daemons on 127.0.0.1 for the deployment tests.
+
+Every process runs in its own session; :meth:`Cluster.stop_all` kills each process
+group by PID (the daemon and the ClientApp/ServerApp processes Flower started under
+it). Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+FEDTUNE = [sys.executable, "-m", "fedtune.common.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(check: Callable[[], bool], *, timeout: float, what: str,
+             every: float = 0.5) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if check():
+            return
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class Cluster:
+    """A SuperLink and SuperNodes started through ``fedtune server|client``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.env = {**os.environ, "FEDTUNE_HOME": str(root / "operator"),
+                    "PYTHONUNBUFFERED": "1"}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.fleet = f"127.0.0.1:{free_port()}"
+        self.control = f"127.0.0.1:{free_port()}"
+        self.certs = root / "certs"
+        self.keys = root / "keys"
+
+    def log(self, name: str) -> str:
+        path = self.root / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        with open(self.root / f"{name}.log", "ab") as out:
+            proc = subprocess.Popen([*FEDTUNE, *args], stdout=out,
+                                    stderr=subprocess.STDOUT, env=self.env,
+                                    start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def fedtune(self, *args: str, timeout: float = 120
+                ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*FEDTUNE, *args], capture_output=True, text=True,
+                              env=self.env, timeout=timeout, check=False)
+
+    def start_server(self) -> None:
+        started = self.log("server").count("Uvicorn running on https")
+        self.start("server", "server", "--certs", str(self.certs),
+                   "--fleet-address", self.fleet, "--control-address", self.control,
+                   "--state-dir", str(self.root / "server-state"))
+        wait_for(lambda: self.log("server").count("Uvicorn running on https") > started,
+                 timeout=60, what="the SuperLink to listen")
+
+    def start_node(self, name: str, data: Path, *, key: str | None = None,
+                   ca: Path | None = None) -> subprocess.Popen[bytes]:
+        return self.start(
+            name, "client", "--superlink", self.fleet, "--data", str(data),
+            "--ledger-dir", str(self.root / name / "ledger"),
+            "--ca-cert", str(ca or self.certs / "ca.crt"),
+            "--key", str(self.keys / f"{key or name}.key"), "--device", "cpu",
+            "--state-dir", str(self.root / name / "state"),
+            "--clientappio-address", f"127.0.0.1:{free_port()}")
+
+    def nodes(self) -> list[dict]:
+        proc = self.fedtune("status", "--deployment", "test")
+        assert proc.returncode == 0, proc.stderr
+        return [{"id": int(p[0]), "status": p[1]} for p in
+                (line.split() for line in proc.stdout.splitlines()
+                 if line.startswith("  ") and "online since" in line)]
+
+    def online(self) -> int:
+        return sum(n["status"] == "online" for n in self.nodes())
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs.get(name)
+        if proc is None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=20)
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.kill(name, signal.SIGTERM)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]

@@ -1,0 +1,160 @@
+"""A real federation on 127.0.0.1: ``fedtune server``, three ``fedtune client``
+daemons (TLS + node authentication) and the operator's ``fedtune run``.
+
+The tests share one SuperLink and its three hospitals and run in file order; the
+last one kills a hospital for good.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import make_reviews, tiny_config, write_jsonl
+from tests.integration.cluster import Cluster, metrics, wait_for
+
+pytestmark = pytest.mark.integration
+SITES = ("h1", "h2", "h3")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    c = Cluster(tmp_path_factory.mktemp("deploy"))
+    try:
+        for args in (["ca", "--out", str(c.certs)],
+                     ["server", "--ca", str(c.certs), "--san", "127.0.0.1",
+                      "--san", "localhost"],
+                     *[["node", n, "--out", str(c.keys)]
+                       for n in (*SITES, "h4", "rogue")]):
+            assert c.fedtune("keys", *args).returncode == 0
+        c.start_server()
+        added = c.fedtune("deployment", "add", "test", "--control", c.control,
+                          "--ca-cert", str(c.certs / "ca.crt"))
+        assert added.returncode == 0, added.stderr
+        for n in (*SITES, "h4"):
+            reg = c.fedtune("keys", "register", str(c.keys / f"{n}.pub"),
+                            "--deployment", "test", "--label", n)
+            assert reg.returncode == 0 and "registered node" in reg.stdout, reg.stderr
+        for i, n in enumerate(SITES):
+            data = write_jsonl(c.root / f"{n}.jsonl", make_reviews(40, 10 + i))
+            c.start_node(n, data)
+        wait_for(lambda: c.online() == 3, timeout=90, what="3 nodes online")
+        yield c
+    finally:
+        c.stop_all()
+
+
+def _config(cluster: Cluster, review_files: tuple[Path, Path], tiny_bert: Path,
+            **federation: object) -> Path:
+    raw = tiny_config(tiny_bert, review_files[0], review_files[1],
+                      federation={"num_sites": 3, "min_train_nodes": 3,
+                                  **federation})
+    path = cluster.root / f"run-{time.monotonic_ns()}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_operator_runs_two_rounds_over_tls(cluster: Cluster, tiny_bert: Path,
+                                          review_files: tuple[Path, Path]) -> None:
+    # Prepare
+    cfg = _config(cluster, review_files, tiny_bert, num_rounds=2)
+    run_dir = cluster.root / "run-happy"
+    # Execute
+    proc = cluster.fedtune("run", str(cfg), "--deployment", "test", "--run-dir",
+                           str(run_dir), timeout=300)
+    # Assert
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "finished:completed" in proc.stdout and "round 2/2" in proc.stdout
+    rows = metrics(run_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        assert row["clients_replied"] == 3 and row["clients_failed"] == 0
+        eps = row["epsilon_by_node"]
+        assert len(eps) == 3 and all(0 < e <= 8.0 for e in eps.values())
+    assert (run_dir / "checkpoints" / "round-0002" / "adapter_model.safetensors"
+            ).is_file()
+    assert (run_dir / "final").resolve().name == "round-0002"
+    status = cluster.fedtune("status", "--deployment", "test")
+    assert "3 online of 4 registered" in status.stdout
+    assert "finished:completed" in status.stdout and "round 2/2" in status.stdout
+    # The daemons' logs hold no record of the private data.
+    text = make_reviews(40, 10)[0]["review"]
+    assert all(text not in cluster.log(n) for n in SITES)
+
+
+def test_unregistered_key_is_rejected(cluster: Cluster, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "rogue.jsonl", make_reviews(10, 99))
+    proc = cluster.start_node("rogue", data)
+    assert proc.wait(timeout=60) != 0
+    assert "Failed to activate SuperNode" in cluster.log("rogue")
+    assert len(cluster.nodes()) == 4  # the four registered keys, no fifth node
+    # It never received a task, hence never an app or a model.
+    assert not list((cluster.root / "rogue" / "state").rglob("pyproject.toml"))
+
+
+def test_wrong_ca_cannot_connect(cluster: Cluster, tmp_path: Path) -> None:
+    other = tmp_path / "other-ca"
+    assert cluster.fedtune("keys", "ca", "--out", str(other)).returncode == 0
+    data = write_jsonl(tmp_path / "h4.jsonl", make_reviews(10, 98))
+    cluster.start_node("h4", data, ca=other / "ca.crt")
+    try:
+        wait_for(lambda: "handshake" in cluster.log("h4").lower(), timeout=60,
+                 what="the TLS handshake to fail")
+        assert cluster.online() == 3
+    finally:
+        cluster.kill("h4")
+
+
+def test_missing_ca_and_insecure_are_refused(cluster: Cluster) -> None:
+    no_ca = cluster.fedtune("client", "--superlink", cluster.fleet, "--data",
+                            str(cluster.root / "h1.jsonl"), "--ledger-dir",
+                            str(cluster.root / "x"), "--key",
+                            str(cluster.keys / "h1.key"))
+    assert no_ca.returncode == 2
+    assert "--ca-cert and --key are required" in no_ca.stderr
+    no_tls = cluster.fedtune("server", "--fleet-address", "127.0.0.1:1",
+                             "--control-address", "127.0.0.1:2")
+    assert no_tls.returncode == 2 and "--insecure explicitly" in no_tls.stderr
+
+
+def test_daemons_reconnect_after_superlink_restart(
+        cluster: Cluster, tiny_bert: Path, review_files: tuple[Path, Path]) -> None:
+    tasks = {n: cluster.log(n).count("Receiving: train message") for n in SITES}
+    cluster.kill("server")
+    cluster.start_server()  # same --state-dir, so the same database
+    # The daemons were not touched: a run needing all three proves they are back.
+    cfg = _config(cluster, review_files, tiny_bert, num_rounds=1)
+    run_dir = cluster.root / "run-after-restart"
+    proc = cluster.fedtune("run", str(cfg), "--deployment", "test", "--run-dir",
+                           str(run_dir), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert metrics(run_dir)[-1]["clients_replied"] == 3
+    assert all(cluster.log(n).count("Receiving: train message") > tasks[n]
+               for n in SITES)
+
+
+def test_node_killed_mid_round(cluster: Cluster, tiny_bert: Path,
+                               review_files: tuple[Path, Path]) -> None:
+    # Prepare: 2 of 3 nodes suffice; a round waits at most 30 s for a reply.
+    cfg = _config(cluster, review_files, tiny_bert, num_rounds=2, min_train_nodes=2,
+                  round_timeout=30.0)
+    run_dir = cluster.root / "run-killed"
+    starts = cluster.log("h3").count("Start `flwr-clientapp` process")
+    # Execute: kill h3 while its ClientApp trains in round 1.
+    proc = cluster.fedtune("run", str(cfg), "--deployment", "test", "--run-dir",
+                           str(run_dir), "--detach")
+    assert proc.returncode == 0, proc.stderr
+    wait_for(lambda: cluster.log("h3").count("Start `flwr-clientapp` process")
+             > starts, timeout=120, what="h3 to start training")
+    cluster.kill("h3")
+    wait_for(lambda: len(metrics(run_dir)) == 3, timeout=300,
+             what="both rounds to finish")
+    # Assert
+    first, second = metrics(run_dir)[1:]
+    assert first["clients_replied"] == 2 and second["clients_replied"] >= 2
+    assert len(first["epsilon_by_node"]) == 2
+    assert (run_dir / "checkpoints" / "round-0002").is_dir()
