@@ -13,18 +13,19 @@ import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtune.client import privacy, trainer
+from fedtune.client import ledger, privacy, trainer
 from fedtune.common import data, records
 from fedtune.common.config import RunConfig, from_run_config
 from fedtune.common.data import EncodedDataset
 from fedtune.common.deployment import ensure_app_logging
-from fedtune.common.errors import DataError, FedtuneError
+from fedtune.common.errors import DataError, FedtuneError, PrivacyBudgetExhausted
 from fedtune.common.model import (
     adapter_state,
     build_model,
@@ -43,6 +44,8 @@ class SiteData:
     train: EncodedDataset
     val: EncodedDataset
     name: str
+    fingerprint: str = ""
+    records: int = 0
 
 
 @functools.lru_cache(maxsize=16)
@@ -67,7 +70,8 @@ def _site_data(cfg: RunConfig, source: str, part: int, num_parts: int) -> SiteDa
         return data.encode_for_task([recs[i] for i in idx], tok, task=cfg.model.task,
                                     cfg=cfg.data, source=source)
 
-    return SiteData(train=enc(tr), val=enc(va), name=name)
+    return SiteData(train=enc(tr), val=enc(va), name=name,
+                    fingerprint=ledger.fingerprint(recs), records=len(recs))
 
 
 def site_data(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteData:
@@ -79,6 +83,24 @@ def site_data(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteData:
                           int(node_config["num-partitions"]))
     raise DataError("this node has no data: start the SuperNode with "
                     "--node-config \"data-path='/path/to/site.jsonl'\"")
+
+
+def site_ledger(cfg: RunConfig, node_config: Mapping[str, Any], site: SiteData
+                ) -> tuple[ledger.PrivacyLedger, ledger.Budget] | None:
+    """The site's ledger and budget: the daemon's (deployment) or the simulation's."""
+    if "ledger-dir" in node_config:
+        directory = Path(str(node_config["ledger-dir"]))
+        eps = float(node_config.get("budget-epsilon", 0.0)) or math.inf
+        delta = float(node_config.get("budget-delta", cfg.privacy.target_delta))
+    elif cfg.privacy.ledger_dir:
+        directory = Path(cfg.privacy.ledger_dir)
+        eps = cfg.privacy.budget_epsilon or math.inf
+        delta = cfg.privacy.target_delta
+    else:
+        return None
+    return (ledger.PrivacyLedger(directory, site.fingerprint, records=site.records,
+                                 accountant=cfg.privacy.accountant),
+            ledger.Budget(epsilon=eps, delta=delta))
 
 
 def run_config(context: Context, defaults: Mapping[str, Any]) -> RunConfig:
@@ -151,9 +173,20 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
             state.noise_multiplier = privacy.plan_noise(
                 cfg.privacy, sample_rate_=q, steps_per_round_=steps,
                 num_rounds=cfg.federation.num_rounds)
+        book = site_ledger(cfg, context.node_config, site)
         if not cfg.privacy.enabled:
             logger.warning("DP is OFF on this site: the adapter update is not "
                            "differentially private (privacy.enabled=false)")
+            if book and math.isfinite(book[1].epsilon):
+                raise PrivacyBudgetExhausted(
+                    "DP is off for this run but the site has a privacy budget: a "
+                    "non-private update would spend an unbounded epsilon")
+        elif book:
+            q = privacy.sample_rate(batch_size=cfg.train.batch_size,
+                                    num_examples=len(site.train))
+            book[0].check((state.noise_multiplier, q, privacy.steps_per_round(
+                sample_rate_=q, epochs=cfg.train.local_epochs,
+                max_steps=cfg.train.max_steps)), book[1])
         res = trainer.train_local(
             model, site.train, site.val, task=cfg.model.task, train_cfg=cfg.train,
             privacy_cfg=cfg.privacy, noise_multiplier=state.noise_multiplier,
@@ -162,12 +195,21 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
             state.charge(sample_rate_=res.sample_rate, steps=res.steps)
             context.state[PRIVACY_STATE] = ConfigRecord(state.to_config())
         eps = state.epsilon(cfg.privacy) if cfg.privacy.enabled else math.inf
+        total = eps
+        if book and cfg.privacy.enabled and res.steps > 0:
+            # Charged before the reply exists: a crash after this over-counts, never
+            # under-counts; a retried message is not charged twice.
+            total = book[0].charge(
+                (state.noise_multiplier, res.sample_rate, res.steps), book[1],
+                run=str(context.run_id), round_=rnd, message=msg.metadata.message_id)
+        elif book and cfg.privacy.enabled:
+            total = book[0].spent(book[1].delta)
         metrics = {
             records.NUM_EXAMPLES: res.num_examples, records.TRAIN_LOSS: res.train_loss,
             records.TRAIN_SECONDS: res.seconds, records.DP_STEPS: res.steps,
         }
         if cfg.privacy.enabled:  # no epsilon key at all = not private
-            metrics.update({records.EPSILON: eps,
+            metrics.update({records.EPSILON: eps, records.EPSILON_TOTAL: total,
                             records.DELTA: cfg.privacy.target_delta,
                             records.NOISE_MULTIPLIER: state.noise_multiplier})
         # Every site sends the same metric keys (Flower aggregates only consistent

@@ -33,6 +33,8 @@ class ClientOptions:
     state_dir: Path = Path("fedtune-node")
     clientappio_address: str = "127.0.0.1:9094"
     insecure: bool = False
+    budget_epsilon: float = 0.0  # 0: spending is recorded but not limited
+    budget_delta: float = 1e-5
 
 
 def check_device(name: str) -> str:
@@ -98,9 +100,17 @@ def supernode_command(opts: ClientOptions) -> tuple[list[str], dict[str, str]]:
                                      what="--ledger-dir")
     device = check_device(opts.device)
     state = deployment.writable_dir(opts.state_dir.expanduser(), what="--state-dir")
+    if opts.budget_epsilon < 0 or not 0 < opts.budget_delta < 1:
+        raise DeploymentError("--budget-epsilon must be >= 0 (0: no limit) and "
+                              "--budget-delta in (0, 1)")
     node_config = " ".join([
         f"data-path={_quote(str(opts.data_path.expanduser().resolve()))}",
-        f"ledger-dir={_quote(str(ledger))}", f"device={_quote(device)}"])
+        f"ledger-dir={_quote(str(ledger))}", f"device={_quote(device)}",
+        f"budget-epsilon={float(opts.budget_epsilon)!r}",
+        f"budget-delta={float(opts.budget_delta)!r}"])
+    if opts.budget_epsilon == 0:
+        logger.warning("no privacy budget set (--budget-epsilon): this site's spending "
+                       "is recorded in %s but not limited", ledger)
     argv = [deployment.executable("flower-supernode"), "--superlink", opts.superlink,
             "--node-config", node_config, "--host", io_host, "--port", str(io_port)]
     extra: dict[str, str] = {}

@@ -41,8 +41,18 @@ def _accountant(name: str) -> RDPAccountant | PRVAccountant:
 
 def epsilon_spent(history: Iterable[Segment], *, delta: float,
                   accountant: str = "rdp") -> float:
-    """Epsilon of all segments composed (0.0 for no steps)."""
-    segments = [(float(s), float(q), int(n)) for s, q, n in history if n > 0]
+    """Epsilon of all segments composed (0.0 for no steps).
+
+    Segments with the same (noise, rate) are merged by adding their steps: RDP is
+    linear in the steps, so the result is exactly the same and a long ledger costs
+    one accountant term per distinct (noise, rate) instead of one per round.
+    """
+    merged: dict[tuple[float, float], int] = {}
+    for s, q, n in history:
+        if int(n) > 0:
+            key = (float(s), float(q))
+            merged[key] = merged.get(key, 0) + int(n)
+    segments = [(s, q, n) for (s, q), n in merged.items()]
     if not segments:
         return 0.0
     acc = _accountant(accountant)

@@ -75,7 +75,8 @@ def cmd_client(args: argparse.Namespace) -> int:
         ca_cert=Path(args.ca_cert) if args.ca_cert else None,
         node_key=Path(args.key) if args.key else None, device=args.device,
         state_dir=Path(args.state_dir), clientappio_address=args.clientappio_address,
-        insecure=args.insecure))
+        insecure=args.insecure, budget_epsilon=args.budget_epsilon,
+        budget_delta=args.budget_delta))
     return 0  # not reached: the process became the SuperNode
 
 
@@ -110,6 +111,21 @@ def cmd_deployment(args: argparse.Namespace) -> int:
     for name, entry in operator.deployments().items():
         tls = "INSECURE" if entry.get("insecure") else entry.get("root-certificates")
         print(f"{name}: {entry.get('address')} {tls}")
+    return 0
+
+
+def cmd_privacy(args: argparse.Namespace) -> int:
+    from fedtune.client.ledger import summarize
+
+    rows = summarize(Path(args.ledger_dir))
+    if not rows:
+        print(f"no ledger in {args.ledger_dir}")
+    for r in rows:
+        budget = "no limit" if r["budget"] is None else f"{r['budget']:g}"
+        left = "-" if r["remaining"] is None else f"{r['remaining']:.3f}"
+        print(f"dataset {r['dataset'][:12]}  {r['records']} records  {r['runs']} runs  "
+              f"{r['rounds']} rounds  epsilon {r['epsilon']:.3f} (delta "
+              f"{r['delta']:g})  budget {budget}  remaining {left}")
     return 0
 
 
@@ -161,6 +177,11 @@ def _deploy_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     c.add_argument("--ca-cert", help="the federation's CA certificate (ca.crt)")
     c.add_argument("--key", help="this node's private key (NAME.key, mode 0600)")
     c.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    c.add_argument("--budget-epsilon", type=float, default=0.0,
+                   help="this site's total epsilon per dataset, over all runs "
+                   "(0: record, do not limit)")
+    c.add_argument("--budget-delta", type=float, default=1e-5,
+                   help="delta of the budget (default %(default)s)")
     c.add_argument("--state-dir", default="fedtune-node",
                    help="Flower's app cache for this daemon (default %(default)s)")
     c.add_argument("--clientappio-address", default="127.0.0.1:9094",
@@ -187,6 +208,11 @@ def _deploy_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     da.add_argument("--insecure", action="store_true")
     dsub.add_parser("list", help="list named deployments")
     d.set_defaults(func=cmd_deployment)
+    pv = sub.add_parser("privacy", help="a site's privacy ledger")
+    pvsub = pv.add_subparsers(dest="action", required=True)
+    ps = pvsub.add_parser("show", help="runs, rounds, epsilon spent and remaining")
+    ps.add_argument("--ledger-dir", required=True)
+    pv.set_defaults(func=cmd_privacy)
     k = sub.add_parser("keys", help="CA, server certificate, node keys, registration")
     ksub = k.add_subparsers(dest="action", required=True)
     kc = ksub.add_parser("ca", help="create ca.crt + ca.key (0600)")

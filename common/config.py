@@ -144,6 +144,10 @@ class PrivacyConfig(_Section):
 
     With ``noise_multiplier == 0`` the noise is calibrated so that the planned rounds
     spend exactly ``target_epsilon`` at ``target_delta``.
+
+    ``ledger_dir`` and ``budget_epsilon`` are for simulations only: a deployed site
+    keeps its own ledger and budget (``fedtune client --ledger-dir --budget-epsilon``)
+    and ignores these two.
     """
 
     SECTION = "privacy"
@@ -154,10 +158,12 @@ class PrivacyConfig(_Section):
     max_grad_norm: float = 1.0
     accountant: Literal["rdp", "prv"] = "rdp"
     grad_sample_mode: Literal["hooks", "functorch", "ew"] = "hooks"
+    ledger_dir: str = ""
+    budget_epsilon: float = 0.0
 
     def _check(self) -> list[str]:
         out = _positive(self, "target_epsilon", "max_grad_norm")
-        out += _non_negative(self, "noise_multiplier")
+        out += _non_negative(self, "noise_multiplier", "budget_epsilon")
         if not 0.0 < self.target_delta < 1.0:
             out.append(f"target_delta: must be in (0, 1), got {self.target_delta!r}")
         return out

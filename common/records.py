@@ -19,6 +19,7 @@ CONFIG = "config"
 # MetricRecord keys a client sends (scalars only; never per-sample values).
 NUM_EXAMPLES = "num-examples"  # FedAvg weights by this
 TRAIN_LOSS = "train-loss"
+EPSILON_TOTAL = "epsilon-total"  # the site ledger's, over all runs
 EPSILON = "epsilon"
 DELTA = "delta"
 NOISE_MULTIPLIER = "noise-multiplier"

@@ -68,6 +68,12 @@ class RoundRecorder:
             stats = self.strategy.round_stats.get(server_round)
             if stats is None or stats.replied == 0:
                 failed = stats.failed if stats else 0
+                if stats and stats.nodes_declined and \
+                        len(stats.nodes_declined) == failed:
+                    raise FedtuneError(
+                        f"round {server_round}: every site declined ({failed}): their "
+                        "privacy budgets are exhausted for this data. The run stops; "
+                        "checkpoints of earlier rounds are kept.")
                 raise FedtuneError(
                     f"round {server_round}: no site returned an update ({failed} "
                     "failed); the sites' errors are logged above (look for 'Received "

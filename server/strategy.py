@@ -19,6 +19,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedtune.common import records
 
 logger = logging.getLogger(__name__)
+DECLINED = "PrivacyBudgetExhausted"  # in a site's error reply: it declined the round
 
 
 @dataclass
@@ -37,6 +38,8 @@ class RoundStats:
     epsilon_by_node: dict[str, float] = field(default_factory=dict)
     nodes_replied: list[str] = field(default_factory=list)
     nodes_failed: list[str] = field(default_factory=list)
+    nodes_declined: list[str] = field(default_factory=list)
+    epsilon_total_by_node: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> dict[str, object]:
         eps = self.epsilons
@@ -51,6 +54,10 @@ class RoundStats:
             "epsilon_by_node": dict(self.epsilon_by_node),
             "nodes_replied": list(self.nodes_replied),
             "nodes_failed": list(self.nodes_failed),
+            "clients_declined": len(self.nodes_declined),
+            "nodes_declined": list(self.nodes_declined),
+            "clients_missing": max(0, self.sampled - self.replied - self.failed),
+            "epsilon_total_by_node": dict(self.epsilon_total_by_node),
         }
 
 
@@ -60,7 +67,12 @@ def summarize_replies(replies: list[Message], stats: RoundStats) -> None:
         node = str(msg.metadata.src_node_id)
         if msg.has_error():
             stats.failed += 1
-            stats.nodes_failed.append(node)
+            if DECLINED in (msg.error.reason or ""):
+                stats.nodes_declined.append(node)
+                logger.warning("node %s declined the round: its privacy budget is "
+                               "exhausted", node)
+            else:
+                stats.nodes_failed.append(node)
             continue
         stats.replied += 1
         stats.nodes_replied.append(node)
@@ -74,6 +86,8 @@ def summarize_replies(replies: list[Message], stats: RoundStats) -> None:
             eps = float(m[records.EPSILON])  # type: ignore[arg-type]
             stats.epsilons.append(eps)
             stats.epsilon_by_node[node] = eps
+            stats.epsilon_total_by_node[node] = float(
+                m.get(records.EPSILON_TOTAL, eps))  # type: ignore[arg-type]
         else:
             stats.non_private += 1
         if records.TRAIN_SECONDS in m:

@@ -15,7 +15,7 @@ from tests.conftest import tiny_config
 
 DECLARED_METRICS = {records.NUM_EXAMPLES, records.TRAIN_LOSS, records.TRAIN_SECONDS,
                     records.DP_STEPS, records.EPSILON, records.DELTA,
-                    records.NOISE_MULTIPLIER}
+                    records.NOISE_MULTIPLIER, records.EPSILON_TOTAL}
 
 
 def _setup(tiny_bert: Path, review_files: tuple[Path, Path], **sections: dict

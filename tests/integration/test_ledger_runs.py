@@ -1,0 +1,55 @@
+"""The privacy ledger across two simulated runs, and a site whose budget is spent."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedtune.client.app import _site_data
+from fedtune.client.ledger import Budget, PrivacyLedger
+from fedtune.common import config
+from tests.conftest import tiny_config
+from tests.integration.test_simulation import _rounds, _simulate
+
+pytestmark = pytest.mark.integration
+
+
+def test_budget_exhausted_site_declines_and_spending_accumulates(
+        tmp_path: Path, tiny_bert: Path, review_files: tuple[Path, Path]) -> None:
+    # Prepare: site 0 already spent far past its budget on its data (an old run).
+    ledger_dir = tmp_path / "ledger"
+    raw = tiny_config(tiny_bert, *review_files,
+                      privacy={"target_epsilon": 2.0, "ledger_dir": str(ledger_dir),
+                               "budget_epsilon": 6.0},
+                      federation={"num_rounds": 2, "min_train_nodes": 2})
+    cfg = config.from_dict(raw)
+    site0 = _site_data(cfg, cfg.data.source, 0, 3)
+    PrivacyLedger(ledger_dir, site0.fingerprint).charge(
+        (0.6, 1.0, 40), Budget(), run="old", round_=1, message="old-1")
+    # Execute: two runs on the same ledger.
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, first_dir = _simulate(tmp_path / "a", raw)
+    second, second_dir = _simulate(tmp_path / "b", raw)
+    # Assert: site 0 declines every round, the others carry the rounds.
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert second.returncode == 0, second.stderr[-3000:]
+    one, two = _rounds(first_dir)[1:], _rounds(second_dir)[1:]
+    for row in one + two:
+        assert row["clients_declined"] == 1 and row["clients_replied"] == 2
+    assert "declined the round: its privacy budget is exhausted" in first.stderr
+    # Record-level epsilon per run stays at the target; the ledger's keeps growing.
+    run_eps = max(two[-1]["epsilon_by_node"].values())
+    assert run_eps == pytest.approx(2.0, abs=0.01)
+    total_one = max(one[-1]["epsilon_total_by_node"].values())
+    total_two = max(two[-1]["epsilon_total_by_node"].values())
+    assert total_one == pytest.approx(2.0, abs=0.01) and 2.0 < total_two <= 6.0
+    show = subprocess.run([sys.executable, "-m", "fedtune.common.cli", "privacy",
+                           "show", "--ledger-dir", str(ledger_dir)],
+                          capture_output=True, text=True, check=True).stdout
+    lines = show.splitlines()
+    assert len(lines) == 3 and sum("2 runs  4 rounds" in line for line in lines) == 2
+    assert "budget 6  remaining" in show
