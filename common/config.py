@@ -145,6 +145,10 @@ class PrivacyConfig(_Section):
     With ``noise_multiplier == 0`` the noise is calibrated so that the planned rounds
     spend exactly ``target_epsilon`` at ``target_delta``.
 
+    ``central_dp`` adds server-side clipping of each site's update to
+    ``central_clipping_norm`` and Gaussian noise (``central_noise_multiplier``) on
+    their uniform average: client-level DP on top of record-level DP-SGD.
+
     ``ledger_dir`` and ``budget_epsilon`` are for simulations only: a deployed site
     keeps its own ledger and budget (``fedtune client --ledger-dir --budget-epsilon``)
     and ignores these two.
@@ -160,9 +164,13 @@ class PrivacyConfig(_Section):
     grad_sample_mode: Literal["hooks", "functorch", "ew"] = "hooks"
     ledger_dir: str = ""
     budget_epsilon: float = 0.0
+    central_dp: bool = False
+    central_noise_multiplier: float = 1.0
+    central_clipping_norm: float = 1.0
 
     def _check(self) -> list[str]:
-        out = _positive(self, "target_epsilon", "max_grad_norm")
+        out = _positive(self, "target_epsilon", "max_grad_norm",
+                        "central_noise_multiplier", "central_clipping_norm")
         out += _non_negative(self, "noise_multiplier", "budget_epsilon")
         if not 0.0 < self.target_delta < 1.0:
             out.append(f"target_delta: must be in (0, 1), got {self.target_delta!r}")

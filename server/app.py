@@ -83,6 +83,9 @@ class RoundRecorder:
             row.update({"train_loss": train.get(records.TRAIN_LOSS),
                         **stats.summary(),
                         "round_seconds": round_seconds, "eval_seconds": eval_seconds})
+            central = getattr(self.strategy, "client_epsilon", {})
+            if server_round in central:
+                row["client_epsilon"] = central[server_round]
             fed = self.strategy.eval_metrics.get(server_round)
             if fed:
                 row["federated_eval"] = fed
@@ -160,7 +163,7 @@ def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
         evaluator = CentralEvaluator(cfg, model, resolve_device("auto"))
         fed = cfg.federation
         strategy = build_strategy(
-            fed.strategy, fraction_train=fed.fraction_train,
+            fed.strategy, privacy=cfg.privacy, fraction_train=fed.fraction_train,
             fraction_evaluate=fed.fraction_evaluate,
             min_train_nodes=fed.min_train_nodes,
             min_evaluate_nodes=min(fed.min_train_nodes, 2),

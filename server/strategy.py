@@ -17,6 +17,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedtune.common import records
+from fedtune.common.config import PrivacyConfig
 
 logger = logging.getLogger(__name__)
 DECLINED = "PrivacyBudgetExhausted"  # in a site's error reply: it declined the round
@@ -129,8 +130,15 @@ class FedTuneAvg(FedAvg):
         return metrics
 
 
-def build_strategy(name: str, **kwargs: object) -> FedTuneAvg:
-    """The strategy named in ``federation.strategy``."""
-    if name == "fedavg":
-        return FedTuneAvg(**kwargs)
-    raise ValueError(f"unknown strategy {name!r}")
+def build_strategy(name: str, *, privacy: PrivacyConfig | None = None,
+                   **kwargs: object) -> FedTuneAvg:
+    """The strategy named in ``federation.strategy``, with central DP if asked."""
+    if name != "fedavg":
+        raise ValueError(f"unknown strategy {name!r}")
+    if privacy is not None and privacy.central_dp:
+        from fedtune.server.central_dp import CentralDPAvg
+
+        return CentralDPAvg(noise_multiplier=privacy.central_noise_multiplier,
+                            clipping_norm=privacy.central_clipping_norm,
+                            delta=privacy.target_delta, **kwargs)
+    return FedTuneAvg(**kwargs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +54,16 @@ def test_budget_exhausted_site_declines_and_spending_accumulates(
     lines = show.splitlines()
     assert len(lines) == 3 and sum("2 runs  4 rounds" in line for line in lines) == 2
     assert "budget 6  remaining" in show
+
+
+def test_central_dp_reports_client_level_epsilon(
+        tmp_path: Path, tiny_bert: Path, review_files: tuple[Path, Path]) -> None:
+    raw = tiny_config(tiny_bert, *review_files,
+                      privacy={"central_dp": True, "central_noise_multiplier": 2.0,
+                               "central_clipping_norm": 0.5})
+    proc, run_dir = _simulate(tmp_path, raw)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = _rounds(run_dir)[1:]
+    assert 0 < one["client_epsilon"] < two["client_epsilon"] < math.inf
+    assert 0 < two["epsilon_max"] <= 8.0 + 1e-6  # record-level, reported beside it
+    assert "central DP: 3 updates clipped to 0.5" in proc.stderr
