@@ -5,17 +5,25 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedtune.client.app import SiteFailure, make_client_app
 from fedtune.common import config, records
-from fedtune.common.model import adapter_state, build_model, num_bytes
+from fedtune.common.model import (
+    adapter_state,
+    build_model,
+    load_tokenizer,
+    num_bytes,
+)
 from tests.conftest import tiny_config
 
 DECLARED_METRICS = {records.NUM_EXAMPLES, records.TRAIN_LOSS, records.TRAIN_SECONDS,
                     records.DP_STEPS, records.EPSILON, records.DELTA,
                     records.NOISE_MULTIPLIER, records.EPSILON_TOTAL}
+EVAL_METRICS = {records.NUM_EXAMPLES, records.EVAL_LOSS, records.ACCURACY,
+                records.MACRO_F1}
 
 
 def _setup(tiny_bert: Path, review_files: tuple[Path, Path], **sections: dict
@@ -126,3 +134,42 @@ def test_client_evaluate_reports_metrics(tiny_bert: Path,
     metrics = reply.content[records.METRICS]
     assert set(metrics) == {"eval-loss", "accuracy", "macro-f1", records.NUM_EXAMPLES}
     assert not reply.content.array_records
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_no_reply_carries_raw_text_tokens_labels_or_per_sample_values(
+        tmp_path: Path, tiny_bert: Path, review_files: tuple[Path, Path]) -> None:
+    # Prepare: a site whose every record holds a canary phrase.
+    site = tmp_path / "site.jsonl"
+    canary = "zebra canary phrase"
+    rows = [f'{{"review": "{canary} good {i}", "rating": "positive"}}'
+            for i in range(24)]
+    site.write_text("\n".join(rows) + "\n")
+    cfg, flat, msg = _setup(tiny_bert, review_files)
+    app = make_client_app(flat)
+    ctx = _context({"data-path": str(site)})
+    tok = load_tokenizer(str(tiny_bert), "")
+    ids = tok(f"{canary} good 1")["input_ids"]
+    evaluate = Message(msg.content, dst_node_id=7, message_type="evaluate")
+    # Execute: every message this site sends in a round (train, then evaluate)
+    replies = [app(msg, ctx), app(evaluate, ctx)]
+    # Assert
+    allowed_arrays = set(adapter_state(build_model(cfg.model, cfg.lora,
+                                                   num_labels=3)))
+    for reply in replies:
+        content = reply.content
+        assert not content.config_records
+        assert set(content.metric_records) == {records.METRICS}
+        metrics = content[records.METRICS]
+        assert set(metrics) <= DECLARED_METRICS | EVAL_METRICS
+        assert all(isinstance(v, int | float) for v in metrics.values())
+        for name, arr in content.array_records.get(records.ARRAYS, {}).items():
+            assert name in allowed_arrays
+            data = arr.numpy()
+            assert 24 not in data.shape and 22 not in data.shape  # no per-sample axis
+            raw = arr.data
+            assert canary.encode() not in raw
+            assert np.asarray(ids, dtype=np.int64).tobytes() not in raw
+            assert np.asarray(ids, dtype=np.int32).tobytes() not in raw
+        text = repr(content)
+        assert canary not in text and "positive" not in text
