@@ -18,7 +18,19 @@ from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import (
+    Code,
+    FitRes,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
 
 from fedtune.client import ledger, privacy, trainer
 from fedtune.common import data, records
@@ -117,7 +129,7 @@ def _setup(msg: Message, context: Context, defaults: Mapping[str, Any]
     site = site_data(cfg, context.node_config)
     model = build_model(cfg.model, cfg.lora, num_labels=len(cfg.data.labels),
                         seed=cfg.train.seed)
-    set_adapter_state(model, records.from_record(msg.content[records.ARRAYS]))
+    set_adapter_state(model, _incoming(msg, model))
     pad = load_tokenizer(cfg.model.name_or_path, cfg.model.gguf_file).pad_token_id
     return cfg, site, model.to(device), device, int(pad)
 
@@ -150,17 +162,57 @@ def _private_errors(handler: Handler) -> Handler:
     return guarded
 
 
+def _is_secagg(msg: Message) -> bool:
+    """A SecAgg+ round: Flower's legacy FitIns format instead of fedtune's."""
+    return records.ARRAYS not in msg.content.array_records
+
+
+def _incoming(msg: Message, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The global adapter a train/evaluate message carries, in either format."""
+    if not _is_secagg(msg):
+        return records.from_record(msg.content[records.ARRAYS])  # type: ignore
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    names = sorted(adapter_state(model))
+    return {n: torch.from_numpy(a.copy()) for n, a in
+            zip(names, parameters_to_ndarrays(fitins.parameters), strict=True)}
+
+
+def _reply(msg: Message, state: dict[str, torch.Tensor], metrics: dict[str, Any]
+           ) -> Message:
+    """fedtune's ArrayRecord reply, or a legacy FitRes for ``secaggplus_mod`` (which
+    masks the arrays and sends only the masked vector)."""
+    if not _is_secagg(msg):
+        return Message(RecordDict({records.ARRAYS: records.to_record(state),
+                                   records.METRICS: MetricRecord(metrics)}),
+                       reply_to=msg)
+    params = ndarrays_to_parameters([state[k].detach().cpu().numpy()
+                                     for k in sorted(state)])
+    fitres = FitRes(status=Status(Code.OK, ""), parameters=params,
+                    num_examples=int(metrics[records.NUM_EXAMPLES]), metrics=metrics)
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
+
+
+def _secagg_when_asked(msg: Message, context: Context,
+                       call_next: ClientAppCallable) -> Message:
+    """Route SecAgg+ rounds through Flower's ``secaggplus_mod``; others pass."""
+    if msg.metadata.message_type == MessageType.TRAIN and \
+            RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
 def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
     """A ClientApp; ``defaults`` is a flat run_config used under Flower's (simulation
     runs started from Python carry an empty one)."""
     defaults = dict(defaults or {})
-    app = ClientApp()
+    app = ClientApp(mods=[_secagg_when_asked])
 
     @app.train()
     @_private_errors
     def train(msg: Message, context: Context) -> Message:
         cfg, site, model, device, pad = _setup(msg, context, defaults)
-        rnd = int(msg.content[records.CONFIG][records.SERVER_ROUND])  # type: ignore[arg-type]
+        rnd = (int(msg.metadata.group_id) if _is_secagg(msg) else
+               int(msg.content[records.CONFIG][records.SERVER_ROUND]))  # type: ignore
         state = privacy.PrivacyState.from_config(
             dict(context.state[PRIVACY_STATE]) if PRIVACY_STATE in context.state
             else None)
@@ -217,9 +269,7 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         logger.info("round %d: %s trained %d steps on %d examples, loss %.4f, "
                     "val loss %.4f, epsilon %.3f", rnd, site.name, res.steps,
                     res.num_examples, res.train_loss, res.val_loss, eps)
-        content = RecordDict({records.ARRAYS: records.to_record(adapter_state(model)),
-                              records.METRICS: MetricRecord(metrics)})
-        return Message(content, reply_to=msg)
+        return _reply(msg, adapter_state(model), metrics)
 
     @app.evaluate()
     @_private_errors

@@ -129,6 +129,25 @@ def cmd_privacy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from fedtune.server.audit import run_audit
+
+    cfg, name = _load(args.items)
+    out = Path(args.out or f"audits/{name}-{'dp' if cfg.privacy.enabled else 'nodp'}")
+    r = run_audit(cfg, out_dir=out, canaries=args.canaries)
+    eps = r["accountant_epsilon"]
+    print(f"membership inference on the final adapter ({out / 'audit.json'}):")
+    print(f"  accountant epsilon     {'inf (DP off)' if eps is None else f'{eps:.3f}'}"
+          f" at delta {r['delta']:g}")
+    print(f"  canaries   AUC {r['auc_canaries']:.3f}  empirical epsilon >= "
+          f"{r['empirical_epsilon_canaries']:.3f}  ({r['canaries_in']} in / "
+          f"{r['canaries_out']} out)")
+    print(f"  records    AUC {r['auc_records']:.3f}  empirical epsilon >= "
+          f"{r['empirical_epsilon_records']:.3f}  ({r['members']} members / "
+          f"{r['nonmembers']} held out)")
+    return 0
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     from fedtune.common import keys
 
@@ -208,6 +227,12 @@ def _deploy_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     da.add_argument("--insecure", action="store_true")
     dsub.add_parser("list", help="list named deployments")
     d.set_defaults(func=cmd_deployment)
+    au = sub.add_parser("audit", help="membership-inference audit of a trained run")
+    au.add_argument("items", nargs="*", help="[CONFIG.yaml] [section.key=value ...]")
+    au.add_argument("--canaries", type=int, default=100,
+                    help="canaries planted (and as many held out)")
+    au.add_argument("--out", help="output directory (default audits/NAME-dp|nodp)")
+    au.set_defaults(func=cmd_audit)
     pv = sub.add_parser("privacy", help="a site's privacy ledger")
     pvsub = pv.add_subparsers(dest="action", required=True)
     ps = pvsub.add_parser("show", help="runs, rounds, epsilon spent and remaining")

@@ -242,7 +242,13 @@ class DataConfig(_Section):
 
 @dataclass(frozen=True)
 class FederationConfig(_Section):
-    """Rounds, sampling and the simulated federation."""
+    """Rounds, sampling and the simulated federation.
+
+    ``secure_aggregation`` runs Flower's SecAgg+: the server sees only the sum of
+    the sites' updates; a round survives sites dropping out after key sharing while
+    ``secagg_threshold`` remain. Updates are quantized within
+    ``+-secagg_clipping_range``.
+    """
 
     SECTION = "federation"
     num_sites: int = 8
@@ -255,10 +261,17 @@ class FederationConfig(_Section):
     client_cpus: float = 1.0
     client_gpus: float = 0.0
     round_timeout: float = 3600.0
+    secure_aggregation: bool = False
+    secagg_threshold: int = 2
+    secagg_clipping_range: float = 8.0
 
     def _check(self) -> list[str]:
         out = _positive(self, "num_sites", "num_rounds", "min_train_nodes",
-                        "client_cpus", "round_timeout")
+                        "client_cpus", "round_timeout", "secagg_clipping_range")
+        if self.secure_aggregation and not 2 <= self.secagg_threshold <= max(
+                2, self.min_train_nodes):
+            out.append(f"secagg_threshold: must be in [2, min_train_nodes="
+                       f"{self.min_train_nodes}], got {self.secagg_threshold!r}")
         out += _non_negative(self, "client_gpus")
         for name in ("fraction_train", "fraction_evaluate"):
             if not 0.0 <= getattr(self, name) <= 1.0:

@@ -42,3 +42,53 @@ def macro_f1(y_true: Sequence[int], y_pred: Sequence[int], *,
 def perplexity(mean_loss: float) -> float:
     """exp(mean token loss), capped to avoid overflow."""
     return math.exp(min(mean_loss, 50.0))
+
+
+# --- membership inference (pure) ------------------------------------------------
+
+def membership_auc(members: Sequence[float], nonmembers: Sequence[float]) -> float:
+    """ROC AUC of "higher score = member" (Mann-Whitney U; ties count one half)."""
+    if not members or not nonmembers:
+        return math.nan
+    ranked = sorted([(s, 1) for s in members] + [(s, 0) for s in nonmembers])
+    rank_sum, i = 0.0, 0
+    while i < len(ranked):
+        j = i
+        while j < len(ranked) and ranked[j][0] == ranked[i][0]:
+            j += 1
+        mid = (i + j + 1) / 2  # average 1-based rank of the tie block
+        rank_sum += mid * sum(flag for _, flag in ranked[i:j])
+        i = j
+    n1, n0 = len(members), len(nonmembers)
+    return (rank_sum - n1 * (n1 + 1) / 2) / (n1 * n0)
+
+
+def _upper(k: int, n: int, alpha: float) -> float:
+    """One-sided Clopper-Pearson upper bound of a rate with ``k`` of ``n``."""
+    from scipy.stats import beta
+
+    return 1.0 if k >= n else float(beta.ppf(1 - alpha, k + 1, n - k))
+
+
+def empirical_epsilon(members: Sequence[float], nonmembers: Sequence[float], *,
+                      delta: float = 0.0, confidence: float = 0.95) -> float:
+    """Lower bound on epsilon that a threshold attack proves (Jagielski et al. 2020).
+
+    For every threshold, the false-positive and false-negative rates get one-sided
+    Clopper-Pearson upper bounds (Bonferroni over the two); a (eps, delta)-DP
+    mechanism must satisfy FPR + e^eps FNR >= 1 - delta and the symmetric one.
+    Returns the largest eps any threshold forces (0.0 when none does).
+    """
+    if not members or not nonmembers:
+        return 0.0
+    alpha = (1 - confidence) / 2
+    best = 0.0
+    for t in sorted(set(members) | set(nonmembers)):
+        fp = sum(s >= t for s in nonmembers)
+        fn = sum(s < t for s in members)
+        fpr = _upper(fp, len(nonmembers), alpha)
+        fnr = _upper(fn, len(members), alpha)
+        for num, den in ((1 - delta - fpr, fnr), (1 - delta - fnr, fpr)):
+            if num > 0 and den > 0:
+                best = max(best, math.log(num / den))
+    return best

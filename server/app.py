@@ -171,6 +171,17 @@ def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
         recorder = RoundRecorder(cfg=cfg, run_dir=run_dir, strategy=strategy,
                                  evaluator=evaluator, model=model)
         logger.info("run directory: %s", run_dir)
+        if fed.secure_aggregation:
+            from fedtune.server.secagg import run_secagg
+
+            if cfg.privacy.central_dp:
+                raise FedtuneError("privacy.central_dp and federation.secure_"
+                                   "aggregation cannot be combined yet: central DP "
+                                   "clips each update, which SecAgg+ hides")
+            run_secagg(grid, context, cfg=cfg, initial=adapter_state(model),
+                       recorder=recorder)
+            recorder.bar.close()
+            return
         strategy.start(grid=grid, initial_arrays=initial, num_rounds=fed.num_rounds,
                        timeout=fed.round_timeout, train_config=ConfigRecord(),
                        evaluate_config=ConfigRecord(), evaluate_fn=recorder)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fedtune.client.app import _site_data
 from fedtune.client.ledger import Budget, PrivacyLedger
@@ -67,3 +69,31 @@ def test_central_dp_reports_client_level_epsilon(
     assert 0 < one["client_epsilon"] < two["client_epsilon"] < math.inf
     assert 0 < two["epsilon_max"] <= 8.0 + 1e-6  # record-level, reported beside it
     assert "central DP: 3 updates clipped to 0.5" in proc.stderr
+
+
+def test_audit_detects_memorisation_without_dp(
+        tmp_path: Path, tiny_bert: Path, review_files: tuple[Path, Path]) -> None:
+    # Prepare: no DP, many local epochs on 20 records (+ 30 canaries): the tiny
+    # model memorises.
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(review_files[0].read_text().splitlines(True)[:20]))
+    raw = tiny_config(tiny_bert, small, review_files[1],
+                      privacy={"enabled": False},
+                      train={"local_epochs": 40, "learning_rate": 5e-2},
+                      lora={"r": 16, "alpha": 32},
+                      federation={"num_sites": 2, "min_train_nodes": 2,
+                                  "num_rounds": 2})
+    cfg_path = tmp_path / "audit.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    # Execute
+    proc = subprocess.run([sys.executable, "-m", "fedtune.common.cli", "audit",
+                           str(cfg_path), "--canaries", "30", "--out",
+                           str(tmp_path / "audit")],
+                          capture_output=True, text=True, timeout=600, check=False)
+    # Assert
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert result["auc_canaries"] > 0.7 and result["auc_records"] > 0.55
+    assert result["empirical_epsilon_canaries"] > 0
+    assert result["accountant_epsilon"] is None  # no DP: no finite promise
+    assert "canaries   AUC" in proc.stdout

@@ -1,0 +1,136 @@
+"""Secure aggregation (SecAgg+): the server learns only the sum of the updates.
+
+In flwr 1.39 SecAgg+ runs on Flower's legacy workflow: a ``LegacyContext`` around a
+legacy ``FedAvg``, driven by ``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow)``;
+sites answer through ``secaggplus_mod`` (see ``fedtune.client.app``). All the
+cryptography is Flower's. fedtune adds the same per-round record as the plain path:
+central evaluation, a checkpoint and a ``metrics.jsonl`` line, with the sites'
+scalar metrics (which SecAgg+ does not hide) and no per-site tensors (which it does).
+
+Threat model, in plain words: the server and the network see each site's update
+only masked; masks cancel in the sum. A site that drops out after sharing its keys
+is tolerated as long as at least ``reconstruction_threshold`` sites remain (their
+shares rebuild its mask). The protection holds against an honest-but-curious
+server and fewer than ``threshold`` colluding sites; it does not stop a site from
+sending a poisoned update, and the aggregate itself is visible (use DP for that).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, Context
+from flwr.common import (
+    FitRes,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAvg as LegacyFedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.serverapp import Grid
+
+from fedtune.common import records
+from fedtune.common.config import RunConfig
+from fedtune.server.strategy import RoundStats
+
+logger = logging.getLogger(__name__)
+
+
+def to_ndarrays(state: dict[str, Any]) -> list[np.ndarray]:
+    """Adapter state -> arrays in name order (both sides build the same model)."""
+    return [state[k].detach().cpu().numpy() for k in sorted(state)]
+
+
+def from_ndarrays(names: list[str], arrays: list[np.ndarray]) -> ArrayRecord:
+    return records.to_record({n: _tensor(a) for n, a in
+                              zip(sorted(names), arrays, strict=True)})
+
+
+def _tensor(a: np.ndarray) -> Any:
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
+
+class SecAggFedAvg(LegacyFedAvg):
+    """Legacy FedAvg that keeps fedtune's :class:`RoundStats` from fit results."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.round_stats: dict[int, RoundStats] = {}
+        self.train_metrics: dict[int, dict[str, float]] = {}
+        self.eval_metrics: dict[int, dict[str, float]] = {}
+
+    def aggregate_fit(self, server_round: int,
+                      results: list[tuple[ClientProxy, FitRes]],
+                      failures: list[Any]) -> tuple[Parameters | None,
+                                                    dict[str, Scalar]]:
+        stats = self.round_stats.setdefault(server_round, RoundStats())
+        stats.sampled = len(results) + len(failures)
+        stats.replied, stats.failed = len(results), len(failures)
+        losses, weights = [], []
+        for proxy, res in results:
+            node = str(proxy.node_id)
+            stats.nodes_replied.append(node)
+            eps = res.metrics.get(records.EPSILON)
+            if eps is not None:
+                stats.epsilons.append(float(eps))
+                stats.epsilon_by_node[node] = float(eps)
+                stats.epsilon_total_by_node[node] = float(
+                    res.metrics.get(records.EPSILON_TOTAL, eps))
+            else:
+                stats.non_private += 1
+            losses.append(float(res.metrics.get(records.TRAIN_LOSS, math.nan)))
+            weights.append(res.num_examples)
+            stats.train_seconds.append(float(res.metrics.get(records.TRAIN_SECONDS,
+                                                             0.0)))
+        if weights and sum(weights):
+            self.train_metrics[server_round] = {records.TRAIN_LOSS: float(
+                np.average(losses, weights=weights))}
+        # Every result carries the same unmasked aggregate (Flower's workflow puts
+        # it there); FedAvg over identical arrays returns it unchanged.
+        return super().aggregate_fit(server_round, results, failures)
+
+
+def run_secagg(grid: Grid, context: Context, *, cfg: RunConfig,
+               initial: dict[str, Any], recorder: Any) -> None:
+    """Run ``cfg.federation.num_rounds`` SecAgg+ rounds; ``recorder`` is the
+    :class:`~fedtune.server.app.RoundRecorder` (``evaluate_fn`` of the plain path)."""
+    names = sorted(initial)
+    fed = cfg.federation
+
+    def evaluate(server_round: int, arrays: list[np.ndarray], _: dict[str, Any]
+                 ) -> tuple[float, dict[str, Scalar]] | None:
+        metric = recorder(server_round, from_ndarrays(names, arrays))
+        row = dict(metric or {})
+        return float(row.get("loss", math.nan)), row
+
+    strategy = SecAggFedAvg(
+        fraction_fit=fed.fraction_train, fraction_evaluate=0.0,
+        min_fit_clients=fed.min_train_nodes, min_available_clients=fed.min_train_nodes,
+        initial_parameters=ndarrays_to_parameters(to_ndarrays(initial)),
+        evaluate_fn=evaluate, accept_failures=True)
+    recorder.strategy = strategy
+    legacy = LegacyContext(context=context, config=ServerConfig(
+        num_rounds=fed.num_rounds, round_timeout=fed.round_timeout), strategy=strategy)
+    shares = max(3, fed.min_train_nodes)
+    workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
+        num_shares=shares, reconstruction_threshold=fed.secagg_threshold,
+        clipping_range=fed.secagg_clipping_range, timeout=fed.round_timeout))
+    t0 = time.perf_counter()
+    logger.info("secure aggregation (SecAgg+): %d shares, reconstruction threshold "
+                "%d, clipping range %g", shares, fed.secagg_threshold,
+                fed.secagg_clipping_range)
+    workflow(grid, legacy)
+    logger.info("SecAgg+ run finished in %.1f s", time.perf_counter() - t0)
+
+
+__all__ = ["run_secagg", "to_ndarrays", "from_ndarrays", "parameters_to_ndarrays"]
