@@ -32,8 +32,8 @@ def run(rounds: int, secure: bool, work: Path) -> dict:
                     "federation.secagg_threshold=6", "--run-dir", str(run_dir)],
                    check=True, capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().split()
-            if x.strip()]
+    rows = [json.loads(x) for x in
+            (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     rows = [r for r in rows if r["round"] > 0]
     return {"secure_aggregation": secure, "wall_s": wall,
             "round_s": [r["round_seconds"] for r in rows],

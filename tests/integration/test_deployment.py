@@ -7,6 +7,7 @@ last one kills a hospital for good.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,6 +82,11 @@ def test_operator_runs_two_rounds_over_tls(cluster: Cluster, tiny_bert: Path,
     status = cluster.fedtune("status", "--deployment", "test")
     assert "3 online of 4 registered" in status.stdout
     assert "finished:completed" in status.stdout and "round 2/2" in status.stdout
+    # Each hospital's ledger (its --ledger-dir) holds this run's two releases.
+    for n in SITES:
+        (ledger,) = (cluster.root / n / "ledger").glob("*.json")
+        assert len(json.loads(ledger.read_text())["entries"]) == 2
+    assert rows[-1]["epsilon_total_by_node"] == rows[-1]["epsilon_by_node"]
     # The daemons' logs hold no record of the private data.
     text = make_reviews(40, 10)[0]["review"]
     assert all(text not in cluster.log(n) for n in SITES)
