@@ -24,6 +24,7 @@ import torch
 from fedtune.client import trainer
 from fedtune.common import data, metrics
 from fedtune.common.config import RunConfig, from_dict, to_dict
+from fedtune.common.errors import ConfigError
 from fedtune.common.model import load_adapter, load_tokenizer
 from fedtune.server import checkpoint
 
@@ -71,6 +72,12 @@ def run_audit(cfg: RunConfig, *, out_dir: Path, canaries: int = 100,
     """Plant canaries, train, attack; write ``audit.json`` in ``out_dir``."""
     from fedtune.server.simulation import simulate
 
+    if not cfg.data.test_source:
+        raise ConfigError("data.test_source: the audit needs held-out records (the "
+                          "non-members); set it to a file the sites never train on")
+    if cfg.model.task != "classification":
+        raise ConfigError("model.task: the audit's canaries are classification "
+                          "records; causal-lm audits are not supported yet")
     req = data.required_columns(cfg.model.task, cfg.data)
     train = data.read_records(cfg.data.source, required=req)
     test = data.read_records(cfg.data.test_source, required=req)
