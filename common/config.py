@@ -244,6 +244,9 @@ class DataConfig(_Section):
 class FederationConfig(_Section):
     """Rounds, sampling and the simulated federation.
 
+    ``max_update_norm`` (0: no bound) rejects a site's update that moves the
+    adapter by more than this L2 norm; malformed updates are always rejected.
+
     ``secure_aggregation`` runs Flower's SecAgg+: the server sees only the sum of
     the sites' updates; a round survives sites dropping out after key sharing while
     ``secagg_threshold`` remain. Updates are quantized within
@@ -261,6 +264,7 @@ class FederationConfig(_Section):
     client_cpus: float = 1.0
     client_gpus: float = 0.0
     round_timeout: float = 3600.0
+    max_update_norm: float = 0.0
     secure_aggregation: bool = False
     secagg_threshold: int = 2
     secagg_clipping_range: float = 8.0
@@ -272,7 +276,7 @@ class FederationConfig(_Section):
                 2, self.min_train_nodes):
             out.append(f"secagg_threshold: must be in [2, min_train_nodes="
                        f"{self.min_train_nodes}], got {self.secagg_threshold!r}")
-        out += _non_negative(self, "client_gpus")
+        out += _non_negative(self, "client_gpus", "max_update_norm")
         for name in ("fraction_train", "fraction_evaluate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 out.append(f"{name}: must be in [0, 1], got {getattr(self, name)!r}")

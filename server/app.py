@@ -163,7 +163,8 @@ def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
         evaluator = CentralEvaluator(cfg, model, resolve_device("auto"))
         fed = cfg.federation
         strategy = build_strategy(
-            fed.strategy, privacy=cfg.privacy, fraction_train=fed.fraction_train,
+            fed.strategy, privacy=cfg.privacy, max_update_norm=fed.max_update_norm,
+            fraction_train=fed.fraction_train,
             fraction_evaluate=fed.fraction_evaluate,
             min_train_nodes=fed.min_train_nodes,
             min_evaluate_nodes=min(fed.min_train_nodes, 2),

@@ -31,7 +31,7 @@ from flwr.supercore.differential_privacy import (
 
 from fedtune.client.privacy import epsilon_spent
 from fedtune.common import records
-from fedtune.server.strategy import FedTuneAvg
+from fedtune.server.strategy import FedTuneAvg, RoundStats
 
 logger = logging.getLogger(__name__)
 UNIT_WEIGHT = "central-dp-unit-weight"  # set on the server: uniform averaging
@@ -76,7 +76,8 @@ class CentralDPAvg(FedTuneAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+        replies = self._valid(list(replies), self.round_stats.setdefault(
+            server_round, RoundStats()))  # before clipping: shapes must match
         good = [m for m in replies if not m.has_error()]
         for reply in good:
             self._clip(reply)

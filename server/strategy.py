@@ -12,12 +12,14 @@ import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedtune.common import records
 from fedtune.common.config import PrivacyConfig
+from fedtune.server import validation
 
 logger = logging.getLogger(__name__)
 DECLINED = "PrivacyBudgetExhausted"  # in a site's error reply: it declined the round
@@ -40,6 +42,7 @@ class RoundStats:
     nodes_replied: list[str] = field(default_factory=list)
     nodes_failed: list[str] = field(default_factory=list)
     nodes_declined: list[str] = field(default_factory=list)
+    nodes_rejected: dict[str, str] = field(default_factory=dict)
     epsilon_total_by_node: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> dict[str, object]:
@@ -59,6 +62,8 @@ class RoundStats:
             "nodes_declined": list(self.nodes_declined),
             "clients_missing": max(0, self.sampled - self.replied - self.failed),
             "epsilon_total_by_node": dict(self.epsilon_total_by_node),
+            "clients_rejected": len(self.nodes_rejected),
+            "nodes_rejected": dict(self.nodes_rejected),
         }
 
 
@@ -98,8 +103,10 @@ def summarize_replies(replies: list[Message], stats: RoundStats) -> None:
 class FedTuneAvg(FedAvg):
     """FedAvg over adapter tensors that records :class:`RoundStats` each round."""
 
-    def __init__(self, **kwargs: object) -> None:
+    def __init__(self, *, max_update_norm: float = 0.0, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.max_update_norm = max_update_norm
+        self._global: dict[str, np.ndarray] = {}
         self.round_stats: dict[int, RoundStats] = {}
         self.train_metrics: dict[int, dict[str, float]] = {}
         self.eval_metrics: dict[int, dict[str, float]] = {}
@@ -107,6 +114,7 @@ class FedTuneAvg(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord,
                         config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._global = {k: v.numpy() for k, v in arrays.items()}
         stats = self.round_stats.setdefault(server_round, RoundStats())
         stats.sampled = len(messages)
         stats.bytes_sent = len(messages) * records.wire_bytes(arrays)
@@ -115,12 +123,42 @@ class FedTuneAvg(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        summarize_replies(replies, self.round_stats.setdefault(server_round,
-                                                               RoundStats()))
+        stats = self.round_stats.setdefault(server_round, RoundStats())
+        replies = self._valid(replies, stats)
+        summarize_replies(replies, stats)
         arrays, metrics = super().aggregate_train(server_round, replies)
         if metrics is not None:
             self.train_metrics[server_round] = dict(metrics)  # type: ignore[arg-type]
         return arrays, metrics
+
+    def _valid(self, replies: list[Message], stats: RoundStats) -> list[Message]:
+        """Drop (and log, with the node id) replies that must not be averaged."""
+        ok = [m for m in replies if not m.has_error()]
+        keys = validation.usual_keys([frozenset(m.content.metric_records.get(
+            records.METRICS, MetricRecord())) for m in ok])
+        kept = [m for m in replies if m.has_error()]
+        for msg in ok:
+            reason = self._reason(msg, keys)
+            if reason is None:
+                kept.append(msg)
+            else:
+                node = str(msg.metadata.src_node_id)
+                stats.nodes_rejected[node] = reason
+                logger.warning("rejected the update of node %s: %s", node, reason)
+        return kept
+
+    def _reason(self, msg: Message, keys: frozenset[str]) -> str | None:
+        content = msg.content
+        if set(content.array_records) != {records.ARRAYS} or \
+                set(content.metric_records) != {records.METRICS}:
+            return (f"records {sorted(content.array_records)} + "
+                    f"{sorted(content.metric_records)}; expected one ArrayRecord "
+                    f"{records.ARRAYS!r} and one MetricRecord {records.METRICS!r}")
+        update = {k: v.numpy() for k, v in content[records.ARRAYS].items()}  # type: ignore
+        return (validation.check_metrics(dict(content[records.METRICS]), keys)  # type: ignore
+                or (validation.check_arrays(update, self._global,
+                                            max_norm=self.max_update_norm)
+                    if self._global else None))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
@@ -131,7 +169,7 @@ class FedTuneAvg(FedAvg):
 
 
 def build_strategy(name: str, *, privacy: PrivacyConfig | None = None,
-                   **kwargs: object) -> FedTuneAvg:
+                   max_update_norm: float = 0.0, **kwargs: object) -> FedTuneAvg:
     """The strategy named in ``federation.strategy``, with central DP if asked."""
     if name != "fedavg":
         raise ValueError(f"unknown strategy {name!r}")
@@ -140,5 +178,6 @@ def build_strategy(name: str, *, privacy: PrivacyConfig | None = None,
 
         return CentralDPAvg(noise_multiplier=privacy.central_noise_multiplier,
                             clipping_norm=privacy.central_clipping_norm,
-                            delta=privacy.target_delta, **kwargs)
-    return FedTuneAvg(**kwargs)
+                            delta=privacy.target_delta,
+                            max_update_norm=max_update_norm, **kwargs)
+    return FedTuneAvg(max_update_norm=max_update_norm, **kwargs)
