@@ -402,6 +402,9 @@ def dump_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+RUN_PATH = "fedtune.run-path"  # run_config key: exact run directory (set by the CLI)
+
+
 def to_run_config(cfg: RunConfig) -> dict[str, Scalar]:
     """Flatten to Flower's run_config: ``section.kebab-key`` -> scalar."""
     flat: dict[str, Scalar] = {}

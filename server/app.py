@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from fedtune.client.trainer import resolve_device
 from fedtune.common import records
-from fedtune.common.config import RunConfig, from_run_config
+from fedtune.common.config import RUN_PATH, RunConfig, from_run_config
 from fedtune.common.deployment import INSECURE_ENV, ensure_app_logging
 from fedtune.common.errors import FedtuneError
 from fedtune.common.model import (
@@ -31,7 +31,6 @@ from fedtune.server.evaluate import CentralEvaluator
 from fedtune.server.strategy import FedTuneAvg, build_strategy
 
 logger = logging.getLogger(__name__)
-RUN_PATH = "fedtune.run-path"  # run_config key: exact run directory (set by the CLI)
 
 
 def _clean(value: Any) -> Any:

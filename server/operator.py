@@ -20,11 +20,10 @@ from typing import Any
 import tomli_w
 
 from fedtune.common import deployment
-from fedtune.common.config import RunConfig, to_run_config
+from fedtune.common.config import RUN_PATH, RunConfig, to_run_config
 from fedtune.common.errors import DeploymentError
 
 logger = logging.getLogger(__name__)
-RUN_PATH = "fedtune.run-path"  # same key as fedtune.server.app.RUN_PATH
 _DUPLICATE = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:[A-Z]+:")
 _ROUND = re.compile(r"\[ROUND (\d+)/(\d+)\]")
 _RUN_DIR = re.compile(r"run directory: (\S+)")

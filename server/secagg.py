@@ -24,13 +24,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Context
-from flwr.common import (
-    FitRes,
-    Parameters,
-    Scalar,
-    ndarrays_to_parameters,
-    parameters_to_ndarrays,
-)
+from flwr.common import FitRes, Parameters, Scalar, ndarrays_to_parameters
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg as LegacyFedAvg
@@ -39,7 +33,7 @@ from flwr.serverapp import Grid
 
 from fedtune.common import records
 from fedtune.common.config import RunConfig
-from fedtune.server.strategy import RoundStats
+from fedtune.server.strategy import RoundStats, record_site_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -80,18 +74,9 @@ class SecAggFedAvg(LegacyFedAvg):
         for proxy, res in results:
             node = str(proxy.node_id)
             stats.nodes_replied.append(node)
-            eps = res.metrics.get(records.EPSILON)
-            if eps is not None:
-                stats.epsilons.append(float(eps))
-                stats.epsilon_by_node[node] = float(eps)
-                stats.epsilon_total_by_node[node] = float(
-                    res.metrics.get(records.EPSILON_TOTAL, eps))
-            else:
-                stats.non_private += 1
+            record_site_metrics(stats, node, res.metrics)
             losses.append(float(res.metrics.get(records.TRAIN_LOSS, math.nan)))
             weights.append(res.num_examples)
-            stats.train_seconds.append(float(res.metrics.get(records.TRAIN_SECONDS,
-                                                             0.0)))
         if weights and sum(weights):
             self.train_metrics[server_round] = {records.TRAIN_LOSS: float(
                 np.average(losses, weights=weights))}
@@ -132,5 +117,3 @@ def run_secagg(grid: Grid, context: Context, *, cfg: RunConfig,
     workflow(grid, legacy)
     logger.info("SecAgg+ run finished in %.1f s", time.perf_counter() - t0)
 
-
-__all__ = ["run_secagg", "to_ndarrays", "from_ndarrays", "parameters_to_ndarrays"]

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from fedtune.common import assets
-from fedtune.common.config import RunConfig, to_run_config
+from fedtune.common.config import RUN_PATH, RunConfig, to_run_config
 from fedtune.common.errors import FedtuneError
 from fedtune.common.model import load_pretrained, load_tokenizer
 from fedtune.server import checkpoint
@@ -34,7 +34,7 @@ def simulate(cfg: RunConfig, *, name: str = "sim", run_dir: Path | None = None
     from flwr.simulation import run_simulation
 
     from fedtune.client.app import make_client_app
-    from fedtune.server.app import RUN_PATH, make_server_app
+    from fedtune.server.app import make_server_app
 
     _prefetch(cfg)
     run_dir = run_dir or checkpoint.new_run_dir(cfg.federation.run_dir, name)

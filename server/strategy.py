@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import statistics
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -87,17 +88,21 @@ def summarize_replies(replies: list[Message], stats: RoundStats) -> None:
             stats.bytes_received += records.wire_bytes(arrays)
             stats.payload_bytes = max(stats.payload_bytes,
                                       records.payload_bytes(arrays))
-        m = msg.content.metric_records.get(records.METRICS, MetricRecord())
-        if records.EPSILON in m:
-            eps = float(m[records.EPSILON])  # type: ignore[arg-type]
-            stats.epsilons.append(eps)
-            stats.epsilon_by_node[node] = eps
-            stats.epsilon_total_by_node[node] = float(
-                m.get(records.EPSILON_TOTAL, eps))  # type: ignore[arg-type]
-        else:
-            stats.non_private += 1
-        if records.TRAIN_SECONDS in m:
-            stats.train_seconds.append(float(m[records.TRAIN_SECONDS]))  # type: ignore
+        record_site_metrics(stats, node, dict(
+            msg.content.metric_records.get(records.METRICS, MetricRecord())))
+
+
+def record_site_metrics(stats: RoundStats, node: str, m: Mapping[str, Any]) -> None:
+    """A replying site's epsilons and training time (no epsilon = not private)."""
+    if records.EPSILON in m:
+        eps = float(m[records.EPSILON])
+        stats.epsilons.append(eps)
+        stats.epsilon_by_node[node] = eps
+        stats.epsilon_total_by_node[node] = float(m.get(records.EPSILON_TOTAL, eps))
+    else:
+        stats.non_private += 1
+    if records.TRAIN_SECONDS in m:
+        stats.train_seconds.append(float(m[records.TRAIN_SECONDS]))
 
 
 class FedTuneAvg(FedAvg):
