@@ -216,14 +216,14 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         state = privacy.PrivacyState.from_config(
             dict(context.state[PRIVACY_STATE]) if PRIVACY_STATE in context.state
             else None)
+        q = privacy.sample_rate(batch_size=cfg.train.batch_size,
+                                num_examples=len(site.train))
+        planned = privacy.steps_per_round(sample_rate_=q,
+                                          epochs=cfg.train.local_epochs,
+                                          max_steps=cfg.train.max_steps)
         if cfg.privacy.enabled and state.noise_multiplier == 0.0:
-            q = privacy.sample_rate(batch_size=cfg.train.batch_size,
-                                    num_examples=len(site.train))
-            steps = privacy.steps_per_round(sample_rate_=q,
-                                            epochs=cfg.train.local_epochs,
-                                            max_steps=cfg.train.max_steps)
             state.noise_multiplier = privacy.plan_noise(
-                cfg.privacy, sample_rate_=q, steps_per_round_=steps,
+                cfg.privacy, sample_rate_=q, steps_per_round_=planned,
                 num_rounds=cfg.federation.num_rounds)
         book = site_ledger(cfg, context.node_config, site)
         if not cfg.privacy.enabled:
@@ -234,11 +234,7 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
                     "DP is off for this run but the site has a privacy budget: a "
                     "non-private update would spend an unbounded epsilon")
         elif book:
-            q = privacy.sample_rate(batch_size=cfg.train.batch_size,
-                                    num_examples=len(site.train))
-            book[0].check((state.noise_multiplier, q, privacy.steps_per_round(
-                sample_rate_=q, epochs=cfg.train.local_epochs,
-                max_steps=cfg.train.max_steps)), book[1])
+            book[0].check((state.noise_multiplier, q, planned), book[1])
         res = trainer.train_local(
             model, site.train, site.val, task=cfg.model.task, train_cfg=cfg.train,
             privacy_cfg=cfg.privacy, noise_multiplier=state.noise_multiplier,

@@ -116,9 +116,13 @@ class PrivacyLedger:
         return epsilon_spent(self.history(self.read()), delta=delta,
                              accountant=self.accountant)
 
-    def check(self, segment: Segment, budget: Budget) -> float:
-        """Epsilon after ``segment``; raises if that would exceed the budget."""
-        after = epsilon_spent([*self.history(self.read()), segment],
+    def check(self, segment: Segment, budget: Budget,
+              doc: Mapping[str, Any] | None = None) -> float:
+        """Epsilon after ``segment``; raises if that would exceed the budget.
+
+        ``doc``: the ledger already read (under the lock), else it is read here.
+        """
+        after = epsilon_spent([*self.history(doc or self.read()), segment],
                               delta=budget.delta, accountant=self.accountant)
         if after > budget.epsilon + 1e-9:
             raise PrivacyBudgetExhausted(
@@ -135,7 +139,7 @@ class PrivacyLedger:
             if any(e.get("message") == message for e in doc["entries"]):
                 return epsilon_spent(self.history(doc), delta=budget.delta,
                                      accountant=self.accountant)
-            after = self.check(segment, budget)  # re-checked under the lock
+            after = self.check(segment, budget, doc)  # re-checked under the lock
             doc["entries"].append({
                 "run": run, "round": round_, "message": message,
                 "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -144,17 +144,22 @@ def create_node_key(out_dir: Path, name: str) -> tuple[Path, Path]:
 
 
 def load_ca_cert(path: Path) -> x509.Certificate:
-    """Load a PEM CA certificate, or explain what is wrong with the file."""
+    """Load the federation's PEM CA certificate, or explain what is wrong."""
+    return load_cert(path, what="federation CA certificate",
+                     fix="ask the operator for the federation's ca.crt (created by "
+                     "`fedtune keys ca`)")
+
+
+def load_cert(path: Path, *, what: str, fix: str) -> x509.Certificate:
+    """Load a PEM certificate that should be ``what``, or say what is wrong."""
     try:
         cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
     except FileNotFoundError:
-        raise KeyMaterialError(
-            f"CA certificate {path} not found: ask the operator for the "
-            "federation's ca.crt (created by `fedtune keys ca`)") from None
+        raise KeyMaterialError(f"{what} {path} not found: {fix}") from None
     except (ValueError, OSError) as err:
         raise KeyMaterialError(
-            f"{path} is not a PEM certificate ({err}); it should be the "
-            "federation's ca.crt") from None
+            f"{path} is not a PEM certificate ({err}); it should be the {what}: "
+            f"{fix}") from None
     return cert
 
 

@@ -40,7 +40,8 @@ def _check_certs(certs: Path) -> tuple[Path, Path, Path]:
             f"{certs}` and `fedtune keys server --ca {certs} --out {certs} --san "
             "HOSTNAME`")
     keys.load_ca_cert(paths[0])
-    keys.load_ca_cert(paths[1])  # same PEM check for the server certificate
+    keys.load_cert(paths[1], what="server certificate",
+                   fix=f"sign one with `fedtune keys server --ca {certs}`")
     return paths
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from fedtune.common import keys
 from fedtune.common.cli import main
-from fedtune.common.errors import DeploymentError
+from fedtune.common.errors import DeploymentError, KeyMaterialError
 from fedtune.server.daemon import RUNS_DIR_ENV, ServerOptions, superlink_command
 
 
@@ -62,3 +62,11 @@ def test_missing_certificates_exit_2(tmp_path: Path, capsys: pytest.CaptureFixtu
                  str(tmp_path / "s")])
     assert code == 2
     assert "missing TLS file(s)" in capsys.readouterr().err
+
+
+def test_a_corrupt_server_certificate_is_named_as_such(certs: Path, tmp_path: Path
+                                                       ) -> None:
+    (certs / "server.crt").write_text("not a certificate")
+    with pytest.raises(KeyMaterialError, match="it should be the server certificate: "
+                       "sign one with `fedtune keys server"):
+        superlink_command(ServerOptions(certs=certs, state_dir=tmp_path / "s"))
