@@ -123,18 +123,38 @@ class ModelConfig(_Section):
 
 @dataclass(frozen=True)
 class LoraConfig(_Section):
-    """LoRA adapter shape. Empty ``target_modules`` means the architecture default."""
+    """LoRA adapter shape. Empty ``target_modules`` means the architecture default.
+
+    ``ffa`` (FFA-LoRA): every A is frozen at its shared seed-initialised value and
+    only B (+ head) is trained and sent, so averaging is exact and the bytes halve.
+    ``site_ranks`` (heterogeneous ranks, HetLoRA-style): simulated site ``p`` trains
+    rank ``site_ranks[p % len]``; ``r`` is the global (maximum) rank. In a deployment
+    sites choose their rank (``fedtune client --lora-rank``) and the run sets
+    ``heterogeneous_ranks: true`` (implied by ``site_ranks``) for the server to
+    accept lower-rank updates. Each site keeps the scaling ``alpha / r`` so its adapter
+    is exactly the first ranks of the global one.
+    """
 
     SECTION = "lora"
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ()
+    ffa: bool = False
+    site_ranks: tuple[int, ...] = ()
+    heterogeneous_ranks: bool = False
 
     def _check(self) -> list[str]:
         out = _positive(self, "r", "alpha")
         if not 0.0 <= self.dropout < 1.0:
             out.append(f"dropout: must be in [0, 1), got {self.dropout!r}")
+        bad = [r for r in self.site_ranks if not 1 <= r <= self.r]
+        if bad:
+            out.append(f"site_ranks: each must be in [1, r={self.r}] (r is the global "
+                       f"rank), got {bad}")
+        if self.ffa and (self.site_ranks or self.heterogeneous_ranks):
+            out.append("ffa and site_ranks cannot be combined: FFA-LoRA freezes A at "
+                       "one shared rank-r value; use one or the other")
         return out
 
 
@@ -148,6 +168,10 @@ class PrivacyConfig(_Section):
     ``central_dp`` adds server-side clipping of each site's update to
     ``central_clipping_norm`` and Gaussian noise (``central_noise_multiplier``) on
     their uniform average: client-level DP on top of record-level DP-SGD.
+
+    ``secure_noise`` draws the DP-SGD noise and the Poisson batches from the OS's
+    entropy. ``false`` seeds them from ``train.seed`` (reproducible experiments and
+    bit-for-bit resume tests only: anyone who knows the seed can subtract the noise).
 
     ``ledger_dir`` and ``budget_epsilon`` are for simulations only: a deployed site
     keeps its own ledger and budget (``fedtune client --ledger-dir --budget-epsilon``)
@@ -164,6 +188,7 @@ class PrivacyConfig(_Section):
     grad_sample_mode: Literal["hooks", "functorch", "ew"] = "hooks"
     ledger_dir: str = ""
     budget_epsilon: float = 0.0
+    secure_noise: bool = True
     central_dp: bool = False
     central_noise_multiplier: float = 1.0
     central_clipping_norm: float = 1.0
@@ -240,12 +265,29 @@ class DataConfig(_Section):
         return out
 
 
+Strategy = Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad",
+                   "median", "trimmed-mean", "krum", "multi-krum"]
+ROBUST = ("median", "trimmed-mean", "krum", "multi-krum")
+
+
 @dataclass(frozen=True)
 class FederationConfig(_Section):
     """Rounds, sampling and the simulated federation.
 
     ``max_update_norm`` (0: no bound) rejects a site's update that moves the
     adapter by more than this L2 norm; malformed updates are always rejected.
+
+    ``strategy``: ``fedavg``; ``fedprox`` (``proximal_mu``); the server optimizers
+    ``fedadam``, ``fedyogi``, ``fedadagrad`` (``server_learning_rate``,
+    ``server_beta_1/2``, ``server_tau``); the robust ``median``, ``trimmed-mean``
+    (``trim_fraction`` cut at each end), ``krum`` and ``multi-krum``
+    (``krum_malicious`` assumed attackers, ``krum_select`` updates averaged, 0: all
+    but the attackers).
+
+    ``compression`` sends each site's update as an fp16 or int8 (per-tensor scale)
+    delta from the global adapter. A round needs ``min_replies`` accepted updates
+    within ``round_timeout`` seconds; otherwise it is retried ``round_retries``
+    times, then the run stops (earlier rounds stay checkpointed and resumable).
 
     ``secure_aggregation`` runs Flower's SecAgg+: the server sees only the sum of
     the sites' updates; a round survives sites dropping out after key sharing while
@@ -259,7 +301,18 @@ class FederationConfig(_Section):
     fraction_train: float = 1.0
     fraction_evaluate: float = 0.0
     min_train_nodes: int = 2
-    strategy: Literal["fedavg"] = "fedavg"
+    strategy: Strategy = "fedavg"
+    proximal_mu: float = 0.01
+    server_learning_rate: float = 0.01
+    server_beta_1: float = 0.9
+    server_beta_2: float = 0.99
+    server_tau: float = 1e-3
+    trim_fraction: float = 0.2
+    krum_malicious: int = 1
+    krum_select: int = 0
+    compression: Literal["none", "fp16", "int8"] = "none"
+    min_replies: int = 1
+    round_retries: int = 1
     run_dir: str = "runs"
     client_cpus: float = 1.0
     client_gpus: float = 0.0
@@ -271,7 +324,24 @@ class FederationConfig(_Section):
 
     def _check(self) -> list[str]:
         out = _positive(self, "num_sites", "num_rounds", "min_train_nodes",
-                        "client_cpus", "round_timeout", "secagg_clipping_range")
+                        "client_cpus", "round_timeout", "secagg_clipping_range",
+                        "server_learning_rate", "server_tau", "min_replies")
+        out += _non_negative(self, "proximal_mu", "krum_malicious", "krum_select",
+                             "round_retries")
+        for name in ("server_beta_1", "server_beta_2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                out.append(f"{name}: must be in [0, 1), got {getattr(self, name)!r}")
+        if not 0.0 <= self.trim_fraction < 0.5:
+            out.append(f"trim_fraction: must be in [0, 0.5), got "
+                       f"{self.trim_fraction!r}")
+        if self.min_replies > self.min_train_nodes:
+            out.append(f"min_replies: {self.min_replies} exceeds min_train_nodes "
+                       f"{self.min_train_nodes}")
+        if self.secure_aggregation and (self.strategy != "fedavg"
+                                        or self.compression != "none"):
+            out.append("secure_aggregation: needs strategy fedavg and compression "
+                       "none (SecAgg+ masks the plain update and shows the server "
+                       "only the sum)")
         if self.secure_aggregation and not 2 <= self.secagg_threshold <= max(
                 2, self.min_train_nodes):
             out.append(f"secagg_threshold: must be in [2, min_train_nodes="
@@ -333,9 +403,24 @@ def from_dict(raw: Mapping[str, Any] | None) -> RunConfig:
             built[name] = cls(**{k: v for k, v in values.items() if k in known})
         except ConfigError as err:
             problems += err.problems
+    if not problems:
+        problems += _cross_checks(built)
     if problems:
         raise ConfigError(problems)
     return RunConfig(**built)
+
+
+def _cross_checks(sec: Mapping[str, Any]) -> list[str]:
+    """Settings of different sections that cannot go together."""
+    fed, lora, priv = sec["federation"], sec["lora"], sec["privacy"]
+    out = []
+    if priv.central_dp and fed.strategy != "fedavg":
+        out.append(f"privacy.central_dp: needs federation.strategy fedavg (central "
+                   f"DP clips and averages uniformly), got {fed.strategy!r}")
+    if fed.secure_aggregation and (lora.site_ranks or lora.heterogeneous_ranks):
+        out.append("lora.site_ranks: cannot be combined with federation.secure_"
+                   "aggregation (SecAgg+ needs one shape on every site)")
+    return out
 
 
 def to_dict(cfg: RunConfig) -> dict[str, dict[str, Any]]:
@@ -403,6 +488,7 @@ def dump_yaml(cfg: RunConfig) -> str:
 
 
 RUN_PATH = "fedtune.run-path"  # run_config key: exact run directory (set by the CLI)
+RESUME = "fedtune.resume"  # run_config key: continue RUN_PATH from its saved state
 
 
 def to_run_config(cfg: RunConfig) -> dict[str, Scalar]:

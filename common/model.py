@@ -160,14 +160,21 @@ def build_base(cfg: ModelConfig, *, num_labels: int, seed: int = 0) -> nn.Module
 
 
 def build_model(cfg: ModelConfig, lora: LoraConfig, *, num_labels: int = 0,
-                seed: int = 0) -> PeftModel:
-    """Base model wrapped with LoRA; only adapter (and head) params are trainable."""
+                seed: int = 0, rank: int = 0) -> PeftModel:
+    """Base model wrapped with LoRA; only adapter (and head) params are trainable.
+
+    ``rank`` (0: ``lora.r``) builds a lower-rank site's adapter with the global
+    scaling ``lora.alpha / lora.r``. With ``lora.ffa`` every ``lora_A`` is frozen at
+    its seeded initial value (identical on every site for one ``seed``).
+    """
     if cfg.task == "classification" and num_labels < 2:
         raise ModelError(f"classification needs >= 2 labels, got {num_labels}; set "
                          "data.labels")
     base: Any = build_base(cfg, num_labels=num_labels, seed=seed)
+    r = rank or lora.r
     peft_cfg = PeftLoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        r=r, lora_alpha=lora.alpha if r == lora.r else lora.alpha * r / lora.r,
+        lora_dropout=lora.dropout,
         target_modules=target_modules(base.config.model_type, lora),
         modules_to_save=[HEAD] if cfg.task == "classification" else None,
         task_type="CAUSAL_LM" if cfg.task == "causal-lm" else None,
@@ -180,7 +187,30 @@ def build_model(cfg: ModelConfig, lora: LoraConfig, *, num_labels: int = 0,
         except ValueError as err:
             raise ModelError(f"LoRA does not fit this model: {err}; check "
                              "lora.target_modules") from err
+    if lora.ffa:
+        for name, param in model.named_parameters():
+            if ".lora_A." in name:
+                param.requires_grad_(False)
     return model
+
+
+def exchanged_state(model: nn.Module, lora: LoraConfig) -> dict[str, torch.Tensor]:
+    """What crosses the wire: the adapter state, without the frozen A under FFA."""
+    state = adapter_state(model)
+    if lora.ffa:
+        state = {k: v for k, v in state.items() if ".lora_A." not in k}
+    return state
+
+
+def frozen_a_digest(model: nn.Module) -> float:
+    """48 bits of sha256 over every ``lora_A`` (exact as a float metric)."""
+    h = hashlib.sha256()
+    state = adapter_state(model)
+    for k in sorted(state):
+        if ".lora_A." in k:
+            h.update(k.encode())
+            h.update(state[k].numpy().tobytes())
+    return float(int(h.hexdigest()[:12], 16))
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:

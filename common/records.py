@@ -25,6 +25,7 @@ DELTA = "delta"
 NOISE_MULTIPLIER = "noise-multiplier"
 DP_STEPS = "dp-steps"
 TRAIN_SECONDS = "train-seconds"
+LORA_A_DIGEST = "lora-a-digest"  # FFA-LoRA: 48 bits of sha256 of the frozen A
 EVAL_LOSS = "eval-loss"
 ACCURACY = "accuracy"
 MACRO_F1 = "macro-f1"
@@ -32,6 +33,8 @@ PERPLEXITY = "perplexity"
 
 # ConfigRecord keys the server sends.
 SERVER_ROUND = "server-round"
+PROXIMAL_MU = "proximal-mu"  # FedProx (Flower's key)
+RESUMED_AT = "resumed-at"  # first round of a resumed run (0: not resumed)
 
 
 def to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:

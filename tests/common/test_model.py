@@ -91,3 +91,35 @@ def test_bad_model_inputs_are_clear(tmp_path: Path, tiny_bert: Path) -> None:
                       LoraConfig(target_modules=("no_such_layer",)), num_labels=2)
     with pytest.raises(ModelError, match="set lora.target_modules"):
         M.target_modules("mystery-arch", LoraConfig())
+
+
+def test_ffa_freezes_a_and_sends_only_b(tiny_bert: Path) -> None:
+    # Prepare / Execute: two independent builds with the same seed
+    cfg, lora = ModelConfig(name_or_path=str(tiny_bert)), LoraConfig(r=4, ffa=True)
+    one = M.build_model(cfg, lora, num_labels=3, seed=5)
+    two = M.build_model(cfg, lora, num_labels=3, seed=5)
+    # Assert: A frozen and identical (same digest), never exchanged
+    trainable = [n for n, p in one.named_parameters() if p.requires_grad]
+    assert trainable and not any(".lora_A." in n for n in trainable)
+    assert any(".lora_B." in n for n in trainable)
+    sent = M.exchanged_state(one, lora)
+    assert sent and not any(".lora_A." in k for k in sent)
+    assert len(sent) < len(M.adapter_state(one))
+    assert M.frozen_a_digest(one) == M.frozen_a_digest(two)
+    other = M.build_model(cfg, lora, num_labels=3, seed=6)
+    assert M.frozen_a_digest(other) != M.frozen_a_digest(one)
+
+
+def test_lower_rank_site_is_a_slice_with_the_global_scaling(tiny_bert: Path
+                                                            ) -> None:
+    cfg = ModelConfig(name_or_path=str(tiny_bert))
+    full = M.build_model(cfg, LoraConfig(r=8, alpha=16), num_labels=2)
+    small = M.build_model(cfg, LoraConfig(r=8, alpha=16), num_labels=2, rank=2)
+    shapes = {k: tuple(v.shape) for k, v in M.adapter_state(small).items()}
+    assert all(s[0] == 2 for k, s in shapes.items() if ".lora_A." in k)
+    assert all(s[1] == 2 for k, s in shapes.items() if ".lora_B." in k)
+    scale = {m.scaling["default"] for m in small.modules() if hasattr(m, "scaling")
+             and isinstance(m.scaling, dict) and m.scaling}
+    assert scale == {m.scaling["default"] for m in full.modules()
+                     if hasattr(m, "scaling") and isinstance(m.scaling, dict)
+                     and m.scaling} == {2.0}
