@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import secrets
 import sys
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -166,14 +167,42 @@ def _loader(dataset: Dataset, *, cfg: TrainConfig, dp: bool, pad_id: int,
                       collate_fn=col, generator=generator), rate
 
 
+def proximal_step(params: list[nn.Parameter], anchor: list[torch.Tensor], *,
+                  lr: float, mu: float) -> None:
+    """FedProx's proximal term ``mu/2 * ||w - w_global||^2`` as a decoupled step
+    ``w -= lr * mu * (w - w_global)`` after each optimizer step.
+
+    It depends only on the weights and the public global adapter, never on a
+    record, so under DP-SGD it is post-processing (adding it to the loss instead
+    would be silently dropped: Opacus steps with the per-sample gradients only).
+    """
+    with torch.no_grad():
+        for p, a in zip(params, anchor, strict=True):
+            p.add_(p - a, alpha=-lr * mu)
+
+
+def _seeds(seed: int, *, dp: bool, secure: bool) -> tuple[int, int]:
+    """Seeds of the batch sampler and of the DP noise. Under DP with secure noise
+    both come from the OS's entropy: a seed in the (public) config would let anyone
+    regenerate the noise and the Poisson batches."""
+    if dp and secure:
+        return secrets.randbits(62), secrets.randbits(62)
+    return seed, seed + 1
+
+
 def train_local(model: nn.Module, train_set: Dataset, val_set: Dataset, *,
                 task: str, train_cfg: TrainConfig, privacy_cfg: PrivacyConfig,
                 noise_multiplier: float, device: torch.device, pad_id: int,
-                seed: int) -> TrainResult:
-    """Train the model's adapter in place for one round; see module docstring."""
+                seed: int, proximal_mu: float = 0.0) -> TrainResult:
+    """Train the model's adapter in place for one round; see module docstring.
+
+    ``proximal_mu > 0`` adds FedProx's proximal step (:func:`proximal_step`)
+    towards the adapter the round started from.
+    """
     start = time.perf_counter()
     dp = privacy_cfg.enabled
-    gen = torch.Generator().manual_seed(seed)
+    sample_seed, noise_seed = _seeds(seed, dp=dp, secure=privacy_cfg.secure_noise)
+    gen = torch.Generator().manual_seed(sample_seed)
     loader, rate = _loader(train_set, cfg=train_cfg, dp=dp, pad_id=pad_id,
                            generator=gen)
     per_epoch = len(loader)
@@ -181,13 +210,14 @@ def train_local(model: nn.Module, train_set: Dataset, val_set: Dataset, *,
              else train_cfg.local_epochs * per_epoch)
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     opt = make_optimizer(params, train_cfg)
     net: nn.Module = model
     if dp:
         net, opt = privacy.make_private(
             model, opt, cfg=privacy_cfg, noise_multiplier=noise_multiplier,
             expected_batch_size=round(rate * len(train_set)),  # type: ignore[arg-type]
-            generator=torch.Generator(device=device).manual_seed(seed + 1))
+            generator=torch.Generator(device=device).manual_seed(noise_seed))
     sched = get_linear_schedule_with_warmup(
         opt, num_warmup_steps=int(train_cfg.warmup_ratio * total),
         num_training_steps=total)
@@ -201,6 +231,9 @@ def train_local(model: nn.Module, train_set: Dataset, val_set: Dataset, *,
                     break
                 loss = _step(net, opt, _to(batch, device), task=task, dp=dp,
                              cfg=train_cfg, device=device, params=params)
+                if anchor:
+                    proximal_step(params, anchor, mu=proximal_mu,
+                                  lr=float(opt.param_groups[0]["lr"]))
                 sched.step()
                 steps += 1
                 bar.update(1)

@@ -163,3 +163,17 @@ def test_sgd_optimizer_is_configurable_and_learns(tiny_bert: Path) -> None:
     after = trainer.evaluate(model, val_set, task="classification", batch_size=32,
                              device=CPU, pad_id=0)["loss"]
     assert after < before - 0.1
+
+
+def test_proximal_step_pulls_towards_the_global_adapter() -> None:
+    p = torch.nn.Parameter(torch.tensor([2.0, -1.0]))
+    trainer.proximal_step([p], [torch.zeros(2)], lr=0.1, mu=0.5)
+    # w - lr * mu * (w - w_global) = w * 0.95
+    assert torch.allclose(p.data, torch.tensor([1.9, -0.95]))
+
+
+def test_dp_noise_is_seeded_from_entropy_unless_told_otherwise() -> None:
+    secure = {trainer._seeds(7, dp=True, secure=True) for _ in range(3)}
+    assert len(secure) == 3 and (7, 8) not in secure
+    assert trainer._seeds(7, dp=True, secure=False) == (7, 8)
+    assert trainer._seeds(7, dp=False, secure=True) == (7, 8)
