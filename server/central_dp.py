@@ -18,11 +18,10 @@ took part at all, on top of each site's record-level DP-SGD.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.supercore.differential_privacy import (
     add_gaussian_noise_inplace,
     compute_clip_model_update,
@@ -31,7 +30,7 @@ from flwr.supercore.differential_privacy import (
 
 from fedtune.client.privacy import epsilon_spent
 from fedtune.common import records
-from fedtune.server.strategy import FedTuneAvg, RoundStats
+from fedtune.server.strategy import FedTuneAvg
 
 logger = logging.getLogger(__name__)
 UNIT_WEIGHT = "central-dp-unit-weight"  # set on the server: uniform averaging
@@ -54,19 +53,14 @@ class CentralDPAvg(FedTuneAvg):
         self.noise_multiplier, self.clipping_norm = noise_multiplier, clipping_norm
         self.delta, self.releases = delta, 0
         self.client_epsilon: dict[int, float] = {}
-        self._current: list[np.ndarray] = []
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord,
-                        config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        self._current = arrays.to_numpy_ndarrays()
-        return super().configure_train(server_round, arrays, config, grid)
 
     def _clip(self, reply: Message) -> None:
         record = reply.content[records.ARRAYS]
         values = record.to_numpy_ndarrays()  # type: ignore[union-attr]
-        delta = [v - c for v, c in zip(values, self._current, strict=True)]
+        current = [self._global[k] for k in record.keys()]  # type: ignore[union-attr]
+        delta = [v - c for v, c in zip(values, current, strict=True)]
         if get_norm(delta) > 0:  # Flower's clip divides by the norm
-            compute_clip_model_update(param1=values, param2=self._current,
+            compute_clip_model_update(param1=values, param2=current,
                                       clipping_norm=self.clipping_norm)
         reply.content[records.ARRAYS] = ArrayRecord(
             {k: Array(np.asarray(v)) for k, v in zip(record.keys(), values,
@@ -74,14 +68,11 @@ class CentralDPAvg(FedTuneAvg):
         metrics = reply.content[records.METRICS]
         metrics[UNIT_WEIGHT] = 1  # type: ignore[index,assignment]
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = self._valid(list(replies), self.round_stats.setdefault(
-            server_round, RoundStats()))  # before clipping: shapes must match
-        good = [m for m in replies if not m.has_error()]
-        for reply in good:
+    def _combine(self, server_round: int, good: list[Message]
+                 ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        for reply in good:  # validated and decoded: shapes match the global
             self._clip(reply)
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        arrays, metrics = super()._combine(server_round, good)
         if arrays is None or not good:
             return arrays, metrics
         noisy = arrays.to_numpy_ndarrays()
@@ -97,3 +88,12 @@ class CentralDPAvg(FedTuneAvg):
                     self.releases)
         return ArrayRecord({k: Array(np.asarray(v)) for k, v in
                             zip(arrays.keys(), noisy, strict=True)}), metrics
+
+    def state(self) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        arrays, scalars = super().state()
+        return arrays, {**scalars, "central-dp-releases": float(self.releases)}
+
+    def restore(self, arrays: Mapping[str, np.ndarray],
+                scalars: Mapping[str, float]) -> None:
+        super().restore(arrays, scalars)
+        self.releases = int(scalars.get("central-dp-releases", 0))

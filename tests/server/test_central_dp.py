@@ -11,14 +11,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, RecordDict
 from opacus.accountants import RDPAccountant
 
 from fedtune.common import records
-from fedtune.common.config import PrivacyConfig
+from fedtune.common.config import FederationConfig, PrivacyConfig
 from fedtune.server.central_dp import CentralDPAvg, client_epsilon
 from fedtune.server.strategy import build_strategy
 from tests.server.test_strategy import _reply
 
 
 def _strategy(sigma: float, clip: float) -> CentralDPAvg:
-    s = build_strategy("fedavg", privacy=PrivacyConfig(
+    s = build_strategy(FederationConfig(), privacy=PrivacyConfig(
         central_dp=True, central_noise_multiplier=sigma, central_clipping_norm=clip),
         min_train_nodes=1, min_available_nodes=1)
     assert isinstance(s, CentralDPAvg)
@@ -30,7 +30,7 @@ def _round(strategy: CentralDPAvg, current: dict[str, torch.Tensor],
            ) -> dict[str, torch.Tensor]:
     query = Message(RecordDict({records.CONFIG: ConfigRecord()}), dst_node_id=1,
                     message_type="train")
-    strategy._current = records.to_record(current).to_numpy_ndarrays()
+    strategy._global = {k: v.numpy() for k, v in current.items()}
     replies = [_reply(query, s, n) for s, n in zip(states, (10, 1000), strict=True)]
     if declined:
         replies.append(Message(Error(code=0, reason="<'PrivacyBudgetExhausted on "

@@ -5,6 +5,8 @@ import torch
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from fedtune.common import records
+from fedtune.common.config import FederationConfig
+from fedtune.common.errors import ConfigError
 from fedtune.server.strategy import FedTuneAvg, build_strategy
 
 
@@ -30,7 +32,8 @@ def test_fedavg_weights_adapter_tensors_by_num_examples() -> None:
     replies = [_reply(query, s, n, eps) for s, n, eps in
                zip(states, weights, (1.0, 2.0, 3.0), strict=True)]
     failed = Message(Error(code=0, reason="site crashed"), reply_to=query)
-    strategy = build_strategy("fedavg", min_train_nodes=1, min_available_nodes=1)
+    strategy = build_strategy(FederationConfig(), min_train_nodes=1,
+                              min_available_nodes=1)
     # Execute
     arrays, metrics = strategy.aggregate_train(1, [*replies, failed])
     # Assert: (10*1 + 30*2 + 60*4) / 100 = 3.1
@@ -60,6 +63,6 @@ def test_non_private_replies_are_counted() -> None:
 
 
 def test_unknown_strategy() -> None:
-    with pytest.raises(ValueError, match="unknown strategy 'fedsgd'"):
-        build_strategy("fedsgd")
+    with pytest.raises(ConfigError, match="federation.strategy: .*'fedsgd'"):
+        FederationConfig(strategy="fedsgd")  # type: ignore[arg-type]
 

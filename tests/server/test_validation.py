@@ -10,6 +10,7 @@ import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedtune.common import records
+from fedtune.common.config import FederationConfig
 from fedtune.server import validation
 from fedtune.server.strategy import build_strategy
 from tests.server.test_strategy import _reply
@@ -62,8 +63,8 @@ def test_one_bad_reply_never_ends_the_round(caplog: pytest.LogCaptureFixture
     # missing num-examples and an extra metric.
     query = Message(RecordDict({records.CONFIG: ConfigRecord()}), dst_node_id=1,
                     message_type="train")
-    strategy = build_strategy("fedavg", max_update_norm=10.0, min_train_nodes=1,
-                              min_available_nodes=1)
+    strategy = build_strategy(FederationConfig(max_update_norm=10.0),
+                              min_train_nodes=1, min_available_nodes=1)
     strategy._global = {"w": np.zeros(2, np.float32)}
     good = [_reply(query, {"w": torch.tensor([1.0, 1.0])}, 10),
             _reply(query, {"w": torch.tensor([3.0, 3.0])}, 30)]
