@@ -11,17 +11,18 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import (
     Code,
     FitRes,
@@ -33,7 +34,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from fedtune.client import ledger, privacy, trainer
-from fedtune.common import data, records
+from fedtune.common import data, records, updates
 from fedtune.common.config import RunConfig, from_run_config
 from fedtune.common.data import EncodedDataset
 from fedtune.common.deployment import ensure_app_logging
@@ -41,6 +42,8 @@ from fedtune.common.errors import DataError, FedtuneError, PrivacyBudgetExhauste
 from fedtune.common.model import (
     adapter_state,
     build_model,
+    exchanged_state,
+    frozen_a_digest,
     load_tokenizer,
     set_adapter_state,
 )
@@ -120,18 +123,47 @@ def run_config(context: Context, defaults: Mapping[str, Any]) -> RunConfig:
     return from_run_config({**defaults, **context.run_config})
 
 
-def _setup(msg: Message, context: Context, defaults: Mapping[str, Any]
-           ) -> tuple[RunConfig, SiteData, torch.nn.Module, torch.device, int]:
+def site_rank(cfg: RunConfig, node_config: Mapping[str, Any]) -> int:
+    """This site's LoRA rank: the daemon's ``--lora-rank``, the simulation's
+    ``lora.site_ranks`` by partition, else the run's ``lora.r``."""
+    rank = int(node_config.get("lora-rank", 0))
+    if not rank and cfg.lora.site_ranks and "partition-id" in node_config:
+        ranks = cfg.lora.site_ranks
+        rank = ranks[int(node_config["partition-id"]) % len(ranks)]
+    if rank > cfg.lora.r:
+        raise FedtuneError(f"this site's LoRA rank {rank} exceeds the run's lora.r="
+                           f"{cfg.lora.r}; start the daemon with --lora-rank <= "
+                           f"{cfg.lora.r}")
+    return rank or cfg.lora.r
+
+
+@dataclass
+class Setup:
+    """What one message needs: config, data, the model with the global adapter."""
+
+    cfg: RunConfig
+    site: SiteData
+    model: torch.nn.Module
+    device: torch.device
+    pad: int
+    received: dict[str, np.ndarray]  # the global adapter at this site's rank
+
+
+def _setup(msg: Message, context: Context, defaults: Mapping[str, Any]) -> Setup:
     cfg = run_config(context, defaults)
     device = trainer.resolve_device(str(context.node_config.get("device", "auto")))
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.federation.client_cpus)))
     site = site_data(cfg, context.node_config)
+    rank = site_rank(cfg, context.node_config)
     model = build_model(cfg.model, cfg.lora, num_labels=len(cfg.data.labels),
-                        seed=cfg.train.seed)
-    set_adapter_state(model, _incoming(msg, model))
+                        seed=cfg.train.seed, rank=rank)
+    received = updates.truncate(
+        {k: v.numpy() for k, v in _incoming(msg, model, cfg).items()}, rank)
+    set_adapter_state(model, {**adapter_state(model), **{
+        k: torch.from_numpy(np.array(v, np.float32)) for k, v in received.items()}})
     pad = load_tokenizer(cfg.model.name_or_path, cfg.model.gguf_file).pad_token_id
-    return cfg, site, model.to(device), device, int(pad)
+    return Setup(cfg, site, model.to(device), device, int(pad), received)
 
 
 class SiteFailure(FedtuneError):
@@ -167,12 +199,13 @@ def _is_secagg(msg: Message) -> bool:
     return records.ARRAYS not in msg.content.array_records
 
 
-def _incoming(msg: Message, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _incoming(msg: Message, model: torch.nn.Module, cfg: RunConfig
+              ) -> dict[str, torch.Tensor]:
     """The global adapter a train/evaluate message carries, in either format."""
     if not _is_secagg(msg):
         return records.from_record(msg.content[records.ARRAYS])  # type: ignore
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    names = sorted(adapter_state(model))
+    names = sorted(exchanged_state(model, cfg.lora))
     return {n: torch.from_numpy(a.copy()) for n, a in
             zip(names, parameters_to_ndarrays(fitins.parameters), strict=True)}
 
@@ -201,21 +234,26 @@ def _secagg_when_asked(msg: Message, context: Context,
     return call_next(msg, context)
 
 
-def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
+def make_client_app(defaults: Mapping[str, Any] | None = None, *,
+                    mods: Sequence[Mod] = ()) -> ClientApp:
     """A ClientApp; ``defaults`` is a flat run_config used under Flower's (simulation
-    runs started from Python carry an empty one)."""
+    runs started from Python carry an empty one); ``mods`` run outside fedtune's."""
     defaults = dict(defaults or {})
-    app = ClientApp(mods=[_secagg_when_asked])
+    app = ClientApp(mods=[*mods, _secagg_when_asked])
 
     @app.train()
     @_private_errors
     def train(msg: Message, context: Context) -> Message:
-        cfg, site, model, device, pad = _setup(msg, context, defaults)
+        setup = _setup(msg, context, defaults)
+        cfg, site, model, device, pad = (setup.cfg, setup.site, setup.model,
+                                         setup.device, setup.pad)
+        conf: Mapping[str, Any] = ({} if _is_secagg(msg) else
+                                   msg.content[records.CONFIG])  # type: ignore
         rnd = (int(msg.metadata.group_id) if _is_secagg(msg) else
-               int(msg.content[records.CONFIG][records.SERVER_ROUND]))  # type: ignore
+               int(conf[records.SERVER_ROUND]))
+        fresh = PRIVACY_STATE not in context.state
         state = privacy.PrivacyState.from_config(
-            dict(context.state[PRIVACY_STATE]) if PRIVACY_STATE in context.state
-            else None)
+            None if fresh else dict(context.state[PRIVACY_STATE]))
         q = privacy.sample_rate(batch_size=cfg.train.batch_size,
                                 num_examples=len(site.train))
         planned = privacy.steps_per_round(sample_rate_=q,
@@ -225,6 +263,11 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
             state.noise_multiplier = privacy.plan_noise(
                 cfg.privacy, sample_rate_=q, steps_per_round_=planned,
                 num_rounds=cfg.federation.num_rounds)
+            resumed_at = int(conf.get(records.RESUMED_AT, 0))
+            if fresh and resumed_at > 1:
+                # A resumed run: this process never saw rounds 1..resumed_at-1.
+                # Count them as if the site took part in each (an upper bound).
+                state.charge(sample_rate_=q, steps=planned * (resumed_at - 1))
         book = site_ledger(cfg, context.node_config, site)
         if not cfg.privacy.enabled:
             logger.warning("DP is OFF on this site: the adapter update is not "
@@ -238,7 +281,8 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         res = trainer.train_local(
             model, site.train, site.val, task=cfg.model.task, train_cfg=cfg.train,
             privacy_cfg=cfg.privacy, noise_multiplier=state.noise_multiplier,
-            device=device, pad_id=pad, seed=cfg.train.seed * 1000 + rnd)
+            device=device, pad_id=pad, seed=cfg.train.seed * 1000 + rnd,
+            proximal_mu=float(conf.get(records.PROXIMAL_MU, 0.0)))  # FedProx
         if cfg.privacy.enabled:
             state.charge(sample_rate_=res.sample_rate, steps=res.steps)
             context.state[PRIVACY_STATE] = ConfigRecord(state.to_config())
@@ -260,17 +304,29 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
             metrics.update({records.EPSILON: eps, records.EPSILON_TOTAL: total,
                             records.DELTA: cfg.privacy.target_delta,
                             records.NOISE_MULTIPLIER: state.noise_multiplier})
+        if cfg.lora.ffa:
+            metrics[records.LORA_A_DIGEST] = frozen_a_digest(model)
         # Every site sends the same metric keys (Flower aggregates only consistent
         # replies); the local validation loss stays on the site, in its log.
-        logger.info("round %d: %s trained %d steps on %d examples, loss %.4f, "
-                    "val loss %.4f, epsilon %.3f", rnd, site.name, res.steps,
-                    res.num_examples, res.train_loss, res.val_loss, eps)
-        return _reply(msg, adapter_state(model), metrics)
+        mu = float(conf.get(records.PROXIMAL_MU, 0.0))
+        logger.info("round %d: %s trained %d steps on %d examples (LoRA rank %d%s), "
+                    "loss %.4f, val loss %.4f, epsilon %.3f", rnd, site.name,
+                    res.steps, res.num_examples, site_rank(cfg, context.node_config),
+                    f", proximal mu {mu:g}" if mu else "", res.train_loss,
+                    res.val_loss, eps)
+        out = exchanged_state(model, cfg.lora)
+        if not _is_secagg(msg) and cfg.federation.compression != "none":
+            out = {k: torch.from_numpy(v) for k, v in updates.encode(
+                {k: v.numpy() for k, v in out.items()}, setup.received,
+                cfg.federation.compression).items()}
+        return _reply(msg, out, metrics)
 
     @app.evaluate()
     @_private_errors
     def evaluate(msg: Message, context: Context) -> Message:
-        cfg, site, model, device, pad = _setup(msg, context, defaults)
+        setup = _setup(msg, context, defaults)
+        cfg, site, model, device, pad = (setup.cfg, setup.site, setup.model,
+                                         setup.device, setup.pad)
         ds = site.val if len(site.val) else site.train
         res = trainer.evaluate(model, ds, task=cfg.model.task, device=device,
                                batch_size=cfg.train.eval_batch_size, pad_id=pad,

@@ -35,6 +35,7 @@ class ClientOptions:
     insecure: bool = False
     budget_epsilon: float = 0.0  # 0: spending is recorded but not limited
     budget_delta: float = 1e-5
+    lora_rank: int = 0  # 0: the run's lora.r; else this site's (smaller) rank
 
 
 def check_device(name: str) -> str:
@@ -103,11 +104,14 @@ def supernode_command(opts: ClientOptions) -> tuple[list[str], dict[str, str]]:
     if opts.budget_epsilon < 0 or not 0 < opts.budget_delta < 1:
         raise DeploymentError("--budget-epsilon must be >= 0 (0: no limit) and "
                               "--budget-delta in (0, 1)")
+    if opts.lora_rank < 0:
+        raise DeploymentError("--lora-rank must be >= 1 (or 0: the run's lora.r)")
     node_config = " ".join([
         f"data-path={_quote(str(opts.data_path.expanduser().resolve()))}",
         f"ledger-dir={_quote(str(ledger))}", f"device={_quote(device)}",
         f"budget-epsilon={float(opts.budget_epsilon)!r}",
-        f"budget-delta={float(opts.budget_delta)!r}"])
+        f"budget-delta={float(opts.budget_delta)!r}",
+        *([f"lora-rank={int(opts.lora_rank)}"] if opts.lora_rank else [])])
     if opts.budget_epsilon == 0:
         logger.warning("no privacy budget set (--budget-epsilon): this site's spending "
                        "is recorded in %s but not limited", ledger)

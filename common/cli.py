@@ -33,9 +33,26 @@ def _load(items: list[str]) -> tuple[config.RunConfig, str]:
     return config.load(path, overrides), Path(path).stem
 
 
+def _resumed(run_dir: str, items: list[str]) -> config.RunConfig:
+    """The config a run directory was started with (``--resume``)."""
+    if items:
+        raise FedtuneError(f"--resume takes no config or overrides ({' '.join(items)}"
+                           "): a run continues with the config it started with")
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FedtuneError(f"{path}: not found; --resume needs a fedtune run "
+                           "directory (it holds config.yaml and state.npz)")
+    return config.load(path)
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fedtune.server.simulation import simulate
 
+    if args.resume:
+        run_dir = simulate(_resumed(args.resume, args.items),
+                           run_dir=Path(args.resume), resume=True)
+        print(f"run directory: {run_dir}")
+        return 0
     cfg, name = _load(args.items)
     run_dir = simulate(cfg, name=args.name or name,
                        run_dir=Path(args.run_dir) if args.run_dir else None)
@@ -76,16 +93,21 @@ def cmd_client(args: argparse.Namespace) -> int:
         node_key=Path(args.key) if args.key else None, device=args.device,
         state_dir=Path(args.state_dir), clientappio_address=args.clientappio_address,
         insecure=args.insecure, budget_epsilon=args.budget_epsilon,
-        budget_delta=args.budget_delta))
+        budget_delta=args.budget_delta, lora_rank=args.lora_rank))
     return 0  # not reached: the process became the SuperNode
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from fedtune.server import operator
 
-    cfg, _ = _load(args.items)
-    run_path = Path(args.run_dir).resolve() if args.run_dir else None
-    run_id = operator.submit(cfg, name=args.deployment, run_path=run_path)
+    if args.resume:
+        cfg = _resumed(args.resume, args.items)
+        run_path: Path | None = Path(args.resume).resolve()
+    else:
+        cfg, _ = _load(args.items)
+        run_path = Path(args.run_dir).resolve() if args.run_dir else None
+    run_id = operator.submit(cfg, name=args.deployment, run_path=run_path,
+                             resume=bool(args.resume))
     print(f"run {run_id} started on deployment {args.deployment}", flush=True)
     if args.detach:
         return 0
@@ -201,6 +223,9 @@ def _deploy_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    "(0: record, do not limit)")
     c.add_argument("--budget-delta", type=float, default=1e-5,
                    help="delta of the budget (default %(default)s)")
+    c.add_argument("--lora-rank", type=int, default=0,
+                   help="train a smaller LoRA rank than the run's lora.r (a site "
+                   "with less compute; heterogeneous-rank aggregation)")
     c.add_argument("--state-dir", default="fedtune-node",
                    help="Flower's app cache for this daemon (default %(default)s)")
     c.add_argument("--clientappio-address", default="127.0.0.1:9094",
@@ -213,6 +238,9 @@ def _deploy_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     r.add_argument("--deployment", required=True, help="name from `fedtune deployment`")
     r.add_argument("--run-dir", help="exact run directory on the server host "
                    "(default: a new one under the server's state dir)")
+    r.add_argument("--resume", metavar="RUN_DIR", help="continue a run directory "
+                   "after its last completed round (run on the server host: the "
+                   "directory and its state live there)")
     r.add_argument("--detach", action="store_true", help="start and return")
     r.set_defaults(func=cmd_run)
     st = sub.add_parser("status", help="nodes and runs of a deployment")
@@ -271,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("items", nargs="*", help=items_help)
     s.add_argument("--name", help="run name (default: the config file's stem)")
     s.add_argument("--run-dir", help="exact run directory to write")
+    s.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or killed "
+                   "run after its last completed round, with its own config")
     s.set_defaults(func=cmd_simulate)
     c = sub.add_parser("config", help="validate and print the resolved config")
     c.add_argument("items", nargs="*", help=items_help)

@@ -5,30 +5,34 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from tqdm.auto import tqdm
 
 from fedtune.client.trainer import resolve_device
 from fedtune.common import records
-from fedtune.common.config import RUN_PATH, RunConfig, from_run_config
+from fedtune.common.config import RESUME, RUN_PATH, RunConfig, from_run_config
 from fedtune.common.deployment import INSECURE_ENV, ensure_app_logging
 from fedtune.common.errors import FedtuneError
 from fedtune.common.model import (
     adapter_state,
     build_model,
+    exchanged_state,
+    frozen_a_digest,
     save_adapter,
     set_adapter_state,
 )
-from fedtune.server import checkpoint
+from fedtune.server import checkpoint, rounds
 from fedtune.server.daemon import RUNS_DIR_ENV
 from fedtune.server.evaluate import CentralEvaluator
-from fedtune.server.strategy import FedTuneAvg, build_strategy
+from fedtune.server.strategy import FedTuneStrategy, build_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +48,7 @@ def _clean(value: Any) -> Any:
 class RoundRecorder:
     """Strategy ``evaluate_fn``: central eval, checkpoint, metrics line, summary log."""
 
-    def __init__(self, *, cfg: RunConfig, run_dir: Path, strategy: FedTuneAvg,
+    def __init__(self, *, cfg: RunConfig, run_dir: Path, strategy: FedTuneStrategy,
                  evaluator: CentralEvaluator, model: Any) -> None:
         self.cfg, self.run_dir, self.strategy = cfg, run_dir, strategy
         self.evaluator, self.model = evaluator, model
@@ -57,7 +61,7 @@ class RoundRecorder:
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         round_seconds = time.perf_counter() - self.t_last
-        state = records.from_record(arrays)
+        state = {**adapter_state(self.model), **records.from_record(arrays)}
         t0 = time.perf_counter()
         ev = self.evaluator(state)
         eval_seconds = time.perf_counter() - t0
@@ -97,6 +101,9 @@ class RoundRecorder:
     def _checkpoint(self, server_round: int, state: dict[str, Any]) -> None:
         final = checkpoint.checkpoint_dir(self.run_dir, server_round)
         tmp = final.with_name(final.name + ".tmp")
+        for stale in (tmp, final):  # a crashed attempt's leftovers
+            if stale.is_dir():
+                shutil.rmtree(stale)
         set_adapter_state(self.model, state)
         save_adapter(self.model, tmp, meta={**self.meta, "round": server_round})
         tmp.replace(final)
@@ -150,19 +157,26 @@ def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
         ensure_app_logging()
         flat = {**defaults, **context.run_config}
         cfg = from_run_config(flat)
+        resuming = bool(flat.get(RESUME))
+        if resuming and not flat.get(RUN_PATH):
+            raise FedtuneError("resume needs the run directory (fedtune simulate "
+                               "--resume RUN_DIR / fedtune run --resume RUN_DIR)")
         run_dir = _run_dir(flat, cfg, context.run_id)
         run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_config(run_dir, cfg)
+        if not resuming:
+            checkpoint.write_config(run_dir, cfg)
         if not cfg.privacy.enabled:
             logger.warning("DP is OFF for this run (privacy.enabled=false): sites "
                            "send non-private adapter updates")
         model = build_model(cfg.model, cfg.lora, num_labels=len(cfg.data.labels),
                             seed=cfg.train.seed)
-        initial = records.to_record(adapter_state(model))
+        initial = records.to_record(exchanged_state(model, cfg.lora))
         evaluator = CentralEvaluator(cfg, model, resolve_device("auto"))
         fed = cfg.federation
         strategy = build_strategy(
-            fed.strategy, privacy=cfg.privacy, max_update_norm=fed.max_update_norm,
+            fed, privacy=cfg.privacy,
+            ffa_digest=frozen_a_digest(model) if cfg.lora.ffa else None,
+            lower_ranks=bool(cfg.lora.site_ranks) or cfg.lora.heterogeneous_ranks,
             fraction_train=fed.fraction_train,
             fraction_evaluate=fed.fraction_evaluate,
             min_train_nodes=fed.min_train_nodes,
@@ -174,17 +188,22 @@ def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
         if fed.secure_aggregation:
             from fedtune.server.secagg import run_secagg
 
-            if cfg.privacy.central_dp:
-                raise FedtuneError("privacy.central_dp and federation.secure_"
-                                   "aggregation cannot be combined yet: central DP "
-                                   "clips each update, which SecAgg+ hides")
-            run_secagg(grid, context, cfg=cfg, initial=adapter_state(model),
+            if cfg.privacy.central_dp or resuming:
+                raise FedtuneError("federation.secure_aggregation cannot be combined "
+                                   "with privacy.central_dp (central DP clips each "
+                                   "update, which SecAgg+ hides) or with --resume")
+            run_secagg(grid, context, cfg=cfg, initial=exchanged_state(model, cfg.lora),
                        recorder=recorder)
             recorder.bar.close()
             return
-        strategy.start(grid=grid, initial_arrays=initial, num_rounds=fed.num_rounds,
-                       timeout=fed.round_timeout, train_config=ConfigRecord(),
-                       evaluate_config=ConfigRecord(), evaluate_fn=recorder)
+        done = 0
+        if resuming:
+            done, initial = rounds.resume(run_dir, strategy=strategy, cfg=cfg)
+            recorder.bar.update(done)
+        else:
+            random.seed(cfg.train.seed)  # Flower samples nodes with `random`
+        rounds.run_rounds(grid, strategy, cfg=cfg, run_dir=run_dir, arrays=initial,
+                          recorder=recorder, resumed=done)
         recorder.bar.close()
 
     return app

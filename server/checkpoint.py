@@ -7,21 +7,38 @@ RUN_DIR/
   checkpoints/round-0001/        PEFT format: adapter_config.json +
                                  adapter_model.safetensors (+ fedtune_model.json)
   final -> checkpoints/round-N   (a copy where symlinks are unavailable)
+  state.npz                      resume state after the last completed round
 ```
 Files are written to a temporary name and renamed, so a crash never leaves a
 half-written checkpoint or metrics line behind.
+
+``state.npz`` is what ``--resume`` continues from: the global adapter (exact fp32),
+the strategy's state (e.g. FedAdam's moments), the round number, Python's RNG state
+(Flower samples nodes with it) and the resolved config. It is written after the
+round's checkpoint and metrics line; a crash in between leaves the previous state, and
+the resumed run redoes that round (its metrics line and checkpoint are replaced).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import time
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedtune.common.config import RunConfig, dump_yaml
+import numpy as np
+
+from fedtune.common.config import RunConfig, dump_yaml, to_dict
+from fedtune.common.errors import FedtuneError
+
+STATE = "state.npz"
+STATE_FORMAT = "fedtune-server-state/1"
 
 
 def new_run_dir(base: str | Path, name: str) -> Path:
@@ -81,3 +98,96 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+@dataclass
+class ServerState:
+    """Everything a resumed run needs (see the module docstring)."""
+
+    round: int
+    arrays: dict[str, np.ndarray]
+    strategy_arrays: dict[str, np.ndarray]
+    strategy_scalars: dict[str, float]
+    python_rng: Any
+    config: dict[str, Any]
+
+
+def save_state(run_dir: Path, state: ServerState) -> Path:
+    """Write ``state.npz`` atomically (temp file, fsync, rename, fsync dir)."""
+    meta = {"format": STATE_FORMAT, "round": state.round,
+            "strategy_scalars": state.strategy_scalars,
+            "python_rng": state.python_rng, "config": state.config}
+    payload = {"meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+               **{f"global/{k}": v for k, v in state.arrays.items()},
+               **{f"strategy/{k}": v for k, v in state.strategy_arrays.items()}}
+    buf = io.BytesIO()
+    np.savez(buf, **payload)  # type: ignore[arg-type]
+    out = run_dir / STATE
+    tmp = run_dir / (STATE + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(buf.getvalue())
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, out)
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return out
+
+
+def load_state(run_dir: Path) -> ServerState:
+    """Read ``state.npz``; a missing or damaged file names the problem."""
+    path = run_dir / STATE
+    if not path.is_file():
+        raise FedtuneError(f"{path}: no resume state. Is {run_dir} a fedtune run "
+                           "directory that completed at least one round?")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            arrays = {k.split("/", 1)[1]: z[k] for k in z.files
+                      if k.startswith("global/")}
+            strat = {k.split("/", 1)[1]: z[k] for k in z.files
+                     if k.startswith("strategy/")}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        raise FedtuneError(f"{path}: damaged resume state ({err}); the checkpoints "
+                           "under checkpoints/ are intact, start a new run from "
+                           "one of them") from err
+    if meta.get("format") != STATE_FORMAT:
+        raise FedtuneError(f"{path}: format {meta.get('format')!r}, expected "
+                           f"{STATE_FORMAT!r}")
+    return ServerState(round=int(meta["round"]), arrays=arrays, strategy_arrays=strat,
+                       strategy_scalars=dict(meta["strategy_scalars"]),
+                       python_rng=meta["python_rng"], config=meta["config"])
+
+
+def config_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The config as it is stored in the state (JSON types)."""
+    return json.loads(json.dumps(to_dict(cfg)))
+
+
+def rewind(run_dir: Path, last_round: int) -> None:
+    """Forget what a crashed run wrote after ``last_round``: metrics lines and
+    checkpoints of later rounds (they are redone on resume)."""
+    rows = [r for r in read_metrics(run_dir) if int(r.get("round", 0)) <= last_round]
+    _atomic_write(run_dir / "metrics.jsonl",
+                  "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
+    ckpts = run_dir / "checkpoints"
+    for d in ckpts.glob("round-*") if ckpts.is_dir() else []:
+        tail = d.name.removeprefix("round-").removesuffix(".tmp")
+        if d.name.endswith(".tmp") or (tail.isdigit() and int(tail) > last_round):
+            shutil.rmtree(d)
+    if last_round > 0:
+        publish_final(run_dir, last_round)
+
+
+def check_resumable(saved: Mapping[str, Any], cfg: RunConfig, run_dir: Path) -> None:
+    """The resumed run must use the config the state was saved with."""
+    now = config_dict(cfg)
+    diff = sorted(f"{sec}.{k}" for sec in now for k in now[sec]
+                  if saved.get(sec, {}).get(k) != now[sec][k])
+    if diff:
+        raise FedtuneError(f"{run_dir}: the config differs from the one the run "
+                           f"started with ({', '.join(diff[:8])}); resume with the "
+                           "run directory's own config.yaml")

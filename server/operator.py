@@ -20,7 +20,7 @@ from typing import Any
 import tomli_w
 
 from fedtune.common import deployment
-from fedtune.common.config import RUN_PATH, RunConfig, to_run_config
+from fedtune.common.config import RESUME, RUN_PATH, RunConfig, to_run_config
 from fedtune.common.errors import DeploymentError
 
 logger = logging.getLogger(__name__)
@@ -139,12 +139,15 @@ def runs(name: str) -> list[dict[str, Any]]:
     return sorted(found, key=lambda r: str(r.get("pending-at", "")), reverse=True)
 
 
-def write_app(cfg: RunConfig, dest: Path, *, run_path: Path | None) -> Path:
+def write_app(cfg: RunConfig, dest: Path, *, run_path: Path | None,
+              resume: bool = False) -> Path:
     """A Flower App directory: just a pyproject.toml whose components are fedtune's
     installed apps and whose config is this run's flat run_config."""
     flat: dict[str, Any] = dict(to_run_config(cfg))
     if run_path is not None:
         flat[RUN_PATH] = str(run_path)
+    if resume:
+        flat[RESUME] = True
     from importlib.metadata import version
 
     doc = {"build-system": {"requires": ["hatchling"],
@@ -161,10 +164,12 @@ def write_app(cfg: RunConfig, dest: Path, *, run_path: Path | None) -> Path:
     return dest
 
 
-def submit(cfg: RunConfig, *, name: str, run_path: Path | None) -> int:
-    """Start a run on the deployment; returns Flower's run id."""
+def submit(cfg: RunConfig, *, name: str, run_path: Path | None,
+           resume: bool = False) -> int:
+    """Start a run on the deployment; returns Flower's run id. ``resume``
+    continues ``run_path`` (a directory on the server host) from its saved state."""
     with tempfile.TemporaryDirectory(prefix="fedtune-app-") as tmp:
-        app_dir = write_app(cfg, Path(tmp), run_path=run_path)
+        app_dir = write_app(cfg, Path(tmp), run_path=run_path, resume=resume)
         answer = _flwr(["run", str(app_dir)], name=name)
     return int(answer["run-id"])
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
+from flwr.clientapp.typing import Mod
+
 from fedtune.common import assets
-from fedtune.common.config import RUN_PATH, RunConfig, to_run_config
+from fedtune.common.config import RESUME, RUN_PATH, RunConfig, to_run_config
 from fedtune.common.errors import FedtuneError
 from fedtune.common.model import load_pretrained, load_tokenizer
 from fedtune.server import checkpoint
@@ -26,9 +29,14 @@ def _prefetch(cfg: RunConfig) -> None:
     load_pretrained(cfg.model)
 
 
-def simulate(cfg: RunConfig, *, name: str = "sim", run_dir: Path | None = None
-             ) -> Path:
-    """Run a whole federation on this machine; returns the run directory."""
+def simulate(cfg: RunConfig, *, name: str = "sim", run_dir: Path | None = None,
+             resume: bool = False, client_mods: Sequence[Mod] = ()) -> Path:
+    """Run a whole federation on this machine; returns the run directory.
+
+    ``resume`` continues ``run_dir`` after its last completed round.
+    ``client_mods`` are extra Flower mods around every site's ClientApp (the tests
+    use them to play faulty and malicious sites).
+    """
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     from flwr.simulation import run_simulation
@@ -39,7 +47,7 @@ def simulate(cfg: RunConfig, *, name: str = "sim", run_dir: Path | None = None
     _prefetch(cfg)
     run_dir = run_dir or checkpoint.new_run_dir(cfg.federation.run_dir, name)
     run_dir.mkdir(parents=True, exist_ok=True)
-    flat = {**to_run_config(cfg), RUN_PATH: str(run_dir.resolve())}
+    flat = {**to_run_config(cfg), RUN_PATH: str(run_dir.resolve()), RESUME: resume}
     fed = cfg.federation
     backend = {
         "client_resources": {"num_cpus": fed.client_cpus, "num_gpus": fed.client_gpus},
@@ -48,7 +56,8 @@ def simulate(cfg: RunConfig, *, name: str = "sim", run_dir: Path | None = None
     }
     logger.info("simulating %d sites for %d rounds -> %s", fed.num_sites,
                 fed.num_rounds, run_dir)
-    run_simulation(server_app=make_server_app(flat), client_app=make_client_app(flat),
+    run_simulation(server_app=make_server_app(flat),
+                   client_app=make_client_app(flat, mods=client_mods),
                    num_supernodes=fed.num_sites, backend_config=backend)
     done = [r for r in checkpoint.read_metrics(run_dir) if r.get("round", 0) > 0]
     if len(done) < fed.num_rounds:

@@ -31,6 +31,9 @@ def test_node_config_carries_paths_not_data(site: dict) -> None:
     assert "--insecure" not in argv and "--auth-supernode-private-key" in argv
     assert site["ledger_dir"].is_dir() and env["FLWR_TELEMETRY_ENABLED"] == "0"
     assert "good" not in " ".join(argv)  # no review text on the command line
+    assert "lora-rank" not in node_config
+    argv, _ = supernode_command(ClientOptions(**{**site, "lora_rank": 4}))
+    assert argv[argv.index("--node-config") + 1].endswith(" lora-rank=4")
 
 
 def _write(path: Path, text: str) -> Path:
