@@ -124,6 +124,8 @@ def run_rounds(grid: Grid, strategy: FedTuneStrategy, *, cfg: RunConfig,
     if resumed == 0:
         recorder(0, arrays)
     for rnd in range(resumed + 1, cfg.federation.num_rounds + 1):
+        # Flower's own round marker: `fedtune status` reads progress from it
+        logger.info("[ROUND %d/%d]", rnd, cfg.federation.num_rounds)
         arrays = train_round(grid, strategy, server_round=rnd, arrays=arrays,
                              cfg=cfg, config=ConfigRecord(config))
         _evaluate(grid, strategy, server_round=rnd, arrays=arrays, cfg=cfg)

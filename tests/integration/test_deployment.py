@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fedtune.server import checkpoint
 from tests.conftest import make_reviews, tiny_config, write_jsonl
 from tests.integration.cluster import Cluster, metrics, wait_for
 
@@ -141,6 +142,33 @@ def test_daemons_reconnect_after_superlink_restart(
     assert metrics(run_dir)[-1]["clients_replied"] == 3
     assert all(cluster.log(n).count("Receiving: train message") > tasks[n]
                for n in SITES)
+
+
+@pytest.mark.slow
+def test_run_resumes_after_the_superlink_is_killed(
+        cluster: Cluster, tiny_bert: Path, review_files: tuple[Path, Path]) -> None:
+    # Prepare: a 3-round run, detached
+    cfg = _config(cluster, review_files, tiny_bert, num_rounds=3)
+    run_dir = cluster.root / "run-resumed"
+    proc = cluster.fedtune("run", str(cfg), "--deployment", "test", "--run-dir",
+                           str(run_dir), "--detach")
+    assert proc.returncode == 0, proc.stderr
+    # Execute: SIGKILL the SuperLink (and the ServerApp under it) once a round is
+    # saved, restart it, resume the run directory
+    wait_for(lambda: (run_dir / checkpoint.STATE).is_file(), timeout=240,
+             what="round 1 to be saved")
+    cluster.kill("server")
+    saved = checkpoint.load_state(run_dir).round
+    cluster.start_server()
+    wait_for(lambda: cluster.online() == 3, timeout=120, what="3 nodes back online")
+    proc = cluster.fedtune("run", "--resume", str(run_dir), "--deployment", "test",
+                           timeout=300)
+    # Assert: the resumed run did only the missing rounds
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert saved < 3 and f"after round {saved} of 3" in proc.stdout
+    assert [r["round"] for r in metrics(run_dir)] == [0, 1, 2, 3]
+    assert checkpoint.load_state(run_dir).round == 3
+    assert (run_dir / "final").resolve().name == "round-0003"
 
 
 def test_node_killed_mid_round(cluster: Cluster, tiny_bert: Path,

@@ -175,9 +175,12 @@ def test_late_site_is_ignored_and_a_short_round_stops_the_run(
 
 
 @pytest.mark.parametrize(("lora", "fed", "ratio"), [
-    ({"site_ranks": [2, 4]}, {"strategy": "fedprox", "compression": "int8"}, 4),
-    ({"ffa": True}, {"strategy": "fedyogi", "compression": "fp16"}, 2),
-], ids=["hetero-ranks-fedprox-int8", "ffa-fedyogi-fp16"])
+    pytest.param({"site_ranks": [2, 4]}, {"strategy": "fedprox",
+                                         "compression": "int8"}, 4,
+                 id="hetero-ranks-fedprox-int8"),
+    pytest.param({"ffa": True}, {"strategy": "fedyogi", "compression": "fp16"}, 2,
+                 id="ffa-fedyogi-fp16", marks=pytest.mark.slow),
+])
 def test_lora_aware_options_end_to_end(
         tmp_path: Path, tiny_bert: Path, review_files: tuple[Path, Path],
         lora: dict, fed: dict, ratio: int) -> None:

@@ -116,5 +116,9 @@ def test_partial_participation_dirichlet_and_early_stopping(
     rows = _rounds(run_dir)[1:]
     assert [r["clients_sampled"] for r in rows] == [2, 2]
     assert all(r["clients_replied"] == 2 for r in rows)
-    # a site that trained in both rounds spent more than one that trained once
-    assert 0 < rows[0]["epsilon_max"] <= rows[1]["epsilon_max"] <= 8.0 + 1e-6
+    # every site within its budget; one that trained in both rounds spent more in
+    # the second (a site sampled only in round 2 may have spent less than round
+    # 1's: sites differ in size, hence in sample rate and noise)
+    eps1, eps2 = rows[0]["epsilon_by_node"], rows[1]["epsilon_by_node"]
+    assert all(0 < e <= 8.0 + 1e-6 for e in [*eps1.values(), *eps2.values()])
+    assert all(eps2[n] > eps1[n] for n in eps1.keys() & eps2.keys())
