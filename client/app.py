@@ -146,6 +146,7 @@ class Setup:
     model: torch.nn.Module
     device: torch.device
     pad: int
+    rank: int  # this site's LoRA rank
     received: dict[str, np.ndarray]  # the global adapter at this site's rank
 
 
@@ -163,7 +164,7 @@ def _setup(msg: Message, context: Context, defaults: Mapping[str, Any]) -> Setup
     set_adapter_state(model, {**adapter_state(model), **{
         k: torch.from_numpy(np.array(v, np.float32)) for k, v in received.items()}})
     pad = load_tokenizer(cfg.model.name_or_path, cfg.model.gguf_file).pad_token_id
-    return Setup(cfg, site, model.to(device), device, int(pad), received)
+    return Setup(cfg, site, model.to(device), device, int(pad), rank, received)
 
 
 class SiteFailure(FedtuneError):
@@ -278,11 +279,12 @@ def make_client_app(defaults: Mapping[str, Any] | None = None, *,
                     "non-private update would spend an unbounded epsilon")
         elif book:
             book[0].check((state.noise_multiplier, q, planned), book[1])
+        mu = float(conf.get(records.PROXIMAL_MU, 0.0))  # FedProx
         res = trainer.train_local(
             model, site.train, site.val, task=cfg.model.task, train_cfg=cfg.train,
             privacy_cfg=cfg.privacy, noise_multiplier=state.noise_multiplier,
             device=device, pad_id=pad, seed=cfg.train.seed * 1000 + rnd,
-            proximal_mu=float(conf.get(records.PROXIMAL_MU, 0.0)))  # FedProx
+            proximal_mu=mu)
         if cfg.privacy.enabled:
             state.charge(sample_rate_=res.sample_rate, steps=res.steps)
             context.state[PRIVACY_STATE] = ConfigRecord(state.to_config())
@@ -308,10 +310,9 @@ def make_client_app(defaults: Mapping[str, Any] | None = None, *,
             metrics[records.LORA_A_DIGEST] = frozen_a_digest(model)
         # Every site sends the same metric keys (Flower aggregates only consistent
         # replies); the local validation loss stays on the site, in its log.
-        mu = float(conf.get(records.PROXIMAL_MU, 0.0))
         logger.info("round %d: %s trained %d steps on %d examples (LoRA rank %d%s), "
                     "loss %.4f, val loss %.4f, epsilon %.3f", rnd, site.name,
-                    res.steps, res.num_examples, site_rank(cfg, context.node_config),
+                    res.steps, res.num_examples, setup.rank,
                     f", proximal mu {mu:g}" if mu else "", res.train_loss,
                     res.val_loss, eps)
         out = exchanged_state(model, cfg.lora)

@@ -33,7 +33,7 @@ from peft import (
 )
 from torch import nn
 
-from fedtune.common import assets
+from fedtune.common import assets, updates
 from fedtune.common.config import LoraConfig, ModelConfig
 from fedtune.common.errors import ModelError
 
@@ -204,13 +204,9 @@ def exchanged_state(model: nn.Module, lora: LoraConfig) -> dict[str, torch.Tenso
 
 def frozen_a_digest(model: nn.Module) -> float:
     """48 bits of sha256 over every ``lora_A`` (exact as a float metric)."""
-    h = hashlib.sha256()
-    state = adapter_state(model)
-    for k in sorted(state):
-        if ".lora_A." in k:
-            h.update(k.encode())
-            h.update(state[k].numpy().tobytes())
-    return float(int(h.hexdigest()[:12], 16))
+    frozen = {k: v.numpy() for k, v in adapter_state(model).items()
+              if ".lora_A." in k}
+    return float(int(updates.digest(frozen)[:12], 16))
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:

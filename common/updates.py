@@ -24,6 +24,7 @@ then aggregates full-rank tensors.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 
 import numpy as np
@@ -90,6 +91,15 @@ def _prefix(ref: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
                                                             strict=True)):
         return None
     return ref[tuple(slice(0, n) for n in shape)]
+
+
+def digest(arrays: Arrays) -> str:
+    """sha256 (hex) over the names and bytes of ``arrays``, in name order."""
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(arrays[k]).tobytes())
+    return h.hexdigest()
 
 
 def rank_axis(name: str) -> int | None:

@@ -32,7 +32,7 @@ from fedtune.common.model import (
 from fedtune.server import checkpoint, rounds
 from fedtune.server.daemon import RUNS_DIR_ENV
 from fedtune.server.evaluate import CentralEvaluator
-from fedtune.server.strategy import FedTuneStrategy, build_strategy
+from fedtune.server.strategy import FedTuneStrategy, all_declined, build_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -73,10 +73,7 @@ class RoundRecorder:
                 failed = stats.failed if stats else 0
                 if stats and stats.nodes_declined and \
                         len(stats.nodes_declined) == failed:
-                    raise FedtuneError(
-                        f"round {server_round}: every site declined ({failed}): their "
-                        "privacy budgets are exhausted for this data. The run stops; "
-                        "checkpoints of earlier rounds are kept.")
+                    raise all_declined(server_round, failed)
                 raise FedtuneError(
                     f"round {server_round}: no site returned an update ({failed} "
                     "failed); the sites' errors are logged above (look for 'Received "

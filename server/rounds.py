@@ -30,7 +30,7 @@ from fedtune.common import records
 from fedtune.common.config import RunConfig
 from fedtune.common.errors import FedtuneError
 from fedtune.server import checkpoint
-from fedtune.server.strategy import FedTuneStrategy
+from fedtune.server.strategy import FedTuneStrategy, all_declined
 
 logger = logging.getLogger(__name__)
 Recorder = Callable[[int, ArrayRecord], MetricRecord | None]
@@ -63,10 +63,7 @@ def train_round(grid: Grid, strategy: FedTuneStrategy, *, server_round: int,
             return new
         stats = strategy.round_stats[server_round]
         if stats.nodes_declined and len(stats.nodes_declined) == stats.sampled:
-            raise FedtuneError(
-                f"round {server_round}: every site declined ({stats.sampled}): their "
-                "privacy budgets are exhausted for this data. The run stops; "
-                "checkpoints of earlier rounds are kept.")
+            raise all_declined(server_round, stats.sampled)
         summary = stats.summary()
         logger.warning(
             "round %d attempt %d: %d of %d needed updates accepted (%s late, %d "

@@ -20,7 +20,6 @@ optimizer's moments (FedAdam, FedYogi, FedAdagrad) across a resume.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import statistics
 from collections.abc import Callable, Iterable, Mapping
@@ -50,6 +49,7 @@ from flwr.serverapp.strategy import (
 
 from fedtune.common import records, updates
 from fedtune.common.config import FederationConfig, PrivacyConfig
+from fedtune.common.errors import FedtuneError
 from fedtune.server import validation
 
 logger = logging.getLogger(__name__)
@@ -102,6 +102,13 @@ class RoundStats:
         }
 
 
+def all_declined(server_round: int, sites: int) -> FedtuneError:
+    """The error that stops a run whose round every site declined."""
+    return FedtuneError(f"round {server_round}: every site declined ({sites}): their "
+                        "privacy budgets are exhausted for this data. The run stops; "
+                        "checkpoints of earlier rounds are kept.")
+
+
 def summarize_replies(replies: list[Message], stats: RoundStats) -> None:
     """Fill ``stats`` from the training replies (errors counted, not raised; bytes
     are counted by :func:`count_bytes`, before decoding)."""
@@ -147,17 +154,9 @@ def record_site_metrics(stats: RoundStats, node: str, m: Mapping[str, Any]) -> N
         stats.train_seconds.append(float(m[records.TRAIN_SECONDS]))
 
 
-def _digest(arrays: Mapping[str, np.ndarray]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(arrays):
-        h.update(k.encode())
-        h.update(np.ascontiguousarray(arrays[k]).tobytes())
-    return h.hexdigest()
-
-
 def _content_key(msg: Message) -> str:
     record: Any = msg.content[records.ARRAYS]
-    return _digest({k: v.numpy() for k, v in record.items()})
+    return updates.digest({k: v.numpy() for k, v in record.items()})
 
 
 class FedTuneStrategy:
@@ -274,9 +273,8 @@ class FedTuneStrategy:
         problem = validation.check_arrays(update, self._global,
                                           max_norm=self.max_update_norm)
         if problem is None:
-            rank = updates.site_rank(sent)
-            full = updates.site_rank(self._global)
-            if rank is not None and full is not None and rank < full:
+            rank = updates.site_rank(sent) if self.lower_ranks else None
+            if rank is not None and rank < (updates.site_rank(self._global) or 0):
                 self.node_ranks[msg.metadata.src_node_id] = rank
             content[records.ARRAYS] = ArrayRecord(
                 {k: Array(np.asarray(v, np.float32)) for k, v in update.items()})
