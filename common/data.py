@@ -196,6 +196,8 @@ class EncodedDataset(Dataset):  # type: ignore[type-arg]
 def encode_classification(records: Sequence[Record], tokenizer: Any, *,
                           cfg: DataConfig, source: str = "data") -> EncodedDataset:
     """Tokenize text records with their integer labels."""
+    if not records:  # e.g. no validation split (transformers 5 fails on [])
+        return EncodedDataset([])
     ys = label_ids(records, column=cfg.label_column, labels=cfg.labels, source=source)
     enc = tokenizer([str(r[cfg.text_column]) for r in records], truncation=True,
                     max_length=cfg.max_length)

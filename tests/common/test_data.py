@@ -132,6 +132,16 @@ def test_encode_sft_masks_only_the_response(tiny_llama: Path) -> None:
     assert item["loss_mask"].tolist() == [0] * 4 + [1] * 4
 
 
+@pytest.mark.parametrize("task", ["classification", "causal-lm"])
+def test_encoding_no_records_gives_an_empty_set(tiny_bert: Path, task: str) -> None:
+    """A site with data.val_fraction=0 has no validation records (transformers 5's
+    tokenizer raises IndexError on an empty batch)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    assert len(data.encode_for_task([], tok, task=task, cfg=DataConfig())) == 0
+
+
 def test_collate_pads_and_handles_empty() -> None:
     batch = [{"input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor(1)},
              {"input_ids": torch.tensor([8]), "labels": torch.tensor(0)}]
