@@ -229,7 +229,7 @@ def train_local(model: nn.Module, train_set: Dataset, val_set: Dataset, *,
             for batch in loader:
                 if steps >= total:
                     break
-                loss = _step(net, opt, _to(batch, device), task=task, dp=dp,
+                loss = train_step(net, opt, _to(batch, device), task=task, dp=dp,
                              cfg=train_cfg, device=device, params=params)
                 if anchor:
                     proximal_step(params, anchor, mu=proximal_mu,
@@ -265,9 +265,10 @@ def train_local(model: nn.Module, train_set: Dataset, val_set: Dataset, *,
                        sample_rate=rate if dp else 0.0)
 
 
-def _step(net: nn.Module, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
-          *, task: str, dp: bool, cfg: TrainConfig, device: torch.device,
-          params: list[nn.Parameter]) -> float | None:
+def train_step(net: nn.Module, opt: torch.optim.Optimizer,
+               batch: dict[str, torch.Tensor], *, task: str, dp: bool,
+               cfg: TrainConfig, device: torch.device, params: list[nn.Parameter]
+               ) -> float | None:
     """One optimizer step; returns the batch loss (None for an empty Poisson batch)."""
     opt.zero_grad(set_to_none=True)
     if batch["input_ids"].shape[0] == 0:
