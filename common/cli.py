@@ -46,17 +46,28 @@ def _resumed(run_dir: str, items: list[str]) -> config.RunConfig:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedtune.server.report import write_report
     from fedtune.server.simulation import simulate
 
     if args.resume:
         run_dir = simulate(_resumed(args.resume, args.items),
                            run_dir=Path(args.resume), resume=True)
-        print(f"run directory: {run_dir}")
-        return 0
-    cfg, name = _load(args.items)
-    run_dir = simulate(cfg, name=args.name or name,
-                       run_dir=Path(args.run_dir) if args.run_dir else None)
+    else:
+        cfg, name = _load(args.items)
+        run_dir = simulate(cfg, name=args.name or name,
+                           run_dir=Path(args.run_dir) if args.run_dir else None)
     print(f"run directory: {run_dir}")
+    page, _ = write_report(run_dir)
+    print(f"report: {page} (text: fedtune report {run_dir})")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedtune.server.report import write_report
+
+    page, text = write_report(args.run_dir, args.out)
+    print(text)
+    print(f"report: {page}")
     return 0
 
 
@@ -302,6 +313,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or killed "
                    "run after its last completed round, with its own config")
     s.set_defaults(func=cmd_simulate)
+    r = sub.add_parser("report", help="a run's report: text summary + HTML page "
+                       "with plots")
+    r.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (it holds "
+                   "config.yaml and metrics.jsonl)")
+    r.add_argument("--out", help="directory for index.html and the PNGs "
+                   "(default RUN_DIR/report)")
+    r.set_defaults(func=cmd_report)
     c = sub.add_parser("config", help="validate and print the resolved config")
     c.add_argument("items", nargs="*", help=items_help)
     c.set_defaults(func=cmd_config)

@@ -32,6 +32,7 @@ from fedtune.common.model import (
 from fedtune.server import checkpoint, rounds
 from fedtune.server.daemon import RUNS_DIR_ENV
 from fedtune.server.evaluate import CentralEvaluator
+from fedtune.server.events import EventLog
 from fedtune.server.strategy import FedTuneStrategy, all_declined, build_strategy
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class RoundRecorder:
         self.evaluator, self.model = evaluator, model
         self.t_last = time.perf_counter()
         self.bar = tqdm(total=cfg.federation.num_rounds, desc="rounds", unit="round")
+        self.events = EventLog(run_dir)
         self.meta = {"task": cfg.model.task, "base_model": cfg.model.name_or_path,
                      "gguf_file": cfg.model.gguf_file, "labels": list(cfg.data.labels),
                      "head": "masked mean pooling + linear"
@@ -92,8 +94,13 @@ class RoundRecorder:
             self._log(row)
             self.bar.update(1)
         checkpoint.append_metrics(self.run_dir, _clean(row))
+        self.events.write(_clean(row))
         self.t_last = time.perf_counter()
         return MetricRecord({k: float(v) for k, v in ev.items()}) if ev else None
+
+    def close(self) -> None:
+        self.bar.close()
+        self.events.close()
 
     def _checkpoint(self, server_round: int, state: dict[str, Any]) -> None:
         final = checkpoint.checkpoint_dir(self.run_dir, server_round)
@@ -191,7 +198,7 @@ def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
                                    "update, which SecAgg+ hides) or with --resume")
             run_secagg(grid, context, cfg=cfg, initial=exchanged_state(model, cfg.lora),
                        recorder=recorder)
-            recorder.bar.close()
+            recorder.close()
             return
         done = 0
         if resuming:
@@ -201,7 +208,7 @@ def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
             random.seed(cfg.train.seed)  # Flower samples nodes with `random`
         rounds.run_rounds(grid, strategy, cfg=cfg, run_dir=run_dir, arrays=initial,
                           recorder=recorder, resumed=done)
-        recorder.bar.close()
+        recorder.close()
 
     return app
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from safetensors.numpy import load_file
 
-from fedtune.server import checkpoint
+from fedtune.server import checkpoint, report
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.integration
@@ -74,6 +74,11 @@ def test_bad_updates_are_rejected_and_the_rest_aggregated(
         assert "NaN or Inf" in reasons and "where the global adapter has" in reasons
         assert "exceeds federation.max_update_norm 50" in reasons
     assert out.count("rejected the update of node") >= 6
+    # the operator's report names them per round and per site
+    head, body = report.round_table(report.load_run(bad_dir))
+    assert {dict(zip(head, r, strict=True))["rejected"] for r in body[1:]} == {"3"}
+    _, sites = report.site_table(report.load_run(bad_dir))
+    assert sum("exceeds federation.max_update_norm" in s[-1] for s in sites) == 1
     # ... and the result is exactly the aggregate of the three good sites
     bad, ref = _final(bad_dir), _final(ref_dir)
     assert bad.keys() == ref.keys()

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from tests.conftest import tiny_config
+from tests.integration import browser
 
 pytestmark = pytest.mark.integration
 
@@ -57,9 +58,17 @@ def test_three_sites_two_rounds(tmp_path: Path, tiny_bert: Path,
     assert (run_dir / "final" / "adapter_model.safetensors").is_file()
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["privacy"][
         "enabled"] is dp
+    # the operator's report is written at the end, and TensorBoard events beside
+    assert f"report: {run_dir / 'report' / 'index.html'}" in proc.stdout
+    assert {p.name for p in (run_dir / "report").iterdir()} == {
+        "index.html", "quality.png", "privacy.png", "communication.png",
+        "timing.png", "participation.png"}
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     if dp:
         assert 0 < rows[1]["epsilon_max"] < rows[2]["epsilon_max"] <= 8.0 + 1e-6
         assert {"eval-loss", "accuracy", "macro-f1"} <= set(rows[2]["federated_eval"])
+        images = browser.loaded_images(run_dir / "report" / "index.html", tmp_path)
+        assert len(images) == 5 and all(w > 0 and h > 0 for w, h, _ in images)
     else:
         assert rows[2]["epsilon_max"] is None and rows[2]["clients_non_private"] == 3
         assert "DP is OFF" in proc.stderr
@@ -87,6 +96,10 @@ def test_causal_lm_simulation(tmp_path: Path, tiny_llama: Path, sft_file: Path
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = _rounds(run_dir)[-1]
     assert last["eval_perplexity"] > 1.0 and last["epsilon_max"] > 0
+    proc = subprocess.run([sys.executable, "-m", "fedtune.common.cli", "report",
+                           str(run_dir)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "perplexity" in proc.stdout and "1 of 1 done" in proc.stdout
 
 
 def test_embedded_default_model_and_data(tmp_path: Path) -> None:

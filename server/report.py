@@ -1,0 +1,250 @@
+"""``fedtune report RUN_DIR``: the operator's report of a run, as text and HTML.
+
+Reads only what the run directory holds (``config.yaml``, ``metrics.jsonl``), so it
+works on a finished, a running or a crashed run, on the server host or a copy. The
+text summary goes to stdout; ``OUT/index.html`` is one self-contained page (the PNG
+plots are embedded as data URIs: no script, no external file or address), and the
+same PNGs are written beside it.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedtune.common import config
+from fedtune.common.errors import FedtuneError
+from fedtune.server import plots
+
+Row = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run directory's config and per-round metrics."""
+
+    path: Path
+    cfg: config.RunConfig
+    initial: Row | None  # round 0: the adapter before training
+    rows: list[Row]  # rounds 1.. in order
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Read a run directory; a missing or damaged file is a FedtuneError that says
+    what to pass instead."""
+    path = Path(run_dir)
+    metrics, cfg_file = path / "metrics.jsonl", path / "config.yaml"
+    for f in (cfg_file, metrics):
+        if not f.is_file():
+            raise FedtuneError(f"{f}: not found; `fedtune report` takes a run "
+                               "directory written by `fedtune simulate` or `fedtune "
+                               "run` (it holds config.yaml and metrics.jsonl)")
+    rows: list[Row] = []
+    for n, line in enumerate(metrics.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise FedtuneError(f"{metrics}:{n}: not a JSON line ({err.msg}); the "
+                               "file is damaged: remove that line and run the report "
+                               "again") from None
+        if not isinstance(row, dict) or not isinstance(row.get("round"), int):
+            raise FedtuneError(f"{metrics}:{n}: not a fedtune metrics line (no "
+                               "integer 'round')")
+        rows.append(row)
+    initial = next((r for r in rows if r["round"] == 0), None)
+    return Run(path=path, cfg=config.load(cfg_file), initial=initial,
+               rows=sorted((r for r in rows if r["round"] > 0),
+                           key=lambda r: r["round"]))
+
+
+def _f(value: Any, fmt: str = ".4f") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return format(value, fmt)
+
+
+def _mb(value: Any) -> str:
+    return "-" if value is None else f"{value / 1e6:.2f}"
+
+
+def round_table(run: Run) -> tuple[list[str], list[list[str]]]:
+    """Per round: global eval metrics, participation, bytes, time, epsilon."""
+    classification = run.cfg.model.task == "classification"
+    quality = ["acc", "macro-F1"] if classification else ["perplexity"]
+    head = ["round", "eval loss", *quality, "accepted/sampled", "rejected",
+            "declined", "failed", "late", "MB up", "MB down", "round s",
+            "train s (sum)", "ε max"]
+    body = []
+    for r in ([run.initial] if run.initial else []) + run.rows:
+        q = ([_f(r.get("eval_accuracy"), ".3f"), _f(r.get("eval_macro_f1"), ".3f")]
+             if classification else [_f(r.get("eval_perplexity"), ".2f")])
+        if r["round"] == 0:
+            body.append(["0 (start)", _f(r.get("eval_loss")), *q] + ["-"] * 10)
+            continue
+        c = plots.participation_counts(r)
+        body.append([str(r["round"]), _f(r.get("eval_loss")), *q,
+                     f"{c['accepted']}/{r.get('clients_sampled', 0)}",
+                     str(c["rejected"]), str(c["declined"]), str(c["failed"]),
+                     str(c["late"]), _mb(r.get("bytes_received")),
+                     _mb(r.get("bytes_sent")), _f(r.get("round_seconds"), ".1f"),
+                     _f(r.get("client_train_seconds_sum"), ".1f"),
+                     _f(r.get("epsilon_max"), ".3f")])
+    return head, body
+
+
+def site_table(run: Run) -> tuple[list[str], list[list[str]]]:
+    """Per site (node id): epsilon of this run against the target, the ledger's
+    total, and the rounds it took part in, declined, failed or was rejected."""
+    nodes: dict[str, dict[str, Any]] = {}
+
+    def node(n: str) -> dict[str, Any]:
+        return nodes.setdefault(n, {"eps": None, "total": None, "ok": 0,
+                                    "declined": 0, "failed": 0, "rejected": []})
+
+    for r in run.rows:
+        for n in r.get("nodes_replied") or []:
+            node(n)["ok"] += 1
+        for n in r.get("nodes_declined") or []:
+            node(n)["declined"] += 1
+        for n in set(r.get("nodes_failed") or []) - set(r.get("nodes_declined") or []):
+            node(n)["failed"] += 1
+        for n, why in (r.get("nodes_rejected") or {}).items():
+            node(n)["rejected"].append(f"r{r['round']}: {why}")
+        for n, eps in (r.get("epsilon_by_node") or {}).items():
+            node(n)["eps"] = eps
+        for n, eps in (r.get("epsilon_total_by_node") or {}).items():
+            node(n)["total"] = eps
+    target = run.cfg.privacy.target_epsilon if run.cfg.privacy.enabled else None
+    head = ["node", "ε this run", "of target", "ledger total", "accepted",
+            "declined", "failed", "rejected (why)"]
+    body = [[n, _f(s["eps"], ".3f"),
+             f"{100 * s['eps'] / target:.0f} %" if target and s["eps"] else "-",
+             _f(s["total"], ".3f"), str(s["ok"]), str(s["declined"]),
+             str(s["failed"]), "; ".join(s["rejected"]) or "-"]
+            for n, s in sorted(nodes.items())]
+    return head, body
+
+
+def headline(run: Run) -> list[str]:
+    """What the run was and its outcome, one fact per line."""
+    cfg, last = run.cfg, (run.rows[-1] if run.rows else {})
+    fed = cfg.federation
+    out = [f"run: {run.path}",
+           f"model: {cfg.model.name_or_path} ({cfg.model.task}), LoRA r={cfg.lora.r}"
+           f"{', FFA' if cfg.lora.ffa else ''}; strategy {fed.strategy}, "
+           f"compression {fed.compression}",
+           f"rounds: {len(run.rows)} of {fed.num_rounds} done"
+           + ("" if len(run.rows) >= fed.num_rounds else
+              " (unfinished: `fedtune simulate --resume RUN_DIR` continues it)")]
+    if cfg.privacy.enabled:
+        out.append("privacy: DP-SGD on every site, target "
+                   f"ε={cfg.privacy.target_epsilon:g} "
+                   f"δ={cfg.privacy.target_delta:g} per site over the run; spent: "
+                   f"max ε {_f(last.get('epsilon_max'), '.3f')}")
+    else:
+        out.append("WARNING: DP is OFF (privacy.enabled=false): the updates of this "
+                   "run are not differentially private")
+    if last:
+        quality = (f"accuracy {_f(last.get('eval_accuracy'), '.3f')}, macro-F1 "
+                   f"{_f(last.get('eval_macro_f1'), '.3f')}"
+                   if cfg.model.task == "classification" else
+                   f"perplexity {_f(last.get('eval_perplexity'), '.2f')}")
+        total = sum((r.get("bytes_received") or 0) + (r.get("bytes_sent") or 0)
+                    for r in run.rows)
+        out.append(f"final (round {last['round']}): eval loss "
+                   f"{_f(last.get('eval_loss'))}, {quality}; {total / 1e6:.1f} MB "
+                   "exchanged in all")
+    return out
+
+
+def _text_table(head: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h)
+              for i, h in enumerate(head)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True))
+              for r in body]
+    return "\n".join(lines)
+
+
+def text_summary(run: Run) -> str:
+    """The report as plain text (what `fedtune report` prints)."""
+    parts = ["\n".join(headline(run)), "Per round:", _text_table(*round_table(run)),
+             "Per site:", _text_table(*site_table(run))]
+    return "\n\n".join(parts) + "\n"
+
+
+FIGURES: dict[str, tuple[str, Callable[[Run], bytes]]] = {
+    "quality": ("Global eval loss, accuracy and macro-F1 per round",
+                lambda run: plots.quality(([run.initial] if run.initial else [])
+                                          + run.rows)),
+    "privacy": ("ε spent per site against the target", lambda run: plots.privacy(
+        run.rows, target=(run.cfg.privacy.target_epsilon
+                          if run.cfg.privacy.enabled else None),
+        budget=run.cfg.privacy.budget_epsilon or None)),
+    "communication": ("Bytes per round", lambda run: plots.communication(run.rows)),
+    "timing": ("Round wall time and site training time",
+               lambda run: plots.timing(run.rows)),
+    "participation": ("Sites that took part, declined, failed or were rejected",
+                      lambda run: plots.participation(run.rows)),
+}
+
+CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;
+color:#222}h1{font-size:1.5em}table{border-collapse:collapse;font-size:.85em;
+margin:1em 0}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
+th{background:#f2f2f2}td:first-child{text-align:left}.warn{background:#ffebee;
+border-left:5px solid #c62828;padding:.6em 1em}figure{margin:1.5em 0}
+img{max-width:100%;border:1px solid #ddd}ul.facts{line-height:1.6}"""
+
+
+def _html_table(head: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r)
+                   + "</tr>" for r in body)
+    return ("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head)
+            + f"</tr>{rows}</table>")
+
+
+def render_html(run: Run, pngs: Mapping[str, bytes]) -> str:
+    """The self-contained page: facts, figures (data URIs) and both tables."""
+    facts = "".join(
+        f"<li class=warn>{html.escape(f)}</li>" if f.startswith("WARNING") else
+        f"<li>{html.escape(f)}</li>" for f in headline(run))
+    figures = "".join(
+        f"<figure><img alt=\"{html.escape(FIGURES[name][0])}\" src=\"data:image/png;"
+        f"base64,{base64.b64encode(png).decode('ascii')}\"><figcaption>"
+        f"{html.escape(FIGURES[name][0])}</figcaption></figure>"
+        for name, png in pngs.items())
+    return (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>fedtune "
+            f"report: {html.escape(run.path.name)}</title><style>{CSS}</style>"
+            f"</head><body><h1>fedtune report: {html.escape(run.path.name)}</h1>"
+            f"<ul class=facts>{facts}</ul>{figures}<h2>Per round</h2>"
+            f"{_html_table(*round_table(run))}<h2>Per site</h2>"
+            f"{_html_table(*site_table(run))}<p>Node ids are Flower's; the plots "
+            "label each by its last 6 digits. ε this run is the site's own "
+            "accountant over this run; the ledger total covers every run on the "
+            "site's data.</p></body></html>")
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None
+                 ) -> tuple[Path, str]:
+    """Write ``OUT/index.html`` and ``OUT/<figure>.png`` (``OUT`` defaults to
+    ``RUN_DIR/report``); returns the page's path and the text summary."""
+    run = load_run(run_dir)
+    if not run.rows and run.initial is None:
+        raise FedtuneError(f"{run.path}/metrics.jsonl has no rounds yet; run the "
+                           "report again once round 0 is recorded")
+    target = Path(out) if out else run.path / "report"
+    target.mkdir(parents=True, exist_ok=True)
+    pngs = {name: make(run) for name, (_, make) in FIGURES.items()}
+    for name, png in pngs.items():
+        (target / f"{name}.png").write_bytes(png)
+    page = target / "index.html"
+    page.write_text(render_html(run, pngs), encoding="utf-8")
+    return page, text_summary(run)

@@ -1,0 +1,183 @@
+"""`fedtune report`: tables, text, the self-contained page and its plots, errors;
+the TensorBoard event log."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from fedtune.common import config
+from fedtune.common.cli import main
+from fedtune.common.errors import FedtuneError
+from fedtune.server import events, plots, report
+
+PNG = b"\x89PNG\r\n\x1a\n"
+A, B, C = "1111111111", "2222222222", "3333333333"
+
+
+def _row(rnd: int, **kw: object) -> dict:
+    row = {"round": rnd, "eval_loss": 1.0 - 0.1 * rnd, "eval_accuracy": 0.5 + 0.1 * rnd,
+           "eval_macro_f1": 0.3 + 0.1 * rnd}
+    if rnd:
+        row.update({
+            "train_loss": 1.0, "clients_sampled": 3, "clients_replied": 3,
+            "clients_failed": 0, "clients_declined": 0, "clients_rejected": 0,
+            "clients_late": 0, "nodes_replied": [A, B, C], "nodes_failed": [],
+            "nodes_declined": [], "nodes_rejected": {}, "bytes_sent": 3_000_000,
+            "bytes_received": 2_000_000, "adapter_payload_bytes": 600_000,
+            "epsilon_max": 2.0 * rnd, "epsilon_by_node": {A: 2.0 * rnd, B: 2.0 * rnd,
+                                                          C: 1.5 * rnd},
+            "epsilon_total_by_node": {A: 2.0 * rnd + 1, B: 2.0 * rnd, C: 1.5 * rnd},
+            "client_train_seconds_sum": 20.0, "round_seconds": 12.5,
+            "eval_seconds": 1.5})
+    row.update(kw)
+    return row
+
+
+def make_run(tmp_path: Path, rows: list[dict], **sections: dict) -> Path:
+    run = tmp_path / "run-1"
+    run.mkdir()
+    raw = {"federation": {"num_sites": 3, "num_rounds": 3, "min_train_nodes": 3},
+           **sections}
+    (run / "config.yaml").write_text(config.dump_yaml(config.from_dict(raw)))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run
+
+
+@pytest.fixture
+def troubled_run(tmp_path: Path) -> Path:
+    """Round 2: C rejected; round 3: B declined (budget), C failed, one late."""
+    return make_run(tmp_path, [
+        _row(0), _row(1),
+        _row(2, clients_replied=2, clients_rejected=1, nodes_replied=[A, B],
+             nodes_rejected={C: "update norm 812 > max_update_norm 50"},
+             epsilon_by_node={A: 4.0, B: 4.0}),
+        _row(3, clients_sampled=4, clients_replied=1, clients_failed=2,
+             clients_declined=1, clients_late=1, nodes_replied=[A],
+             nodes_failed=[B, C], nodes_declined=[B], epsilon_by_node={A: 6.0})])
+
+
+def test_round_table_counts_every_outcome(troubled_run: Path) -> None:
+    run = report.load_run(troubled_run)
+    head, body = report.round_table(run)
+    assert head[:4] == ["round", "eval loss", "acc", "macro-F1"]
+    assert body[0][0] == "0 (start)" and len(body) == 4
+    r3 = dict(zip(head, body[3], strict=True))
+    assert (r3["accepted/sampled"], r3["rejected"], r3["declined"], r3["failed"],
+            r3["late"]) == ("1/4", "0", "1", "1", "1")
+    assert r3["MB up"] == "2.00" and r3["MB down"] == "3.00"
+    assert r3["ε max"] == "6.000" and r3["round s"] == "12.5"
+    counts = plots.participation_counts(run.rows[2])
+    assert sum(counts.values()) == run.rows[2]["clients_sampled"]
+
+
+def test_site_table_gives_epsilon_of_target_and_reasons(troubled_run: Path) -> None:
+    head, body = report.site_table(report.load_run(troubled_run))
+    sites = {r[0]: dict(zip(head, r, strict=True)) for r in body}
+    assert sites[A]["ε this run"] == "6.000" and sites[A]["of target"] == "75 %"
+    assert sites[A]["ledger total"] == "7.000" and sites[A]["accepted"] == "3"
+    assert sites[B]["declined"] == "1" and sites[B]["failed"] == "0"
+    assert sites[C]["failed"] == "1"
+    assert sites[C]["rejected (why)"] == "r2: update norm 812 > max_update_norm 50"
+
+
+def test_report_writes_a_self_contained_page_and_pngs(troubled_run: Path,
+                                                      capsys: pytest.CaptureFixture
+                                                      ) -> None:
+    # Execute (the CLI, as an operator runs it)
+    assert main(["report", str(troubled_run)]) == 0
+    # Assert
+    text = capsys.readouterr().out
+    assert "rounds: 3 of 3 done" in text and "target ε=8" in text
+    assert "r2: update norm 812" in text and "report:" in text
+    out = troubled_run / "report"
+    page = (out / "index.html").read_text(encoding="utf-8")
+    uris = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(uris) == len(report.FIGURES) == 5
+    for name, data in zip(report.FIGURES, uris, strict=True):
+        png = base64.b64decode(data)
+        assert png.startswith(PNG) and png == (out / f"{name}.png").read_bytes()
+        width, height = int.from_bytes(png[16:20]), int.from_bytes(png[20:24])
+        assert width > 600 and height > 300
+    # self-contained: no script, no external address or file
+    assert "<script" not in page and "http://" not in page and "https://" not in page
+    assert not re.search(r'(src|href)="(?!data:)', page)
+
+
+def test_dp_off_is_loud_and_causal_runs_show_perplexity(tmp_path: Path) -> None:
+    rows = [{"round": 0, "eval_loss": 3.0, "eval_perplexity": 20.1},
+            {**_row(1, epsilon_max=None, epsilon_by_node={},
+                    epsilon_total_by_node={}), "eval_perplexity": 12.0}]
+    for r in rows:
+        r.pop("eval_accuracy", None), r.pop("eval_macro_f1", None)
+    run_dir = make_run(tmp_path, rows, privacy={"enabled": False},
+                       model={"task": "causal-lm"})
+    page, text = report.write_report(run_dir, tmp_path / "out")
+    assert "WARNING: DP is OFF" in text and "rounds: 1 of 3 done (unfinished" in text
+    head, _ = report.round_table(report.load_run(run_dir))
+    assert "perplexity" in head and "acc" not in head
+    assert 'class=warn' in page.read_text(encoding="utf-8")
+
+
+def test_bad_run_directories_are_named(tmp_path: Path) -> None:
+    with pytest.raises(FedtuneError, match="config.yaml: not found"):
+        report.load_run(tmp_path)
+    run_dir = make_run(tmp_path, [_row(0)])
+    with open(run_dir / "metrics.jsonl", "a") as fh:
+        fh.write('{"round": 1, "eval_lo\n')
+    with pytest.raises(FedtuneError, match=r"metrics.jsonl:2: not a JSON line"):
+        report.load_run(run_dir)
+    (run_dir / "metrics.jsonl").write_text('{"no_round": 1}\n')
+    with pytest.raises(FedtuneError, match=r"metrics.jsonl:1: not a fedtune"):
+        report.load_run(run_dir)
+    (run_dir / "metrics.jsonl").write_text("")
+    with pytest.raises(FedtuneError, match="no rounds yet"):
+        report.write_report(run_dir)
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+
+
+def test_event_log_tags_and_scalars(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import (
+        EventAccumulator,
+    )
+
+    assert events.tag("eval_macro_f1") == "eval/macro_f1"
+    assert events.tag("bytes_received") == "communication/received"
+    assert events.tag("round_seconds") == "time/round_seconds"
+    assert events.tag("nodes_replied") is None
+    log = events.EventLog(tmp_path)
+    for rnd in (0, 1, 2):
+        log.write(_row(rnd))
+    log.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"eval/loss", "eval/accuracy", "privacy/epsilon_max", "sites/replied",
+            f"privacy/epsilon_by_node/{C}", "time/round_seconds"} <= tags
+    assert [(e.step, e.value) for e in acc.Scalars(f"privacy/epsilon_by_node/{C}")
+            ] == [(1, 1.5), (2, 3.0)]
+
+
+def test_event_log_is_a_no_op_without_tensorboard(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch
+                                                  ) -> None:
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    log = events.EventLog(tmp_path)
+    log.write(_row(1))
+    log.close()
+    assert log.writer is None and not (tmp_path / "tensorboard").exists()
+
+
+def test_budget_line_when_the_run_sets_one(troubled_run: Path) -> None:
+    run = report.load_run(troubled_run)
+    run = replace(run, cfg=replace(run.cfg, privacy=replace(run.cfg.privacy,
+                                                            budget_epsilon=10.0)))
+    png = report.FIGURES["privacy"][1](run)
+    assert png.startswith(PNG)
