@@ -1,0 +1,90 @@
+"""The headline ratio of every benchmark, read from a results folder.
+
+    python bench/summary.py [DIR]        # default bench/results; bench/run_all uses it
+
+Reads whichever of the six result files exist (full or ``-quick``) and prints one
+line per benchmark; a missing file is reported as missing.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from harness import RESULTS
+
+
+def _load(folder: Path, name: str) -> dict[str, Any] | None:
+    for stem in (name, f"{name}-quick"):
+        path = folder / f"{stem}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+    return None
+
+
+def dp(d: dict[str, Any]) -> str:
+    parts = []
+    for r in d["results"]:
+        if r["mode"] == d["default_mode"] and r["ratio"]:
+            parts.append(f"{r['model'].split()[0]} L={r['seq_len']}: {r['ratio']:.2f}x")
+    best = set(d["fastest_correct_mode"].values())
+    return (f"DP step / non-DP step ({d['default_mode']}): " + ", ".join(parts)
+            + f"; fastest correct mode: {', '.join(sorted(best))}")
+
+
+def comm(d: dict[str, Any]) -> str:
+    return "bytes sent / full model: " + ", ".join(
+        f"{r['model'].split()[0]} {r['variant']} "
+        f"{100 * r['payload_over_full_model']:.3f} %"
+        for r in d["results"] if r["variant"] in ("fp32 adapter", "int8 delta",
+                                                  "FFA + int8"))
+
+
+def framework(d: dict[str, Any]) -> str:
+    return "round wall / sum of site training: " + ", ".join(
+        f"{r['mode']} {r['median_ratio_after_round1']:.2f}" for r in d["results"])
+
+
+def utility(d: dict[str, Any]) -> str:
+    h = d.get("headline_federated_dp8_over_central_nonprivate")
+    curve = ", ".join(f"{r['setting'][:3]} ε={r['epsilon_target']:g} acc "
+                      f"{r['accuracy']:.3f}/F1 {r['macro_f1']:.3f}"
+                      for r in d["results"])
+    head = (f"federated DP(8) / centralized non-private: accuracy "
+            f"{h['accuracy_ratio']:.3f}, macro-F1 {h['macro_f1_ratio']:.3f}; "
+            if h else "")
+    return head + curve
+
+
+def scale(d: dict[str, Any]) -> str:
+    return ("peak memory " + ", ".join(
+        f"{r['clients']} sites {r['peak_pss_mib']:.0f} MiB / {r['median_round_s']:.1f}"
+        " s per round" for r in d["results"])
+        + f"; largest / smallest {d['memory_growth_largest_over_smallest']:.2f}")
+
+
+def deploy(d: dict[str, Any]) -> str:
+    fast = d["deployed"][-1]
+    ratio = fast.get("median_round_over_train")
+    return (f"ClientApp cold start {d['cold_start']['wall_s']:.2f} s; overhead "
+            f"{fast['median_overhead_s']:.2f} s per round"
+            + (f" (round / training {ratio:.2f})" if ratio else ""))
+
+
+BENCHES = {"dp_overhead": dp, "communication": comm, "framework_overhead": framework,
+           "privacy_utility": utility, "scale": scale, "deploy_overhead": deploy}
+
+
+def main() -> None:
+    folder = Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS
+    for name, line in BENCHES.items():
+        d = _load(folder, name)
+        text = line(d) if d else "missing (its script did not run or failed)"
+        device = f" [{d['device']}]" if d else ""
+        print(f"{name:>18}: {text}{device}")
+
+
+if __name__ == "__main__":
+    main()
