@@ -20,8 +20,6 @@ base-model load before the site trains. This script measures, with the default m
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import shutil
 import statistics
@@ -35,6 +33,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from harness import device, write  # noqa: E402
 
 from tests.integration.cluster import Cluster, metrics, wait_for  # noqa: E402
 
@@ -123,17 +123,15 @@ def main() -> None:
     cfg = work / "bench.yaml"
     cfg.write_text(yaml.safe_dump(scenario))
     result = {
-        "device": f"cpu ({os.cpu_count()} cores, {platform.processor() or '?'})",
+        "device": device(),
         "python": platform.python_version(),
         "cold_start": cold_start(cfg, data, args.repeats),
         "quick": args.quick,
         "deployed": [deployed_rounds(cfg, data, args.rounds, poll)
                      for poll in (("0.1",) if args.quick else ("1.0", "0.1"))],
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = "deploy_overhead" + ("-quick" if args.quick else "")
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    path = write(args.out, "deploy_overhead" + ("-quick" if args.quick else ""),
+                 result)
     cs = result["cold_start"]
     print(f"ClientApp cold start (median of {cs['repeats']}): {cs['wall_s']:.2f} s "
           f"= imports {cs['imports_s']:.2f} s + model/tokenizer/data "
@@ -143,7 +141,7 @@ def main() -> None:
         for r in d["rounds"]:
             print(f"{d['poll_interval_s']:>10.1f} | {r['round_s']:>8.2f} | "
                   f"{r['train_s']:>8.2f} | {r['overhead_s']:>10.2f}")
-    print(f"wrote {out / name}.json")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

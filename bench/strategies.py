@@ -14,16 +14,12 @@ noise is drawn from the OS's entropy (the default), so repeated runs differ by i
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from harness import RESULTS, device, simulate, write
+
 VARIANTS: dict[str, list[str]] = {
     "fedavg": [],
     "fedprox": ["federation.strategy=fedprox", "federation.proximal_mu=0.01"],
@@ -35,21 +31,12 @@ VARIANTS: dict[str, list[str]] = {
 
 
 def run(name: str, rounds: int, work: Path, extra: list[str]) -> dict:
-    run_dir = work / name
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedtune.common.cli", "simulate",
-         f"federation.num_rounds={rounds}", *extra, *VARIANTS[name], "--run-dir",
-         str(run_dir)], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
-    rows = [json.loads(x) for x in
-            (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    rows = [r for r in rows if r["round"] > 0]
+    rows, wall = simulate(work / name, [f"federation.num_rounds={rounds}", *extra,
+                                        *VARIANTS[name]])
     last = rows[-1]
     sites = last["clients_replied"] or 1
     return {"variant": name, "overrides": VARIANTS[name],
-            "wall_s": time.perf_counter() - t0,
+            "wall_s": wall,
             "final_eval_accuracy": last["eval_accuracy"],
             "final_eval_macro_f1": last["eval_macro_f1"],
             "final_eval_loss": last["eval_loss"],
@@ -67,20 +54,16 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--only", default=",".join(VARIANTS),
                    help=f"comma-separated subset of {', '.join(VARIANTS)}")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an override for every variant (e.g. privacy.enabled=false)")
     p.add_argument("--tag", default="", help="suffix of the results file name")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fedtune-strategies-"))
     results = [run(n, args.rounds, work, args.set) for n in args.only.split(",")]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"strategies-{args.tag}.json" if args.tag else "strategies.json"
-    (out / name).write_text(json.dumps(
-        {"device": f"cpu ({os.cpu_count()} cores)", "task": "default.yaml",
-         "rounds": args.rounds, "overrides": args.set, "results": results},
-        indent=2))
+    write(args.out, f"strategies-{args.tag}" if args.tag else "strategies",
+          {"device": device(), "task": "default.yaml", "rounds": args.rounds,
+           "overrides": args.set, "results": results})
     base = next((r for r in results if r["variant"] == "fedavg"), results[0])
     print(f"{'variant':>9} | {'acc':>5} | {'F1':>5} | {'loss':>6} | "
           f"{'payload B/site':>14} | {'vs fedavg':>9} | {'round s':>7}")

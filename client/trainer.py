@@ -230,7 +230,7 @@ def train_local(model: nn.Module, train_set: Dataset, val_set: Dataset, *,
                 if steps >= total:
                     break
                 loss = train_step(net, opt, _to(batch, device), task=task, dp=dp,
-                             cfg=train_cfg, device=device, params=params)
+                                  cfg=train_cfg, device=device, params=params)
                 if anchor:
                     proximal_step(params, anchor, mu=proximal_mu,
                                   lr=float(opt.param_groups[0]["lr"]))

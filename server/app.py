@@ -93,8 +93,9 @@ class RoundRecorder:
                 row["federated_eval"] = fed
             self._log(row)
             self.bar.update(1)
-        checkpoint.append_metrics(self.run_dir, _clean(row))
-        self.events.write(_clean(row))
+        row = _clean(row)
+        checkpoint.append_metrics(self.run_dir, row)
+        self.events.write(row)
         self.t_last = time.perf_counter()
         return MetricRecord({k: float(v) for k, v in ev.items()}) if ev else None
 

@@ -88,10 +88,25 @@ def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of ``metrics.jsonl`` ([] when there is none); a damaged line is a
+    FedtuneError naming ``metrics.jsonl:N``."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise FedtuneError(f"{path}:{n}: not a JSON line ({err.msg}); the file "
+                               "is damaged: remove that line and try again") from None
+        if not isinstance(row, dict) or not isinstance(row.get("round"), int):
+            raise FedtuneError(f"{path}:{n}: not a fedtune metrics line (no integer "
+                               "'round')")
+        rows.append(row)
+    return rows
 
 
 def _atomic_write(path: Path, text: str) -> None:

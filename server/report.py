@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from typing import Any
 
 from fedtune.common import config
 from fedtune.common.errors import FedtuneError
-from fedtune.server import plots
+from fedtune.server import checkpoint, plots
 
 Row = Mapping[str, Any]
 
@@ -45,20 +44,7 @@ def load_run(run_dir: str | Path) -> Run:
             raise FedtuneError(f"{f}: not found; `fedtune report` takes a run "
                                "directory written by `fedtune simulate` or `fedtune "
                                "run` (it holds config.yaml and metrics.jsonl)")
-    rows: list[Row] = []
-    for n, line in enumerate(metrics.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise FedtuneError(f"{metrics}:{n}: not a JSON line ({err.msg}); the "
-                               "file is damaged: remove that line and run the report "
-                               "again") from None
-        if not isinstance(row, dict) or not isinstance(row.get("round"), int):
-            raise FedtuneError(f"{metrics}:{n}: not a fedtune metrics line (no "
-                               "integer 'round')")
-        rows.append(row)
+    rows = checkpoint.read_metrics(path)
     initial = next((r for r in rows if r["round"] == 0), None)
     return Run(path=path, cfg=config.load(cfg_file), initial=initial,
                rows=sorted((r for r in rows if r["round"] > 0),
