@@ -33,7 +33,7 @@ from flwr.common import (
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
-from fedtune.client import ledger, privacy, trainer
+from fedtune.client import ledger, privacy, recipe, trainer
 from fedtune.common import data, records, updates
 from fedtune.common.config import RunConfig, from_run_config
 from fedtune.common.data import EncodedDataset
@@ -46,6 +46,8 @@ from fedtune.common.model import (
     frozen_a_digest,
     load_tokenizer,
     set_adapter_state,
+    set_lora_trainable,
+    trainable_parameters,
 )
 
 logger = logging.getLogger(__name__)
@@ -65,18 +67,11 @@ class SiteData:
 
 @functools.lru_cache(maxsize=16)
 def _site_data(cfg: RunConfig, source: str, part: int, num_parts: int) -> SiteData:
-    recs = data.read_records(source, required=data.required_columns(cfg.model.task,
-                                                                  cfg.data))
-    name = source
-    if num_parts > 0:
-        ys = (data.label_ids(recs, column=cfg.data.label_column,
-                             labels=cfg.data.labels, source=source)
-              if cfg.model.task == "classification" else None)
-        parts = data.partition(recs, cfg.data, num_parts=num_parts,
-                               seed=cfg.train.seed, label_col_ids=ys)
-        recs, name = [recs[i] for i in parts[part]], f"partition {part}/{num_parts}"
-    if cfg.data.max_samples_per_site:
-        recs = recs[: cfg.data.max_samples_per_site]
+    recs, name = data.site_records(
+        data.read_records(source, required=data.required_columns(cfg.model.task,
+                                                                 cfg.data)),
+        cfg.data, task=cfg.model.task, part=part, num_parts=num_parts,
+        seed=cfg.train.seed, source=source)
     tr, va = data.split_validation(range(len(recs)), fraction=cfg.data.val_fraction,
                                    seed=cfg.train.seed + part)
     tok = load_tokenizer(cfg.model.name_or_path, cfg.model.gguf_file)
@@ -255,22 +250,27 @@ def make_client_app(defaults: Mapping[str, Any] | None = None, *,
         fresh = PRIVACY_STATE not in context.state
         state = privacy.PrivacyState.from_config(
             None if fresh else dict(context.state[PRIVACY_STATE]))
-        q = privacy.sample_rate(batch_size=cfg.train.batch_size,
+        dp = cfg.privacy.enabled
+        counting = cfg.releases_class_histogram
+        train_cfg = cfg.train.phase(rnd)  # a head-only round's own lr and epochs
+        q = privacy.sample_rate(batch_size=train_cfg.batch_size,
                                 num_examples=len(site.train))
         planned = privacy.steps_per_round(sample_rate_=q,
-                                          epochs=cfg.train.local_epochs,
-                                          max_steps=cfg.train.max_steps)
-        if cfg.privacy.enabled and state.noise_multiplier == 0.0:
-            state.noise_multiplier = privacy.plan_noise(
-                cfg.privacy, sample_rate_=q, steps_per_round_=planned,
-                num_rounds=cfg.federation.num_rounds)
+                                          epochs=train_cfg.local_epochs,
+                                          max_steps=train_cfg.max_steps)
+        if dp and state.noise_multiplier == 0.0:
+            _, plan = privacy.run_plan(cfg, num_examples=len(site.train))
+            state.adopt(plan)
             resumed_at = int(conf.get(records.RESUMED_AT, 0))
             if fresh and resumed_at > 1:
                 # A resumed run: this process never saw rounds 1..resumed_at-1.
                 # Count them as if the site took part in each (an upper bound).
-                state.charge(sample_rate_=q, steps=planned * (resumed_at - 1))
+                state.history += plan.history(sample_rate_=q, rounds=resumed_at - 1)
+        sigma = state.sigma(rnd)
+        release = counting and recipe.PRIOR_STATE not in context.state
+        histogram = [recipe.histogram_segment(cfg)] if release and dp else []
         book = site_ledger(cfg, context.node_config, site)
-        if not cfg.privacy.enabled:
+        if not dp:
             logger.warning("DP is OFF on this site: the adapter update is not "
                            "differentially private (privacy.enabled=false)")
             if book and math.isfinite(book[1].epsilon):
@@ -278,41 +278,59 @@ def make_client_app(defaults: Mapping[str, Any] | None = None, *,
                     "DP is off for this run but the site has a privacy budget: a "
                     "non-private update would spend an unbounded epsilon")
         elif book:
-            book[0].check((state.noise_multiplier, q, planned), book[1])
+            book[0].check((sigma, q, planned), book[1], extra=histogram)
+        if release:
+            counts = recipe.release_histogram(
+                cfg, [int(x["labels"]) for x in site.train.items],
+                seed=cfg.train.seed * 1000 + rnd)
+            if book and histogram:
+                book[0].charge(histogram[0], book[1], run=str(context.run_id),
+                               round_=rnd,
+                               message=f"{msg.metadata.message_id}/histogram")
+            state.history += histogram
+            context.state[recipe.PRIOR_STATE] = ConfigRecord({"counts": counts})
+        terms = recipe.class_terms(cfg, list(context.state[recipe.PRIOR_STATE][
+            "counts"]) if counting else None)  # type: ignore[arg-type]
+        probe = recipe.probe_round(cfg, rnd)
+        set_lora_trainable(model, cfg.lora, trainable=not probe)
         mu = float(conf.get(records.PROXIMAL_MU, 0.0))  # FedProx
         res = trainer.train_local(
-            model, site.train, site.val, task=cfg.model.task, train_cfg=cfg.train,
-            privacy_cfg=cfg.privacy, noise_multiplier=state.noise_multiplier,
+            model, site.train, site.val, task=cfg.model.task, train_cfg=train_cfg,
+            privacy_cfg=cfg.privacy, noise_multiplier=sigma,
             device=device, pad_id=pad, seed=cfg.train.seed * 1000 + rnd,
-            proximal_mu=mu)
-        if cfg.privacy.enabled:
-            state.charge(sample_rate_=res.sample_rate, steps=res.steps)
+            proximal_mu=mu, class_weights=terms.weights, logit_bias=terms.logit_bias,
+            head_only=probe)
+        if dp:
+            state.charge(sample_rate_=res.sample_rate, steps=res.steps, sigma=sigma)
             context.state[PRIVACY_STATE] = ConfigRecord(state.to_config())
-        eps = state.epsilon(cfg.privacy) if cfg.privacy.enabled else math.inf
+        eps = state.epsilon(cfg.privacy) if dp else math.inf
         total = eps
-        if book and cfg.privacy.enabled and res.steps > 0:
+        if book and dp and res.steps > 0:
             # Charged before the reply exists: a crash after this over-counts, never
             # under-counts; a retried message is not charged twice.
             total = book[0].charge(
-                (state.noise_multiplier, res.sample_rate, res.steps), book[1],
+                (sigma, res.sample_rate, res.steps), book[1],
                 run=str(context.run_id), round_=rnd, message=msg.metadata.message_id)
-        elif book and cfg.privacy.enabled:
+        elif book and dp:
             total = book[0].spent(book[1].delta)
         metrics = {
             records.NUM_EXAMPLES: res.num_examples, records.TRAIN_LOSS: res.train_loss,
             records.TRAIN_SECONDS: res.seconds, records.DP_STEPS: res.steps,
         }
-        if cfg.privacy.enabled:  # no epsilon key at all = not private
+        if dp:  # no epsilon key at all = not private
             metrics.update({records.EPSILON: eps, records.EPSILON_TOTAL: total,
                             records.DELTA: cfg.privacy.target_delta,
-                            records.NOISE_MULTIPLIER: state.noise_multiplier})
+                            records.NOISE_MULTIPLIER: sigma,
+                            records.SAMPLE_RATE: res.sample_rate,
+                            records.TRAINABLE_PARAMS: trainable_parameters(model)})
         if cfg.lora.ffa:
             metrics[records.LORA_A_DIGEST] = frozen_a_digest(model)
         # Every site sends the same metric keys (Flower aggregates only consistent
         # replies); the local validation loss stays on the site, in its log.
-        logger.info("round %d: %s trained %d steps on %d examples (LoRA rank %d%s), "
+        logger.info("round %d: %s trained %d steps on %d examples (%s%s), "
                     "loss %.4f, val loss %.4f, epsilon %.3f", rnd, site.name,
-                    res.steps, res.num_examples, setup.rank,
+                    res.steps, res.num_examples,
+                    "head only" if probe else f"LoRA rank {setup.rank}",
                     f", proximal mu {mu:g}" if mu else "", res.train_loss,
                     res.val_loss, eps)
         out = exchanged_state(model, cfg.lora)
@@ -321,6 +339,19 @@ def make_client_app(defaults: Mapping[str, Any] | None = None, *,
                 {k: v.numpy() for k, v in out.items()}, setup.received,
                 cfg.federation.compression).items()}
         return _reply(msg, out, metrics)
+
+    @app.query()
+    @_private_errors
+    def query(msg: Message, context: Context) -> Message:
+        """The site's number of training records (the planner's input): the same
+        figure every training reply carries as ``num-examples``."""
+        conf: Mapping[str, Any] = msg.content.config_records.get(
+            records.CONFIG, ConfigRecord())
+        if conf.get(records.QUERY) != records.SITE_SIZE:
+            raise FedtuneError(f"unknown query {conf.get(records.QUERY)!r}")
+        site = site_data(run_config(context, defaults), context.node_config)
+        return Message(RecordDict({records.METRICS: MetricRecord(
+            {records.NUM_EXAMPLES: len(site.train)})}), reply_to=msg)
 
     @app.evaluate()
     @_private_errors

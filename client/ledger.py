@@ -117,12 +117,14 @@ class PrivacyLedger:
                              accountant=self.accountant)
 
     def check(self, segment: Segment, budget: Budget,
-              doc: Mapping[str, Any] | None = None) -> float:
+              doc: Mapping[str, Any] | None = None, *,
+              extra: Sequence[Segment] = ()) -> float:
         """Epsilon after ``segment``; raises if that would exceed the budget.
 
         ``doc``: the ledger already read (under the lock), else it is read here.
+        ``extra``: releases that come with this one (a class histogram).
         """
-        after = epsilon_spent([*self.history(doc or self.read()), segment],
+        after = epsilon_spent([*self.history(doc or self.read()), *extra, segment],
                               delta=budget.delta, accountant=self.accountant)
         if after > budget.epsilon + 1e-9:
             raise PrivacyBudgetExhausted(

@@ -1,10 +1,9 @@
-"""Record-level DP-SGD on a site: noise calibration, accounting, Opacus wrapping.
+"""Record-level DP-SGD on a site: the run's spending, Opacus wrapping, releases.
 
-The accounting is pure: a site's spending is the list of ``(noise_multiplier,
-sample_rate, steps)`` segments that Opacus' accountants keep as ``history``, so epsilon
-after any number of rounds is recomputed from that list exactly as one long Opacus run
-would compute it. :class:`PrivacyState` keeps the list across rounds (in the
-ClientApp's ``Context.state``) and never leaves the site: only the resulting epsilon is
+The accounting itself is pure and lives in :mod:`fedtune.common.accounting` (the
+operator's planner uses it too); its names are re-exported here for the site's code.
+:class:`PrivacyState` keeps a site's segments across rounds (in the ClientApp's
+``Context.state``) and never leaves the site: only the resulting epsilon is
 reported.
 """
 
@@ -13,18 +12,35 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
 from opacus.grad_sample.utils import wrap_model
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
 
+from fedtune.common.accounting import (
+    NoisePlan,
+    Segment,
+    calibrate_noise,
+    class_prior,
+    class_weights,
+    epsilon_spent,
+    plan_noise,
+    plan_schedule,
+    run_plan,
+    sample_rate,
+    steps_per_round,
+)
 from fedtune.common.config import PrivacyConfig
 from fedtune.common.errors import PrivacyError
+
+__all__ = ["NoisePlan", "PrivacyState", "Segment", "WeightedDPOptimizer",
+           "calibrate_noise", "class_prior", "class_weights", "epsilon_spent",
+           "make_private", "noisy_class_counts", "plan_noise", "plan_schedule",
+           "run_plan", "sample_rate", "steps_per_round"]
 
 logger = logging.getLogger(__name__)
 # Opacus' hooks fire on modules whose inputs need no grad (frozen embeddings under
@@ -32,68 +48,36 @@ logger = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="Full backward hook is firing",
                         category=UserWarning)
 
-Segment = tuple[float, float, int]  # (noise multiplier, sample rate, steps)
-
-
-def _accountant(name: str) -> RDPAccountant | PRVAccountant:
-    return RDPAccountant() if name == "rdp" else PRVAccountant()
-
-
-def epsilon_spent(history: Iterable[Segment], *, delta: float,
-                  accountant: str = "rdp") -> float:
-    """Epsilon of all segments composed (0.0 for no steps).
-
-    Segments with the same (noise, rate) are merged by adding their steps: RDP is
-    linear in the steps, so the result is exactly the same and a long ledger costs
-    one accountant term per distinct (noise, rate) instead of one per round.
-    """
-    merged: dict[tuple[float, float], int] = {}
-    for s, q, n in history:
-        if int(n) > 0:
-            key = (float(s), float(q))
-            merged[key] = merged.get(key, 0) + int(n)
-    segments = [(s, q, n) for (s, q), n in merged.items()]
-    if not segments:
-        return 0.0
-    acc = _accountant(accountant)
-    acc.history = segments
-    return float(acc.get_epsilon(delta=delta))
-
-
-def calibrate_noise(*, target_epsilon: float, target_delta: float, sample_rate: float,
-                    steps: int, accountant: str = "rdp") -> float:
-    """Smallest noise multiplier that keeps ``steps`` steps within the target."""
-    try:
-        return float(get_noise_multiplier(
-            target_epsilon=target_epsilon, target_delta=target_delta,
-            sample_rate=sample_rate, steps=steps, accountant=accountant))
-    except ValueError as err:
-        raise PrivacyError(f"cannot reach epsilon={target_epsilon} in {steps} steps at "
-                           f"sample rate {sample_rate:.4f}: {err}") from err
-
-
-def sample_rate(*, batch_size: int, num_examples: int) -> float:
-    """Poisson sampling rate for an expected batch of ``batch_size``."""
-    return min(1.0, batch_size / max(1, num_examples))
-
-
-def steps_per_round(*, sample_rate_: float, epochs: int, max_steps: int) -> int:
-    """Optimizer steps one local round takes (what the trainer will do)."""
-    if max_steps > 0:
-        return max_steps
-    return epochs * max(1, int(1 / sample_rate_))
-
 
 @dataclass
 class PrivacyState:
-    """A site's spending in this run, kept in the ClientApp's context state."""
+    """A site's spending in this run, kept in the ClientApp's context state.
+
+    ``noise_multiplier`` is the DP-SGD noise of the rounds that train LoRA;
+    rounds up to ``probe_rounds`` (head-only, LP-FT) use ``probe_noise_multiplier``.
+    """
 
     noise_multiplier: float = 0.0
     history: list[Segment] = field(default_factory=list)
+    probe_noise_multiplier: float = 0.0
+    probe_rounds: int = 0
 
-    def charge(self, *, sample_rate_: float, steps: int) -> None:
+    def sigma(self, round_: int) -> float:
+        """The DP-SGD noise multiplier of round ``round_``."""
+        if round_ <= self.probe_rounds and self.probe_noise_multiplier > 0:
+            return self.probe_noise_multiplier
+        return self.noise_multiplier
+
+    def adopt(self, plan: NoisePlan) -> None:
+        self.noise_multiplier = plan.tune_sigma
+        self.probe_noise_multiplier, self.probe_rounds = (plan.probe_sigma,
+                                                          plan.probe_rounds)
+
+    def charge(self, *, sample_rate_: float, steps: int,
+               sigma: float | None = None) -> None:
         if steps > 0:
-            self.history.append((self.noise_multiplier, sample_rate_, steps))
+            self.history.append((self.noise_multiplier if sigma is None else sigma,
+                                 sample_rate_, steps))
 
     def epsilon(self, cfg: PrivacyConfig) -> float:
         return epsilon_spent(self.history, delta=cfg.target_delta,
@@ -101,6 +85,8 @@ class PrivacyState:
 
     def to_config(self) -> dict[str, float | list[float] | list[int]]:
         return {"noise-multiplier": self.noise_multiplier,
+                "probe-noise-multiplier": self.probe_noise_multiplier,
+                "probe-rounds": self.probe_rounds,
                 "sigma": [h[0] for h in self.history],
                 "rate": [h[1] for h in self.history],
                 "steps": [h[2] for h in self.history]}
@@ -111,25 +97,64 @@ class PrivacyState:
             return cls()
         hist = zip(rec["sigma"], rec["rate"], rec["steps"], strict=True)  # type: ignore
         return cls(noise_multiplier=float(rec["noise-multiplier"]),  # type: ignore
-                   history=[(float(s), float(q), int(n)) for s, q, n in hist])
+                   history=[(float(s), float(q), int(n)) for s, q, n in hist],
+                   probe_noise_multiplier=float(
+                       rec.get("probe-noise-multiplier", 0.0)),  # type: ignore
+                   probe_rounds=int(rec.get("probe-rounds", 0)))  # type: ignore
 
 
-def plan_noise(cfg: PrivacyConfig, *, sample_rate_: float, steps_per_round_: int,
-               num_rounds: int) -> float:
-    """The configured noise multiplier, or one calibrated so that taking part in
-    every planned round spends exactly the target epsilon."""
-    if cfg.noise_multiplier > 0:
-        return cfg.noise_multiplier
-    return calibrate_noise(target_epsilon=cfg.target_epsilon,
-                           target_delta=cfg.target_delta, sample_rate=sample_rate_,
-                           steps=steps_per_round_ * num_rounds,
-                           accountant=cfg.accountant)
+def noisy_class_counts(labels: Sequence[int], *, num_classes: int, sigma: float,
+                       generator: torch.Generator | None = None) -> list[float]:
+    """The site's class histogram with Gaussian noise of ``sigma`` records per bin
+    (the Gaussian mechanism: one record changes one bin by 1, L2 sensitivity 1;
+    accounted as the segment ``(sigma, 1.0, 1)``). ``sigma = 0``: exact counts
+    (DP off)."""
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    for y in labels:
+        counts[int(y)] += 1
+    if sigma > 0:
+        counts += sigma * torch.randn(num_classes, generator=generator,
+                                      dtype=torch.float64)
+    return [float(c) for c in counts]
+
+
+class WeightedDPOptimizer(DPOptimizer):
+    """Opacus' DPOptimizer with a weight <= 1 per record applied *after* clipping.
+
+    Each record's clipped gradient is multiplied by its weight before the sum, so
+    no record contributes more than ``max_grad_norm`` and the noise calibration
+    (and the accounting) stay exactly those of plain DP-SGD. Weighting the loss
+    instead would be undone by the clipping. Set :attr:`sample_weights` (shape
+    ``[B]``, values in [0, 1]) before each ``step``; ``None`` means all 1.
+    """
+
+    sample_weights: torch.Tensor | None = None
+
+    def clip_and_accumulate(self) -> None:
+        weights = self.sample_weights
+        if weights is None or len(self.grad_samples[0]) == 0:
+            super().clip_and_accumulate()
+            return
+        if float(weights.max()) > 1.0 + 1e-6 or float(weights.min()) < 0.0:
+            raise PrivacyError("record weights must lie in [0, 1] (a weight above 1 "
+                               "would break the clipping bound)")
+        norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1)
+                             for g in self.grad_samples], dim=1).norm(2, dim=1)
+        factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        factor = factor * weights.to(factor.device, factor.dtype)
+        for p in self.params:
+            _check_processed_flag(p.grad_sample)
+            grad_sample = self._get_flat_grad_sample(p).to(p.dtype)
+            grad = torch.einsum("i,i...", factor.to(grad_sample.device, p.dtype),
+                                grad_sample)
+            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+            _mark_as_processed(p.grad_sample)
 
 
 def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  cfg: PrivacyConfig, noise_multiplier: float, expected_batch_size: int,
                  generator: torch.Generator | None = None
-                 ) -> tuple[nn.Module, DPOptimizer]:
+                 ) -> tuple[nn.Module, WeightedDPOptimizer]:
     """Wrap for per-sample gradients and a clipping+noising optimizer.
 
     The loss the caller backpropagates must be the *mean* over the batch of
@@ -139,7 +164,7 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, *,
         raise PrivacyError(f"invalid noise multiplier {noise_multiplier}")
     gsm = wrap_model(model, cfg.grad_sample_mode, batch_first=True,
                      loss_reduction="mean")
-    dp_opt = DPOptimizer(optimizer, noise_multiplier=noise_multiplier,
+    dp_opt = WeightedDPOptimizer(optimizer, noise_multiplier=noise_multiplier,
                          max_grad_norm=cfg.max_grad_norm,
                          expected_batch_size=max(1, expected_batch_size),
                          loss_reduction="mean", generator=generator)

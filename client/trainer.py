@@ -14,6 +14,7 @@ import math
 import secrets
 import sys
 import time
+from collections import OrderedDict
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -28,9 +29,9 @@ from transformers import get_linear_schedule_with_warmup
 from fedtune.client import privacy
 from fedtune.common import metrics
 from fedtune.common.config import PrivacyConfig, TrainConfig
-from fedtune.common.data import collate
+from fedtune.common.data import EncodedDataset, collate
 from fedtune.common.errors import ConfigError
-from fedtune.common.model import adapter_state, set_adapter_state
+from fedtune.common.model import adapter_state, classifier_head, set_adapter_state
 
 logger = logging.getLogger(__name__)
 
@@ -72,18 +73,24 @@ def autocast(device: torch.device, precision: str, *, dp: bool
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def per_sample_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, task: str
-                    ) -> torch.Tensor:
+def per_sample_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, task: str,
+                    logit_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Loss of each sequence in the batch, shape ``[B]``.
 
     Causal LM: token losses summed over the response tokens divided by their count
     (HF's ``labels=`` loss averages over all tokens of the batch, which mixes samples
     and breaks per-sample gradients).
+
+    ``logit_bias`` (classification, training only): added to the logits before the
+    loss, ``tau * log(prior)`` for logit-adjusted training.
     """
     if task == "classification":
-        logits = model(input_ids=batch["input_ids"],
-                       attention_mask=batch["attention_mask"])
-        return F.cross_entropy(logits.float(), batch["labels"], reduction="none")
+        logits = (model(batch["features"]) if "features" in batch else
+                  model(input_ids=batch["input_ids"],
+                        attention_mask=batch["attention_mask"])).float()
+        if logit_bias is not None:
+            logits = logits + logit_bias.to(logits.device)
+        return F.cross_entropy(logits, batch["labels"], reduction="none")
     logits = model(input_ids=batch["input_ids"],
                    attention_mask=batch["attention_mask"]).logits[:, :-1]
     target = batch["input_ids"][:, 1:]
@@ -91,6 +98,70 @@ def per_sample_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, task: s
     tok = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                           target.reshape(-1), reduction="none").view(target.shape)
     return (tok * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+class HeadOnly(nn.Module):
+    """The linear head alone, fed the cached pooled features (head-only rounds)."""
+
+    def __init__(self, head: nn.Linear) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features.to(self.head.weight.dtype))
+
+
+# id(dataset) -> (the dataset itself, kept alive so its id is never reused; the
+# LoRA state the features were computed with; the features)
+_FEATURES: OrderedDict[int, tuple[EncodedDataset, dict[str, torch.Tensor],
+                                  EncodedDataset]] = OrderedDict()
+_FEATURE_CACHE = 16  # sites kept per process
+
+
+def _same_encoder(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """LoRA states equal up to float32 rounding (FedAvg re-averages the frozen LoRA
+    of head-only rounds, which moves it by a few ulps)."""
+    return a.keys() == b.keys() and all(
+        torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-8) for k in a)
+
+
+@torch.no_grad()
+def head_features(model: nn.Module, dataset: EncodedDataset, *, device: torch.device,
+                  pad_id: int, batch_size: int) -> EncodedDataset:
+    """The head's input (pooled encoder output) for every record, cached per
+    dataset and LoRA state: while LoRA is frozen (head-only rounds) the features do
+    not change, so one forward pass per record serves every epoch and round.
+
+    Under DP nothing changes: each record's gradient on the head, and so its
+    clipping and noise, is exactly what the whole model would give.
+    """
+    lora = {k: v for k, v in adapter_state(model).items() if "lora_" in k}
+    cached = _FEATURES.get(id(dataset))
+    if cached is not None and _same_encoder(cached[1], lora):
+        _FEATURES.move_to_end(id(dataset))
+        return cached[2]
+    wrapper, _ = classifier_head(model)
+    captured: list[torch.Tensor] = []
+    hook = wrapper.register_forward_hook(
+        lambda _m, args, _out: captured.append(args[0].detach().float().cpu()))
+    was_training = model.training
+    model.eval()
+    try:
+        loader = DataLoader(dataset, batch_size=batch_size,
+                            collate_fn=functools.partial(collate, pad_id=pad_id))
+        for batch in loader:
+            batch = _to(batch, device)
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        hook.remove()
+        model.train(was_training)
+    feats = torch.cat(captured) if captured else torch.zeros((0, 1))
+    out = EncodedDataset([{"features": f, "labels": item["labels"]}
+                          for f, item in zip(feats, dataset.items, strict=True)])
+    _FEATURES[id(dataset)] = (dataset, lora, out)
+    while len(_FEATURES) > _FEATURE_CACHE:
+        _FEATURES.popitem(last=False)
+    return out
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device
@@ -135,11 +206,16 @@ def evaluate(model: nn.Module, dataset: Dataset, *, task: str, batch_size: int,
     if task != "classification":
         return {"loss": loss, "perplexity": metrics.perplexity(loss)}
     names = labels or [str(i) for i in range(int(max(y_true + y_pred)) + 1)]
+    k = len(names)
     out = {"loss": loss, "accuracy": metrics.accuracy(y_true, y_pred),
-           "macro-f1": metrics.macro_f1(y_true, y_pred, num_classes=len(names))}
-    recalls = metrics.per_class_recall(y_true, y_pred, num_classes=len(names))
-    out.update({f"recall-{n}": r for n, r in zip(names, recalls, strict=True)
-                if not math.isnan(r)})
+           "macro-f1": metrics.macro_f1(y_true, y_pred, num_classes=k),
+           **metrics.prediction_spread(y_true, y_pred, num_classes=k)}
+    for key, values in (
+            ("precision", metrics.per_class_precision(y_true, y_pred, num_classes=k)),
+            ("recall", metrics.per_class_recall(y_true, y_pred, num_classes=k)),
+            ("f1", metrics.per_class_f1(y_true, y_pred, num_classes=k))):
+        out.update({f"{key}-{n}": v for n, v in zip(names, values, strict=True)
+                    if not math.isnan(v)})
     return out
 
 
@@ -193,13 +269,26 @@ def _seeds(seed: int, *, dp: bool, secure: bool) -> tuple[int, int]:
 def train_local(model: nn.Module, train_set: Dataset, val_set: Dataset, *,
                 task: str, train_cfg: TrainConfig, privacy_cfg: PrivacyConfig,
                 noise_multiplier: float, device: torch.device, pad_id: int,
-                seed: int, proximal_mu: float = 0.0) -> TrainResult:
+                seed: int, proximal_mu: float = 0.0,
+                class_weights: torch.Tensor | None = None,
+                logit_bias: torch.Tensor | None = None,
+                head_only: bool = False) -> TrainResult:
     """Train the model's adapter in place for one round; see module docstring.
 
     ``proximal_mu > 0`` adds FedProx's proximal step (:func:`proximal_step`)
-    towards the adapter the round started from.
+    towards the adapter the round started from. ``class_weights`` (one weight in
+    [0, 1] per class) weigh each record's clipped gradient (DP) or its loss (no
+    DP); ``logit_bias`` is added to the logits in the training loss only.
+    ``head_only`` (classification, LoRA frozen) trains the head on the cached
+    pooled features (:func:`head_features`).
     """
     start = time.perf_counter()
+    trained: nn.Module = model
+    if head_only:
+        train_set = head_features(model, train_set, device=device,  # type: ignore
+                                  pad_id=pad_id,
+                                  batch_size=train_cfg.eval_batch_size)
+        trained = HeadOnly(classifier_head(model)[1])
     dp = privacy_cfg.enabled
     sample_seed, noise_seed = _seeds(seed, dp=dp, secure=privacy_cfg.secure_noise)
     gen = torch.Generator().manual_seed(sample_seed)
@@ -209,13 +298,13 @@ def train_local(model: nn.Module, train_set: Dataset, val_set: Dataset, *,
     total = (train_cfg.max_steps if train_cfg.max_steps > 0
              else train_cfg.local_epochs * per_epoch)
     model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in trained.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     opt = make_optimizer(params, train_cfg)
-    net: nn.Module = model
+    net: nn.Module = trained
     if dp:
         net, opt = privacy.make_private(
-            model, opt, cfg=privacy_cfg, noise_multiplier=noise_multiplier,
+            trained, opt, cfg=privacy_cfg, noise_multiplier=noise_multiplier,
             expected_batch_size=round(rate * len(train_set)),  # type: ignore[arg-type]
             generator=torch.Generator(device=device).manual_seed(noise_seed))
     sched = get_linear_schedule_with_warmup(
@@ -230,7 +319,8 @@ def train_local(model: nn.Module, train_set: Dataset, val_set: Dataset, *,
                 if steps >= total:
                     break
                 loss = train_step(net, opt, _to(batch, device), task=task, dp=dp,
-                                  cfg=train_cfg, device=device, params=params)
+                                  cfg=train_cfg, device=device, params=params,
+                                  class_weights=class_weights, logit_bias=logit_bias)
                 if anchor:
                     proximal_step(params, anchor, mu=proximal_mu,
                                   lr=float(opt.param_groups[0]["lr"]))
@@ -267,20 +357,32 @@ def train_local(model: nn.Module, train_set: Dataset, val_set: Dataset, *,
 
 def train_step(net: nn.Module, opt: torch.optim.Optimizer,
                batch: dict[str, torch.Tensor], *, task: str, dp: bool,
-               cfg: TrainConfig, device: torch.device, params: list[nn.Parameter]
-               ) -> float | None:
-    """One optimizer step; returns the batch loss (None for an empty Poisson batch)."""
+               cfg: TrainConfig, device: torch.device, params: list[nn.Parameter],
+               class_weights: torch.Tensor | None = None,
+               logit_bias: torch.Tensor | None = None) -> float | None:
+    """One optimizer step; returns the batch loss (None for an empty Poisson batch).
+
+    Under DP the record weights go to the optimizer, which applies them after
+    clipping (:class:`~fedtune.client.privacy.WeightedDPOptimizer`).
+    """
     opt.zero_grad(set_to_none=True)
-    if batch["input_ids"].shape[0] == 0:
+    if next(iter(batch.values())).shape[0] == 0:
         # Poisson sampling drew no record: the step still counts (and adds noise).
         for p in params:
             p.grad_sample = torch.zeros(  # type: ignore[attr-defined]
                 (0, *p.shape), device=p.device, dtype=p.dtype)
         opt.step()
         return None
+    weights = (class_weights.to(device)[batch["labels"]]
+               if class_weights is not None else None)
     with autocast(device, cfg.precision, dp=dp):
-        loss = per_sample_loss(net, batch, task=task).mean()
-    loss.backward()
+        losses = per_sample_loss(net, batch, task=task, logit_bias=logit_bias)
+    loss = losses.mean()
+    if dp:
+        opt.sample_weights = weights  # type: ignore[attr-defined]
+        loss.backward()
+    else:
+        (loss if weights is None else (losses * weights).mean()).backward()
     if not dp:
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     opt.step()

@@ -114,6 +114,9 @@ class ModelConfig(_Section):
     task: Literal["classification", "causal-lm"] = "classification"
     gguf_file: str = ""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Classification head's initial weights. "zero" starts every class at the same
+    # logit, so the first noisy DP steps do not have to undo a random head.
+    head_init: Literal["random", "zero"] = "random"
 
     def _check(self) -> list[str]:
         if not self.name_or_path.strip():
@@ -173,6 +176,14 @@ class PrivacyConfig(_Section):
     entropy. ``false`` seeds them from ``train.seed`` (reproducible experiments and
     bit-for-bit resume tests only: anyone who knows the seed can subtract the noise).
 
+    ``linear_probe_budget`` (with ``train.linear_probe_rounds``) is the share of
+    ``target_epsilon`` the head-only rounds spend; the later rounds get the rest,
+    calibrated over the exact composition of both (0: one noise level throughout).
+    ``count_noise_multiplier`` is the Gaussian noise (in records) on the class
+    histogram a site releases once per run for ``train.logit_adjustment`` and
+    ``train.class_weighting``; it is charged to the ledger and the DP-SGD noise is
+    calibrated so that histogram + training together spend ``target_epsilon``.
+
     ``ledger_dir`` and ``budget_epsilon`` are for simulations only: a deployed site
     keeps its own ledger and budget (``fedtune client --ledger-dir --budget-epsilon``)
     and ignores these two.
@@ -195,11 +206,18 @@ class PrivacyConfig(_Section):
     central_dp: bool = False
     central_noise_multiplier: float = 1.0
     central_clipping_norm: float = 1.0
+    linear_probe_budget: float = 0.0
+    count_noise_multiplier: float = 20.0
 
     def _check(self) -> list[str]:
         out = _positive(self, "target_epsilon", "max_grad_norm",
-                        "central_noise_multiplier", "central_clipping_norm")
+                        "central_noise_multiplier", "central_clipping_norm",
+                        "count_noise_multiplier")
         out += _non_negative(self, "noise_multiplier", "budget_epsilon")
+        if not 0.0 <= self.linear_probe_budget < 1.0:
+            out.append(f"linear_probe_budget: must be in [0, 1) (the share of "
+                       f"target_epsilon for the linear-probe rounds; 0: one noise "
+                       f"level for the whole run), got {self.linear_probe_budget!r}")
         if not 0.0 < self.target_delta < 1.0:
             out.append(f"target_delta: must be in (0, 1), got {self.target_delta!r}")
         return out
@@ -207,7 +225,26 @@ class PrivacyConfig(_Section):
 
 @dataclass(frozen=True)
 class TrainConfig(_Section):
-    """Local training on a site (one call per round)."""
+    """Local training on a site (one call per round).
+
+    The DP-aware recipe (bench/privacy_utility.py measures each piece):
+
+    - ``linear_probe_rounds``: LP-FT. The first rounds train the classification
+      head only (LoRA frozen): DP noise then spreads over ~8 k instead of ~80 k
+      dimensions. Later rounds train LoRA + head. The head-only rounds train on
+      each record's pooled features, computed once per run (the encoder does not
+      change while LoRA is frozen), so they can afford many epochs
+      (``linear_probe_epochs``, 0: ``local_epochs``) at their own
+      ``linear_probe_learning_rate`` (0: ``learning_rate``). The batch (so the
+      sampling rate) is shared; the noise plan counts each phase's steps.
+    - ``logit_adjustment`` (tau): train on ``logits + tau * log(prior)`` with the
+      site's class prior counted under DP (Menon et al. 2021; FedLC, Zhang et al.
+      2022). The model's own logits then score classes as if balanced, which undoes
+      the pull of DP clipping and label skew towards the majority class.
+    - ``class_weighting``: per-record weights <= 1 (``sqrt`` or ``balanced``
+      inverse frequency, the rarest class at 1) applied after per-sample clipping,
+      so the sensitivity stays ``max_grad_norm``.
+    """
 
     SECTION = "train"
     local_epochs: int = 1
@@ -223,12 +260,28 @@ class TrainConfig(_Section):
     early_stopping_patience: int = 0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     seed: int = 0
+    linear_probe_rounds: int = 0
+    linear_probe_learning_rate: float = 0.0
+    linear_probe_epochs: int = 0
+    logit_adjustment: float = 0.0
+    class_weighting: Literal["none", "sqrt", "balanced"] = "none"
+
+    def phase(self, server_round: int) -> TrainConfig:
+        """The settings of round ``server_round``: a head-only round's own
+        learning rate and epochs, where set."""
+        if server_round > self.linear_probe_rounds:
+            return self
+        return dataclasses.replace(
+            self, learning_rate=self.linear_probe_learning_rate or self.learning_rate,
+            local_epochs=self.linear_probe_epochs or self.local_epochs)
 
     def _check(self) -> list[str]:
         out = _positive(self, "local_epochs", "batch_size", "eval_batch_size",
                         "learning_rate", "max_grad_norm")
         out += _non_negative(self, "max_steps", "weight_decay",
-                             "early_stopping_patience")
+                             "early_stopping_patience", "linear_probe_rounds",
+                             "linear_probe_learning_rate", "linear_probe_epochs",
+                             "logit_adjustment")
         if not 0.0 <= self.warmup_ratio < 1.0:
             out.append(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio!r}")
         if not 0.0 <= self.momentum < 1.0:
@@ -268,7 +321,7 @@ class DataConfig(_Section):
         return out
 
 
-Strategy = Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad",
+Strategy = Literal["fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad",
                    "median", "trimmed-mean", "krum", "multi-krum"]
 ROBUST = ("median", "trimmed-mean", "krum", "multi-krum")
 
@@ -280,12 +333,18 @@ class FederationConfig(_Section):
     ``max_update_norm`` (0: no bound) rejects a site's update that moves the
     adapter by more than this L2 norm; malformed updates are always rejected.
 
-    ``strategy``: ``fedavg``; ``fedprox`` (``proximal_mu``); the server optimizers
+    ``strategy``: ``fedavg``; ``fedavgm`` (server momentum ``server_momentum``
+    at ``server_learning_rate``: averages DP noise across rounds); ``fedprox``
+    (``proximal_mu``); the server optimizers
     ``fedadam``, ``fedyogi``, ``fedadagrad`` (``server_learning_rate``,
     ``server_beta_1/2``, ``server_tau``); the robust ``median``, ``trimmed-mean``
     (``trim_fraction`` cut at each end), ``krum`` and ``multi-krum``
     (``krum_malicious`` assumed attackers, ``krum_select`` updates averaged, 0: all
     but the attackers).
+
+    ``weighting``: how the FedAvg family weights a site's update: by its
+    ``num-examples`` (FedAvg), by its square root, or uniformly (small sites that
+    hold rare classes keep a voice).
 
     ``compression`` sends each site's update as an fp16 or int8 (per-tensor scale)
     delta from the global adapter. A round needs ``min_replies`` accepted updates
@@ -305,6 +364,8 @@ class FederationConfig(_Section):
     fraction_evaluate: float = 0.0
     min_train_nodes: int = 2
     strategy: Strategy = "fedavg"
+    weighting: Literal["examples", "sqrt", "uniform"] = "examples"
+    server_momentum: float = 0.9
     proximal_mu: float = 0.01
     server_learning_rate: float = 0.01
     server_beta_1: float = 0.9
@@ -331,7 +392,7 @@ class FederationConfig(_Section):
                         "server_learning_rate", "server_tau", "min_replies")
         out += _non_negative(self, "proximal_mu", "krum_malicious", "krum_select",
                              "round_retries")
-        for name in ("server_beta_1", "server_beta_2"):
+        for name in ("server_beta_1", "server_beta_2", "server_momentum"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 out.append(f"{name}: must be in [0, 1), got {getattr(self, name)!r}")
         if not 0.0 <= self.trim_fraction < 0.5:
@@ -370,11 +431,21 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
 
+    @property
+    def releases_class_histogram(self) -> bool:
+        """Whether each site releases its class histogram (under DP) for the
+        logit adjustment or the class weights."""
+        return self.model.task == "classification" and (
+            self.train.logit_adjustment > 0 or self.train.class_weighting != "none")
+
 
 SECTIONS: dict[str, type[_Section]] = {
     f.name: typing.get_type_hints(RunConfig)[f.name]
     for f in dataclasses.fields(RunConfig)
 }
+
+
+SWEEP = "sweep"  # the search space of `fedtune sweep`; no part of a run's config
 
 
 def from_dict(raw: Mapping[str, Any] | None) -> RunConfig:
@@ -388,8 +459,8 @@ def from_dict(raw: Mapping[str, Any] | None) -> RunConfig:
     raw = {} if raw is None else raw
     if not isinstance(raw, Mapping):
         raise ConfigError(f"top level: expected a mapping of sections, got {raw!r}")
-    problems = [f"{k}: unknown section (known: {', '.join(SECTIONS)})"
-                for k in raw if k not in SECTIONS]
+    problems = [f"{k}: unknown section (known: {', '.join(SECTIONS)}, and sweep "
+                "for fedtune sweep)" for k in raw if k not in SECTIONS and k != SWEEP]
     built: dict[str, Any] = {}
     for name, cls in SECTIONS.items():
         values = raw.get(name)
@@ -416,7 +487,35 @@ def from_dict(raw: Mapping[str, Any] | None) -> RunConfig:
 def _cross_checks(sec: Mapping[str, Any]) -> list[str]:
     """Settings of different sections that cannot go together."""
     fed, lora, priv = sec["federation"], sec["lora"], sec["privacy"]
+    train, model = sec["train"], sec["model"]
     out = []
+    if model.task != "classification":
+        used = [f"train.{k}" for k in ("linear_probe_rounds", "logit_adjustment",
+                                        "linear_probe_learning_rate",
+                                        "linear_probe_epochs")
+                if getattr(train, k)]
+        used += ["train.class_weighting"] * (train.class_weighting != "none")
+        used += ["model.head_init"] * (model.head_init != "random")
+        out += [f"{k}: needs model.task classification (it acts on the "
+                f"classification head), got {model.task!r}" for k in used]
+    if train.linear_probe_rounds > fed.num_rounds:
+        out.append(f"train.linear_probe_rounds: {train.linear_probe_rounds} exceeds "
+                   f"federation.num_rounds {fed.num_rounds}")
+    if priv.linear_probe_budget and not 0 < train.linear_probe_rounds < \
+            fed.num_rounds:
+        out.append("privacy.linear_probe_budget: needs train.linear_probe_rounds "
+                   "between 1 and federation.num_rounds - 1 (a budget split needs "
+                   "both phases)")
+    if priv.linear_probe_budget and priv.noise_multiplier:
+        out.append("privacy.linear_probe_budget: cannot be combined with a fixed "
+                   "privacy.noise_multiplier (the split calibrates the noise of "
+                   "each phase); set one or the other")
+    if fed.weighting != "examples" and (fed.strategy in ROBUST or priv.central_dp
+                                        or fed.secure_aggregation):
+        out.append(f"federation.weighting: {fed.weighting!r} applies to the FedAvg "
+                   f"family only; federation.strategy {fed.strategy!r}, "
+                   "privacy.central_dp and federation.secure_aggregation weigh "
+                   "sites their own way")
     if priv.central_dp and fed.strategy != "fedavg":
         out.append(f"privacy.central_dp: needs federation.strategy fedavg (central "
                    f"DP clips and averages uniformly), got {fed.strategy!r}")

@@ -167,6 +167,24 @@ def partition(records: Sequence[Record], cfg: DataConfig, *, num_parts: int,
                             num_parts=num_parts)
 
 
+def site_records(records: Sequence[Record], cfg: DataConfig, *, task: str,
+                 part: int, num_parts: int, seed: int, source: str = "data"
+                 ) -> tuple[list[Record], str]:
+    """A site's records and name: simulation partition ``part`` of ``num_parts``
+    (``num_parts`` 0: all of them, a deployed site's own file), capped at
+    ``cfg.max_samples_per_site``."""
+    recs, name = list(records), source
+    if num_parts > 0:
+        ys = (label_ids(recs, column=cfg.label_column, labels=cfg.labels,
+                        source=source) if task == "classification" else None)
+        parts = partition(recs, cfg, num_parts=num_parts, seed=seed,
+                          label_col_ids=ys)
+        recs, name = [recs[i] for i in parts[part]], f"partition {part}/{num_parts}"
+    if cfg.max_samples_per_site:
+        recs = recs[: cfg.max_samples_per_site]
+    return recs, name
+
+
 def split_validation(indices: Sequence[int], *, fraction: float, seed: int
                      ) -> tuple[list[int], list[int]]:
     """Hold out ``fraction`` of a site's records (at least one when > 0)."""
@@ -249,6 +267,9 @@ def collate(batch: list[dict[str, torch.Tensor]], *, pad_id: int = 0
     if not batch:
         return {"input_ids": torch.zeros((0, 1), dtype=torch.long),
                 "attention_mask": torch.zeros((0, 1), dtype=torch.long)}
+    if "features" in batch[0]:  # cached head inputs (head-only rounds)
+        return {"features": torch.stack([b["features"] for b in batch]),
+                "labels": torch.stack([b["labels"] for b in batch])}
     width = max(len(b["input_ids"]) for b in batch)
     out: dict[str, torch.Tensor] = {
         "input_ids": torch.full((len(batch), width), pad_id, dtype=torch.long),

@@ -24,18 +24,67 @@ def per_class_recall(y_true: Sequence[int], y_pred: Sequence[int], *,
     return out
 
 
+def _counts(y_true: Sequence[int], y_pred: Sequence[int], c: int
+            ) -> tuple[int, int, int]:
+    """(true positives, false positives, false negatives) of class ``c``."""
+    pairs = list(zip(y_true, y_pred, strict=True))
+    return (sum(1 for t, p in pairs if t == p == c),
+            sum(1 for t, p in pairs if p == c != t),
+            sum(1 for t, p in pairs if t == c != p))
+
+
+def per_class_precision(y_true: Sequence[int], y_pred: Sequence[int], *,
+                        num_classes: int) -> list[float]:
+    """Precision of each class; NaN for a class never predicted nor present, 0.0
+    for a present class that is never predicted."""
+    out = []
+    for c in range(num_classes):
+        tp, fp, fn = _counts(y_true, y_pred, c)
+        out.append(tp / (tp + fp) if tp + fp else (0.0 if fn else math.nan))
+    return out
+
+
+def per_class_f1(y_true: Sequence[int], y_pred: Sequence[int], *,
+                 num_classes: int) -> list[float]:
+    """F1 of each class; NaN for a class absent from truth and prediction."""
+    out = []
+    for c in range(num_classes):
+        tp, fp, fn = _counts(y_true, y_pred, c)
+        out.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else math.nan)
+    return out
+
+
+COLLAPSE_SHARE = 0.95  # one class taking this share of the predictions = collapse
+
+
+def prediction_spread(y_true: Sequence[int], y_pred: Sequence[int], *,
+                      num_classes: int) -> dict[str, float]:
+    """How the predictions spread over the classes (a DP collapse shows here).
+
+    ``top_prediction`` (class id) and ``top_prediction_share``: the most
+    predicted class and its share; ``classes_never_predicted``: classes present
+    in ``y_true`` that the model never predicts; ``collapsed``: 1.0 when one
+    class takes at least :data:`COLLAPSE_SHARE` of the predictions although
+    the truth holds more than one class.
+    """
+    if not y_pred:
+        return {}
+    counts = [sum(1 for p in y_pred if p == c) for c in range(num_classes)]
+    top = max(range(num_classes), key=lambda c: counts[c])
+    share = counts[top] / len(y_pred)
+    present = {t for t in y_true}
+    never = sum(1 for c in present if counts[c] == 0)
+    return {"top_prediction": float(top), "top_prediction_share": share,
+            "classes_never_predicted": float(never),
+            "collapsed": float(share >= COLLAPSE_SHARE and len(present) > 1)}
+
+
 def macro_f1(y_true: Sequence[int], y_pred: Sequence[int], *,
              num_classes: int) -> float:
     """Unweighted mean of per-class F1 over the classes present in truth or
     prediction (scikit-learn's ``f1_score(average='macro')`` on those labels)."""
-    scores = []
-    for c in range(num_classes):
-        tp = sum(1 for t, p in zip(y_true, y_pred, strict=True) if t == p == c)
-        fp = sum(1 for t, p in zip(y_true, y_pred, strict=True) if p == c != t)
-        fn = sum(1 for t, p in zip(y_true, y_pred, strict=True) if t == c != p)
-        if tp + fp + fn == 0:
-            continue
-        scores.append(2 * tp / (2 * tp + fp + fn))
+    scores = [f for f in per_class_f1(y_true, y_pred, num_classes=num_classes)
+              if not math.isnan(f)]
     return sum(scores) / len(scores) if scores else 0.0
 
 

@@ -155,6 +155,9 @@ def build_base(cfg: ModelConfig, *, num_labels: int, seed: int = 0) -> nn.Module
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = MeanPoolClassifier(pretrained, num_labels)
+    if cfg.head_init == "zero":
+        nn.init.zeros_(model.head.weight)
+        nn.init.zeros_(model.head.bias)
     model.name_or_path = cfg.name_or_path
     return model
 
@@ -192,6 +195,29 @@ def build_model(cfg: ModelConfig, lora: LoraConfig, *, num_labels: int = 0,
             if ".lora_A." in name:
                 param.requires_grad_(False)
     return model
+
+
+def set_lora_trainable(model: nn.Module, lora: LoraConfig, *, trainable: bool
+                       ) -> None:
+    """Freeze (linear-probe rounds: only the head trains) or unfreeze the LoRA
+    tensors; FFA-LoRA's A stays frozen either way."""
+    for name, param in model.named_parameters():
+        if ".lora_B." in name or (".lora_A." in name and not lora.ffa):
+            param.requires_grad_(trainable)
+
+
+def classifier_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    """(the module whose input is the pooled features, the trainable linear head
+    inside it) of a classification model built by :func:`build_model`."""
+    peft: Any = _unwrap(model)
+    wrapper: Any = getattr(peft.base_model.model, HEAD)
+    active = wrapper.active_adapters[0]
+    return wrapper, wrapper.modules_to_save[active]
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    """How many numbers DP-SGD noises each step (the trainable parameters)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def exchanged_state(model: nn.Module, lora: LoraConfig) -> dict[str, torch.Tensor]:

@@ -24,6 +24,8 @@ EPSILON = "epsilon"
 DELTA = "delta"
 NOISE_MULTIPLIER = "noise-multiplier"
 DP_STEPS = "dp-steps"
+SAMPLE_RATE = "sample-rate"  # Poisson sampling rate of this round's DP-SGD
+TRAINABLE_PARAMS = "trainable-params"  # dimensions DP-SGD noised this round
 TRAIN_SECONDS = "train-seconds"
 LORA_A_DIGEST = "lora-a-digest"  # FFA-LoRA: 48 bits of sha256 of the frozen A
 EVAL_LOSS = "eval-loss"
@@ -35,6 +37,8 @@ PERPLEXITY = "perplexity"
 SERVER_ROUND = "server-round"
 PROXIMAL_MU = "proximal-mu"  # FedProx (Flower's key)
 RESUMED_AT = "resumed-at"  # first round of a resumed run (0: not resumed)
+QUERY = "query"  # what a query message asks for
+SITE_SIZE = "site-size"  # ... the site's number of training records
 
 
 def to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:

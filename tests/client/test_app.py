@@ -21,7 +21,9 @@ from tests.conftest import tiny_config
 
 DECLARED_METRICS = {records.NUM_EXAMPLES, records.TRAIN_LOSS, records.TRAIN_SECONDS,
                     records.DP_STEPS, records.EPSILON, records.DELTA,
-                    records.NOISE_MULTIPLIER, records.EPSILON_TOTAL}
+                    records.NOISE_MULTIPLIER, records.EPSILON_TOTAL,
+                    # public: q = batch / num-examples, and the model's size
+                    records.SAMPLE_RATE, records.TRAINABLE_PARAMS}
 EVAL_METRICS = {records.NUM_EXAMPLES, records.EVAL_LOSS, records.ACCURACY,
                 records.MACRO_F1}
 

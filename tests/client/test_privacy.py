@@ -130,3 +130,54 @@ def test_privacy_errors() -> None:
     with pytest.raises(PrivacyError, match="cannot reach epsilon"):
         privacy.calibrate_noise(target_epsilon=1e-6, target_delta=1e-5,
                                 sample_rate=1.0, steps=10_000)
+
+
+def test_record_weights_apply_after_clipping(tiny_bert: Path) -> None:
+    # Prepare: per-sample gradients by a one-sample loop, as above
+    torch.manual_seed(0)
+    model = M.build_model(ModelConfig(name_or_path=str(tiny_bert)), LoraConfig(r=4),
+                          num_labels=3)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch = _batch(tiny_bert)
+    bsz, clip = len(batch["labels"]), 0.05
+    weights = torch.tensor([1.0, 0.25, 0.5, 0.0])
+    manual = []
+    for i in range(bsz):
+        model.zero_grad()
+        one = {k: v[i:i + 1] for k, v in batch.items()}
+        trainer.per_sample_loss(model, one, task="classification").sum().backward()
+        manual.append(_flat_grads(params).clone())
+    model.zero_grad()
+    # w_i * clip(g_i): a weight scales the clipped gradient, so no record moves the
+    # sum by more than the clipping bound (weighting the loss would be clipped away)
+    expected = sum(w * g * min(1.0, clip / float(g.norm()))
+                   for w, g in zip(weights, manual, strict=True)) / bsz
+    opt = torch.optim.SGD(params, lr=0.0)
+    gsm, dp_opt = privacy.make_private(
+        model, opt, cfg=PrivacyConfig(max_grad_norm=clip), noise_multiplier=0.0,
+        expected_batch_size=bsz)
+    # Execute
+    trainer.per_sample_loss(gsm, batch, task="classification").mean().backward()
+    dp_opt.sample_weights = weights
+    dp_opt.pre_step()
+    got = _flat_grads(params)
+    dp_opt.zero_grad()
+    trainer.per_sample_loss(gsm, batch, task="classification").mean().backward()
+    dp_opt.sample_weights = torch.tensor([1.0, 1.5, 0.0, 0.0])
+    with pytest.raises(PrivacyError, match=r"record weights must lie in \[0, 1\]"):
+        dp_opt.pre_step()
+    gsm._close()
+    # Assert
+    assert torch.allclose(got, expected, atol=1e-7, rtol=1e-4)
+
+
+def test_class_histogram_noise_has_the_configured_scale() -> None:
+    labels = [0] * 700 + [1] * 300
+    exact = privacy.noisy_class_counts(labels, num_classes=3, sigma=0.0)
+    assert exact == [700.0, 300.0, 0.0]
+    draws = torch.tensor([privacy.noisy_class_counts(
+        labels, num_classes=3, sigma=5.0, generator=torch.Generator().manual_seed(s))
+        for s in range(400)])
+    assert draws.mean(0).tolist() == pytest.approx([700, 300, 0], abs=1.0)
+    assert float(draws.std(0).mean()) == pytest.approx(5.0, rel=0.1)

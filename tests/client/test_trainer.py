@@ -177,3 +177,45 @@ def test_dp_noise_is_seeded_from_entropy_unless_told_otherwise() -> None:
     assert len(secure) == 3 and (7, 8) not in secure
     assert trainer._seeds(7, dp=True, secure=False) == (7, 8)
     assert trainer._seeds(7, dp=False, secure=True) == (7, 8)
+
+
+def test_head_only_rounds_train_the_head_on_cached_features(tiny_bert: Path) -> None:
+    # Prepare: two identical models; LoRA frozen on both (a head-only round)
+    train_set, val_set = _sets(tiny_bert)
+    cfg = TrainConfig(local_epochs=2, batch_size=8, learning_rate=5e-2, optimizer="sgd",
+                      momentum=0.0, warmup_ratio=0.0)
+    models = [_model(tiny_bert), _model(tiny_bert)]
+    for m in models:
+        M.set_lora_trainable(m, LoraConfig(r=4), trainable=False)
+    before = M.adapter_state(models[0])
+    # Execute: the full model vs the head on cached pooled features, same batches
+    for m, head_only in zip(models, (False, True), strict=True):
+        trainer.train_local(m, train_set, val_set, task="classification",
+                            train_cfg=cfg, privacy_cfg=PrivacyConfig(enabled=False),
+                            noise_multiplier=0.0, device=CPU, pad_id=0, seed=3,
+                            head_only=head_only)
+    # Assert: the same head; LoRA untouched; the features are cached by LoRA state
+    full, cached = (M.adapter_state(m) for m in models)
+    for k in full:
+        assert torch.allclose(full[k], cached[k], atol=1e-5), k
+        assert torch.equal(full[k], before[k]) == (".head." not in k), k
+    feats = trainer.head_features(models[1], train_set, device=CPU, pad_id=0,
+                                  batch_size=32)
+    assert feats is trainer.head_features(models[1], train_set, device=CPU, pad_id=0,
+                                          batch_size=32)
+    assert len(feats) == len(train_set) and feats[0]["features"].shape == (32,)
+
+
+def test_dp_head_only_round_with_logit_adjustment_and_weights(tiny_bert: Path
+                                                             ) -> None:
+    train_set, val_set = _sets(tiny_bert)
+    model = _model(tiny_bert)
+    M.set_lora_trainable(model, LoraConfig(r=4), trainable=False)
+    res = trainer.train_local(
+        model, train_set, val_set, task="classification",
+        train_cfg=TrainConfig(local_epochs=2, batch_size=16, learning_rate=5e-2),
+        privacy_cfg=PrivacyConfig(secure_noise=False), noise_multiplier=0.5,
+        device=CPU, pad_id=0, seed=0, head_only=True,
+        class_weights=torch.tensor([1.0, 0.5, 0.25]),
+        logit_bias=torch.log(torch.tensor([0.2, 0.3, 0.5])))
+    assert res.steps == 2 * int(1 / res.sample_rate) and math.isfinite(res.train_loss)

@@ -8,9 +8,9 @@ from fedtune.common import cli
 
 
 def test_config_prints_resolved_defaults(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["config", "federation.num-rounds=3"]) == 0
+    assert cli.main(["config", "federation.num-rounds=6"]) == 0
     out = capsys.readouterr().out
-    assert "num_rounds: 3" in out and "name_or_path: fedtune:all-MiniLM-L6-v2" in out
+    assert "num_rounds: 6" in out and "name_or_path: fedtune:all-MiniLM-L6-v2" in out
 
 
 def test_bad_config_exits_2_and_names_every_key(tmp_path: Path,

@@ -114,6 +114,41 @@ def test_all_problems_reported_together() -> None:
      r"privacy.central_dp: needs federation.strategy fedavg"),
     ({"federation": {"secure_aggregation": True}, "lora": {"site_ranks": [2]}},
      r"lora.site_ranks: cannot be combined with federation.secure_aggregation"),
+    ({"model": {"head_init": "ones"}}, r"model.head_init: expected one of"),
+    ({"privacy": {"linear_probe_budget": 1.0}},
+     r"privacy.linear_probe_budget: must be in \[0, 1\)"),
+    ({"privacy": {"count_noise_multiplier": 0}},
+     r"privacy.count_noise_multiplier: must be > 0"),
+    ({"train": {"linear_probe_rounds": -1}},
+     r"train.linear_probe_rounds: must be >= 0"),
+    ({"train": {"logit_adjustment": -0.5}}, r"train.logit_adjustment: must be >= 0"),
+    ({"train": {"class_weighting": "inverse"}}, r"train.class_weighting: expected one"),
+    ({"federation": {"weighting": "records"}}, r"federation.weighting: expected one"),
+    ({"federation": {"server_momentum": 1.0}}, r"federation.server_momentum: must be"),
+    ({"train": {"linear_probe_rounds": 6}, "federation": {"num_rounds": 5}},
+     r"train.linear_probe_rounds: 6 exceeds federation.num_rounds 5"),
+    ({"privacy": {"linear_probe_budget": 0.3}},
+     r"privacy.linear_probe_budget: needs train.linear_probe_rounds between 1"),
+    ({"privacy": {"linear_probe_budget": 0.3}, "train": {"linear_probe_rounds": 5},
+      "federation": {"num_rounds": 5}},
+     r"privacy.linear_probe_budget: needs train.linear_probe_rounds between 1"),
+    ({"privacy": {"linear_probe_budget": 0.3, "noise_multiplier": 1.0},
+      "train": {"linear_probe_rounds": 1}},
+     r"privacy.linear_probe_budget: cannot be combined with a fixed "
+     r"privacy.noise_multiplier"),
+    ({"model": {"task": "causal-lm"}, "train": {"logit_adjustment": 1.0}},
+     r"train.logit_adjustment: needs model.task classification"),
+    ({"model": {"task": "causal-lm"}, "train": {"linear_probe_rounds": 1}},
+     r"train.linear_probe_rounds: needs model.task classification"),
+    ({"model": {"task": "causal-lm", "head_init": "zero"}},
+     r"model.head_init: needs model.task classification"),
+    ({"model": {"task": "causal-lm"}, "train": {"class_weighting": "sqrt"}},
+     r"train.class_weighting: needs model.task classification"),
+    ({"federation": {"strategy": "median", "weighting": "uniform"}},
+     r"federation.weighting: 'uniform' applies to the FedAvg family only; "
+     r"federation.strategy 'median'"),
+    ({"federation": {"weighting": "sqrt"}, "privacy": {"central_dp": True}},
+     r"federation.weighting: 'sqrt' applies to the FedAvg family only"),
     ({"train": []}, r"train: expected a mapping"),
     ([1, 2], r"top level: expected a mapping"),
 ])
@@ -164,10 +199,14 @@ def test_every_shipped_yaml_loads() -> None:
 
 def test_default_yaml_is_the_main_job() -> None:
     cfg = config.load(next(p for p in SHIPPED if p.name == "default.yaml"))
-    assert cfg.privacy.enabled
-    assert cfg.federation.num_sites >= 8
-    assert cfg.data.partition == "column" and cfg.data.partition_column == "condition"
+    assert cfg.privacy.enabled and cfg.privacy.target_epsilon == 8.0
+    assert cfg.federation.num_sites >= 8 and cfg.data.max_samples_per_site >= 1000
+    assert cfg.data.source == "fedtune:icd10-chapters"
+    assert len(cfg.data.labels) == 21 and cfg.data.partition == "dirichlet"
     assert cfg.model.name_or_path == "fedtune:all-MiniLM-L6-v2"
+    assert 0 < cfg.train.linear_probe_rounds < cfg.federation.num_rounds
+    small = config.load(next(p for p in SHIPPED if p.name == "drug-reviews.yaml"))
+    assert small.data.partition_column == "condition"  # the small-sites case
 
 
 def test_pyproject_flower_config_equals_typed_defaults() -> None:

@@ -29,3 +29,4 @@ def test_empirical_epsilon_from_clopper_pearson_bounds() -> None:
     # delta only lowers the bound.
     assert empirical_epsilon(list(range(100, 200)), list(range(100)), delta=0.1) < \
         expected
+

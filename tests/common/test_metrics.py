@@ -1,0 +1,29 @@
+"""Classification metrics and collapse detection, against hand-computed values."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedtune.common import metrics
+
+
+def test_per_class_precision_recall_f1() -> None:
+    y_true, y_pred = [0, 0, 1, 1, 2], [0, 1, 1, 1, 0]
+    assert metrics.per_class_precision(y_true, y_pred, num_classes=3) == [
+        0.5, 2 / 3, 0.0]
+    assert metrics.per_class_recall(y_true, y_pred, num_classes=3) == [0.5, 1.0, 0.0]
+    assert metrics.per_class_f1(y_true, y_pred, num_classes=3) == pytest.approx(
+        [0.5, 0.8, 0.0])
+    assert metrics.macro_f1(y_true, y_pred, num_classes=3) == pytest.approx(1.3 / 3)
+
+
+def test_collapse_is_detected() -> None:
+    y_true = [0] * 60 + [1] * 30 + [2] * 10
+    spread = metrics.prediction_spread(y_true, [0] * 97 + [1] * 3, num_classes=3)
+    assert spread == {"top_prediction": 0.0, "top_prediction_share": 0.97,
+                      "classes_never_predicted": 1.0, "collapsed": 1.0}
+    healthy = metrics.prediction_spread(y_true, y_true, num_classes=3)
+    assert healthy["collapsed"] == 0.0 and healthy["classes_never_predicted"] == 0.0
+    # one class in the truth: predicting it is no collapse
+    assert metrics.prediction_spread([1] * 5, [1] * 5, num_classes=2)[
+        "collapsed"] == 0.0
