@@ -77,6 +77,37 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from fedtune.common import planning
+
+    cfg, _ = _load(args.items)
+    sites = ([(f"site {i}", n) for i, n in enumerate(args.records)] if args.records
+             else planning.simulated_sites(cfg))
+    plans = planning.plan_sites(cfg, sites, dims=planning.model_dims(cfg))
+    print(planning.format_plan(plans, cfg))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import yaml
+
+    from fedtune.server.sweep import format_trials, load_space, sweep
+
+    path = Path(args.config)
+    if not path.is_file():
+        raise FedtuneError(f"{path}: config file not found; pass a run YAML with a "
+                           "sweep section")
+    out = Path(args.out or f"sweeps/{path.stem}")
+    rows = sweep(path, trials=args.trials, out=out, seed=args.seed,
+                 timeout=args.trial_timeout)
+    space = load_space(yaml.safe_load(path.read_text(encoding="utf-8")))
+    print(format_trials(rows, space.metric, direction=space.direction))
+    best = out / "best.yaml"
+    print(f"trials: {out / 'trials.json'}" + (f"\nbest config: {best}"
+                                             if best.is_file() else ""))
+    return 0 if best.is_file() else 1
+
+
 def cmd_assets(args: argparse.Namespace) -> int:
     for name in args.names or assets.names():
         print(f"{assets.PREFIX}{name}: {assets.resolve(assets.PREFIX + name)}")
@@ -323,6 +354,26 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="validate and print the resolved config")
     c.add_argument("items", nargs="*", help=items_help)
     c.set_defaults(func=cmd_config)
+    pl = sub.add_parser("plan", help="before training: each site's DP noise against "
+                        "its signal, and whether it is expected to learn")
+    pl.add_argument("items", nargs="*", help=items_help)
+    pl.add_argument("--records", type=int, nargs="+", metavar="N",
+                    help="training records of each site (a deployment); default: "
+                    "the simulation's partition of data.source")
+    pl.set_defaults(func=cmd_plan)
+    sw = sub.add_parser("sweep", help="hyper-parameter search over simulations "
+                        "(Optuna TPE + pruning; the YAML's sweep section)",
+                        description="Each trial is a normal `fedtune simulate` run "
+                        "directory. Tuning on private data spends privacy: sweep "
+                        "on simulated, public or proxy data.")
+    sw.add_argument("config", help="run YAML with a sweep section (metric, "
+                    "direction, space)")
+    sw.add_argument("--trials", type=int, default=8, help="trials (default 8)")
+    sw.add_argument("--out", help="sweep directory (default sweeps/NAME)")
+    sw.add_argument("--seed", type=int, default=0, help="TPE seed (default 0)")
+    sw.add_argument("--trial-timeout", type=float, default=3600.0,
+                    help="seconds before a trial is stopped as failed")
+    sw.set_defaults(func=cmd_sweep)
     a = sub.add_parser("assets", help="fetch the embedded offline model/data defaults")
     a.add_argument("names", nargs="*", help=f"default: all of {assets.names()}")
     a.set_defaults(func=cmd_assets)

@@ -8,7 +8,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 from tqdm.auto import tqdm
 
 from fedtune.client.trainer import resolve_device
-from fedtune.common import records
+from fedtune.common import planning, records
 from fedtune.common.config import RESUME, RUN_PATH, RunConfig, from_run_config
 from fedtune.common.deployment import INSECURE_ENV, ensure_app_logging
 from fedtune.common.errors import FedtuneError
@@ -33,6 +33,7 @@ from fedtune.server import checkpoint, rounds
 from fedtune.server.daemon import RUNS_DIR_ENV
 from fedtune.server.evaluate import CentralEvaluator
 from fedtune.server.events import EventLog
+from fedtune.server.preflight import preflight
 from fedtune.server.strategy import FedTuneStrategy, all_declined, build_strategy
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ class RoundRecorder:
         eval_seconds = time.perf_counter() - t0
         row: dict[str, Any] = {"round": server_round, **{
             f"eval_{k.replace('-', '_')}": v for k, v in ev.items()}}
+        if "top_prediction" in ev:
+            row.update(spread_words(ev, self.cfg.data.labels))
         if server_round > 0:
             stats = self.strategy.round_stats.get(server_round)
             if stats is None or stats.replied == 0:
@@ -126,6 +129,11 @@ class RoundRecorder:
         quality = (f"acc {row['eval_accuracy']:.3f} macro-F1 {row['eval_macro_f1']:.3f}"
                    if "eval_accuracy" in row else
                    f"ppl {row.get('eval_perplexity', float('nan')):.2f}")
+        if row.get("eval_collapse"):
+            quality += f" | COLLAPSED: {row['eval_collapse']}"
+        rho = row.get("rho_max")
+        if rho is not None:
+            quality += f" | noise rho max {rho:.3f} ({planning.verdict(rho)})"
         logger.info(
             "round %d/%d | train loss %.4f | eval loss %.4f %s | eps max %s | "
             "%d/%d clients | %.2f MB up %.2f MB down | %.1f s",
@@ -138,9 +146,31 @@ class RoundRecorder:
         if row.get("epsilon_by_node"):
             logger.info("round %d epsilon by node: %s", row["round"], ", ".join(
                 f"{k}={v:.3f}" for k, v in row["epsilon_by_node"].items()))
+        if row.get("dp_by_node"):
+            logger.info("round %d DP-SGD by node (records, sigma, q, steps, rho): %s",
+                        row["round"], "; ".join(
+                            f"{k}: {int(v['records'])}, {v['sigma']:.3f}, "
+                            f"{v['sample_rate']:.4f}, {int(v['steps'])}, "
+                            f"{v['rho']:.3f}" for k, v in row["dp_by_node"].items()))
+        if row.get("eval_collapse"):
+            logger.warning("round %d: the global model collapsed: %s", row["round"],
+                           row["eval_collapse"])
         if row.get("nodes_failed"):
             logger.warning("round %d: node(s) %s failed or did not answer",
                            row["round"], ", ".join(row["nodes_failed"]))
+
+
+def spread_words(ev: Mapping[str, Any], labels: Sequence[str]) -> dict[str, Any]:
+    """The prediction spread in words: the most predicted label, and a sentence
+    when the model predicts (nearly) one class only."""
+    top = labels[int(ev["top_prediction"])]
+    out: dict[str, Any] = {"eval_top_prediction": top}
+    if ev.get("collapsed"):
+        out["eval_collapse"] = (
+            f"predicts {top!r} for {ev['top_prediction_share']:.0%} of the test "
+            f"records; {int(ev['classes_never_predicted'])} class(es) never "
+            "predicted (F1 0)")
+    return out
 
 
 def _run_dir(flat: Mapping[str, Any], cfg: RunConfig, run_id: int) -> Path:
@@ -190,6 +220,9 @@ def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
         recorder = RoundRecorder(cfg=cfg, run_dir=run_dir, strategy=strategy,
                                  evaluator=evaluator, model=model)
         logger.info("run directory: %s", run_dir)
+        rounds.wait_for_nodes(grid, fed.min_train_nodes, fed.round_timeout)
+        preflight(grid, cfg, run_dir=run_dir, dims=planning.model_dims(cfg, model),
+                  timeout=fed.round_timeout)
         if fed.secure_aggregation:
             from fedtune.server.secagg import run_secagg
 

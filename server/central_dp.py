@@ -33,7 +33,6 @@ from fedtune.common import records
 from fedtune.server.strategy import FedTuneAvg
 
 logger = logging.getLogger(__name__)
-UNIT_WEIGHT = "central-dp-unit-weight"  # set on the server: uniform averaging
 
 
 def client_epsilon(*, noise_multiplier: float, releases: int, delta: float) -> float:
@@ -46,7 +45,7 @@ class CentralDPAvg(FedTuneAvg):
 
     def __init__(self, *, noise_multiplier: float, clipping_norm: float,
                  delta: float, **kwargs: object) -> None:
-        super().__init__(weighted_by_key=UNIT_WEIGHT, **kwargs)
+        super().__init__(**{**kwargs, "weighting": "uniform"})  # type: ignore[arg-type]
         if noise_multiplier <= 0 or clipping_norm <= 0:
             raise ValueError("central DP needs noise_multiplier > 0 and "
                              "clipping_norm > 0")
@@ -65,8 +64,6 @@ class CentralDPAvg(FedTuneAvg):
         reply.content[records.ARRAYS] = ArrayRecord(
             {k: Array(np.asarray(v)) for k, v in zip(record.keys(), values,
                                                       strict=True)})
-        metrics = reply.content[records.METRICS]
-        metrics[UNIT_WEIGHT] = 1  # type: ignore[index,assignment]
 
     def _combine(self, server_round: int, good: list[Message]
                  ) -> tuple[ArrayRecord | None, MetricRecord | None]:

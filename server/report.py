@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedtune.common import config
+from fedtune.common import config, planning
 from fedtune.common.errors import FedtuneError
 from fedtune.server import checkpoint, plots
 
@@ -67,13 +67,14 @@ def round_table(run: Run) -> tuple[list[str], list[list[str]]]:
     quality = ["acc", "macro-F1"] if classification else ["perplexity"]
     head = ["round", "eval loss", *quality, "accepted/sampled", "rejected",
             "declined", "failed", "late", "MB up", "MB down", "round s",
-            "train s (sum)", "ε max"]
+            "train s (sum)", "ε max", "noise ρ max"]
     body = []
     for r in ([run.initial] if run.initial else []) + run.rows:
-        q = ([_f(r.get("eval_accuracy"), ".3f"), _f(r.get("eval_macro_f1"), ".3f")]
+        q = ([_f(r.get("eval_accuracy"), ".3f"), _f(r.get("eval_macro_f1"), ".3f")
+              + (" COLLAPSED" if r.get("eval_collapse") else "")]
              if classification else [_f(r.get("eval_perplexity"), ".2f")])
         if r["round"] == 0:
-            body.append(["0 (start)", _f(r.get("eval_loss")), *q] + ["-"] * 10)
+            body.append(["0 (start)", _f(r.get("eval_loss")), *q] + ["-"] * 11)
             continue
         c = plots.participation_counts(r)
         body.append([str(r["round"]), _f(r.get("eval_loss")), *q,
@@ -82,7 +83,23 @@ def round_table(run: Run) -> tuple[list[str], list[list[str]]]:
                      str(c["late"]), _mb(r.get("bytes_received")),
                      _mb(r.get("bytes_sent")), _f(r.get("round_seconds"), ".1f"),
                      _f(r.get("client_train_seconds_sum"), ".1f"),
-                     _f(r.get("epsilon_max"), ".3f")])
+                     _f(r.get("epsilon_max"), ".3f"), _f(r.get("rho_max"), ".3f")])
+    return head, body
+
+
+def class_table(run: Run) -> tuple[list[str], list[list[str]]]:
+    """Per class, on the last evaluated round: precision, recall, F1 (a class the
+    model never predicts has F1 0 - the signature of a DP collapse)."""
+    rows: list[Row] = [run.initial or {}, *run.rows]
+    last: Row = next((r for r in reversed(rows) if "eval_macro_f1" in r), {})
+    head = ["class", "precision", "recall", "F1"]
+    body = []
+    for label in run.cfg.data.labels:
+        key = label.replace("-", "_")
+        if f"eval_recall_{key}" not in last and f"eval_f1_{key}" not in last:
+            continue  # absent from the test set
+        body.append([label, *(_f(last.get(f"eval_{m}_{key}"), ".3f")
+                              for m in ("precision", "recall", "f1"))])
     return head, body
 
 
@@ -109,9 +126,19 @@ def site_table(run: Run) -> tuple[list[str], list[list[str]]]:
         for n, eps in (r.get("epsilon_total_by_node") or {}).items():
             node(n)["total"] = eps
     target = run.cfg.privacy.target_epsilon if run.cfg.privacy.enabled else None
-    head = ["node", "ε this run", "of target", "ledger total", "accepted",
-            "declined", "failed", "rejected (why)"]
-    body = [[n, _f(s["eps"], ".3f"),
+    dp: dict[str, Mapping[str, float]] = {}
+    weight: dict[str, float] = {}
+    for r in run.rows:  # the last round each site trained in
+        dp.update(r.get("dp_by_node") or {})
+        weight.update(r.get("weight_by_node") or {})
+    head = ["node", "records", "σ", "q", "steps", "noise ρ", "weight", "ε this run",
+            "of target", "ledger total", "accepted", "declined", "failed",
+            "rejected (why)"]
+    body = [[n, _f(dp.get(n, {}).get("records"), ".0f"),
+             _f(dp.get(n, {}).get("sigma"), ".3f"),
+             _f(dp.get(n, {}).get("sample_rate"), ".4f"),
+             _f(dp.get(n, {}).get("steps"), ".0f"), _f(dp.get(n, {}).get("rho"), ".3f"),
+             _f(weight.get(n), ".3f"), _f(s["eps"], ".3f"),
              f"{100 * s['eps'] / target:.0f} %" if target and s["eps"] else "-",
              _f(s["total"], ".3f"), str(s["ok"]), str(s["declined"]),
              str(s["failed"]), "; ".join(s["rejected"]) or "-"]
@@ -138,6 +165,14 @@ def headline(run: Run) -> list[str]:
     else:
         out.append("WARNING: DP is OFF (privacy.enabled=false): the updates of this "
                    "run are not differentially private")
+    if last.get("eval_collapse"):
+        out.append(f"WARNING: COLLAPSED in round {last['round']}: the global model "
+                   f"{last['eval_collapse']}; under DP this means the noise drowned "
+                   "the signal (`fedtune plan` says what would help)")
+    if last.get("rho_max") is not None:
+        out.append(f"DP noise: round noise ratio ρ max {last['rho_max']:.3f} "
+                   f"({planning.verdict(last['rho_max'])}; ρ = σ·√dims / (batch·√steps)"
+                   f", the noise over the signal of a site's round)")
     if last:
         quality = (f"accuracy {_f(last.get('eval_accuracy'), '.3f')}, macro-F1 "
                    f"{_f(last.get('eval_macro_f1'), '.3f')}"
@@ -164,6 +199,9 @@ def text_summary(run: Run) -> str:
     """The report as plain text (what `fedtune report` prints)."""
     parts = ["\n".join(headline(run)), "Per round:", _text_table(*round_table(run)),
              "Per site:", _text_table(*site_table(run))]
+    classes = class_table(run)
+    if classes[1]:
+        parts += ["Per class (last round):", _text_table(*classes)]
     return "\n\n".join(parts) + "\n"
 
 
@@ -211,7 +249,8 @@ def render_html(run: Run, pngs: Mapping[str, bytes]) -> str:
             f"report: {html.escape(run.path.name)}</title><style>{CSS}</style>"
             f"</head><body><h1>fedtune report: {html.escape(run.path.name)}</h1>"
             f"<ul class=facts>{facts}</ul>{figures}<h2>Per round</h2>"
-            f"{_html_table(*round_table(run))}<h2>Per site</h2>"
+            f"{_html_table(*round_table(run))}<h2>Per class (last round)</h2>"
+            f"{_html_table(*class_table(run))}<h2>Per site</h2>"
             f"{_html_table(*site_table(run))}<p>Node ids are Flower's; the plots "
             "label each by its last 6 digits. ε this run is the site's own "
             "accountant over this run; the ledger total covers every run on the "

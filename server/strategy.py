@@ -40,6 +40,7 @@ from flwr.serverapp.strategy import (
     FedAdagrad,
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
@@ -47,13 +48,22 @@ from flwr.serverapp.strategy import (
     MultiKrum,
 )
 
-from fedtune.common import records, updates
+from fedtune.common import planning, records, updates
 from fedtune.common.config import FederationConfig, PrivacyConfig
 from fedtune.common.errors import FedtuneError
 from fedtune.server import validation
 
 logger = logging.getLogger(__name__)
 DECLINED = "PrivacyBudgetExhausted"  # in a site's error reply: it declined the round
+SITE_WEIGHT = "aggregation-weight"  # set on the server (federation.weighting)
+
+
+def site_weight(num_examples: float, weighting: str) -> float:
+    """A site's weight in the average: its ``num-examples`` (FedAvg), the square
+    root of it, or 1 (``uniform``)."""
+    if weighting == "uniform":
+        return 1.0
+    return float(num_examples) ** (0.5 if weighting == "sqrt" else 1.0)
 
 
 @dataclass
@@ -77,6 +87,8 @@ class RoundStats:
     epsilon_total_by_node: dict[str, float] = field(default_factory=dict)
     accepted: int = 0
     attempts: int = 1
+    weight_by_node: dict[str, float] = field(default_factory=dict)
+    dp_by_node: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, object]:
         eps = self.epsilons
@@ -99,6 +111,10 @@ class RoundStats:
             "clients_late": max(0, self.sampled - self.replied - self.failed
                                 - len(self.nodes_rejected)),
             "round_attempts": self.attempts,
+            "weight_by_node": dict(self.weight_by_node),
+            "dp_by_node": {k: dict(v) for k, v in self.dp_by_node.items()},
+            "rho_max": max((v["rho"] for v in self.dp_by_node.values()),
+                           default=None),
         }
 
 
@@ -152,6 +168,14 @@ def record_site_metrics(stats: RoundStats, node: str, m: Mapping[str, Any]) -> N
         stats.non_private += 1
     if records.TRAIN_SECONDS in m:
         stats.train_seconds.append(float(m[records.TRAIN_SECONDS]))
+    dp_keys = (records.NOISE_MULTIPLIER, records.SAMPLE_RATE, records.DP_STEPS,
+               records.TRAINABLE_PARAMS, records.NUM_EXAMPLES)
+    if all(k in m for k in dp_keys):
+        sigma, q, steps, dims, n = (float(m[k]) for k in dp_keys)
+        stats.dp_by_node[node] = {
+            "records": n, "sigma": sigma, "sample_rate": q, "steps": steps,
+            "dims": dims, "rho": planning.round_noise_ratio(
+                sigma=sigma, dims=int(dims), batch=q * n, steps=int(steps))}
 
 
 def _content_key(msg: Message) -> str:
@@ -166,8 +190,12 @@ class FedTuneStrategy:
 
     def __init__(self, *, max_update_norm: float = 0.0, compression: str = "none",
                  min_replies: int = 1, ffa_digest: float | None = None,
-                 lower_ranks: bool = False, **kwargs: object) -> None:
+                 lower_ranks: bool = False, weighting: str = "examples",
+                 **kwargs: object) -> None:
+        if weighting != "examples":
+            kwargs["weighted_by_key"] = SITE_WEIGHT
         super().__init__(**kwargs)  # type: ignore[call-arg]
+        self.weighting = weighting
         self.max_update_norm, self.compression = max_update_norm, compression
         self.lower_ranks = lower_ranks  # accept lower-rank updates (HetLoRA)
         self.min_replies, self.ffa_digest = min_replies, ffa_digest
@@ -216,6 +244,7 @@ class FedTuneStrategy:
                            "(federation.min_replies)", server_round, len(good),
                            self.min_replies)
             return None, None
+        self._weigh(good, stats)
         arrays, metrics = self._combine(server_round, good)
         if arrays is not None and self._global:
             # Flower's server optimizers step in float64: keep the adapter's dtypes
@@ -225,6 +254,19 @@ class FedTuneStrategy:
         if metrics is not None:
             self.train_metrics[server_round] = dict(metrics)  # type: ignore[arg-type]
         return arrays, metrics
+
+    def _weigh(self, good: list[Message], stats: RoundStats) -> None:
+        """Each accepted site's share of the average (``federation.weighting``);
+        set on the server, so a site cannot choose its own weight."""
+        weights = {}
+        for msg in good:
+            metrics: Any = msg.content[records.METRICS]
+            weight = site_weight(float(metrics[records.NUM_EXAMPLES]), self.weighting)
+            if self.weighting != "examples":
+                metrics[SITE_WEIGHT] = weight
+            weights[str(msg.metadata.src_node_id)] = weight
+        total = sum(weights.values()) or 1.0
+        stats.weight_by_node = {k: v / total for k, v in weights.items()}
 
     def _combine(self, server_round: int, good: list[Message]
                  ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -307,6 +349,24 @@ class FedTuneAvg(FedTuneStrategy, FedAvg):
     """FedAvg (weighted by ``num-examples``)."""
 
 
+class FedTuneAvgM(FedTuneStrategy, FedAvgM):
+    """FedAvg, applied with server-side momentum (Hsu et al. 2019): the momentum
+    averages the sites' DP noise over rounds while the signal adds up."""
+
+    def state(self) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        arrays, scalars = super().state()
+        for i, v in enumerate(self.momentum_vector or []):
+            arrays[f"momentum/{i:06d}"] = np.asarray(v)
+        return arrays, scalars
+
+    def restore(self, arrays: Mapping[str, np.ndarray],
+                scalars: Mapping[str, float]) -> None:
+        super().restore(arrays, scalars)
+        saved = sorted(k for k in arrays if k.startswith("momentum/"))
+        if saved:
+            self.momentum_vector = [np.array(arrays[k]) for k in saved]
+
+
 class FedTuneProx(FedTuneStrategy, FedProx):
     """FedAvg; the sites add the proximal step (``proximal-mu`` in the config)."""
 
@@ -357,7 +417,7 @@ def build_strategy(fed: FederationConfig | None = None, *,
     fed = fed or FederationConfig()
     common = {"max_update_norm": fed.max_update_norm, "compression": fed.compression,
               "min_replies": fed.min_replies, "ffa_digest": ffa_digest,
-              "lower_ranks": lower_ranks, **kwargs}
+              "lower_ranks": lower_ranks, "weighting": fed.weighting, **kwargs}
     opt = {"eta": fed.server_learning_rate, "beta_1": fed.server_beta_1,
            "beta_2": fed.server_beta_2, "tau": fed.server_tau}
     if privacy is not None and privacy.central_dp:
@@ -370,6 +430,9 @@ def build_strategy(fed: FederationConfig | None = None, *,
                             delta=privacy.target_delta, **common)
     made: dict[str, Callable[[], FedTuneStrategy]] = {
         "fedavg": lambda: FedTuneAvg(**common),
+        "fedavgm": lambda: FedTuneAvgM(server_learning_rate=fed.server_learning_rate,
+                                       server_momentum=fed.server_momentum,
+                                       **common),
         "fedprox": lambda: FedTuneProx(proximal_mu=fed.proximal_mu, **common),
         "fedadam": lambda: FedTuneAdam(**opt, **common),
         "fedyogi": lambda: FedTuneYogi(**opt, **common),

@@ -76,7 +76,7 @@ def test_every_site_declining_stops_at_once() -> None:
 
 def test_too_few_nodes_is_a_bounded_wait() -> None:
     with pytest.raises(FedtuneError, match="only 1 of the 3 nodes"):
-        rounds._wait_for_nodes(FakeGrid([1]), 3, timeout=0.6)
+        rounds.wait_for_nodes(FakeGrid([1]), 3, timeout=0.6)
 
 
 def _state(cfg: config.RunConfig, rnd: int) -> checkpoint.ServerState:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
@@ -7,7 +8,7 @@ from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from fedtune.common import records
 from fedtune.common.config import FederationConfig
 from fedtune.common.errors import ConfigError
-from fedtune.server.strategy import FedTuneAvg, build_strategy
+from fedtune.server.strategy import FedTuneAvg, FedTuneAvgM, build_strategy
 
 
 def _reply(query: Message, state: dict[str, torch.Tensor], n: int,
@@ -66,3 +67,67 @@ def test_unknown_strategy() -> None:
     with pytest.raises(ConfigError, match="federation.strategy: .*'fedsgd'"):
         FederationConfig(strategy="fedsgd")  # type: ignore[arg-type]
 
+
+
+@pytest.mark.parametrize(("weighting", "expected"), [
+    ("examples", (10 * 1 + 90 * 4) / 100),
+    ("sqrt", (np.sqrt(10) * 1 + np.sqrt(90) * 4) / (np.sqrt(10) + np.sqrt(90))),
+    ("uniform", (1 + 4) / 2),
+])
+@pytest.mark.usefixtures("flower_identity")
+def test_site_weighting_gives_small_sites_a_voice(weighting: str,
+                                                  expected: float) -> None:
+    # Prepare: a small site (10 records) and a large one (90)
+    query = Message(RecordDict({records.CONFIG: ConfigRecord()}), dst_node_id=1,
+                    message_type="train")
+    replies = [_reply(query, {"head.bias": torch.tensor([v])}, n)
+               for v, n in ((1.0, 10), (4.0, 90))]
+    for node, reply in enumerate(replies, 1):
+        reply.metadata.__dict__["_src_node_id"] = node  # two distinct sites
+    strategy = build_strategy(FederationConfig(weighting=weighting),  # type: ignore
+                              min_train_nodes=1, min_available_nodes=1)
+    # Execute
+    arrays, _ = strategy.aggregate_train(1, replies)
+    # Assert: the average and the weights the round records
+    assert arrays is not None
+    assert float(records.from_record(arrays)["head.bias"]) == pytest.approx(expected)
+    shares = sorted(strategy.round_stats[1].summary()["weight_by_node"].values())
+    small = {"examples": 0.1, "sqrt": np.sqrt(10) / (np.sqrt(10) + np.sqrt(90)),
+             "uniform": 0.5}[weighting]
+    assert shares[0] == pytest.approx(small)
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_fedavgm_momentum_accumulates_and_survives_a_resume() -> None:
+    # Prepare: the global head at 0; every round a site moves it to 1
+    fed = FederationConfig(strategy="fedavgm", server_learning_rate=1.0,
+                           server_momentum=0.5)
+
+    def round_of(strategy: FedTuneAvgM, rnd: int, current: float) -> float:
+        arrays = records.to_record({"head.bias": torch.tensor([current])})
+        strategy.configure_train(rnd, arrays, ConfigRecord(), _Grid())
+        query = Message(RecordDict({records.CONFIG: ConfigRecord()}), dst_node_id=1,
+                        message_type="train")
+        out, _ = strategy.aggregate_train(rnd, [_reply(
+            query, {"head.bias": torch.tensor([current + 1.0])}, 5)])
+        assert out is not None
+        return float(records.from_record(out)["head.bias"])
+
+    first = build_strategy(fed, min_train_nodes=1, min_available_nodes=1)
+    assert isinstance(first, FedTuneAvgM)
+    # Execute: two rounds, then a fresh strategy restored from the state
+    one = round_of(first, 1, 0.0)
+    two = round_of(first, 2, one)
+    resumed = build_strategy(fed, min_train_nodes=1, min_available_nodes=1)
+    assert isinstance(resumed, FedTuneAvgM)
+    resumed.restore(*first.state())
+    # Assert: steps 1, then 1 + 0.5 * 1 (momentum), then 1 + 0.5 * 1.5
+    assert one == pytest.approx(1.0) and two == pytest.approx(2.5)
+    assert round_of(resumed, 3, two) == pytest.approx(2.5 + 1.75)
+
+
+class _Grid:
+    """Just enough of Flower's Grid for configure_train (one node)."""
+
+    def get_node_ids(self) -> list[int]:
+        return [1]

@@ -1,0 +1,64 @@
+"""Before round 1: ask every site for its record count and plan its DP-SGD noise.
+
+The same planner as ``fedtune plan`` (:mod:`fedtune.common.planning`), fed with the
+sizes the sites report themselves (a deployment's operator knows no other way; a
+simulation's sites answer from their partitions). A site answers with its number
+of training records only - the figure it reports as ``num-examples`` every round
+anyway. The plan goes to the log (a WARNING when a site is expected to learn
+nothing) and to ``RUN_DIR/plan.json`` for the report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.serverapp import Grid
+
+from fedtune.common import planning, records
+from fedtune.common.config import RunConfig
+
+logger = logging.getLogger(__name__)
+PLAN_FILE = "plan.json"
+
+
+def site_sizes(grid: Grid, *, timeout: float) -> list[tuple[str, int]]:
+    """(``node <id>``, training records) of every connected node that answers."""
+    ask = {records.QUERY: records.SITE_SIZE}
+    messages = [Message(content=RecordDict({records.CONFIG: ConfigRecord(ask)}),
+                        dst_node_id=node, message_type=MessageType.QUERY)
+                for node in sorted(grid.get_node_ids())]
+    sizes = []
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = f"node {reply.metadata.src_node_id}"
+        if reply.has_error():
+            logger.warning("%s did not report its size: %s", node, reply.error.reason)
+            continue
+        metrics = reply.content.metric_records.get(records.METRICS, MetricRecord())
+        if records.NUM_EXAMPLES in metrics:
+            sizes.append((node, int(metrics[records.NUM_EXAMPLES])))  # type: ignore
+    return sizes
+
+
+def preflight(grid: Grid, cfg: RunConfig, *, run_dir: Path, dims: tuple[int, int],
+              timeout: float) -> list[planning.SitePlan]:
+    """Plan every answering site, log the table, warn on a bad verdict, and write
+    ``plan.json``."""
+    plans = planning.plan_sites(cfg, site_sizes(grid, timeout=timeout), dims=dims)
+    if not plans:
+        logger.warning("no site reported its size: no privacy-utility plan")
+        return plans
+    table = planning.format_plan(plans, cfg)
+    verdict = planning.overall(plans)
+    if verdict in planning.VERDICTS[1:]:
+        logger.warning("%s\nWARNING: %s - see the advice above (fedtune plan "
+                       "explains the figures)", table, verdict.upper())
+    else:
+        logger.info("%s", table)
+    (run_dir / PLAN_FILE).write_text(json.dumps(
+        {"overall": verdict, "sites": [asdict(p) for p in plans]}, indent=2) + "\n")
+    return plans

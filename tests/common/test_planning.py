@@ -1,0 +1,79 @@
+"""The privacy-utility planner: noise against signal, verdicts, and advice."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from fedtune.common import config, planning
+from fedtune.common.errors import DataError
+from tests.conftest import tiny_config
+
+
+def test_round_noise_ratio_formula() -> None:
+    # sigma 2, 10 000 dims (sqrt 100), batch 50, 4 steps: 2 * 100 / 50 / 2 = 2
+    assert planning.noise_to_clip(sigma=2.0, dims=10_000, batch=50) == 4.0
+    assert planning.round_noise_ratio(sigma=2.0, dims=10_000, batch=50,
+                                      steps=4) == 2.0
+    assert [planning.verdict(r) for r in (0.1, 0.5, 1.0, 2.0, 5.0)] == [
+        "expected to learn", "expected to learn", "marginal", "marginal",
+        "will learn nothing"]
+
+
+def test_small_sites_learn_nothing_and_get_advice() -> None:
+    # Prepare: the drug-review shape - 63 records, an 80 k-dim adapter, eps 8
+    cfg = config.from_dict({"train": {"batch_size": 64, "local_epochs": 2}})
+    # Execute
+    small = planning.plan_site(cfg, site="s", records=63, dims=80_000)
+    large = planning.plan_site(cfg, site="l", records=5_000, dims=8_000)
+    # Assert
+    assert small.verdict == "will learn nothing" and small.rho > planning.MARGINAL
+    assert small.rho == pytest.approx(planning.round_noise_ratio(
+        sigma=small.sigma, dims=80_000, batch=63, steps=small.steps))
+    need = math.ceil(63 * small.rho / planning.LEARNS)
+    assert f"need >= {need} records" in small.advice
+    assert "epsilon >=" in small.advice and "trainable parameters" in small.advice
+    assert large.verdict == "expected to learn" and large.advice == ""
+
+
+def test_head_only_rounds_plan_their_own_dimensions() -> None:
+    cfg = config.from_dict({"train": {"batch_size": 512, "linear_probe_rounds": 1},
+                            "privacy": {"linear_probe_budget": 0.5},
+                            "federation": {"num_rounds": 3}})
+    plan = planning.plan_site(cfg, site="s", records=2_000, dims=80_000,
+                              probe_dims=8_000)
+    ratios = [planning.round_noise_ratio(sigma=s, dims=d, batch=512, steps=plan.steps)
+              for s, d in ((plan.probe_sigma, 8_000), (plan.sigma, 80_000))]
+    assert plan.rho == pytest.approx(max(ratios))
+    text = planning.format_plan([plan], cfg)
+    assert "8000/80000" in text and f"{plan.probe_sigma:.2f}/{plan.sigma:.2f}" in text
+    assert text.splitlines()[-1] == f"overall: {plan.verdict}"
+
+
+def test_dp_off_has_no_noise() -> None:
+    cfg = config.from_dict({"privacy": {"enabled": False}})
+    plan = planning.plan_site(cfg, site="s", records=100, dims=1_000)
+    assert plan.verdict == "DP off" and plan.sigma == 0.0
+    assert "DP is OFF" in planning.format_plan([plan], cfg)
+
+
+def test_simulated_sites_match_the_sites_own_split(
+        tiny_bert: Path, review_files: tuple[Path, Path]) -> None:
+    from fedtune.client.app import _site_data
+
+    cfg = config.from_dict(tiny_config(tiny_bert, *review_files))
+    sizes = planning.simulated_sites(cfg)
+    assert sizes == [(f"partition {p}/3", len(_site_data(cfg, cfg.data.source, p, 3)
+                                              .train)) for p in range(3)]
+    dims, probe = planning.model_dims(cfg)
+    assert dims > 0 and probe == 0
+
+
+def test_missing_data_file_is_the_same_named_error(tiny_bert: Path,
+                                                   tmp_path: Path) -> None:
+    cfg = config.from_dict(tiny_config(tiny_bert, tmp_path / "nope.jsonl",
+                                       tmp_path / "test.jsonl"))
+    with pytest.raises(DataError, match="nope.jsonl: data file not found"):
+        planning.simulated_sites(cfg)
