@@ -103,12 +103,12 @@ def per_sample_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, task: s
 class HeadOnly(nn.Module):
     """The linear head alone, fed the cached pooled features (head-only rounds)."""
 
-    def __init__(self, head: nn.Linear) -> None:
+    def __init__(self, head: nn.Module) -> None:
         super().__init__()
         self.head = head
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features.to(self.head.weight.dtype))
+        return self.head(features.to(next(self.head.parameters()).dtype))
 
 
 # id(dataset) -> (the dataset itself, kept alive so its id is never reused; the

@@ -122,7 +122,7 @@ def _advice(cfg: RunConfig, *, records: int, rho: float, dims: int,
             warnings.simplefilter("ignore")
             learns_at_max = rho_at(hi) <= LEARNS
         if learns_at_max:
-            for _ in range(12):
+            for _ in range(7):  # epsilon to ~4 % (advice, not accounting)
                 mid = math.sqrt(lo * hi)
                 lo, hi = (lo, mid) if rho_at(mid) <= LEARNS else (mid, hi)
             eps_text = f"epsilon >= {hi:.3g}"

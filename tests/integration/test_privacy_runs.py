@@ -97,3 +97,49 @@ def test_audit_detects_memorisation_without_dp(
     assert result["empirical_epsilon_canaries"] > 0
     assert result["accountant_epsilon"] is None  # no DP: no finite promise
     assert "canaries   AUC" in proc.stdout
+
+
+def test_dp_recipe_end_to_end_plans_charges_and_reports(
+        tmp_path: Path, tiny_bert: Path, review_files: tuple[Path, Path]) -> None:
+    # Prepare: a head-only round then a LoRA round with its own share of epsilon,
+    # the logit adjustment and class weights from a DP histogram, sqrt weighting
+    ledger_dir = tmp_path / "ledger"
+    raw = tiny_config(
+        tiny_bert, *review_files,
+        model={"head_init": "zero"},
+        privacy={"target_epsilon": 4.0, "linear_probe_budget": 0.4,
+                 "ledger_dir": str(ledger_dir), "count_noise_multiplier": 5.0},
+        train={"linear_probe_rounds": 1, "linear_probe_epochs": 3,
+               "linear_probe_learning_rate": 0.05, "logit_adjustment": 1.0,
+               "class_weighting": "sqrt"},
+        federation={"weighting": "sqrt"})
+    # Execute
+    proc, run_dir = _simulate(tmp_path, raw)
+    # Assert: the plan came before round 1 and was written down
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.index("privacy plan: epsilon 4") < proc.stderr.index(
+        "[ROUND 1/2]")
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert len(plan["sites"]) == 3 and plan["overall"] in (
+        "expected to learn", "marginal", "will learn nothing")
+    # every round: each site's sigma, q, steps, dims and rho; weights; classes
+    one, two = _rounds(run_dir)[1:]
+    for row in (one, two):
+        assert len(row["dp_by_node"]) == 3 and row["rho_max"] > 0
+        assert sum(row["weight_by_node"].values()) == pytest.approx(1.0)
+        assert {"eval_f1_positive", "eval_precision_negative",
+                "eval_recall_neutral", "eval_collapsed"} <= set(row)
+    head_only = {v["dims"] for v in one["dp_by_node"].values()}
+    with_lora = {v["dims"] for v in two["dp_by_node"].values()}
+    assert head_only == {32 * 3 + 3} and min(with_lora) > 99  # LoRA joins round 2
+    sigmas = [{round(v["sigma"], 6) for v in r["dp_by_node"].values()}
+              for r in (one, two)]
+    assert sigmas[0].isdisjoint(sigmas[1])  # the budget split: two noise levels
+    # the histogram release is on the ledger, and the whole run spends epsilon 4
+    for path in ledger_dir.glob("*.json"):
+        entries = json.loads(path.read_text())["entries"]
+        assert [(e["sigma"], e["sample_rate"], e["steps"]) for e in entries][0] == (
+            5.0, 1.0, 1)
+        assert len(entries) == 3  # histogram, round 1, round 2
+        assert entries[-1]["epsilon_after"] == pytest.approx(4.0, abs=0.02)
+    assert two["epsilon_max"] == pytest.approx(4.0, abs=0.02)

@@ -181,3 +181,32 @@ def test_budget_line_when_the_run_sets_one(troubled_run: Path) -> None:
                                                             budget_epsilon=10.0)))
     png = report.FIGURES["privacy"][1](run)
     assert png.startswith(PNG)
+
+
+def test_collapse_noise_ratio_and_classes_are_reported(tmp_path: Path) -> None:
+    # Prepare: round 2 collapsed onto "positive"; the sites' DP figures
+    dp = {A: {"records": 63.0, "sigma": 2.0, "sample_rate": 1.0, "steps": 2.0,
+              "dims": 74883.0, "rho": 6.19}}
+    collapse = "predicts 'positive' for 98% of the test records; 2 class(es) never"
+    run = make_run(tmp_path, [
+        _row(0), _row(1, rho_max=6.19, dp_by_node=dp, weight_by_node={A: 1.0}),
+        _row(2, rho_max=6.19, dp_by_node=dp, eval_collapse=collapse,
+             eval_precision_positive=0.65, eval_recall_positive=1.0,
+             eval_f1_positive=0.79, eval_precision_negative=0.0,
+             eval_recall_negative=0.0, eval_f1_negative=0.0)],
+        federation={"num_sites": 3, "num_rounds": 2, "min_train_nodes": 3})
+    # Execute
+    page, text = report.write_report(run)
+    # Assert: the collapse in words (red on the page), rho and the per-class table
+    assert f"WARNING: COLLAPSED in round 2: the global model {collapse}" in text
+    assert "ρ max 6.190 (will learn nothing" in text
+    assert "0.500 COLLAPSED" in text  # macro-F1 cell of round 2
+    classes = text.split("Per class (last round):")[1]
+    assert re.search(r"positive\s+0\.650\s+1\.000\s+0\.790", classes)
+    assert re.search(r"negative\s+0\.000\s+0\.000\s+0\.000", classes)
+    html_page = page.read_text()
+    assert "<li class=warn>WARNING: COLLAPSED" in html_page
+    head, body = report.site_table(report.load_run(run))
+    row = dict(zip(head, body[0], strict=True))
+    assert (row["records"], row["σ"], row["noise ρ"], row["weight"]) == (
+        "63", "2.000", "6.190", "1.000")
