@@ -117,11 +117,15 @@ class ModelConfig(_Section):
     # Classification head's initial weights. "zero" starts every class at the same
     # logit, so the first noisy DP steps do not have to undo a random head.
     head_init: Literal["random", "zero"] = "random"
+    # 0: a linear head on the pooled features; N: linear(N) + GELU + linear.
+    head_hidden: int = 0
 
     def _check(self) -> list[str]:
+        out = _non_negative(self, "head_hidden")
         if not self.name_or_path.strip():
-            return ["name_or_path: must name a local directory or a hub model id"]
-        return []
+            out.append("name_or_path: must name a local directory or a hub model id")
+        return out
+
 
 
 @dataclass(frozen=True)
@@ -496,6 +500,7 @@ def _cross_checks(sec: Mapping[str, Any]) -> list[str]:
                 if getattr(train, k)]
         used += ["train.class_weighting"] * (train.class_weighting != "none")
         used += ["model.head_init"] * (model.head_init != "random")
+        used += ["model.head_hidden"] * bool(model.head_hidden)
         out += [f"{k}: needs model.task classification (it acts on the "
                 f"classification head), got {model.task!r}" for k in used]
     if train.linear_probe_rounds > fed.num_rounds:

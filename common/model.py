@@ -56,13 +56,17 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,
 
 
 class MeanPoolClassifier(nn.Module):
-    """Encoder + masked mean pooling + linear head."""
+    """Encoder + masked mean pooling + a linear head, or with ``hidden`` > 0 a
+    two-layer head (linear, GELU, linear)."""
 
-    def __init__(self, encoder: Any, num_labels: int) -> None:
+    def __init__(self, encoder: Any, num_labels: int, hidden: int = 0) -> None:
         super().__init__()
         self.encoder = encoder
         self.config = encoder.config  # peft reads model.config
-        self.head = nn.Linear(encoder.config.hidden_size, num_labels)
+        width = encoder.config.hidden_size
+        self.head: nn.Module = (nn.Sequential(
+            nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, num_labels))
+            if hidden else nn.Linear(width, num_labels))
 
     def forward(self, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor) -> torch.Tensor:
@@ -70,7 +74,7 @@ class MeanPoolClassifier(nn.Module):
                               attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return self.head(pooled.to(self.head.weight.dtype))
+        return self.head(pooled.to(next(self.head.parameters()).dtype))
 
 
 def _gguf_cache(path: str, gguf_file: str) -> Path:
@@ -154,10 +158,12 @@ def build_base(cfg: ModelConfig, *, num_labels: int, seed: int = 0) -> nn.Module
         return pretrained
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = MeanPoolClassifier(pretrained, num_labels)
-    if cfg.head_init == "zero":
-        nn.init.zeros_(model.head.weight)
-        nn.init.zeros_(model.head.bias)
+        model = MeanPoolClassifier(pretrained, num_labels, hidden=cfg.head_hidden)
+    if cfg.head_init == "zero":  # the output layer: every class at the same logit
+        head: Any = model.head
+        out = head[-1] if cfg.head_hidden else head
+        nn.init.zeros_(out.weight)
+        nn.init.zeros_(out.bias)
     model.name_or_path = cfg.name_or_path
     return model
 
@@ -206,9 +212,9 @@ def set_lora_trainable(model: nn.Module, lora: LoraConfig, *, trainable: bool
             param.requires_grad_(trainable)
 
 
-def classifier_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
-    """(the module whose input is the pooled features, the trainable linear head
-    inside it) of a classification model built by :func:`build_model`."""
+def classifier_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(the module whose input is the pooled features, the trainable head inside
+    it) of a classification model built by :func:`build_model`."""
     peft: Any = _unwrap(model)
     wrapper: Any = getattr(peft.base_model.model, HEAD)
     active = wrapper.active_adapters[0]

@@ -59,7 +59,9 @@ class RoundRecorder:
         self.events = EventLog(run_dir)
         self.meta = {"task": cfg.model.task, "base_model": cfg.model.name_or_path,
                      "gguf_file": cfg.model.gguf_file, "labels": list(cfg.data.labels),
-                     "head": "masked mean pooling + linear"
+                     "head": ("masked mean pooling + " + (
+                         f"linear({cfg.model.head_hidden}) + GELU + linear"
+                         if cfg.model.head_hidden else "linear"))
                      if cfg.model.task == "classification" else None}
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

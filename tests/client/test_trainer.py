@@ -179,12 +179,15 @@ def test_dp_noise_is_seeded_from_entropy_unless_told_otherwise() -> None:
     assert trainer._seeds(7, dp=False, secure=True) == (7, 8)
 
 
-def test_head_only_rounds_train_the_head_on_cached_features(tiny_bert: Path) -> None:
+@pytest.mark.parametrize("hidden", [0, 8], ids=["linear-head", "mlp-head"])
+def test_head_only_rounds_train_the_head_on_cached_features(tiny_bert: Path,
+                                                             hidden: int) -> None:
     # Prepare: two identical models; LoRA frozen on both (a head-only round)
     train_set, val_set = _sets(tiny_bert)
     cfg = TrainConfig(local_epochs=2, batch_size=8, learning_rate=5e-2, optimizer="sgd",
                       momentum=0.0, warmup_ratio=0.0)
-    models = [_model(tiny_bert), _model(tiny_bert)]
+    head = ModelConfig(name_or_path=str(tiny_bert), head_hidden=hidden)
+    models = [M.build_model(head, LoraConfig(r=4), num_labels=3) for _ in range(2)]
     for m in models:
         M.set_lora_trainable(m, LoraConfig(r=4), trainable=False)
     before = M.adapter_state(models[0])

@@ -123,3 +123,13 @@ def test_lower_rank_site_is_a_slice_with_the_global_scaling(tiny_bert: Path
     assert scale == {m.scaling["default"] for m in full.modules()
                      if hasattr(m, "scaling") and isinstance(m.scaling, dict)
                      and m.scaling} == {2.0}
+
+
+def test_zero_mlp_head_starts_every_class_equal(tiny_bert: Path) -> None:
+    model = M.build_model(ModelConfig(name_or_path=str(tiny_bert), head_init="zero",
+                                      head_hidden=16), LoraConfig(r=4), num_labels=3)
+    ids = torch.tensor([[2, 5, 6, 3]])
+    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    assert torch.equal(logits, torch.zeros((1, 3)))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sum(".head." in n for n in names) == 4  # two layers, weight and bias
