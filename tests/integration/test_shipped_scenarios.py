@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(tmp_path: Path, *args: str) -> tuple[list[dict], float]:
+def _run(tmp_path: Path, *args: str) -> tuple[list[dict], float, str]:
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "fedtune.common.cli", "simulate", *args,
@@ -23,22 +23,38 @@ def _run(tmp_path: Path, *args: str) -> tuple[list[dict], float]:
         timeout=900, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines], time.perf_counter() - start
+    return ([json.loads(line) for line in lines], time.perf_counter() - start,
+            proc.stderr)
 
 
-def test_default_main_job_under_ten_minutes(tmp_path: Path) -> None:
-    rows, seconds = _run(tmp_path)  # no config: the embedded default.yaml
+def test_default_main_job_learns_under_dp_within_ten_minutes(tmp_path: Path
+                                                            ) -> None:
+    rows, seconds, log = _run(tmp_path)  # no config: the embedded default.yaml
     assert seconds < 600
     assert [r["round"] for r in rows] == list(range(6))
-    last = rows[-1]
+    first, last = rows[0], rows[-1]
     assert last["clients_replied"] == 8
     assert 7.5 < last["epsilon_max"] <= 8.0 + 1e-6  # calibrated to the whole run
-    assert last["eval_loss"] < rows[0]["eval_loss"]
+    # private learning, not the class prior: every class is predicted, macro-F1
+    # far above the majority class's (0.02) and the untrained start's
+    assert first["eval_collapsed"] == 1.0 and not last["eval_collapsed"]
+    assert last["eval_macro_f1"] > 0.5 and last["eval_classes_never_predicted"] == 0
+    assert "overall: expected to learn" in log and last["rho_max"] < 0.5
     assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_small_sites_are_planned_as_hopeless_and_the_collapse_is_named(
+        tmp_path: Path) -> None:
+    rows, _, log = _run(tmp_path, str(ROOT / "simulations" / "drug-reviews.yaml"))
+    assert "WARNING: WILL LEARN NOTHING" in log and "need >= " in log
+    last = rows[-1]
+    assert last["eval_collapsed"] == 1.0 and last["rho_max"] > 2.0
+    assert "COLLAPSED: predicts 'positive'" in log
+    assert last["eval_f1_negative"] == 0.0 or last["eval_f1_neutral"] == 0.0
 
 
 def test_causal_lm_scenario(tmp_path: Path) -> None:
     pytest.importorskip("gguf")
-    rows, _ = _run(tmp_path, str(ROOT / "simulations" / "causal-lm.yaml"))
+    rows, _, _ = _run(tmp_path, str(ROOT / "simulations" / "causal-lm.yaml"))
     assert rows[-1]["eval_perplexity"] < rows[0]["eval_perplexity"]
     assert 0 < rows[-1]["epsilon_max"] <= 8.0 + 1e-6
