@@ -116,7 +116,7 @@ def main() -> None:
     reviews = Path(assets.resolve("fedtune:drug-reviews")).read_text().splitlines()
     data = work / "site.jsonl"
     data.write_text("\n".join(reviews[:64]) + "\n")
-    scenario = yaml.safe_load((ROOT / "simulations" / "default.yaml").read_text())
+    scenario = yaml.safe_load((ROOT / "simulations" / "drug-reviews.yaml").read_text())
     scenario["train"].update({"max_steps": 1, "local_epochs": 1})
     scenario["federation"].update({"num_sites": 1, "min_train_nodes": 1})
     scenario["data"]["max_test_samples"] = 64

@@ -3,7 +3,7 @@ training times in that round (what Flower + fedtune add around training).
 
     python bench/framework_overhead.py [--quick] [--rounds 4] [--out DIR]
 
-Runs ``simulations/default.yaml`` (8 sites, DP on) twice through Flower's
+Runs ``simulations/drug-reviews.yaml`` (8 sites, DP on) twice through Flower's
 simulation engine:
 
 - **sequential** (``federation.client_cpus=2`` on 2 cores: one site at a time): the
@@ -66,7 +66,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="fedtune-overhead-"))
     results = [measure(m, rounds, work, extra) for m in MODES]
     path = write(args.out, "framework_overhead" + ("-quick" if args.quick else ""), {
-        "device": device(), "cores": os.cpu_count(), "task": "default.yaml",
+        "device": device(), "cores": os.cpu_count(), "task": "drug-reviews.yaml",
         "quick": args.quick, "overrides": extra, "results": results})
     print(table(["mode", "round", "round s", "sum train s", "round / train",
                  "eval s"],

@@ -2,7 +2,7 @@
 
     python bench/secagg_overhead.py [--rounds 2] [--out bench/results]
 
-Runs ``simulations/default.yaml`` (8 sites, DP on) twice through Flower's
+Runs ``simulations/drug-reviews.yaml`` (8 sites, DP on) twice through Flower's
 simulation engine: once with ``federation.secure_aggregation=true`` (SecAgg+, 4
 ClientApp calls per site per round: setup, key sharing, masked update, unmasking)
 and once plain. Reports per-round wall time from each run's metrics.jsonl.
@@ -27,6 +27,7 @@ def run(rounds: int, secure: bool, work: Path) -> dict:
     run_dir = work / ("secagg" if secure else "plain")
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "fedtune.common.cli", "simulate",
+                    str(ROOT / "simulations" / "drug-reviews.yaml"),
                     f"federation.num_rounds={rounds}",
                     f"federation.secure_aggregation={str(secure).lower()}",
                     "federation.secagg_threshold=6", "--run-dir", str(run_dir)],
@@ -49,7 +50,7 @@ def main() -> None:
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fedtune-secagg-"))
     plain, secure = run(args.rounds, False, work), run(args.rounds, True, work)
-    result = {"device": f"cpu ({os.cpu_count()} cores)", "task": "default.yaml",
+    result = {"device": f"cpu ({os.cpu_count()} cores)", "task": "drug-reviews.yaml",
               "plain": plain, "secagg": secure,
               "ratio_median_round": secure["median_round_s"] / plain["median_round_s"]}
     out = Path(args.out)

@@ -1,10 +1,10 @@
-"""Aggregation strategies and LoRA options on the default task, same seeds.
+"""Aggregation strategies and LoRA options on the drug-review task, same seeds.
 
     python bench/strategies.py [--rounds 5] [--only fedavg,int8] [--out bench/results]
                                [--set privacy.enabled=false --tag nodp]
 
-Runs ``simulations/default.yaml`` (8 non-IID hospitals, DP-SGD at epsilon 8) once per
-variant through Flower's simulation engine and reports the final central accuracy,
+Runs ``simulations/drug-reviews.yaml`` (8 non-IID hospitals, DP-SGD at epsilon 8) once
+per variant through Flower's simulation engine and reports the final central accuracy,
 macro-F1 and eval loss, the bytes one site sends per round (the adapter payload as
 sent, and Flower's serialized record), the bytes the server sends per round, and the
 median round time. Every run uses the same data split and ``train.seed``; the DP
@@ -62,7 +62,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="fedtune-strategies-"))
     results = [run(n, args.rounds, work, args.set) for n in args.only.split(",")]
     write(args.out, f"strategies-{args.tag}" if args.tag else "strategies",
-          {"device": device(), "task": "default.yaml", "rounds": args.rounds,
+          {"device": device(), "task": "drug-reviews.yaml", "rounds": args.rounds,
            "overrides": args.set, "results": results})
     base = next((r for r in results if r["variant"] == "fedavg"), results[0])
     print(f"{'variant':>9} | {'acc':>5} | {'F1':>5} | {'loss':>6} | "

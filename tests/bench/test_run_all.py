@@ -45,7 +45,7 @@ def test_run_all_quick(tmp_path: Path) -> None:
     assert all(not r["correct"] and "TypeError" in r["error"]
                for r in dp if r["mode"] == "ew")
     pu = res["privacy_utility"]["results"]
-    assert len(pu) == 8
+    assert len(pu) == 9  # the tuned non-private baseline + 4 epsilons x 2 settings
     for r in pu:
         assert 0 <= r["accuracy"] <= 1
         spent = r["epsilon_spent_max"]
@@ -53,7 +53,8 @@ def test_run_all_quick(tmp_path: Path) -> None:
             assert spent in (None, math.inf)
         else:
             assert spent <= r["epsilon_target"] + 1e-6
-    assert res["privacy_utility"]["headline_federated_dp8_over_central_nonprivate"]
+    assert res["privacy_utility"]["headline_federated_dp8_over_best_central_nonprivate"]
+    assert res["privacy_utility"]["majority_class"]["macro_f1"] < 0.1
     scale = res["scale"]
     assert [r["clients"] for r in scale["results"]] == [10, 100, 1000]
     assert all(r["sampled_per_round"] == 10 for r in scale["results"])
