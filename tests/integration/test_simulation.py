@@ -103,7 +103,8 @@ def test_causal_lm_simulation(tmp_path: Path, tiny_llama: Path, sft_file: Path
 
 
 def test_embedded_default_model_and_data(tmp_path: Path) -> None:
-    """The README's main job, shrunk: real MiniLM + drug reviews, DP on."""
+    """The README's main job, shrunk: real MiniLM + ICD-10 hospitals, DP on (the
+    default's 5 head-only rounds become the run's 1)."""
     from fedtune.common.cli import default_scenario
 
     raw = yaml.safe_load(default_scenario().read_text())
@@ -113,8 +114,9 @@ def test_embedded_default_model_and_data(tmp_path: Path) -> None:
         "data.max-test-samples=48", "train.local-epochs=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = _rounds(run_dir)[-1]
-    assert last["adapter_payload_bytes"] == 299_532  # LoRA r=8 q/v + 3-class head
+    assert last["adapter_payload_bytes"] == 327_252  # LoRA r=8 q/v + 21-class head
     assert 0 < last["epsilon_max"] <= 8.0 + 1e-6
+    assert {v["dims"] for v in last["dp_by_node"].values()} == {384 * 21 + 21}
 
 
 def test_partial_participation_dirichlet_and_early_stopping(
