@@ -285,5 +285,9 @@ def format_trials(rows: list[dict[str, Any]], metric: str, *,
     for r in order:
         value = "-" if r[metric] is None else f"{r[metric]:.4f}"
         lines.append(f"{r['trial']:>5} {r['state']:<9} {value:>14} {r['rounds']:>6}  "
-                     + "  ".join(f"{r['params'][k]!s:>{len(k)}}" for k in keys))
+                     + "  ".join(f"{_cell(r['params'][k]):>{len(k)}}" for k in keys))
     return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
