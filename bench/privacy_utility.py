@@ -166,7 +166,13 @@ def main() -> None:
     else:
         results = [tuned_baseline(config.load(scenario, central), extra)]
         write(args.out, f"{name}-baseline", {"device": device(), "results": results})
-    for eps in (float(e) for e in args.epsilons.split(",") if e):
+    epsilons = [float(e) for e in args.epsilons.split(",") if e]
+    if not epsilons and (Path(args.out) / f"{name}.json").is_file():
+        # a baseline-only run: add it to the curve measured before, re-headline
+        earlier = json.loads((Path(args.out) / f"{name}.json").read_text())
+        results += [r for r in earlier["results"]
+                    if r["setting"] in ("federated", "centralized, same recipe")]
+    for eps in epsilons:
         results.append(run("federated", eps, scenario, work, extra, labels))
         results.append(run("centralized, same recipe", eps, scenario, work, central,
                            labels))

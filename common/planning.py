@@ -138,24 +138,34 @@ def format_plan(plans: Sequence[SitePlan], cfg: RunConfig) -> str:
     head = (f"privacy plan: epsilon {priv.target_epsilon:g} at delta "
             f"{priv.target_delta:g} per site over {cfg.federation.num_rounds} rounds"
             if priv.enabled else "privacy plan: DP is OFF (no noise, no guarantee)")
-    probe = cfg.train.linear_probe_rounds
+    rounds = cfg.federation.num_rounds
+    probe = min(cfg.train.linear_probe_rounds, rounds)
     lines = [head, f"{'site':<22} {'records':>8} {'q':>7} {'steps':>5} "
              f"{'sigma':>7} {'dims':>7} {'noise/C':>8} {'rho':>7}  verdict"]
     for p in plans:
-        if probe:
+        batch = p.sample_rate * p.records
+        if 0 < probe < rounds:  # both phases: head-only / LoRA
             sigma = f"{p.probe_sigma:.2f}/{p.sigma:.2f}"
             dims, steps = f"{p.probe_dims}/{p.dims}", f"{p.probe_steps}/{p.steps}"
+        elif probe:  # head-only rounds only
+            sigma, dims, steps = f"{p.probe_sigma:.3f}", str(p.probe_dims), str(
+                p.probe_steps)
         else:
             sigma, dims, steps = f"{p.sigma:.3f}", str(p.dims), str(p.steps)
-        nc = noise_to_clip(sigma=p.sigma, dims=p.dims, batch=p.sample_rate * p.records)
+        nc = (noise_to_clip(sigma=p.probe_sigma, dims=p.probe_dims, batch=batch)
+              if probe == rounds else
+              noise_to_clip(sigma=p.sigma, dims=p.dims, batch=batch))
         lines.append(f"{p.site:<22} {p.records:>8} {p.sample_rate:>7.4f} {steps:>5} "
                      f"{sigma:>7} {dims:>7} {nc:>8.3f} {p.rho:>7.3f}  {p.verdict}")
         if p.advice:
             lines.append(f"{'':<22} -> {p.advice}")
+    phases = ("" if not probe else
+              "; every round trains the head only (LoRA frozen)" if probe == rounds
+              else f"; a/b: head-only rounds 1-{probe} / LoRA rounds (noise/C: the "
+              "LoRA rounds')")
     lines.append(f"rho = sigma*sqrt(dims)/(batch*sqrt(steps)): <= {LEARNS} expected "
                  f"to learn, <= {MARGINAL} marginal, above: the noise drowns the "
-                 "signal" + (f"; a/b: head-only rounds 1-{probe} / LoRA rounds; "
-                             "noise/C of the LoRA rounds" if probe else ""))
+                 "signal" + phases)
     worst = overall(plans)
     lines.append(f"overall: {worst}")
     return "\n".join(lines)
