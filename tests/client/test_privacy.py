@@ -27,6 +27,19 @@ def _flat_grads(params: list[torch.nn.Parameter]) -> torch.Tensor:
     return torch.cat([p.grad.reshape(-1) for p in params])
 
 
+def _one_sample_grads(model: torch.nn.Module, params: list[torch.nn.Parameter],
+                      batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Each record's gradient, by a one-sample-at-a-time loop (the reference)."""
+    out = []
+    for i in range(len(batch["labels"])):
+        model.zero_grad()
+        one = {k: v[i:i + 1] for k, v in batch.items()}
+        trainer.per_sample_loss(model, one, task="classification").sum().backward()
+        out.append(_flat_grads(params).clone())
+    model.zero_grad()
+    return out
+
+
 @pytest.mark.parametrize("mode", ["hooks", "functorch"])
 def test_per_sample_clipping_matches_manual_computation(tiny_bert: Path,
                                                         mode: str) -> None:
@@ -42,13 +55,7 @@ def test_per_sample_clipping_matches_manual_computation(tiny_bert: Path,
     params = [p for p in model.parameters() if p.requires_grad]
     batch = _batch(tiny_bert)
     bsz, clip = len(batch["labels"]), 0.05
-    manual = []
-    for i in range(bsz):
-        model.zero_grad()
-        one = {k: v[i:i + 1] for k, v in batch.items()}
-        trainer.per_sample_loss(model, one, task="classification").sum().backward()
-        manual.append(_flat_grads(params).clone())
-    model.zero_grad()
+    manual = _one_sample_grads(model, params, batch)
     norms = torch.stack([g.norm() for g in manual])
     assert (norms > clip).all()  # every sample really gets clipped
     expected = sum(g * min(1.0, clip / float(g.norm())) for g in manual) / bsz
@@ -142,13 +149,7 @@ def test_record_weights_apply_after_clipping(tiny_bert: Path) -> None:
     batch = _batch(tiny_bert)
     bsz, clip = len(batch["labels"]), 0.05
     weights = torch.tensor([1.0, 0.25, 0.5, 0.0])
-    manual = []
-    for i in range(bsz):
-        model.zero_grad()
-        one = {k: v[i:i + 1] for k, v in batch.items()}
-        trainer.per_sample_loss(model, one, task="classification").sum().backward()
-        manual.append(_flat_grads(params).clone())
-    model.zero_grad()
+    manual = _one_sample_grads(model, params, batch)
     # w_i * clip(g_i): a weight scales the clipped gradient, so no record moves the
     # sum by more than the clipping bound (weighting the loss would be clipped away)
     expected = sum(w * g * min(1.0, clip / float(g.norm()))
