@@ -287,7 +287,8 @@ def make_client_app(defaults: Mapping[str, Any] | None = None, *,
                 book[0].charge(histogram[0], book[1], run=str(context.run_id),
                                round_=rnd,
                                message=f"{msg.metadata.message_id}/histogram")
-            state.history += histogram
+            state.history += histogram  # kept even if the training below fails
+            context.state[PRIVACY_STATE] = ConfigRecord(state.to_config())
             context.state[recipe.PRIOR_STATE] = ConfigRecord({"counts": counts})
         terms = recipe.class_terms(cfg, list(context.state[recipe.PRIOR_STATE][
             "counts"]) if counting else None)  # type: ignore[arg-type]
