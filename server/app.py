@@ -168,10 +168,10 @@ def spread_words(ev: Mapping[str, Any], labels: Sequence[str]) -> dict[str, Any]
     top = labels[int(ev["top_prediction"])]
     out: dict[str, Any] = {"eval_top_prediction": top}
     if ev.get("collapsed"):
+        f1 = [v for k, v in ev.items() if k.startswith("f1-")]
         out["eval_collapse"] = (
             f"predicts {top!r} for {ev['top_prediction_share']:.0%} of the test "
-            f"records; {int(ev['classes_never_predicted'])} class(es) never "
-            "predicted (F1 0)")
+            f"records; {sum(1 for v in f1 if v == 0)} of {len(f1)} classes at F1 0")
     return out
 
 

@@ -210,3 +210,16 @@ def test_collapse_noise_ratio_and_classes_are_reported(tmp_path: Path) -> None:
     row = dict(zip(head, body[0], strict=True))
     assert (row["records"], row["σ"], row["noise ρ"], row["weight"]) == (
         "63", "2.000", "6.190", "1.000")
+
+
+def test_collapse_words_count_the_classes_at_f1_zero() -> None:
+    from fedtune.server.app import spread_words
+
+    ev = {"top_prediction": 2.0, "top_prediction_share": 0.997, "collapsed": 1.0,
+          "f1-negative": 0.0, "f1-neutral": 0.0, "f1-positive": 0.79}
+    assert spread_words(ev, ["negative", "neutral", "positive"]) == {
+        "eval_top_prediction": "positive",
+        "eval_collapse": "predicts 'positive' for 100% of the test records; 2 of 3 "
+                         "classes at F1 0"}
+    assert "eval_collapse" not in spread_words({**ev, "collapsed": 0.0},
+                                               ["negative", "neutral", "positive"])
