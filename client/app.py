@@ -292,7 +292,7 @@ def make_client_app(defaults: Mapping[str, Any] | None = None, *,
             context.state[recipe.PRIOR_STATE] = ConfigRecord({"counts": counts})
         terms = recipe.class_terms(cfg, list(context.state[recipe.PRIOR_STATE][
             "counts"]) if counting else None)  # type: ignore[arg-type]
-        probe = recipe.probe_round(cfg, rnd)
+        probe = cfg.train.head_only(rnd)
         set_lora_trainable(model, cfg.lora, trainable=not probe)
         mu = float(conf.get(records.PROXIMAL_MU, 0.0))  # FedProx
         res = trainer.train_local(

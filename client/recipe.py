@@ -24,11 +24,6 @@ from fedtune.common.config import RunConfig
 PRIOR_STATE = "fedtune-class-histogram"  # Context.state key (never sent)
 
 
-def probe_round(cfg: RunConfig, server_round: int) -> bool:
-    """Whether this round trains the head only."""
-    return server_round <= cfg.train.linear_probe_rounds
-
-
 def histogram_segment(cfg: RunConfig) -> privacy.Segment:
     """The accountant's view of the histogram release: one Gaussian mechanism."""
     return (cfg.privacy.count_noise_multiplier, 1.0, 1)

@@ -271,10 +271,14 @@ class TrainConfig(_Section):
     logit_adjustment: float = 0.0
     class_weighting: Literal["none", "sqrt", "balanced"] = "none"
 
+    def head_only(self, server_round: int) -> bool:
+        """Whether round ``server_round`` trains the classification head only."""
+        return server_round <= self.linear_probe_rounds
+
     def phase(self, server_round: int) -> TrainConfig:
         """The settings of round ``server_round``: a head-only round's own
         learning rate and epochs, where set."""
-        if server_round > self.linear_probe_rounds:
+        if not self.head_only(server_round):
             return self
         return dataclasses.replace(
             self, learning_rate=self.linear_probe_learning_rate or self.learning_rate,
