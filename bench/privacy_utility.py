@@ -13,7 +13,7 @@ held-out test set:
   (``federation.num_sites=1``, as many records as the federation holds in all):
   the recipe and its tuning are shared, only the data is pooled;
 - **centralized non-private, tuned** (once): plain LoRA fine-tuning of the same
-  model on the pooled records (batch 64, learning rate 5e-3 or 1e-2, up to 2
+  model on the pooled records (batch 64, learning rate 5e-3 or 1e-2, up to 3
   epochs), scored after every epoch; the best score on the test set is kept, so
   this baseline is if anything optimistic.
 
@@ -88,7 +88,7 @@ def tuned_baseline(cfg: Any, extra: list[str]) -> dict[str, Any]:
     site = site_data(cfg, {"partition-id": 0, "num-partitions": 1})
     pad = int(load_tokenizer(cfg.model.name_or_path).pad_token_id)
     dev = trainer.resolve_device("auto")
-    epochs = 1 if extra else 2
+    epochs = 1 if extra else 3
     best: dict[str, Any] = {"macro_f1": -1.0}
     curve = []
     for lr in GRID[:1] if extra else GRID:
