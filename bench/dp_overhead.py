@@ -50,7 +50,7 @@ class Step:
     def __init__(self, raw: dict[str, Any], *, mode: str | None, dev: torch.device,
                  sgd: bool = False) -> None:
 
-        from fedtune.client import privacy, trainer
+        from fedtune.client import dpsgd, trainer
         from fedtune.common import config
         from fedtune.common.model import build_model
 
@@ -71,7 +71,7 @@ class Step:
         self.dp = mode is not None
         if mode is not None:
             pcfg = replace(cfg.privacy, grad_sample_mode=mode)  # type: ignore[arg-type]
-            self.net, opt = privacy.make_private(
+            self.net, opt = dpsgd.make_private(
                 self.model, opt, cfg=pcfg, noise_multiplier=0.0 if sgd else 1.0,
                 expected_batch_size=16)
         self.opt, self.dev = opt, dev
@@ -131,7 +131,7 @@ def probe_ew(raw: dict[str, Any], *, batch: dict[str, torch.Tensor],
     forward pass shows why (its module takes one positional input)."""
     from opacus.grad_sample import wrap_model
 
-    from fedtune.client.trainer import per_sample_loss
+    from fedtune.common.evaluation import per_sample_loss
 
     step = Step(raw, mode=None, dev=dev)
     gsm = wrap_model(step.model, "ew", batch_first=True, loss_reduction="mean")

@@ -52,7 +52,7 @@ def simulate(run_dir: Path, overrides: Sequence[str], *,
     failure."""
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "fedtune.common.cli", "simulate", str(scenario),
+        [sys.executable, "-m", "fedtune.simulations.cli", "simulate", str(scenario),
          *overrides, "--run-dir", str(run_dir)],
         capture_output=True, text=True, check=False)
     if proc.returncode != 0:

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def run(rounds: int, secure: bool, work: Path) -> dict:
     run_dir = work / ("secagg" if secure else "plain")
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "fedtune.common.cli", "simulate",
+    subprocess.run([sys.executable, "-m", "fedtune.simulations.cli", "simulate",
                     str(ROOT / "simulations" / "drug-reviews.yaml"),
                     f"federation.num_rounds={rounds}",
                     f"federation.secure_aggregation={str(secure).lower()}",

@@ -34,11 +34,11 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from fedtune.client import ledger, privacy, recipe, trainer
-from fedtune.common import data, records, updates
+from fedtune.common import data, evaluation, records, updates
 from fedtune.common.config import RunConfig, from_run_config
 from fedtune.common.data import EncodedDataset
 from fedtune.common.deployment import ensure_app_logging
-from fedtune.common.errors import DataError, FedtuneError, PrivacyBudgetExhausted
+from fedtune.common.errors import DataError, FedtuneError
 from fedtune.common.model import (
     adapter_state,
     build_model,
@@ -96,7 +96,7 @@ def site_data(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteData:
 
 
 def site_ledger(cfg: RunConfig, node_config: Mapping[str, Any], site: SiteData
-                ) -> tuple[ledger.PrivacyLedger, ledger.Budget] | None:
+                ) -> privacy.Book | None:
     """The site's ledger and budget: the daemon's (deployment) or the simulation's."""
     if "ledger-dir" in node_config:
         directory = Path(str(node_config["ledger-dir"]))
@@ -108,9 +108,10 @@ def site_ledger(cfg: RunConfig, node_config: Mapping[str, Any], site: SiteData
         delta = cfg.privacy.target_delta
     else:
         return None
-    return (ledger.PrivacyLedger(directory, site.fingerprint, records=site.records,
-                                 accountant=cfg.privacy.accountant),
-            ledger.Budget(epsilon=eps, delta=delta))
+    return privacy.Book(
+        ledger.PrivacyLedger(directory, site.fingerprint, records=site.records,
+                             accountant=cfg.privacy.accountant),
+        ledger.Budget(epsilon=eps, delta=delta))
 
 
 def run_config(context: Context, defaults: Mapping[str, Any]) -> RunConfig:
@@ -147,7 +148,7 @@ class Setup:
 
 def _setup(msg: Message, context: Context, defaults: Mapping[str, Any]) -> Setup:
     cfg = run_config(context, defaults)
-    device = trainer.resolve_device(str(context.node_config.get("device", "auto")))
+    device = evaluation.resolve_device(str(context.node_config.get("device", "auto")))
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.federation.client_cpus)))
     site = site_data(cfg, context.node_config)
@@ -160,6 +161,23 @@ def _setup(msg: Message, context: Context, defaults: Mapping[str, Any]) -> Setup
         k: torch.from_numpy(np.array(v, np.float32)) for k, v in received.items()}})
     pad = load_tokenizer(cfg.model.name_or_path, cfg.model.gguf_file).pad_token_id
     return Setup(cfg, site, model.to(device), device, int(pad), rank, received)
+
+
+def _floats(values: object) -> list[float]:
+    """A ConfigRecord's list of numbers."""
+    if not isinstance(values, list):
+        raise TypeError(f"expected a list of numbers in the context state, got "
+                        f"{type(values).__name__}")
+    return [float(v) for v in values]
+
+
+def _keep(context: Context, guard: privacy.RoundPrivacy) -> None:
+    """The site's privacy state (and released histogram) for later rounds; it never
+    leaves the site."""
+    state: dict[str, Any] = {**guard.state.to_config()}  # Flower's value union
+    context.state[PRIVACY_STATE] = ConfigRecord(state)
+    if guard.prior is not None:
+        context.state[recipe.PRIOR_STATE] = ConfigRecord({"counts": guard.prior})
 
 
 class SiteFailure(FedtuneError):
@@ -199,7 +217,7 @@ def _incoming(msg: Message, model: torch.nn.Module, cfg: RunConfig
               ) -> dict[str, torch.Tensor]:
     """The global adapter a train/evaluate message carries, in either format."""
     if not _is_secagg(msg):
-        return records.from_record(msg.content[records.ARRAYS])  # type: ignore
+        return records.from_record(msg.content.array_records[records.ARRAYS])
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     names = sorted(exchanged_state(model, cfg.lora))
     return {n: torch.from_numpy(a.copy()) for n, a in
@@ -244,85 +262,39 @@ def make_client_app(defaults: Mapping[str, Any] | None = None, *,
         cfg, site, model, device, pad = (setup.cfg, setup.site, setup.model,
                                          setup.device, setup.pad)
         conf: Mapping[str, Any] = ({} if _is_secagg(msg) else
-                                   msg.content[records.CONFIG])  # type: ignore
+                                   msg.content.config_records[records.CONFIG])
         rnd = (int(msg.metadata.group_id) if _is_secagg(msg) else
                int(conf[records.SERVER_ROUND]))
-        fresh = PRIVACY_STATE not in context.state
-        state = privacy.PrivacyState.from_config(
-            None if fresh else dict(context.state[PRIVACY_STATE]))
-        dp = cfg.privacy.enabled
-        counting = cfg.releases_class_histogram
-        train_cfg = cfg.train.phase(rnd)  # a head-only round's own lr and epochs
-        q = privacy.sample_rate(batch_size=train_cfg.batch_size,
-                                num_examples=len(site.train))
-        planned = privacy.steps_per_round(sample_rate_=q,
-                                          epochs=train_cfg.local_epochs,
-                                          max_steps=train_cfg.max_steps)
-        if dp and state.noise_multiplier == 0.0:
-            _, plan = privacy.run_plan(cfg, num_examples=len(site.train))
-            state.adopt(plan)
-            resumed_at = int(conf.get(records.RESUMED_AT, 0))
-            if fresh and resumed_at > 1:
-                # A resumed run: this process never saw rounds 1..resumed_at-1.
-                # Count them as if the site took part in each (an upper bound).
-                state.history += plan.history(sample_rate_=q, rounds=resumed_at - 1)
-        sigma = state.sigma(rnd)
-        release = counting and recipe.PRIOR_STATE not in context.state
-        histogram = [recipe.histogram_segment(cfg)] if release and dp else []
+        saved = context.state.config_records.get(PRIVACY_STATE)
+        prior = context.state.config_records.get(recipe.PRIOR_STATE)
         book = site_ledger(cfg, context.node_config, site)
-        if not dp:
-            logger.warning("DP is OFF on this site: the adapter update is not "
-                           "differentially private (privacy.enabled=false)")
-            if book and math.isfinite(book[1].epsilon):
-                raise PrivacyBudgetExhausted(
-                    "DP is off for this run but the site has a privacy budget: a "
-                    "non-private update would spend an unbounded epsilon")
-        elif book:
-            book[0].check((sigma, q, planned), book[1], extra=histogram)
-        if release:
-            counts = recipe.release_histogram(
-                cfg, [int(x["labels"]) for x in site.train.items],
-                seed=cfg.train.seed * 1000 + rnd)
-            if book and histogram:
-                book[0].charge(histogram[0], book[1], run=str(context.run_id),
-                               round_=rnd,
-                               message=f"{msg.metadata.message_id}/histogram")
-            state.history += histogram  # kept even if the training below fails
-            context.state[PRIVACY_STATE] = ConfigRecord(state.to_config())
-            context.state[recipe.PRIOR_STATE] = ConfigRecord({"counts": counts})
-        terms = recipe.class_terms(cfg, list(context.state[recipe.PRIOR_STATE][
-            "counts"]) if counting else None)  # type: ignore[arg-type]
-        probe = cfg.train.head_only(rnd)
-        set_lora_trainable(model, cfg.lora, trainable=not probe)
+        guard = privacy.open_round(
+            cfg, num_examples=len(site.train), round_=rnd,
+            labels=lambda: [int(x["labels"]) for x in site.train.items],
+            saved=dict(saved) if saved is not None else None,
+            prior=_floats(prior["counts"]) if prior is not None else None,
+            book=book, resumed_at=int(conf.get(records.RESUMED_AT, 0)),
+            run=str(context.run_id), message=msg.metadata.message_id,
+            seed=cfg.train.seed * 1000 + rnd)
+        _keep(context, guard)  # the histogram's release stands even if training fails
+        set_lora_trainable(model, cfg.lora, trainable=not guard.head_only)
         mu = float(conf.get(records.PROXIMAL_MU, 0.0))  # FedProx
         res = trainer.train_local(
-            model, site.train, site.val, task=cfg.model.task, train_cfg=train_cfg,
-            privacy_cfg=cfg.privacy, noise_multiplier=sigma,
+            model, site.train, site.val, task=cfg.model.task,
+            train_cfg=guard.train_cfg, privacy_cfg=cfg.privacy,
+            noise_multiplier=guard.noise_multiplier, sample_rate=guard.sample_rate,
             device=device, pad_id=pad, seed=cfg.train.seed * 1000 + rnd,
-            proximal_mu=mu, class_weights=terms.weights, logit_bias=terms.logit_bias,
-            head_only=probe)
-        if dp:
-            state.charge(sample_rate_=res.sample_rate, steps=res.steps, sigma=sigma)
-            context.state[PRIVACY_STATE] = ConfigRecord(state.to_config())
-        eps = state.epsilon(cfg.privacy) if dp else math.inf
-        total = eps
-        if book and dp and res.steps > 0:
-            # Charged before the reply exists: a crash after this over-counts, never
-            # under-counts; a retried message is not charged twice.
-            total = book[0].charge(
-                (sigma, res.sample_rate, res.steps), book[1],
-                run=str(context.run_id), round_=rnd, message=msg.metadata.message_id)
-        elif book and dp:
-            total = book[0].spent(book[1].delta)
+            proximal_mu=mu, class_weights=guard.terms.weights,
+            logit_bias=guard.terms.logit_bias, head_only=guard.head_only)
+        dp_metrics = guard.charge(steps=res.steps, sample_rate_=res.sample_rate)
+        _keep(context, guard)
+        eps = dp_metrics.get(records.EPSILON, math.inf)
         metrics = {
             records.NUM_EXAMPLES: res.num_examples, records.TRAIN_LOSS: res.train_loss,
             records.TRAIN_SECONDS: res.seconds, records.DP_STEPS: res.steps,
         }
-        if dp:  # no epsilon key at all = not private
-            metrics.update({records.EPSILON: eps, records.EPSILON_TOTAL: total,
-                            records.DELTA: cfg.privacy.target_delta,
-                            records.NOISE_MULTIPLIER: sigma,
-                            records.SAMPLE_RATE: res.sample_rate,
+        if dp_metrics:  # no epsilon key at all = not private
+            metrics.update({**dp_metrics,
                             records.TRAINABLE_PARAMS: trainable_parameters(model)})
         if cfg.lora.ffa:
             metrics[records.LORA_A_DIGEST] = frozen_a_digest(model)
@@ -331,7 +303,7 @@ def make_client_app(defaults: Mapping[str, Any] | None = None, *,
         logger.info("round %d: %s trained %d steps on %d examples (%s%s), "
                     "loss %.4f, val loss %.4f, epsilon %.3f", rnd, site.name,
                     res.steps, res.num_examples,
-                    "head only" if probe else f"LoRA rank {setup.rank}",
+                    "head only" if guard.head_only else f"LoRA rank {setup.rank}",
                     f", proximal mu {mu:g}" if mu else "", res.train_loss,
                     res.val_loss, eps)
         out = exchanged_state(model, cfg.lora)
@@ -361,7 +333,7 @@ def make_client_app(defaults: Mapping[str, Any] | None = None, *,
         cfg, site, model, device, pad = (setup.cfg, setup.site, setup.model,
                                          setup.device, setup.pad)
         ds = site.val if len(site.val) else site.train
-        res = trainer.evaluate(model, ds, task=cfg.model.task, device=device,
+        res = evaluation.evaluate(model, ds, task=cfg.model.task, device=device,
                                batch_size=cfg.train.eval_batch_size, pad_id=pad,
                                labels=list(cfg.data.labels))
         # Fixed keys on every site (per-class recall would vary with the classes a

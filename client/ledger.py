@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedtune.client.privacy import Segment, epsilon_spent
+from fedtune.common.accounting import Segment, epsilon_spent
 from fedtune.common.errors import PrivacyBudgetExhausted, PrivacyError
 
 FORMAT = "fedtune-privacy-ledger/1"

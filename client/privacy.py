@@ -1,7 +1,10 @@
-"""Record-level DP-SGD on a site: the run's spending, Opacus wrapping, releases.
+"""The site's one privacy entry point: :func:`open_round` plans what a round may
+spend and returns the trainer's inputs with :meth:`RoundPrivacy.charge`, which books
+what the round did in the run's state and the persistent ledger.
 
-The accounting itself is pure and lives in :mod:`fedtune.common.accounting` (the
-operator's planner uses it too); its names are re-exported here for the site's code.
+The accounting itself is pure (:mod:`fedtune.common.accounting`, which the planner
+and the server use too); DP-SGD's mechanics are :mod:`fedtune.client.dpsgd`; the
+class histogram and the terms taken from it are :mod:`fedtune.client.recipe`.
 :class:`PrivacyState` keeps a site's segments across rounds (in the ClientApp's
 ``Context.state``) and never leaves the site: only the resulting epsilon is
 reported.
@@ -11,42 +14,25 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-import torch
-from opacus.grad_sample.utils import wrap_model
-from opacus.optimizers import DPOptimizer
-from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
-from torch import nn
-
+from fedtune.client import recipe
+from fedtune.client.ledger import Budget, PrivacyLedger
+from fedtune.common import records
 from fedtune.common.accounting import (
     NoisePlan,
     Segment,
-    calibrate_noise,
-    class_prior,
-    class_weights,
     epsilon_spent,
-    plan_noise,
-    plan_schedule,
     run_plan,
     sample_rate,
     steps_per_round,
 )
-from fedtune.common.config import PrivacyConfig
-from fedtune.common.errors import PrivacyError
-
-__all__ = ["NoisePlan", "PrivacyState", "Segment", "WeightedDPOptimizer",
-           "calibrate_noise", "class_prior", "class_weights", "epsilon_spent",
-           "make_private", "noisy_class_counts", "plan_noise", "plan_schedule",
-           "run_plan", "sample_rate", "steps_per_round"]
+from fedtune.common.config import PrivacyConfig, RunConfig, TrainConfig
+from fedtune.common.errors import PrivacyBudgetExhausted
 
 logger = logging.getLogger(__name__)
-# Opacus' hooks fire on modules whose inputs need no grad (frozen embeddings under
-# LoRA); torch warns on every backward. Expected here, so keep the log readable.
-warnings.filterwarnings("ignore", message="Full backward hook is firing",
-                        category=UserWarning)
 
 
 @dataclass
@@ -92,80 +78,122 @@ class PrivacyState:
                 "steps": [h[2] for h in self.history]}
 
     @classmethod
-    def from_config(cls, rec: dict[str, object] | None) -> PrivacyState:
+    def from_config(cls, rec: Mapping[str, Any] | None) -> PrivacyState:
         if not rec:
             return cls()
-        hist = zip(rec["sigma"], rec["rate"], rec["steps"], strict=True)  # type: ignore
-        return cls(noise_multiplier=float(rec["noise-multiplier"]),  # type: ignore
+        hist = zip(rec["sigma"], rec["rate"], rec["steps"], strict=True)
+        return cls(noise_multiplier=float(rec["noise-multiplier"]),
                    history=[(float(s), float(q), int(n)) for s, q, n in hist],
-                   probe_noise_multiplier=float(
-                       rec.get("probe-noise-multiplier", 0.0)),  # type: ignore
-                   probe_rounds=int(rec.get("probe-rounds", 0)))  # type: ignore
+                   probe_noise_multiplier=float(rec.get("probe-noise-multiplier",
+                                                        0.0)),
+                   probe_rounds=int(rec.get("probe-rounds", 0)))
 
 
-def noisy_class_counts(labels: Sequence[int], *, num_classes: int, sigma: float,
-                       generator: torch.Generator | None = None) -> list[float]:
-    """The site's class histogram with Gaussian noise of ``sigma`` records per bin
-    (the Gaussian mechanism: one record changes one bin by 1, L2 sensitivity 1;
-    accounted as the segment ``(sigma, 1.0, 1)``). ``sigma = 0``: exact counts
-    (DP off)."""
-    counts = torch.zeros(num_classes, dtype=torch.float64)
-    for y in labels:
-        counts[int(y)] += 1
-    if sigma > 0:
-        counts += sigma * torch.randn(num_classes, generator=generator,
-                                      dtype=torch.float64)
-    return [float(c) for c in counts]
+@dataclass(frozen=True)
+class Book:
+    """A site's persistent ledger and its budget (deployment, or a simulation with
+    ``privacy.ledger_dir``)."""
+
+    ledger: PrivacyLedger
+    budget: Budget
 
 
-class WeightedDPOptimizer(DPOptimizer):
-    """Opacus' DPOptimizer with a weight <= 1 per record applied *after* clipping.
+@dataclass
+class RoundPrivacy:
+    """What one round may spend, from :func:`open_round`: the trainer's inputs
+    (phase, noise, sample rate, class terms) and :meth:`charge`, the one call that
+    books what the round did."""
 
-    Each record's clipped gradient is multiplied by its weight before the sum, so
-    no record contributes more than ``max_grad_norm`` and the noise calibration
-    (and the accounting) stay exactly those of plain DP-SGD. Weighting the loss
-    instead would be undone by the clipping. Set :attr:`sample_weights` (shape
-    ``[B]``, values in [0, 1]) before each ``step``; ``None`` means all 1.
+    cfg: RunConfig
+    round_: int
+    train_cfg: TrainConfig
+    head_only: bool
+    noise_multiplier: float
+    sample_rate: float
+    terms: recipe.ClassTerms
+    state: PrivacyState
+    prior: list[float] | None  # the released class histogram (stays on the site)
+    book: Book | None
+    run: str
+    message: str
+
+    def charge(self, *, steps: int, sample_rate_: float) -> dict[str, float]:
+        """Book ``steps`` DP-SGD steps in the run's state and the ledger; returns
+        the DP metrics of the reply (empty when DP is off: no epsilon key at all
+        means not private)."""
+        cfg = self.cfg.privacy
+        if not cfg.enabled:
+            return {}
+        self.state.charge(sample_rate_=sample_rate_, steps=steps,
+                          sigma=self.noise_multiplier)
+        eps = self.state.epsilon(cfg)
+        total = eps
+        if self.book and steps > 0:
+            # Charged before the reply exists: a crash after this over-counts, never
+            # under-counts; a retried message is not charged twice.
+            total = self.book.ledger.charge(
+                (self.noise_multiplier, sample_rate_, steps), self.book.budget,
+                run=self.run, round_=self.round_, message=self.message)
+        elif self.book:
+            total = self.book.ledger.spent(self.book.budget.delta)
+        return {records.EPSILON: eps, records.EPSILON_TOTAL: total,
+                records.DELTA: cfg.target_delta,
+                records.NOISE_MULTIPLIER: self.noise_multiplier,
+                records.SAMPLE_RATE: sample_rate_}
+
+
+def open_round(cfg: RunConfig, *, num_examples: int, round_: int,
+               labels: Callable[[], Sequence[int]],
+               saved: Mapping[str, Any] | None,
+               prior: Sequence[float] | None, book: Book | None,
+               resumed_at: int = 0, run: str = "", message: str = "",
+               seed: int = 0) -> RoundPrivacy:
+    """The site's privacy for one round, like Opacus' ``make_private`` for a whole
+    round: plan the run's noise once (``saved`` is the state kept from earlier
+    rounds, None at the first), refuse a round the ledger cannot afford or a
+    non-private round under a budget, release the class histogram once (charged at
+    once, ``prior`` is the one released before), and return the trainer's inputs
+    with the object that charges what the round did.
+
+    ``num_examples``: the site's training records; ``labels``: their class ids,
+    asked for only when the run releases a class histogram (classification).
     """
-
-    sample_weights: torch.Tensor | None = None
-
-    def clip_and_accumulate(self) -> None:
-        weights = self.sample_weights
-        if weights is None or len(self.grad_samples[0]) == 0:
-            super().clip_and_accumulate()
-            return
-        if float(weights.max()) > 1.0 + 1e-6 or float(weights.min()) < 0.0:
-            raise PrivacyError("record weights must lie in [0, 1] (a weight above 1 "
-                               "would break the clipping bound)")
-        norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1)
-                             for g in self.grad_samples], dim=1).norm(2, dim=1)
-        factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-        factor = factor * weights.to(factor.device, factor.dtype)
-        for p in self.params:
-            _check_processed_flag(p.grad_sample)
-            grad_sample = self._get_flat_grad_sample(p).to(p.dtype)
-            grad = torch.einsum("i,i...", factor.to(grad_sample.device, p.dtype),
-                                grad_sample)
-            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
-            _mark_as_processed(p.grad_sample)
-
-
-def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, *,
-                 cfg: PrivacyConfig, noise_multiplier: float, expected_batch_size: int,
-                 generator: torch.Generator | None = None
-                 ) -> tuple[nn.Module, WeightedDPOptimizer]:
-    """Wrap for per-sample gradients and a clipping+noising optimizer.
-
-    The loss the caller backpropagates must be the *mean* over the batch of
-    per-sample losses.
-    """
-    if not math.isfinite(noise_multiplier) or noise_multiplier < 0:
-        raise PrivacyError(f"invalid noise multiplier {noise_multiplier}")
-    gsm = wrap_model(model, cfg.grad_sample_mode, batch_first=True,
-                     loss_reduction="mean")
-    dp_opt = WeightedDPOptimizer(optimizer, noise_multiplier=noise_multiplier,
-                         max_grad_norm=cfg.max_grad_norm,
-                         expected_batch_size=max(1, expected_batch_size),
-                         loss_reduction="mean", generator=generator)
-    return gsm, dp_opt
+    dp = cfg.privacy.enabled
+    train_cfg = cfg.train.phase(round_)  # a head-only round's own lr and epochs
+    q = sample_rate(batch_size=train_cfg.batch_size, num_examples=num_examples)
+    planned = steps_per_round(sample_rate_=q, epochs=train_cfg.local_epochs,
+                              max_steps=train_cfg.max_steps)
+    state = PrivacyState.from_config(dict(saved) if saved is not None else None)
+    if dp and state.noise_multiplier == 0.0:
+        _, plan = run_plan(cfg, num_examples=num_examples)
+        state.adopt(plan)
+        if saved is None and resumed_at > 1:
+            # A resumed run: this process never saw rounds 1..resumed_at-1. Count
+            # them as if the site took part in each (an upper bound).
+            state.history += plan.history(sample_rate_=q, rounds=resumed_at - 1)
+    sigma = state.sigma(round_)
+    counting = cfg.releases_class_histogram
+    release = counting and prior is None
+    histogram = [recipe.histogram_segment(cfg)] if release and dp else []
+    if not dp:
+        logger.warning("DP is OFF on this site: the adapter update is not "
+                       "differentially private (privacy.enabled=false)")
+        if book and math.isfinite(book.budget.epsilon):
+            raise PrivacyBudgetExhausted(
+                "DP is off for this run but the site has a privacy budget: a "
+                "non-private update would spend an unbounded epsilon")
+    elif book:
+        book.ledger.check((sigma, q, planned), book.budget, extra=histogram)
+    released = list(prior) if prior is not None else None
+    if release:
+        released = recipe.release_histogram(cfg, [int(y) for y in labels()],
+                                            seed=seed)
+        if book and histogram:
+            book.ledger.charge(histogram[0], book.budget, run=run, round_=round_,
+                               message=f"{message}/histogram")
+        state.history += histogram
+    return RoundPrivacy(
+        cfg=cfg, round_=round_, train_cfg=train_cfg,
+        head_only=cfg.train.head_only(round_), noise_multiplier=sigma,
+        sample_rate=q, terms=recipe.class_terms(cfg, released if counting else None),
+        state=state, prior=released, book=book, run=run, message=message)

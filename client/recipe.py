@@ -18,13 +18,29 @@ from dataclasses import dataclass
 
 import torch
 
-from fedtune.client import privacy
+from fedtune.common import accounting
+from fedtune.common.accounting import Segment
 from fedtune.common.config import RunConfig
 
 PRIOR_STATE = "fedtune-class-histogram"  # Context.state key (never sent)
 
 
-def histogram_segment(cfg: RunConfig) -> privacy.Segment:
+def noisy_class_counts(labels: Sequence[int], *, num_classes: int, sigma: float,
+                       generator: torch.Generator | None = None) -> list[float]:
+    """The site's class histogram with Gaussian noise of ``sigma`` records per bin
+    (the Gaussian mechanism: one record changes one bin by 1, L2 sensitivity 1;
+    accounted as the segment ``(sigma, 1.0, 1)``). ``sigma = 0``: exact counts
+    (DP off)."""
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    for y in labels:
+        counts[int(y)] += 1
+    if sigma > 0:
+        counts += sigma * torch.randn(num_classes, generator=generator,
+                                      dtype=torch.float64)
+    return [float(c) for c in counts]
+
+
+def histogram_segment(cfg: RunConfig) -> Segment:
     """The accountant's view of the histogram release: one Gaussian mechanism."""
     return (cfg.privacy.count_noise_multiplier, 1.0, 1)
 
@@ -36,7 +52,7 @@ def release_histogram(cfg: RunConfig, labels: Sequence[int], *, seed: int
     dp = cfg.privacy.enabled
     if dp and cfg.privacy.secure_noise:
         seed = secrets.randbits(62)
-    return privacy.noisy_class_counts(
+    return noisy_class_counts(
         labels, num_classes=len(cfg.data.labels),
         sigma=cfg.privacy.count_noise_multiplier if dp else 0.0,
         generator=torch.Generator().manual_seed(seed))
@@ -54,10 +70,10 @@ def class_terms(cfg: RunConfig, counts: Sequence[float] | None) -> ClassTerms:
     """Record weights (<= 1, applied after clipping) and the logit adjustment."""
     if counts is None:
         return ClassTerms(None, None)
-    prior = privacy.class_prior(counts)
+    prior = accounting.class_prior(counts)
     weights = None
     if cfg.train.class_weighting != "none":
-        weights = torch.tensor(privacy.class_weights(
+        weights = torch.tensor(accounting.class_weights(
             prior, mode=cfg.train.class_weighting), dtype=torch.float32)
     bias = None
     if cfg.train.logit_adjustment > 0:

@@ -15,22 +15,26 @@ import secrets
 import sys
 import time
 from collections import OrderedDict
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from fedtune.client import privacy
-from fedtune.common import metrics
+from fedtune.client import dpsgd
+from fedtune.common.accounting import sample_rate as poisson_rate
 from fedtune.common.config import PrivacyConfig, TrainConfig
 from fedtune.common.data import EncodedDataset, collate
-from fedtune.common.errors import ConfigError
+from fedtune.common.evaluation import (
+    Batch,
+    autocast,
+    evaluate,
+    per_sample_loss,
+    to_device,
+)
 from fedtune.common.model import adapter_state, classifier_head, set_adapter_state
 
 logger = logging.getLogger(__name__)
@@ -48,58 +52,6 @@ class TrainResult:
     sample_rate: float
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; otherwise the named device."""
-    if name in ("", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r} but CUDA is not available here; use cpu")
-    return dev
-
-
-def autocast(device: torch.device, precision: str, *, dp: bool
-             ) -> AbstractContextManager[object]:
-    """Mixed precision: bf16 on CUDA where supported (``auto``), else full fp32."""
-    if precision == "auto":
-        precision = ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported()
-                     else "fp32")
-    if precision == "fp32":
-        return nullcontext()
-    if precision == "fp16" and dp:
-        raise ConfigError("train.precision: fp16 needs loss scaling, which DP-SGD's "
-                          "per-sample clipping does not support; use bf16 or fp32")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def per_sample_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, task: str,
-                    logit_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Loss of each sequence in the batch, shape ``[B]``.
-
-    Causal LM: token losses summed over the response tokens divided by their count
-    (HF's ``labels=`` loss averages over all tokens of the batch, which mixes samples
-    and breaks per-sample gradients).
-
-    ``logit_bias`` (classification, training only): added to the logits before the
-    loss, ``tau * log(prior)`` for logit-adjusted training.
-    """
-    if task == "classification":
-        logits = (model(batch["features"]) if "features" in batch else
-                  model(input_ids=batch["input_ids"],
-                        attention_mask=batch["attention_mask"])).float()
-        if logit_bias is not None:
-            logits = logits + logit_bias.to(logits.device)
-        return F.cross_entropy(logits, batch["labels"], reduction="none")
-    logits = model(input_ids=batch["input_ids"],
-                   attention_mask=batch["attention_mask"]).logits[:, :-1]
-    target = batch["input_ids"][:, 1:]
-    mask = batch["loss_mask"][:, 1:]
-    tok = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                          target.reshape(-1), reduction="none").view(target.shape)
-    return (tok * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-
-
 class HeadOnly(nn.Module):
     """The linear head alone, fed the cached pooled features (head-only rounds)."""
 
@@ -108,7 +60,8 @@ class HeadOnly(nn.Module):
         self.head = head
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features.to(next(self.head.parameters()).dtype))
+        out: torch.Tensor = self.head(features.to(next(self.head.parameters()).dtype))
+        return out
 
 
 # id(dataset) -> (the dataset itself, kept alive so its id is never reused; the
@@ -150,7 +103,7 @@ def head_features(model: nn.Module, dataset: EncodedDataset, *, device: torch.de
         loader = DataLoader(dataset, batch_size=batch_size,
                             collate_fn=functools.partial(collate, pad_id=pad_id))
         for batch in loader:
-            batch = _to(batch, device)
+            batch = to_device(batch, device)
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     finally:
         hook.remove()
@@ -164,59 +117,8 @@ def head_features(model: nn.Module, dataset: EncodedDataset, *, device: torch.de
     return out
 
 
-def _to(batch: dict[str, torch.Tensor], device: torch.device
-        ) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
 def _progress(total: int, desc: str) -> tqdm:
     return tqdm(total=total, desc=desc, leave=False, disable=not sys.stderr.isatty())
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, *, task: str, batch_size: int,
-             device: torch.device, pad_id: int, labels: list[str] | None = None,
-             precision: str = "auto") -> dict[str, float]:
-    """Loss (+ accuracy, macro-F1, per-class recall | perplexity) on a dataset."""
-    if len(dataset) == 0:  # type: ignore[arg-type]
-        return {}
-    was_training = model.training
-    model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size,
-                        collate_fn=functools.partial(collate, pad_id=pad_id))
-    total, weight, y_true, y_pred = 0.0, 0.0, [], []
-    for batch in loader:
-        batch = _to(batch, device)
-        with autocast(device, precision, dp=False):
-            if task == "classification":
-                logits = model(input_ids=batch["input_ids"],
-                               attention_mask=batch["attention_mask"]).float()
-                total += F.cross_entropy(logits, batch["labels"],
-                                         reduction="sum").item()
-                weight += len(batch["labels"])
-                y_true += batch["labels"].tolist()
-                y_pred += logits.argmax(-1).tolist()
-            else:
-                n_tok = batch["loss_mask"][:, 1:].sum(1)
-                losses = per_sample_loss(model, batch, task=task)
-                total += (losses * n_tok).sum().item()
-                weight += n_tok.sum().item()
-    model.train(was_training)
-    loss = total / max(weight, 1.0)
-    if task != "classification":
-        return {"loss": loss, "perplexity": metrics.perplexity(loss)}
-    names = labels or [str(i) for i in range(int(max(y_true + y_pred)) + 1)]
-    k = len(names)
-    out = {"loss": loss, "accuracy": metrics.accuracy(y_true, y_pred),
-           "macro-f1": metrics.macro_f1(y_true, y_pred, num_classes=k),
-           **metrics.prediction_spread(y_true, y_pred, num_classes=k)}
-    for key, values in (
-            ("precision", metrics.per_class_precision(y_true, y_pred, num_classes=k)),
-            ("recall", metrics.per_class_recall(y_true, y_pred, num_classes=k)),
-            ("f1", metrics.per_class_f1(y_true, y_pred, num_classes=k))):
-        out.update({f"{key}-{n}": v for n, v in zip(names, values, strict=True)
-                    if not math.isnan(v)})
-    return out
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig
@@ -230,11 +132,13 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig
                              weight_decay=cfg.weight_decay)
 
 
-def _loader(dataset: Dataset, *, cfg: TrainConfig, dp: bool, pad_id: int,
-            generator: torch.Generator) -> tuple[DataLoader, float]:
-    n = len(dataset)  # type: ignore[arg-type]
+def _loader(dataset: Dataset[Batch], *, cfg: TrainConfig, dp: bool, pad_id: int,
+            generator: torch.Generator, rate: float | None
+            ) -> tuple[DataLoader[Batch], float]:
+    n = len(dataset)  # type: ignore[arg-type]  # torch's Dataset declares no __len__
     col = functools.partial(collate, pad_id=pad_id)
-    rate = privacy.sample_rate(batch_size=cfg.batch_size, num_examples=n)
+    if rate is None:
+        rate = poisson_rate(batch_size=cfg.batch_size, num_examples=n)
     if dp:
         sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=rate,
                                                 generator=generator)
@@ -266,10 +170,10 @@ def _seeds(seed: int, *, dp: bool, secure: bool) -> tuple[int, int]:
     return seed, seed + 1
 
 
-def train_local(model: nn.Module, train_set: Dataset, val_set: Dataset, *,
+def train_local(model: nn.Module, train_set: Dataset[Batch], val_set: Dataset[Batch], *,
                 task: str, train_cfg: TrainConfig, privacy_cfg: PrivacyConfig,
                 noise_multiplier: float, device: torch.device, pad_id: int,
-                seed: int, proximal_mu: float = 0.0,
+                seed: int, sample_rate: float | None = None, proximal_mu: float = 0.0,
                 class_weights: torch.Tensor | None = None,
                 logit_bias: torch.Tensor | None = None,
                 head_only: bool = False) -> TrainResult:
@@ -280,12 +184,13 @@ def train_local(model: nn.Module, train_set: Dataset, val_set: Dataset, *,
     [0, 1] per class) weigh each record's clipped gradient (DP) or its loss (no
     DP); ``logit_bias`` is added to the logits in the training loss only.
     ``head_only`` (classification, LoRA frozen) trains the head on the cached
-    pooled features (:func:`head_features`).
+    pooled features (:func:`head_features`). ``sample_rate``: the Poisson rate
+    the round's privacy was planned with (None: batch size over records).
     """
     start = time.perf_counter()
     trained: nn.Module = model
     if head_only:
-        train_set = head_features(model, train_set, device=device,  # type: ignore
+        train_set = head_features(model, train_set, device=device,  # type: ignore[arg-type]  # an EncodedDataset
                                   pad_id=pad_id,
                                   batch_size=train_cfg.eval_batch_size)
         trained = HeadOnly(classifier_head(model)[1])
@@ -293,7 +198,7 @@ def train_local(model: nn.Module, train_set: Dataset, val_set: Dataset, *,
     sample_seed, noise_seed = _seeds(seed, dp=dp, secure=privacy_cfg.secure_noise)
     gen = torch.Generator().manual_seed(sample_seed)
     loader, rate = _loader(train_set, cfg=train_cfg, dp=dp, pad_id=pad_id,
-                           generator=gen)
+                           generator=gen, rate=sample_rate)
     per_epoch = len(loader)
     total = (train_cfg.max_steps if train_cfg.max_steps > 0
              else train_cfg.local_epochs * per_epoch)
@@ -303,11 +208,11 @@ def train_local(model: nn.Module, train_set: Dataset, val_set: Dataset, *,
     opt = make_optimizer(params, train_cfg)
     net: nn.Module = trained
     if dp:
-        net, opt = privacy.make_private(
+        net, opt = dpsgd.make_private(
             trained, opt, cfg=privacy_cfg, noise_multiplier=noise_multiplier,
-            expected_batch_size=round(rate * len(train_set)),  # type: ignore[arg-type]
+            expected_batch_size=round(rate * len(train_set)),  # type: ignore[arg-type]  # Sized
             generator=torch.Generator(device=device).manual_seed(noise_seed))
-    sched = get_linear_schedule_with_warmup(
+    sched = get_linear_schedule_with_warmup(  # type: ignore[no-untyped-call]  # (untyped)
         opt, num_warmup_steps=int(train_cfg.warmup_ratio * total),
         num_training_steps=total)
     steps, loss_sum, loss_n, best, stale = 0, 0.0, 0, math.inf, 0
@@ -318,7 +223,7 @@ def train_local(model: nn.Module, train_set: Dataset, val_set: Dataset, *,
             for batch in loader:
                 if steps >= total:
                     break
-                loss = train_step(net, opt, _to(batch, device), task=task, dp=dp,
+                loss = train_step(net, opt, to_device(batch, device), task=task, dp=dp,
                                   cfg=train_cfg, device=device, params=params,
                                   class_weights=class_weights, logit_bias=logit_bias)
                 if anchor:
@@ -329,7 +234,7 @@ def train_local(model: nn.Module, train_set: Dataset, val_set: Dataset, *,
                 bar.update(1)
                 if loss is not None:
                     loss_sum, loss_n = loss_sum + loss, loss_n + 1
-            if train_cfg.early_stopping_patience and len(val_set):  # type: ignore
+            if train_cfg.early_stopping_patience and len(val_set):  # type: ignore[arg-type]  # Sized
                 val = evaluate(model, val_set, task=task, device=device, pad_id=pad_id,
                                batch_size=train_cfg.eval_batch_size)["loss"]
                 if val < best - 1e-4:
@@ -348,8 +253,8 @@ def train_local(model: nn.Module, train_set: Dataset, val_set: Dataset, *,
         set_adapter_state(model, best_state)
     val_loss = (evaluate(model, val_set, task=task, device=device, pad_id=pad_id,
                          batch_size=train_cfg.eval_batch_size)["loss"]
-                if len(val_set) else math.nan)  # type: ignore[arg-type]
-    return TrainResult(num_examples=len(train_set),  # type: ignore[arg-type]
+                if len(val_set) else math.nan)  # type: ignore[arg-type]  # Sized
+    return TrainResult(num_examples=len(train_set),  # type: ignore[arg-type]  # Sized
                        train_loss=loss_sum / max(loss_n, 1), val_loss=val_loss,
                        steps=steps, seconds=time.perf_counter() - start,
                        sample_rate=rate if dp else 0.0)
@@ -363,13 +268,13 @@ def train_step(net: nn.Module, opt: torch.optim.Optimizer,
     """One optimizer step; returns the batch loss (None for an empty Poisson batch).
 
     Under DP the record weights go to the optimizer, which applies them after
-    clipping (:class:`~fedtune.client.privacy.WeightedDPOptimizer`).
+    clipping (:class:`~fedtune.client.dpsgd.WeightedDPOptimizer`).
     """
     opt.zero_grad(set_to_none=True)
     if next(iter(batch.values())).shape[0] == 0:
         # Poisson sampling drew no record: the step still counts (and adds noise).
         for p in params:
-            p.grad_sample = torch.zeros(  # type: ignore[attr-defined]
+            p.grad_sample = torch.zeros(  # type: ignore[attr-defined]  # Opacus' attribute
                 (0, *p.shape), device=p.device, dtype=p.dtype)
         opt.step()
         return None
@@ -379,10 +284,11 @@ def train_step(net: nn.Module, opt: torch.optim.Optimizer,
         losses = per_sample_loss(net, batch, task=task, logit_bias=logit_bias)
     loss = losses.mean()
     if dp:
-        opt.sample_weights = weights  # type: ignore[attr-defined]
-        loss.backward()
+        opt.sample_weights = weights  # type: ignore[attr-defined]  # WeightedDPOptimizer
+        loss.backward()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
     else:
-        (loss if weights is None else (losses * weights).mean()).backward()
+        weighted = loss if weights is None else (losses * weights).mean()
+        weighted.backward()  # type: ignore[no-untyped-call]  # (same)
     if not dp:
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     opt.step()

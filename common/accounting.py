@@ -210,19 +210,19 @@ def plan_schedule(cfg: PrivacyConfig, *, sample_rate_: float, steps_per_round_: 
 
     if cfg.noise_multiplier > 0:
         return plan(cfg.noise_multiplier, cfg.noise_multiplier)
-    common = {"target_delta": cfg.target_delta, "sample_rate": sample_rate_,
-              "accountant": cfg.accountant}
+    calibrate = functools.partial(
+        calibrate_noise, target_delta=cfg.target_delta, sample_rate=sample_rate_,
+        accountant=cfg.accountant)
     if cfg.linear_probe_budget and probe_rounds and tune_rounds:
-        probe = calibrate_noise(
-            target_epsilon=cfg.linear_probe_budget * cfg.target_epsilon,
-            steps=probe_steps * probe_rounds, prefix=prefix, **common)
+        probe = calibrate(target_epsilon=cfg.linear_probe_budget * cfg.target_epsilon,
+                          steps=probe_steps * probe_rounds, prefix=prefix)
         prefix.append((probe, sample_rate_, probe_steps * probe_rounds))
-        tune = calibrate_noise(target_epsilon=cfg.target_epsilon, prefix=prefix,
-                               steps=steps_per_round_ * tune_rounds, **common)
+        tune = calibrate(target_epsilon=cfg.target_epsilon, prefix=prefix,
+                         steps=steps_per_round_ * tune_rounds)
         return plan(probe, tune)
-    sigma = calibrate_noise(
+    sigma = calibrate(
         target_epsilon=cfg.target_epsilon, prefix=prefix,
-        steps=probe_steps * probe_rounds + steps_per_round_ * tune_rounds, **common)
+        steps=probe_steps * probe_rounds + steps_per_round_ * tune_rounds)
     return plan(sigma, sigma)
 
 

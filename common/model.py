@@ -59,6 +59,8 @@ class MeanPoolClassifier(nn.Module):
     """Encoder + masked mean pooling + a linear head, or with ``hidden`` > 0 a
     two-layer head (linear, GELU, linear)."""
 
+    name_or_path: str = ""  # the base model's id (peft reads it)
+
     def __init__(self, encoder: Any, num_labels: int, hidden: int = 0) -> None:
         super().__init__()
         self.encoder = encoder
@@ -74,7 +76,8 @@ class MeanPoolClassifier(nn.Module):
                               attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return self.head(pooled.to(next(self.head.parameters()).dtype))
+        logits: torch.Tensor = self.head(pooled.to(next(self.head.parameters()).dtype))
+        return logits
 
 
 def _gguf_cache(path: str, gguf_file: str) -> Path:
@@ -155,7 +158,8 @@ def build_base(cfg: ModelConfig, *, num_labels: int, seed: int = 0) -> nn.Module
     pretrained = copy.deepcopy(load_pretrained(cfg))
     if cfg.task == "causal-lm":
         pretrained.name_or_path = cfg.name_or_path  # what adapter_config.json names
-        return pretrained
+        causal: nn.Module = pretrained
+        return causal
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = MeanPoolClassifier(pretrained, num_labels, hidden=cfg.head_hidden)
@@ -182,7 +186,7 @@ def build_model(cfg: ModelConfig, lora: LoraConfig, *, num_labels: int = 0,
     base: Any = build_base(cfg, num_labels=num_labels, seed=seed)
     r = rank or lora.r
     peft_cfg = PeftLoraConfig(
-        r=r, lora_alpha=lora.alpha if r == lora.r else lora.alpha * r / lora.r,
+        r=r, lora_alpha=lora.alpha if r == lora.r else lora.alpha * r / lora.r,  # type: ignore[arg-type]  # peft says int; a lower rank's alpha is fractional
         lora_dropout=lora.dropout,
         target_modules=target_modules(base.config.model_type, lora),
         modules_to_save=[HEAD] if cfg.task == "classification" else None,
@@ -265,13 +269,8 @@ def set_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 def _unwrap(model: nn.Module) -> nn.Module:
     """Peel Opacus' GradSampleModule (``_module``) off a PeftModel."""
     while not isinstance(model, PeftModel) and hasattr(model, "_module"):
-        model = model._module  # type: ignore[assignment]
+        model = model._module  # type: ignore[assignment]  # Opacus' wrapper: the real module
     return model
-
-
-def num_bytes(state: dict[str, torch.Tensor]) -> int:
-    """Parameter bytes of a state dict."""
-    return sum(t.numel() * t.element_size() for t in state.values())
 
 
 def save_adapter(model: nn.Module, directory: str | Path, *,

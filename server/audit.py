@@ -16,13 +16,13 @@ import json
 import logging
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedtune.client import trainer
-from fedtune.common import data, metrics
+from fedtune.common import data, evaluation, metrics
 from fedtune.common.config import RunConfig, from_dict, to_dict
 from fedtune.common.errors import ConfigError
 from fedtune.common.model import load_adapter, load_tokenizer
@@ -63,15 +63,19 @@ def per_example_losses(model: torch.nn.Module, records: list[dict[str, Any]],
     out: list[float] = []
     with torch.no_grad():
         for batch in loader:
-            out += trainer.per_sample_loss(model, batch, task=cfg.model.task).tolist()
+            out += evaluation.per_sample_loss(model, batch,
+                                              task=cfg.model.task).tolist()
     return out
 
 
-def run_audit(cfg: RunConfig, *, out_dir: Path, canaries: int = 100,
-              max_records: int = 300) -> dict[str, Any]:
-    """Plant canaries, train, attack; write ``audit.json`` in ``out_dir``."""
-    from fedtune.server.simulation import simulate
+Train = Callable[[RunConfig, Path], Path]  # (config, run directory) -> run directory
 
+
+def run_audit(cfg: RunConfig, *, out_dir: Path, train: Train, canaries: int = 100,
+              max_records: int = 300) -> dict[str, Any]:
+    """Plant canaries, train with ``train`` (the simulation driver, passed in by
+    the caller: the server side never starts a federation itself), attack; write
+    ``audit.json`` in ``out_dir``."""
     if not cfg.data.test_source:
         raise ConfigError("data.test_source: the audit needs held-out records (the "
                           "non-members); set it to a file the sites never train on")
@@ -79,21 +83,21 @@ def run_audit(cfg: RunConfig, *, out_dir: Path, canaries: int = 100,
         raise ConfigError("model.task: the audit's canaries are classification "
                           "records; causal-lm audits are not supported yet")
     req = data.required_columns(cfg.model.task, cfg.data)
-    train = data.read_records(cfg.data.source, required=req)
+    site_records = data.read_records(cfg.data.source, required=req)
     test = data.read_records(cfg.data.test_source, required=req)
-    planted = make_canaries(train, cfg, count=2 * canaries, seed=cfg.train.seed)
+    planted = make_canaries(site_records, cfg, count=2 * canaries, seed=cfg.train.seed)
     inside, outside = planted[:canaries], planted[canaries:]
     out_dir.mkdir(parents=True, exist_ok=True)
     augmented = out_dir / "train-with-canaries.jsonl"
-    augmented.write_text("".join(json.dumps(r) + "\n" for r in train + inside),
+    augmented.write_text("".join(json.dumps(r) + "\n" for r in site_records + inside),
                          encoding="utf-8")
     raw = to_dict(cfg)
     run_cfg = from_dict({**raw, "data": {**raw["data"], "source": str(augmented)}})
-    run_dir = simulate(run_cfg, name="audit", run_dir=out_dir / "run")
+    run_dir = train(run_cfg, out_dir / "run")
     model = load_adapter(cfg.model, run_dir / "final",
                          num_labels=len(cfg.data.labels))
     rows = checkpoint.read_metrics(run_dir)
-    members, nonmembers = train[:max_records], test[:max_records]
+    members, nonmembers = site_records[:max_records], test[:max_records]
 
     def scores(recs: list[dict[str, Any]], source: str) -> list[float]:
         return [-x for x in per_example_losses(model, recs, cfg, source=source)]

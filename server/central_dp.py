@@ -28,8 +28,8 @@ from flwr.supercore.differential_privacy import (
     get_norm,
 )
 
-from fedtune.client.privacy import epsilon_spent
 from fedtune.common import records
+from fedtune.common.accounting import epsilon_spent
 from fedtune.server.strategy import FedTuneAvg
 
 logger = logging.getLogger(__name__)
@@ -45,18 +45,17 @@ class CentralDPAvg(FedTuneAvg):
 
     def __init__(self, *, noise_multiplier: float, clipping_norm: float,
                  delta: float, **kwargs: object) -> None:
-        super().__init__(**{**kwargs, "weighting": "uniform"})  # type: ignore[arg-type]
+        super().__init__(**{**kwargs, "weighting": "uniform"})  # type: ignore[arg-type]  # kwargs
         if noise_multiplier <= 0 or clipping_norm <= 0:
             raise ValueError("central DP needs noise_multiplier > 0 and "
                              "clipping_norm > 0")
         self.noise_multiplier, self.clipping_norm = noise_multiplier, clipping_norm
         self.delta, self.releases = delta, 0
-        self.client_epsilon: dict[int, float] = {}
 
     def _clip(self, reply: Message) -> None:
         record = reply.content[records.ARRAYS]
-        values = record.to_numpy_ndarrays()  # type: ignore[union-attr]
-        current = [self._global[k] for k in record.keys()]  # type: ignore[union-attr]
+        values = record.to_numpy_ndarrays()  # type: ignore[union-attr]  # an ArrayRecord
+        current = [self.current[k] for k in record.keys()]
         delta = [v - c for v, c in zip(values, current, strict=True)]
         if get_norm(delta) > 0:  # Flower's clip divides by the norm
             compute_clip_model_update(param1=values, param2=current,

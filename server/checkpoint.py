@@ -136,7 +136,7 @@ def save_state(run_dir: Path, state: ServerState) -> Path:
                **{f"global/{k}": v for k, v in state.arrays.items()},
                **{f"strategy/{k}": v for k, v in state.strategy_arrays.items()}}
     buf = io.BytesIO()
-    np.savez(buf, **payload)  # type: ignore[arg-type]
+    np.savez(buf, **payload)  # type: ignore[arg-type]  # numpy's stub is too narrow
     out = run_dir / STATE
     tmp = run_dir / (STATE + ".tmp")
     with open(tmp, "wb") as fh:

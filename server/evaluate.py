@@ -7,8 +7,7 @@ from typing import Any
 
 import torch
 
-from fedtune.client import trainer
-from fedtune.common import data
+from fedtune.common import data, evaluation
 from fedtune.common.config import RunConfig
 from fedtune.common.model import load_tokenizer, set_adapter_state
 
@@ -49,7 +48,7 @@ class CentralEvaluator:
         if self.dataset is None:
             return {}
         set_adapter_state(self.model, state)
-        return trainer.evaluate(
+        return evaluation.evaluate(
             self.model, self.dataset, task=self.cfg.model.task, device=self.device,
             batch_size=self.cfg.train.eval_batch_size, pad_id=self.pad_id,
             labels=list(self.cfg.data.labels), precision=self.cfg.train.precision)

@@ -14,6 +14,7 @@ import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
@@ -28,7 +29,7 @@ PLAN_FILE = "plan.json"
 
 def site_sizes(grid: Grid, *, timeout: float) -> list[tuple[str, int]]:
     """(``node <id>``, training records) of every connected node that answers."""
-    ask = {records.QUERY: records.SITE_SIZE}
+    ask: dict[str, Any] = {records.QUERY: records.SITE_SIZE}
     messages = [Message(content=RecordDict({records.CONFIG: ConfigRecord(ask)}),
                         dst_node_id=node, message_type=MessageType.QUERY)
                 for node in sorted(grid.get_node_ids())]
@@ -40,7 +41,8 @@ def site_sizes(grid: Grid, *, timeout: float) -> list[tuple[str, int]]:
             continue
         metrics = reply.content.metric_records.get(records.METRICS, MetricRecord())
         if records.NUM_EXAMPLES in metrics:
-            sizes.append((node, int(metrics[records.NUM_EXAMPLES])))  # type: ignore
+            count = metrics[records.NUM_EXAMPLES]
+            sizes.append((node, int(count if isinstance(count, int | float) else 0)))
     return sizes
 
 

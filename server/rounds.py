@@ -17,20 +17,20 @@ then the optional federated evaluation and the recorder) and:
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
 from fedtune.common import records
 from fedtune.common.config import RunConfig
 from fedtune.common.errors import FedtuneError
-from fedtune.server import checkpoint
-from fedtune.server.strategy import FedTuneStrategy, all_declined
+from fedtune.server import resume
+from fedtune.server.stats import all_declined
+from fedtune.server.strategy import FedTuneStrategy
 
 logger = logging.getLogger(__name__)
 Recorder = Callable[[int, ArrayRecord], MetricRecord | None]
@@ -62,7 +62,7 @@ def train_round(grid: Grid, strategy: FedTuneStrategy, *, server_round: int,
         if new is not None:
             return new
         stats = strategy.round_stats[server_round]
-        if stats.nodes_declined and len(stats.nodes_declined) == stats.sampled:
+        if stats.every_site_declined:
             raise all_declined(server_round, stats.sampled)
         summary = stats.summary()
         logger.warning(
@@ -84,33 +84,10 @@ def _evaluate(grid: Grid, strategy: FedTuneStrategy, *, server_round: int,
               arrays: ArrayRecord, cfg: RunConfig) -> None:
     if cfg.federation.fraction_evaluate <= 0:
         return
-    messages = strategy.configure_evaluate(  # type: ignore[attr-defined]
+    messages = strategy.configure_evaluate(  # type: ignore[attr-defined]  # Flower's
         server_round, arrays, ConfigRecord(), grid)
     replies = grid.send_and_receive(messages, timeout=cfg.federation.round_timeout)
     strategy.aggregate_evaluate(server_round, replies)
-
-
-def save(run_dir: Path, *, server_round: int, arrays: ArrayRecord,
-         strategy: FedTuneStrategy, cfg: RunConfig) -> None:
-    s_arrays, s_scalars = strategy.state()
-    checkpoint.save_state(run_dir, checkpoint.ServerState(
-        round=server_round, arrays={k: v.numpy() for k, v in arrays.items()},
-        strategy_arrays=s_arrays, strategy_scalars=s_scalars,
-        python_rng=random.getstate(), config=checkpoint.config_dict(cfg)))
-
-
-def resume(run_dir: Path, *, strategy: FedTuneStrategy, cfg: RunConfig
-           ) -> tuple[int, ArrayRecord]:
-    """Restore the saved state; returns the last completed round and the adapter."""
-    saved = checkpoint.load_state(run_dir)
-    checkpoint.check_resumable(saved.config, cfg, run_dir)
-    strategy.restore(saved.strategy_arrays, saved.strategy_scalars)
-    version, internal, gauss = saved.python_rng
-    random.setstate((version, tuple(internal), gauss))
-    checkpoint.rewind(run_dir, saved.round)
-    logger.info("resuming %s after round %d of %d", run_dir, saved.round,
-                cfg.federation.num_rounds)
-    return saved.round, ArrayRecord({k: Array(v) for k, v in saved.arrays.items()})
 
 
 def run_rounds(grid: Grid, strategy: FedTuneStrategy, *, cfg: RunConfig,
@@ -127,5 +104,6 @@ def run_rounds(grid: Grid, strategy: FedTuneStrategy, *, cfg: RunConfig,
                              cfg=cfg, config=ConfigRecord(config))
         _evaluate(grid, strategy, server_round=rnd, arrays=arrays, cfg=cfg)
         recorder(rnd, arrays)
-        save(run_dir, server_round=rnd, arrays=arrays, strategy=strategy, cfg=cfg)
+        resume.save(run_dir, server_round=rnd, arrays=arrays, strategy=strategy,
+                    cfg=cfg)
     return arrays

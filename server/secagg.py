@@ -33,7 +33,8 @@ from flwr.serverapp import Grid
 
 from fedtune.common import records
 from fedtune.common.config import RunConfig
-from fedtune.server.strategy import RoundStats, record_site_metrics
+from fedtune.server.recorder import RoundRecorder
+from fedtune.server.stats import RoundStats, record_site_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class SecAggFedAvg(LegacyFedAvg):
         self.round_stats: dict[int, RoundStats] = {}
         self.train_metrics: dict[int, dict[str, float]] = {}
         self.eval_metrics: dict[int, dict[str, float]] = {}
+        self.client_epsilon: dict[int, float] = {}  # no central DP with SecAgg+
 
     def aggregate_fit(self, server_round: int,
                       results: list[tuple[ClientProxy, FitRes]],
@@ -86,16 +88,16 @@ class SecAggFedAvg(LegacyFedAvg):
 
 
 def run_secagg(grid: Grid, context: Context, *, cfg: RunConfig,
-               initial: dict[str, Any], recorder: Any) -> None:
-    """Run ``cfg.federation.num_rounds`` SecAgg+ rounds; ``recorder`` is the
-    :class:`~fedtune.server.app.RoundRecorder` (``evaluate_fn`` of the plain path)."""
+               initial: dict[str, Any], recorder: RoundRecorder) -> None:
+    """Run ``cfg.federation.num_rounds`` SecAgg+ rounds; ``recorder`` records each
+    (``evaluate_fn`` of the plain path)."""
     names = sorted(initial)
     fed = cfg.federation
 
     def evaluate(server_round: int, arrays: list[np.ndarray], _: dict[str, Any]
                  ) -> tuple[float, dict[str, Scalar]] | None:
         metric = recorder(server_round, from_ndarrays(names, arrays))
-        row = dict(metric or {})
+        row: dict[str, Any] = dict(metric or {})
         return float(row.get("loss", math.nan)), row
 
     strategy = SecAggFedAvg(

@@ -9,8 +9,8 @@ import torch
 
 from fedtune.client.daemon import ClientOptions, supernode_command
 from fedtune.common import keys
-from fedtune.common.cli import main
 from fedtune.common.errors import FedtuneError
+from fedtune.simulations.cli import main
 
 
 @pytest.fixture

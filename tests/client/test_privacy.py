@@ -6,11 +6,13 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from fedtune.client import privacy, trainer
-from fedtune.common import data
+from fedtune.client import dpsgd, privacy, recipe
+from fedtune.client.ledger import Budget, PrivacyLedger
+from fedtune.common import accounting, config, data, evaluation, records
 from fedtune.common import model as M
 from fedtune.common.config import LoraConfig, ModelConfig, PrivacyConfig
-from fedtune.common.errors import PrivacyError
+from fedtune.common.errors import PrivacyBudgetExhausted, PrivacyError
+from tests.conftest import tiny_config
 
 
 def _batch(tiny_bert: Path) -> dict[str, torch.Tensor]:
@@ -34,7 +36,7 @@ def _one_sample_grads(model: torch.nn.Module, params: list[torch.nn.Parameter],
     for i in range(len(batch["labels"])):
         model.zero_grad()
         one = {k: v[i:i + 1] for k, v in batch.items()}
-        trainer.per_sample_loss(model, one, task="classification").sum().backward()
+        evaluation.per_sample_loss(model, one, task="classification").sum().backward()
         out.append(_flat_grads(params).clone())
     model.zero_grad()
     return out
@@ -61,10 +63,10 @@ def test_per_sample_clipping_matches_manual_computation(tiny_bert: Path,
     expected = sum(g * min(1.0, clip / float(g.norm())) for g in manual) / bsz
     # Execute: Opacus with zero noise
     opt = torch.optim.SGD(params, lr=0.0)
-    gsm, dp_opt = privacy.make_private(
+    gsm, dp_opt = dpsgd.make_private(
         model, opt, cfg=PrivacyConfig(max_grad_norm=clip, grad_sample_mode=mode),
         noise_multiplier=0.0, expected_batch_size=bsz)
-    trainer.per_sample_loss(gsm, batch, task="classification").mean().backward()
+    evaluation.per_sample_loss(gsm, batch, task="classification").mean().backward()
     per_sample = torch.cat([p.grad_sample.reshape(bsz, -1) for p in params], dim=1)
     dp_opt.pre_step()
     got = _flat_grads(params)
@@ -83,7 +85,7 @@ def test_noise_is_added_with_the_configured_scale(tiny_bert: Path) -> None:
                           num_labels=3)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    gsm, dp_opt = privacy.make_private(
+    gsm, dp_opt = dpsgd.make_private(
         model, torch.optim.SGD(params, lr=0.0), cfg=PrivacyConfig(max_grad_norm=1.0),
         noise_multiplier=2.0, expected_batch_size=1,
         generator=torch.Generator().manual_seed(0))
@@ -117,25 +119,25 @@ def test_epsilon_grows_with_rounds_and_matches_opacus() -> None:
 
 def test_calibrated_noise_spends_the_target_over_the_planned_rounds() -> None:
     cfg = PrivacyConfig(target_epsilon=3.0, target_delta=1e-5)
-    q = privacy.sample_rate(batch_size=16, num_examples=400)
-    per_round = privacy.steps_per_round(sample_rate_=q, epochs=2, max_steps=0)
+    q = accounting.sample_rate(batch_size=16, num_examples=400)
+    per_round = accounting.steps_per_round(sample_rate_=q, epochs=2, max_steps=0)
     assert per_round == 50
-    sigma = privacy.plan_noise(cfg, sample_rate_=q, steps_per_round_=per_round,
+    sigma = accounting.plan_noise(cfg, sample_rate_=q, steps_per_round_=per_round,
                                num_rounds=4)
-    spent = privacy.epsilon_spent([(sigma, q, per_round * 4)], delta=1e-5)
+    spent = accounting.epsilon_spent([(sigma, q, per_round * 4)], delta=1e-5)
     assert 2.9 < spent <= 3.0
-    assert privacy.plan_noise(PrivacyConfig(noise_multiplier=0.7), sample_rate_=q,
+    assert accounting.plan_noise(PrivacyConfig(noise_multiplier=0.7), sample_rate_=q,
                               steps_per_round_=1, num_rounds=1) == 0.7
 
 
 def test_privacy_errors() -> None:
-    assert privacy.epsilon_spent([], delta=1e-5) == 0.0
+    assert accounting.epsilon_spent([], delta=1e-5) == 0.0
     with pytest.raises(PrivacyError, match="invalid noise multiplier"):
-        privacy.make_private(torch.nn.Linear(2, 2), torch.optim.SGD(
+        dpsgd.make_private(torch.nn.Linear(2, 2), torch.optim.SGD(
             torch.nn.Linear(2, 2).parameters(), lr=0.1), cfg=PrivacyConfig(),
             noise_multiplier=float("nan"), expected_batch_size=1)
     with pytest.raises(PrivacyError, match="cannot reach epsilon"):
-        privacy.calibrate_noise(target_epsilon=1e-6, target_delta=1e-5,
+        accounting.calibrate_noise(target_epsilon=1e-6, target_delta=1e-5,
                                 sample_rate=1.0, steps=10_000)
 
 
@@ -155,16 +157,16 @@ def test_record_weights_apply_after_clipping(tiny_bert: Path) -> None:
     expected = sum(w * g * min(1.0, clip / float(g.norm()))
                    for w, g in zip(weights, manual, strict=True)) / bsz
     opt = torch.optim.SGD(params, lr=0.0)
-    gsm, dp_opt = privacy.make_private(
+    gsm, dp_opt = dpsgd.make_private(
         model, opt, cfg=PrivacyConfig(max_grad_norm=clip), noise_multiplier=0.0,
         expected_batch_size=bsz)
     # Execute
-    trainer.per_sample_loss(gsm, batch, task="classification").mean().backward()
+    evaluation.per_sample_loss(gsm, batch, task="classification").mean().backward()
     dp_opt.sample_weights = weights
     dp_opt.pre_step()
     got = _flat_grads(params)
     dp_opt.zero_grad()
-    trainer.per_sample_loss(gsm, batch, task="classification").mean().backward()
+    evaluation.per_sample_loss(gsm, batch, task="classification").mean().backward()
     dp_opt.sample_weights = torch.tensor([1.0, 1.5, 0.0, 0.0])
     with pytest.raises(PrivacyError, match=r"record weights must lie in \[0, 1\]"):
         dp_opt.pre_step()
@@ -175,10 +177,64 @@ def test_record_weights_apply_after_clipping(tiny_bert: Path) -> None:
 
 def test_class_histogram_noise_has_the_configured_scale() -> None:
     labels = [0] * 700 + [1] * 300
-    exact = privacy.noisy_class_counts(labels, num_classes=3, sigma=0.0)
+    exact = recipe.noisy_class_counts(labels, num_classes=3, sigma=0.0)
     assert exact == [700.0, 300.0, 0.0]
-    draws = torch.tensor([privacy.noisy_class_counts(
+    draws = torch.tensor([recipe.noisy_class_counts(
         labels, num_classes=3, sigma=5.0, generator=torch.Generator().manual_seed(s))
         for s in range(400)])
     assert draws.mean(0).tolist() == pytest.approx([700, 300, 0], abs=1.0)
     assert float(draws.std(0).mean()) == pytest.approx(5.0, rel=0.1)
+
+
+def _round_cfg(tiny_bert: Path, review_files: tuple[Path, Path], **privacy_: object
+               ) -> config.RunConfig:
+    return config.from_dict(tiny_config(
+        tiny_bert, *review_files, train={"logit_adjustment": 1.0, "batch_size": 8},
+        privacy={"target_epsilon": 4.0, **privacy_}))
+
+
+def test_open_round_releases_the_histogram_once_and_charges_the_ledger(
+        tmp_path: Path, tiny_bert: Path, review_files: tuple[Path, Path]) -> None:
+    # Prepare
+    cfg = _round_cfg(tiny_bert, review_files)
+    labels = [0, 1, 2, 2] * 25
+    book = privacy.Book(PrivacyLedger(tmp_path, "d" * 64, records=100), Budget(8.0))
+    # Execute: round 1 releases the histogram, round 2 reuses it
+    first = privacy.open_round(cfg, num_examples=100, labels=lambda: labels,
+                               round_=1, saved=None, prior=None, book=book,
+                               run="r", message="m1")
+    metrics = first.charge(steps=5, sample_rate_=first.sample_rate)
+    second = privacy.open_round(cfg, num_examples=100, labels=lambda: labels,
+                                round_=2, saved=first.state.to_config(),
+                                prior=first.prior, book=book, run="r",
+                                message="m2")
+    # Assert
+    entries = book.ledger.read()["entries"]
+    assert [e["message"] for e in entries] == ["m1/histogram", "m1"]
+    assert first.prior is not None and len(first.prior) == 3
+    assert second.prior == first.prior  # released once per run, then reused
+    assert first.terms.logit_bias is not None
+    assert first.sample_rate == pytest.approx(8 / 100)
+    assert metrics[records.EPSILON] == pytest.approx(first.state.epsilon(cfg.privacy))
+    assert metrics[records.EPSILON_TOTAL] == pytest.approx(book.ledger.spent(1e-5))
+    assert second.noise_multiplier == first.noise_multiplier > 0
+
+
+def test_open_round_refuses_before_training_what_the_budget_cannot_pay(
+        tmp_path: Path, tiny_bert: Path, review_files: tuple[Path, Path]) -> None:
+    cfg = _round_cfg(tiny_bert, review_files)
+    book = privacy.Book(PrivacyLedger(tmp_path, "d" * 64), Budget(0.5))
+    with pytest.raises(PrivacyBudgetExhausted):
+        privacy.open_round(cfg, num_examples=100, labels=lambda: [0, 1] * 50,
+                           round_=1, saved=None, prior=None,
+                           book=book)
+    assert book.ledger.read()["entries"] == []  # nothing charged
+    off = _round_cfg(tiny_bert, review_files, enabled=False)
+    with pytest.raises(PrivacyBudgetExhausted, match="DP is off"):
+        privacy.open_round(off, num_examples=100, labels=lambda: [0, 1] * 50,
+                           round_=1, saved=None, prior=None,
+                           book=book)
+    unlimited = privacy.Book(PrivacyLedger(tmp_path / "u", "d" * 64), Budget())
+    plain = privacy.open_round(off, num_examples=100, labels=lambda: [0, 1] * 50,
+                               round_=1, saved=None, prior=None, book=unlimited)
+    assert plain.charge(steps=3, sample_rate_=0.1) == {}  # not private: no epsilon

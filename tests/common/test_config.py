@@ -114,6 +114,8 @@ def test_all_problems_reported_together() -> None:
      r"privacy.central_dp: needs federation.strategy fedavg"),
     ({"federation": {"secure_aggregation": True}, "lora": {"site_ranks": [2]}},
      r"lora.site_ranks: cannot be combined with federation.secure_aggregation"),
+    ({"federation": {"secure_aggregation": True}, "privacy": {"central_dp": True}},
+     r"privacy.central_dp: cannot be combined with federation.secure_aggregation"),
     ({"model": {"head_init": "ones"}}, r"model.head_init: expected one of"),
     ({"privacy": {"linear_probe_budget": 1.0}},
      r"privacy.linear_probe_budget: must be in \[0, 1\)"),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from fedtune.common.cli import build_parser
+from fedtune.simulations.cli import build_parser
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-FEDTUNE = [sys.executable, "-m", "fedtune.common.cli"]
+FEDTUNE = [sys.executable, "-m", "fedtune.simulations.cli"]
 
 
 def free_port() -> int:

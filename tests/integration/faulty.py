@@ -1,7 +1,7 @@
 """Faulty and malicious sites for simulations: a Flower mod around the real ClientApp.
 
 ``python -m tests.integration.faulty RUN.yaml RUN_DIR FAULTS [--resume]`` runs
-``fedtune.server.simulation.simulate`` with the mod; ``FAULTS`` maps partition ids
+``fedtune.simulations.driver.simulate`` with the mod; ``FAULTS`` maps partition ids
 to what that site does to its (real, trained) reply, e.g. ``0:nan,1:shape,2:norm``:
 
 - ``nan``: one value of the first tensor becomes NaN;
@@ -23,7 +23,7 @@ from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedtune.common import config, records
-from fedtune.server.simulation import simulate
+from fedtune.simulations.driver import simulate
 
 
 def parse(spec: str) -> dict[int, str]:

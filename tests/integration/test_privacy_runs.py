@@ -50,7 +50,7 @@ def test_budget_exhausted_site_declines_and_spending_accumulates(
     total_one = max(one[-1]["epsilon_total_by_node"].values())
     total_two = max(two[-1]["epsilon_total_by_node"].values())
     assert total_one == pytest.approx(2.0, abs=0.01) and 2.0 < total_two <= 6.0
-    show = subprocess.run([sys.executable, "-m", "fedtune.common.cli", "privacy",
+    show = subprocess.run([sys.executable, "-m", "fedtune.simulations.cli", "privacy",
                            "show", "--ledger-dir", str(ledger_dir)],
                           capture_output=True, text=True, check=True).stdout
     lines = show.splitlines()
@@ -86,7 +86,7 @@ def test_audit_detects_memorisation_without_dp(
     cfg_path = tmp_path / "audit.yaml"
     cfg_path.write_text(yaml.safe_dump(raw))
     # Execute
-    proc = subprocess.run([sys.executable, "-m", "fedtune.common.cli", "audit",
+    proc = subprocess.run([sys.executable, "-m", "fedtune.simulations.cli", "audit",
                            str(cfg_path), "--canaries", "30", "--out",
                            str(tmp_path / "audit")],
                           capture_output=True, text=True, timeout=600, check=False)

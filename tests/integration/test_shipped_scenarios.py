@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _run(tmp_path: Path, *args: str) -> tuple[list[dict], float, str]:
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "fedtune.common.cli", "simulate", *args,
+        [sys.executable, "-m", "fedtune.simulations.cli", "simulate", *args,
          "--run-dir", str(tmp_path / "run")], capture_output=True, text=True,
         timeout=900, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]

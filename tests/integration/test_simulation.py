@@ -23,7 +23,7 @@ def _simulate(tmp_path: Path, raw: dict, *overrides: str, timeout: int = 420
     cfg_path.write_text(yaml.safe_dump(raw))
     run_dir = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "fedtune.common.cli", "simulate", str(cfg_path),
+        [sys.executable, "-m", "fedtune.simulations.cli", "simulate", str(cfg_path),
          *overrides, "--run-dir", str(run_dir)],
         capture_output=True, text=True, timeout=timeout, check=False,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -96,7 +96,7 @@ def test_causal_lm_simulation(tmp_path: Path, tiny_llama: Path, sft_file: Path
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = _rounds(run_dir)[-1]
     assert last["eval_perplexity"] > 1.0 and last["epsilon_max"] > 0
-    proc = subprocess.run([sys.executable, "-m", "fedtune.common.cli", "report",
+    proc = subprocess.run([sys.executable, "-m", "fedtune.simulations.cli", "report",
                            str(run_dir)], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "perplexity" in proc.stdout and "1 of 1 done" in proc.stdout
@@ -105,7 +105,7 @@ def test_causal_lm_simulation(tmp_path: Path, tiny_llama: Path, sft_file: Path
 def test_embedded_default_model_and_data(tmp_path: Path) -> None:
     """The README's main job, shrunk: real MiniLM + ICD-10 hospitals, DP on (the
     default's 5 head-only rounds become the run's 1)."""
-    from fedtune.common.cli import default_scenario
+    from fedtune.simulations.cli import default_scenario
 
     raw = yaml.safe_load(default_scenario().read_text())
     proc, run_dir = _simulate(

@@ -11,7 +11,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedtune.common import records
 from fedtune.common.config import FederationConfig
-from fedtune.server.strategy import FedTuneStrategy, build_strategy
+from fedtune.server.registry import build_strategy
+from fedtune.server.strategy import FedTuneStrategy
 from tests.server.test_strategy import _reply
 
 QUERY_KW = {"dst_node_id": 1, "message_type": "train"}
@@ -77,7 +78,7 @@ def test_fedavg_is_weighted_and_fedadam_takes_one_adam_step() -> None:
     adam = _strategy(strategy="fedadam", server_learning_rate=0.1,
                      server_beta_1=0.9, server_beta_2=0.99, server_tau=1e-3)
     adam.current_arrays = {"w": np.zeros(1, np.float32)}  # type: ignore[attr-defined]
-    adam._global = {"w": np.zeros(1, np.float32)}
+    adam.expected.current = {"w": np.zeros(1, np.float32)}
     got = _aggregate(adam, [[1.0], [4.0]], [1, 2])
     assert got.dtype == np.float32  # Flower's step is float64; the adapter is not
     m, v = 0.1 * 3.0, 0.01 * 9.0
@@ -151,7 +152,7 @@ def test_heterogeneous_ranks_round_trip_through_the_strategy() -> None:
     agg = records.from_record(arrays)
     assert torch.allclose(agg["l.lora_B.weight"][:, :2], torch.ones(5, 2))
     assert torch.allclose(agg["l.lora_B.weight"][:, 2:], torch.full((5, 2), 0.5))
-    assert strategy.node_ranks == {7: 2}
+    assert strategy.expected.node_ranks == {7: 2}
     shapes = {m.metadata.dst_node_id: m.content[records.ARRAYS][
         "l.lora_A.weight"].shape for m in messages}
     assert shapes == {7: (2, 6), 8: (4, 6)}
@@ -165,7 +166,7 @@ def test_too_few_accepted_updates_aggregate_nothing_and_ffa_digest_is_checked(
     strategy = build_strategy(FederationConfig(min_train_nodes=2, min_replies=2),
                               ffa_digest=123.0, min_train_nodes=2,
                               min_available_nodes=2)
-    strategy._global = {"w": np.zeros(1, np.float32)}
+    strategy.expected.current = {"w": np.zeros(1, np.float32)}
     query = Message(RecordDict({records.CONFIG: ConfigRecord()}), **QUERY_KW)
     good = _reply(query, {"w": torch.ones(1)}, 1)
     good.content[records.METRICS][records.LORA_A_DIGEST] = 123.0

@@ -32,4 +32,5 @@ def test_audit_needs_held_out_records(tmp_path: Path, tiny_bert: Path,
     raw = tiny_config(tiny_bert, *review_files)
     raw["data"]["test_source"] = ""
     with pytest.raises(ConfigError, match="needs held-out records"):
-        run_audit(config.from_dict(raw), out_dir=tmp_path)
+        run_audit(config.from_dict(raw), out_dir=tmp_path,
+                  train=lambda *_: pytest.fail("trained"))

@@ -13,7 +13,7 @@ from opacus.accountants import RDPAccountant
 from fedtune.common import records
 from fedtune.common.config import FederationConfig, PrivacyConfig
 from fedtune.server.central_dp import CentralDPAvg, client_epsilon
-from fedtune.server.strategy import build_strategy
+from fedtune.server.registry import build_strategy
 from tests.server.test_strategy import _reply
 
 
@@ -30,7 +30,7 @@ def _round(strategy: CentralDPAvg, current: dict[str, torch.Tensor],
            ) -> dict[str, torch.Tensor]:
     query = Message(RecordDict({records.CONFIG: ConfigRecord()}), dst_node_id=1,
                     message_type="train")
-    strategy._global = {k: v.numpy() for k, v in current.items()}
+    strategy.expected.current = {k: v.numpy() for k, v in current.items()}
     replies = [_reply(query, s, n) for s, n in zip(states, (10, 1000), strict=True)]
     if declined:
         replies.append(Message(Error(code=0, reason="<'PrivacyBudgetExhausted on "

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from fedtune.common import keys
-from fedtune.common.cli import main
 from fedtune.common.errors import DeploymentError, KeyMaterialError
 from fedtune.server.daemon import RUNS_DIR_ENV, ServerOptions, superlink_command
+from fedtune.simulations.cli import main
 
 
 @pytest.fixture

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from fedtune.common import config
-from fedtune.common.cli import main
 from fedtune.common.errors import FedtuneError
 from fedtune.server import events, plots, report
+from fedtune.simulations.cli import main
 
 PNG = b"\x89PNG\r\n\x1a\n"
 A, B, C = "1111111111", "2222222222", "3333333333"
@@ -213,7 +213,7 @@ def test_collapse_noise_ratio_and_classes_are_reported(tmp_path: Path) -> None:
 
 
 def test_collapse_words_count_the_classes_at_f1_zero() -> None:
-    from fedtune.server.app import spread_words
+    from fedtune.server.recorder import spread_words
 
     ev = {"top_prediction": 2.0, "top_prediction_share": 0.997, "collapsed": 1.0,
           "f1-negative": 0.0, "f1-neutral": 0.0, "f1-positive": 0.79}

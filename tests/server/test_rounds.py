@@ -13,7 +13,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message
 from fedtune.common import config, records
 from fedtune.common.errors import FedtuneError
 from fedtune.server import checkpoint, rounds
-from fedtune.server.strategy import build_strategy
+from fedtune.server.registry import build_strategy
 from tests.server.test_aggregators import FakeGrid
 from tests.server.test_strategy import _reply
 
@@ -126,7 +126,7 @@ def test_damaged_missing_or_foreign_state_is_named(tmp_path: Path) -> None:
 
 def test_resume_cli_refuses_overrides_and_non_run_directories(tmp_path: Path,
                                                               capsys) -> None:  # noqa: ANN001
-    from fedtune.common.cli import main
+    from fedtune.simulations.cli import main
 
     assert main(["simulate", "--resume", str(tmp_path)]) == 2
     assert "config.yaml: not found; --resume needs a fedtune run" in \
@@ -141,13 +141,13 @@ def test_run_resume_submits_the_run_directory_and_the_flag(tmp_path: Path) -> No
     import tomllib
 
     from fedtune.common.config import RESUME, RUN_PATH
-    from fedtune.server import operator
+    from fedtune.server import control
 
-    app = operator.write_app(config.RunConfig(), tmp_path / "app",
+    app = control.write_app(config.RunConfig(), tmp_path / "app",
                              run_path=tmp_path / "run", resume=True)
     flat = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"][
         "app"]["config"]
     assert flat[RUN_PATH] == str(tmp_path / "run") and flat[RESUME] is True
-    fresh = operator.write_app(config.RunConfig(), tmp_path / "fresh", run_path=None)
+    fresh = control.write_app(config.RunConfig(), tmp_path / "fresh", run_path=None)
     assert RESUME not in tomllib.loads((fresh / "pyproject.toml").read_text())[
         "tool"]["flwr"]["app"]["config"]

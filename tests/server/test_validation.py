@@ -12,7 +12,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from fedtune.common import records
 from fedtune.common.config import FederationConfig
 from fedtune.server import validation
-from fedtune.server.strategy import build_strategy
+from fedtune.server.registry import build_strategy
 from tests.server.test_strategy import _reply
 
 GLOBAL = {"a": np.zeros((2, 2), np.float32), "b": np.zeros(3, np.float32)}
@@ -65,7 +65,7 @@ def test_one_bad_reply_never_ends_the_round(caplog: pytest.LogCaptureFixture
                     message_type="train")
     strategy = build_strategy(FederationConfig(max_update_norm=10.0),
                               min_train_nodes=1, min_available_nodes=1)
-    strategy._global = {"w": np.zeros(2, np.float32)}
+    strategy.expected.current = {"w": np.zeros(2, np.float32)}
     good = [_reply(query, {"w": torch.tensor([1.0, 1.0])}, 10),
             _reply(query, {"w": torch.tensor([3.0, 3.0])}, 30)]
     bad = [_reply(query, {"w": torch.tensor([float("nan"), 0.0])}, 10),

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from fedtune.common.errors import ConfigError
-from fedtune.server import sweep
+from fedtune.simulations import sweep
 from tests.conftest import tiny_config
 
 

@@ -75,7 +75,7 @@ def _field_type(key: str) -> type:
     name = name.replace("-", "_")
     cls = config.SECTIONS.get(section)
     hints = typing.get_type_hints(cls) if cls else {}
-    if cls is None or name not in {f.name for f in fields(cls)}:  # type: ignore
+    if cls is None or name not in {f.name for f in fields(cls)}:  # type: ignore[arg-type]  # a dataclass
         raise ConfigError(f"sweep.space.{key}: unknown key; use section.key as in "
                           "the run YAML, e.g. train.learning_rate")
     hint = hints[name]
@@ -188,7 +188,7 @@ def run_trial(base: Path, values: Mapping[str, Any], *, run_dir: Path, metric: s
               report: Any, timeout: float) -> tuple[str, dict[int, float]]:
     """One simulation; ``report(round, value)`` returns True to prune it.
     Returns (``complete`` | ``pruned`` | ``failed``, the metric by round)."""
-    cmd = [sys.executable, "-m", "fedtune.common.cli", "simulate", str(base),
+    cmd = [sys.executable, "-m", "fedtune.simulations.cli", "simulate", str(base),
            *_overrides(values), "--run-dir", str(run_dir)]
     log = open(run_dir.parent / f"{run_dir.name}.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,

@@ -6,6 +6,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from flwr.clientapp.typing import Mod
 
@@ -49,7 +50,7 @@ def simulate(cfg: RunConfig, *, name: str = "sim", run_dir: Path | None = None,
     run_dir.mkdir(parents=True, exist_ok=True)
     flat = {**to_run_config(cfg), RUN_PATH: str(run_dir.resolve()), RESUME: resume}
     fed = cfg.federation
-    backend = {
+    backend: dict[str, Any] = {
         "client_resources": {"num_cpus": fed.client_cpus, "num_gpus": fed.client_gpus},
         "init_args": {"num_cpus": max(int(fed.client_cpus), os.cpu_count() or 1),
                       "include_dashboard": False},

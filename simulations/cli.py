@@ -47,7 +47,7 @@ def _resumed(run_dir: str, items: list[str]) -> config.RunConfig:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fedtune.server.report import write_report
-    from fedtune.server.simulation import simulate
+    from fedtune.simulations.driver import simulate
 
     if args.resume:
         run_dir = simulate(_resumed(args.resume, args.items),
@@ -91,7 +91,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     import yaml
 
-    from fedtune.server.sweep import format_trials, load_space, sweep
+    from fedtune.simulations.sweep import format_trials, load_space, sweep
 
     path = Path(args.config)
     if not path.is_file():
@@ -140,7 +140,7 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedtune.server import operator
+    from fedtune.server import control
 
     if args.resume:
         cfg = _resumed(args.resume, args.items)
@@ -148,31 +148,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         cfg, _ = _load(args.items)
         run_path = Path(args.run_dir).resolve() if args.run_dir else None
-    run_id = operator.submit(cfg, name=args.deployment, run_path=run_path,
+    run_id = control.submit(cfg, name=args.deployment, run_path=run_path,
                              resume=bool(args.resume))
     print(f"run {run_id} started on deployment {args.deployment}", flush=True)
     if args.detach:
         return 0
-    final = operator.stream(run_id, name=args.deployment)
+    final = control.stream(run_id, name=args.deployment)
     print(f"run {run_id}: {final}")
     return 0 if final == "finished:completed" else 1
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from fedtune.server import operator
+    from fedtune.server import control
 
-    print(operator.status_text(args.deployment))
+    print(control.status_text(args.deployment))
     return 0
 
 
 def cmd_deployment(args: argparse.Namespace) -> int:
-    from fedtune.server import operator
+    from fedtune.server import control
 
     if args.action == "add":
-        operator.add_deployment(args.name, control=args.control,
+        control.add_deployment(args.name, control=args.control,
                                 ca_cert=Path(args.ca_cert) if args.ca_cert else None,
                                 insecure=args.insecure)
-    for name, entry in operator.deployments().items():
+    for name, entry in control.deployments().items():
         tls = "INSECURE" if entry.get("insecure") else entry.get("root-certificates")
         print(f"{name}: {entry.get('address')} {tls}")
     return 0
@@ -195,10 +195,12 @@ def cmd_privacy(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from fedtune.server.audit import run_audit
+    from fedtune.simulations.driver import simulate
 
     cfg, name = _load(args.items)
     out = Path(args.out or f"audits/{name}-{'dp' if cfg.privacy.enabled else 'nodp'}")
-    r = run_audit(cfg, out_dir=out, canaries=args.canaries)
+    r = run_audit(cfg, out_dir=out, canaries=args.canaries,
+                  train=lambda c, d: simulate(c, name="audit", run_dir=d))
     eps = r["accountant_epsilon"]
     print(f"membership inference on the final adapter ({out / 'audit.json'}):")
     print(f"  accountant epsilon     {'inf (DP off)' if eps is None else f'{eps:.3f}'}"
@@ -225,20 +227,20 @@ def cmd_keys(args: argparse.Namespace) -> int:
         for path in keys.create_node_key(out or Path("keys"), args.name):
             print(path)
     elif args.action == "register":
-        from fedtune.server import operator
+        from fedtune.server import control
 
-        node_id = operator.register_node(Path(args.public_key), name=args.deployment,
+        node_id = control.register_node(Path(args.public_key), name=args.deployment,
                                          label=args.label)
         print(f"registered node {node_id}")
     else:
-        from fedtune.server import operator
+        from fedtune.server import control
 
-        operator.unregister_node(args.node_id, name=args.deployment)
+        control.unregister_node(args.node_id, name=args.deployment)
         print(f"unregistered node {args.node_id}")
     return 0
 
 
-def _deploy_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _deploy_parsers(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("server", help="start the SuperLink (TLS + node auth on)")
     s.add_argument("--certs", help="directory with ca.crt, server.crt, server.key")
     s.add_argument("--fleet-address", default="0.0.0.0:9092",

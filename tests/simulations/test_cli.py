@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.common import cli
+from fedtune.simulations import cli
 
 
 def test_config_prints_resolved_defaults(capsys: pytest.CaptureFixture[str]) -> None:

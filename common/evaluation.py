@@ -1,0 +1,125 @@
+"""Evaluation loops and the per-record loss: pure torch, shared by the site
+(training, local validation) and the server (central evaluation, the audit).
+
+No Flower, no Opacus: the server imports this module without any client code.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from fedtune.common import metrics
+from fedtune.common.data import collate
+from fedtune.common.errors import ConfigError
+
+Batch = dict[str, torch.Tensor]  # one record, or a collated batch of them
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; otherwise the named device."""
+    if name in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but CUDA is not available here; use cpu")
+    return dev
+
+
+def autocast(device: torch.device, precision: str, *, dp: bool
+             ) -> AbstractContextManager[object]:
+    """Mixed precision: bf16 on CUDA where supported (``auto``), else full fp32."""
+    if precision == "auto":
+        precision = ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported()
+                     else "fp32")
+    if precision == "fp32":
+        return nullcontext()
+    if precision == "fp16" and dp:
+        raise ConfigError("train.precision: fp16 needs loss scaling, which DP-SGD's "
+                          "per-sample clipping does not support; use bf16 or fp32")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def per_sample_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, task: str,
+                    logit_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Loss of each sequence in the batch, shape ``[B]``.
+
+    Causal LM: token losses summed over the response tokens divided by their count
+    (HF's ``labels=`` loss averages over all tokens of the batch, which mixes samples
+    and breaks per-sample gradients).
+
+    ``logit_bias`` (classification, training only): added to the logits before the
+    loss, ``tau * log(prior)`` for logit-adjusted training.
+    """
+    if task == "classification":
+        logits = (model(batch["features"]) if "features" in batch else
+                  model(input_ids=batch["input_ids"],
+                        attention_mask=batch["attention_mask"])).float()
+        if logit_bias is not None:
+            logits = logits + logit_bias.to(logits.device)
+        return F.cross_entropy(logits, batch["labels"], reduction="none")
+    logits = model(input_ids=batch["input_ids"],
+                   attention_mask=batch["attention_mask"]).logits[:, :-1]
+    target = batch["input_ids"][:, 1:]
+    mask = batch["loss_mask"][:, 1:]
+    tok = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                          target.reshape(-1), reduction="none").view(target.shape)
+    return (tok * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device
+        ) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset[Batch], *, task: str, batch_size: int,
+             device: torch.device, pad_id: int, labels: list[str] | None = None,
+             precision: str = "auto") -> dict[str, float]:
+    """Loss (+ accuracy, macro-F1, per-class recall | perplexity) on a dataset."""
+    if len(dataset) == 0:  # type: ignore[arg-type]  # torch's Dataset declares no __len__
+        return {}
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size,
+                        collate_fn=functools.partial(collate, pad_id=pad_id))
+    total, weight, y_true, y_pred = 0.0, 0.0, [], []
+    for batch in loader:
+        batch = to_device(batch, device)
+        with autocast(device, precision, dp=False):
+            if task == "classification":
+                logits = model(input_ids=batch["input_ids"],
+                               attention_mask=batch["attention_mask"]).float()
+                total += F.cross_entropy(logits, batch["labels"],
+                                         reduction="sum").item()
+                weight += len(batch["labels"])
+                y_true += batch["labels"].tolist()
+                y_pred += logits.argmax(-1).tolist()
+            else:
+                n_tok = batch["loss_mask"][:, 1:].sum(1)
+                losses = per_sample_loss(model, batch, task=task)
+                total += (losses * n_tok).sum().item()
+                weight += n_tok.sum().item()
+    model.train(was_training)
+    loss = total / max(weight, 1.0)
+    if task != "classification":
+        return {"loss": loss, "perplexity": metrics.perplexity(loss)}
+    names = labels or [str(i) for i in range(int(max(y_true + y_pred)) + 1)]
+    k = len(names)
+    out = {"loss": loss, "accuracy": metrics.accuracy(y_true, y_pred),
+           "macro-f1": metrics.macro_f1(y_true, y_pred, num_classes=k),
+           **metrics.prediction_spread(y_true, y_pred, num_classes=k)}
+    for key, values in (
+            ("precision", metrics.per_class_precision(y_true, y_pred, num_classes=k)),
+            ("recall", metrics.per_class_recall(y_true, y_pred, num_classes=k)),
+            ("f1", metrics.per_class_f1(y_true, y_pred, num_classes=k))):
+        out.update({f"{key}-{n}": v for n, v in zip(names, values, strict=True)
+                    if not math.isnan(v)})
+    return out

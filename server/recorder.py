@@ -1,0 +1,171 @@
+"""The round recorder: after every round, central evaluation, the adapter
+checkpoint, one metrics line (metrics.jsonl, events, console) and the summary log.
+
+It reads what the round's strategy kept through :class:`Recorded`, which every
+strategy it records satisfies: the FedAvg family (:mod:`.strategy`), central DP
+(:mod:`.central_dp`) and the SecAgg+ path (:mod:`.secagg`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from flwr.app import ArrayRecord, MetricRecord
+from tqdm.auto import tqdm
+
+from fedtune.common import planning, records
+from fedtune.common.config import RunConfig
+from fedtune.common.deployment import INSECURE_ENV
+from fedtune.common.model import adapter_state, save_adapter, set_adapter_state
+from fedtune.server import checkpoint
+from fedtune.server.evaluate import CentralEvaluator
+from fedtune.server.events import EventLog
+from fedtune.server.stats import RoundStats, check_round
+
+logger = logging.getLogger(__name__)
+
+
+class Recorded(Protocol):
+    """What a strategy keeps per round for the recorder to read."""
+
+    round_stats: dict[int, RoundStats]
+    train_metrics: dict[int, dict[str, float]]
+    eval_metrics: dict[int, dict[str, float]]
+    client_epsilon: dict[int, float]  # central DP's client-level epsilon; else empty
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    return value
+
+
+class RoundRecorder:
+    """Strategy ``evaluate_fn``: central eval, checkpoint, metrics line, summary log."""
+
+    def __init__(self, *, cfg: RunConfig, run_dir: Path, strategy: Recorded,
+                 evaluator: CentralEvaluator, model: torch.nn.Module) -> None:
+        self.cfg, self.run_dir, self.strategy = cfg, run_dir, strategy
+        self.evaluator, self.model = evaluator, model
+        self.t_last = time.perf_counter()
+        self.bar = tqdm(total=cfg.federation.num_rounds, desc="rounds", unit="round")
+        self.events = EventLog(run_dir)
+        self.meta = {"task": cfg.model.task, "base_model": cfg.model.name_or_path,
+                     "gguf_file": cfg.model.gguf_file, "labels": list(cfg.data.labels),
+                     "head": ("masked mean pooling + " + (
+                         f"linear({cfg.model.head_hidden}) + GELU + linear"
+                         if cfg.model.head_hidden else "linear"))
+                     if cfg.model.task == "classification" else None}
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        round_seconds = time.perf_counter() - self.t_last
+        state = {**adapter_state(self.model), **records.from_record(arrays)}
+        t0 = time.perf_counter()
+        ev = self.evaluator(state)
+        eval_seconds = time.perf_counter() - t0
+        row: dict[str, Any] = {"round": server_round, **{
+            f"eval_{k.replace('-', '_')}": v for k, v in ev.items()}}
+        if "top_prediction" in ev:
+            row.update(spread_words(ev, self.cfg.data.labels))
+        if server_round > 0:
+            stats = self.strategy.round_stats.get(server_round)
+            check_round(server_round, stats)
+            assert stats is not None  # check_round raised otherwise
+            self._checkpoint(server_round, state)
+            train = self.strategy.train_metrics.get(server_round, {})
+            row.update({"train_loss": train.get(records.TRAIN_LOSS),
+                        **stats.summary(),
+                        "round_seconds": round_seconds, "eval_seconds": eval_seconds})
+            central = self.strategy.client_epsilon
+            if server_round in central:
+                row["client_epsilon"] = central[server_round]
+            fed = self.strategy.eval_metrics.get(server_round)
+            if fed:
+                row["federated_eval"] = fed
+            self._log(row)
+            self.bar.update(1)
+        row = _clean(row)
+        checkpoint.append_metrics(self.run_dir, row)
+        self.events.write(row)
+        self.t_last = time.perf_counter()
+        return MetricRecord({k: float(v) for k, v in ev.items()}) if ev else None
+
+    def close(self) -> None:
+        self.bar.close()
+        self.events.close()
+
+    def _checkpoint(self, server_round: int, state: dict[str, Any]) -> None:
+        final = checkpoint.checkpoint_dir(self.run_dir, server_round)
+        tmp = final.with_name(final.name + ".tmp")
+        for stale in (tmp, final):  # a crashed attempt's leftovers
+            if stale.is_dir():
+                shutil.rmtree(stale)
+        set_adapter_state(self.model, state)
+        save_adapter(self.model, tmp, meta={**self.meta, "round": server_round})
+        tmp.replace(final)
+        checkpoint.publish_final(self.run_dir, server_round)
+
+    def _log(self, row: dict[str, Any]) -> None:
+        if os.environ.get(INSECURE_ENV) == "1":
+            logger.warning("INSECURE DEPLOYMENT: TLS and node authentication are OFF "
+                           "(fedtune server --insecure); this round's updates "
+                           "travelled in clear text from unauthenticated nodes")
+        if not self.cfg.privacy.enabled:
+            logger.warning("DP is OFF: this round's adapter updates are not "
+                           "differentially private (privacy.enabled=false)")
+        eps = row.get("epsilon_max")
+        quality = (f"acc {row['eval_accuracy']:.3f} macro-F1 {row['eval_macro_f1']:.3f}"
+                   if "eval_accuracy" in row else
+                   f"ppl {row.get('eval_perplexity', float('nan')):.2f}")
+        if row.get("eval_collapse"):
+            quality += f" | COLLAPSED: {row['eval_collapse']}"
+        rho = row.get("rho_max")
+        if rho is not None:
+            quality += f" | noise rho max {rho:.3f} ({planning.verdict(rho)})"
+        logger.info(
+            "round %d/%d | train loss %.4f | eval loss %.4f %s | eps max %s | "
+            "%d/%d clients | %.2f MB up %.2f MB down | %.1f s",
+            row["round"], self.cfg.federation.num_rounds, row["train_loss"] or math.nan,
+            row.get("eval_loss", math.nan), quality,
+            "off (no DP)" if eps is None else f"{eps:.3f}",
+            row.get("clients_replied", 0), row.get("clients_sampled", 0),
+            row.get("bytes_received", 0) / 1e6, row.get("bytes_sent", 0) / 1e6,
+            row["round_seconds"])
+        if row.get("epsilon_by_node"):
+            logger.info("round %d epsilon by node: %s", row["round"], ", ".join(
+                f"{k}={v:.3f}" for k, v in row["epsilon_by_node"].items()))
+        if row.get("dp_by_node"):
+            logger.info("round %d DP-SGD by node (records, sigma, q, steps, rho): %s",
+                        row["round"], "; ".join(
+                            f"{k}: {int(v['records'])}, {v['sigma']:.3f}, "
+                            f"{v['sample_rate']:.4f}, {int(v['steps'])}, "
+                            f"{v['rho']:.3f}" for k, v in row["dp_by_node"].items()))
+        if row.get("eval_collapse"):
+            logger.warning("round %d: the global model collapsed: %s", row["round"],
+                           row["eval_collapse"])
+        if row.get("nodes_failed"):
+            logger.warning("round %d: node(s) %s failed or did not answer",
+                           row["round"], ", ".join(row["nodes_failed"]))
+
+
+def spread_words(ev: Mapping[str, Any], labels: Sequence[str]) -> dict[str, Any]:
+    """The prediction spread in words: the most predicted label, and a sentence
+    when the model predicts (nearly) one class only."""
+    top = labels[int(ev["top_prediction"])]
+    out: dict[str, Any] = {"eval_top_prediction": top}
+    if ev.get("collapsed"):
+        f1 = [v for k, v in ev.items() if k.startswith("f1-")]
+        out["eval_collapse"] = (
+            f"predicts {top!r} for {ev['top_prediction_share']:.0%} of the test "
+            f"records; {sum(1 for v in f1 if v == 0)} of {len(f1)} classes at F1 0")
+    return out

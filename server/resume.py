@@ -1,0 +1,67 @@
+"""Resume state: what a run saves after every round so that ``--resume`` continues
+it identically (the global adapter, the strategy's own state, Python's RNG that
+Flower samples nodes with, the config), and how a strategy packs its state.
+
+A strategy is :class:`Resumable`: ``state()`` returns named arrays and scalars,
+``restore()`` takes them back (the FedTune strategies, :mod:`.strategy`; central DP
+adds its release count, :mod:`.central_dp`).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+from fedtune.common.config import RunConfig
+from fedtune.server import checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+class Resumable(Protocol):
+    """A strategy whose state survives a restart."""
+
+    def state(self) -> tuple[dict[str, np.ndarray], dict[str, float]]: ...
+
+    def restore(self, arrays: Mapping[str, np.ndarray],
+                scalars: Mapping[str, float]) -> None: ...
+
+
+def pack(prefix: str, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``arrays`` under ``prefix/`` (one strategy's state may hold several sets)."""
+    return {f"{prefix}/{k}": np.asarray(v) for k, v in arrays.items()}
+
+
+def unpack(prefix: str, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Inverse of :func:`pack` (empty when nothing was saved under ``prefix``)."""
+    return {k.split("/", 1)[1]: np.array(v) for k, v in arrays.items()
+            if k.startswith(prefix + "/")}
+
+
+def save(run_dir: Path, *, server_round: int, arrays: ArrayRecord,
+         strategy: Resumable, cfg: RunConfig) -> None:
+    s_arrays, s_scalars = strategy.state()
+    checkpoint.save_state(run_dir, checkpoint.ServerState(
+        round=server_round, arrays={k: v.numpy() for k, v in arrays.items()},
+        strategy_arrays=s_arrays, strategy_scalars=s_scalars,
+        python_rng=random.getstate(), config=checkpoint.config_dict(cfg)))
+
+
+def resume(run_dir: Path, *, strategy: Resumable, cfg: RunConfig
+           ) -> tuple[int, ArrayRecord]:
+    """Restore the saved state; returns the last completed round and the adapter."""
+    saved = checkpoint.load_state(run_dir)
+    checkpoint.check_resumable(saved.config, cfg, run_dir)
+    strategy.restore(saved.strategy_arrays, saved.strategy_scalars)
+    version, internal, gauss = saved.python_rng
+    random.setstate((version, tuple(internal), gauss))
+    checkpoint.rewind(run_dir, saved.round)
+    logger.info("resuming %s after round %d of %d", run_dir, saved.round,
+                cfg.federation.num_rounds)
+    return saved.round, ArrayRecord({k: Array(v) for k, v in saved.arrays.items()})

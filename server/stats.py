@@ -1,0 +1,153 @@
+"""Round statistics and telemetry: what one training round moved and spent, filled
+from the sites' replies (bytes, errors, epsilons, DP figures), and the one check
+that a round produced an update.
+
+Pure bookkeeping on Flower messages; no aggregation math (:mod:`.strategy`).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import Message, MetricRecord
+
+from fedtune.common import planning, records
+from fedtune.common.errors import FedtuneError
+
+logger = logging.getLogger(__name__)
+DECLINED = "PrivacyBudgetExhausted"  # in a site's error reply: it declined the round
+
+
+@dataclass
+class RoundStats:
+    """What one training round moved and spent."""
+
+    sampled: int = 0
+    replied: int = 0
+    failed: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    payload_bytes: int = 0
+    epsilons: list[float] = field(default_factory=list)
+    train_seconds: list[float] = field(default_factory=list)
+    non_private: int = 0
+    epsilon_by_node: dict[str, float] = field(default_factory=dict)
+    nodes_replied: list[str] = field(default_factory=list)
+    nodes_failed: list[str] = field(default_factory=list)
+    nodes_declined: list[str] = field(default_factory=list)
+    nodes_rejected: dict[str, str] = field(default_factory=dict)
+    epsilon_total_by_node: dict[str, float] = field(default_factory=dict)
+    accepted: int = 0
+    attempts: int = 1
+    weight_by_node: dict[str, float] = field(default_factory=dict)
+    dp_by_node: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def every_site_declined(self) -> bool:
+        """Every sampled site declined the round (budgets exhausted)."""
+        return bool(self.nodes_declined) and len(self.nodes_declined) == self.sampled
+
+    def summary(self) -> dict[str, object]:
+        eps = self.epsilons
+        return {
+            "clients_sampled": self.sampled, "clients_replied": self.replied,
+            "clients_failed": self.failed, "clients_non_private": self.non_private,
+            "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
+            "adapter_payload_bytes": self.payload_bytes,
+            "epsilon_max": max(eps) if eps else None,
+            "epsilon_mean": statistics.fmean(eps) if eps else None,
+            "client_train_seconds_sum": sum(self.train_seconds),
+            "epsilon_by_node": dict(self.epsilon_by_node),
+            "nodes_replied": list(self.nodes_replied),
+            "nodes_failed": list(self.nodes_failed),
+            "clients_declined": len(self.nodes_declined),
+            "nodes_declined": list(self.nodes_declined),
+            "epsilon_total_by_node": dict(self.epsilon_total_by_node),
+            "clients_rejected": len(self.nodes_rejected),
+            "nodes_rejected": dict(self.nodes_rejected),
+            "clients_late": max(0, self.sampled - self.replied - self.failed
+                                - len(self.nodes_rejected)),
+            "round_attempts": self.attempts,
+            "weight_by_node": dict(self.weight_by_node),
+            "dp_by_node": {k: dict(v) for k, v in self.dp_by_node.items()},
+            "rho_max": max((v["rho"] for v in self.dp_by_node.values()),
+                           default=None),
+        }
+
+
+def all_declined(server_round: int, sites: int) -> FedtuneError:
+    """The error that stops a run whose round every site declined."""
+    return FedtuneError(f"round {server_round}: every site declined ({sites}): their "
+                        "privacy budgets are exhausted for this data. The run stops; "
+                        "checkpoints of earlier rounds are kept.")
+
+
+def summarize_replies(replies: list[Message], stats: RoundStats) -> None:
+    """Fill ``stats`` from the training replies (errors counted, not raised; bytes
+    are counted by :func:`count_bytes`, before decoding)."""
+    for msg in replies:
+        node = str(msg.metadata.src_node_id)
+        if msg.has_error():
+            stats.failed += 1
+            if DECLINED in (msg.error.reason or ""):
+                stats.nodes_declined.append(node)
+                logger.warning("node %s declined the round: its privacy budget is "
+                               "exhausted", node)
+            else:
+                stats.nodes_failed.append(node)
+            continue
+        stats.replied += 1
+        stats.nodes_replied.append(node)
+        record_site_metrics(stats, node, dict(
+            msg.content.metric_records.get(records.METRICS, MetricRecord())))
+
+
+def count_bytes(replies: list[Message], stats: RoundStats) -> None:
+    """Bytes of every update that arrived, as sent (compressed, any rank)."""
+    for msg in replies:
+        if msg.has_error():
+            continue
+        arrays = msg.content.array_records.get(records.ARRAYS)
+        if arrays is not None:
+            stats.bytes_received += records.wire_bytes(arrays)
+            stats.payload_bytes = max(stats.payload_bytes,
+                                      records.payload_bytes(arrays))
+
+
+def record_site_metrics(stats: RoundStats, node: str, m: Mapping[str, Any]) -> None:
+    """A replying site's epsilons and training time (no epsilon = not private)."""
+    if records.EPSILON in m:
+        eps = float(m[records.EPSILON])
+        stats.epsilons.append(eps)
+        stats.epsilon_by_node[node] = eps
+        stats.epsilon_total_by_node[node] = float(m.get(records.EPSILON_TOTAL, eps))
+    else:
+        stats.non_private += 1
+    if records.TRAIN_SECONDS in m:
+        stats.train_seconds.append(float(m[records.TRAIN_SECONDS]))
+    dp_keys = (records.NOISE_MULTIPLIER, records.SAMPLE_RATE, records.DP_STEPS,
+               records.TRAINABLE_PARAMS, records.NUM_EXAMPLES)
+    if all(k in m for k in dp_keys):
+        sigma, q, steps, dims, n = (float(m[k]) for k in dp_keys)
+        stats.dp_by_node[node] = {
+            "records": n, "sigma": sigma, "sample_rate": q, "steps": steps,
+            "dims": dims, "rho": planning.round_noise_ratio(
+                sigma=sigma, dims=int(dims), batch=q * n, steps=int(steps))}
+
+
+def check_round(server_round: int, stats: RoundStats | None) -> None:
+    """Raise when a round ended without any update: every site declined (budgets
+    exhausted) or failed."""
+    if stats is not None and stats.replied > 0:
+        return
+    failed = stats.failed if stats else 0
+    if stats and stats.every_site_declined:
+        raise all_declined(server_round, stats.sampled)
+    raise FedtuneError(
+        f"round {server_round}: no site returned an update ({failed} failed); the "
+        "sites' errors are logged above (look for 'Received error in reply'). Fix "
+        "them and start the run again.")
