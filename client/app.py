@@ -286,7 +286,7 @@ def make_client_app(defaults: Mapping[str, Any] | None = None, *,
             device=device, pad_id=pad, seed=cfg.train.seed * 1000 + rnd,
             proximal_mu=mu, class_weights=guard.terms.weights,
             logit_bias=guard.terms.logit_bias, head_only=guard.head_only)
-        dp_metrics = guard.charge(steps=res.steps, sample_rate_=res.sample_rate)
+        dp_metrics = guard.charge(steps=res.steps)
         _keep(context, guard)
         eps = dp_metrics.get(records.EPSILON, math.inf)
         metrics = {

@@ -117,14 +117,14 @@ class RoundPrivacy:
     run: str
     message: str
 
-    def charge(self, *, steps: int, sample_rate_: float) -> dict[str, float]:
+    def charge(self, *, steps: int) -> dict[str, float]:
         """Book ``steps`` DP-SGD steps in the run's state and the ledger; returns
         the DP metrics of the reply (empty when DP is off: no epsilon key at all
         means not private)."""
         cfg = self.cfg.privacy
         if not cfg.enabled:
             return {}
-        self.state.charge(sample_rate_=sample_rate_, steps=steps,
+        self.state.charge(sample_rate_=self.sample_rate, steps=steps,
                           sigma=self.noise_multiplier)
         eps = self.state.epsilon(cfg)
         total = eps
@@ -132,14 +132,14 @@ class RoundPrivacy:
             # Charged before the reply exists: a crash after this over-counts, never
             # under-counts; a retried message is not charged twice.
             total = self.book.ledger.charge(
-                (self.noise_multiplier, sample_rate_, steps), self.book.budget,
+                (self.noise_multiplier, self.sample_rate, steps), self.book.budget,
                 run=self.run, round_=self.round_, message=self.message)
         elif self.book:
             total = self.book.ledger.spent(self.book.budget.delta)
         return {records.EPSILON: eps, records.EPSILON_TOTAL: total,
                 records.DELTA: cfg.target_delta,
                 records.NOISE_MULTIPLIER: self.noise_multiplier,
-                records.SAMPLE_RATE: sample_rate_}
+                records.SAMPLE_RATE: self.sample_rate}
 
 
 def open_round(cfg: RunConfig, *, num_examples: int, round_: int,

@@ -203,7 +203,7 @@ def test_open_round_releases_the_histogram_once_and_charges_the_ledger(
     first = privacy.open_round(cfg, num_examples=100, labels=lambda: labels,
                                round_=1, saved=None, prior=None, book=book,
                                run="r", message="m1")
-    metrics = first.charge(steps=5, sample_rate_=first.sample_rate)
+    metrics = first.charge(steps=5)
     second = privacy.open_round(cfg, num_examples=100, labels=lambda: labels,
                                 round_=2, saved=first.state.to_config(),
                                 prior=first.prior, book=book, run="r",
@@ -237,4 +237,4 @@ def test_open_round_refuses_before_training_what_the_budget_cannot_pay(
     unlimited = privacy.Book(PrivacyLedger(tmp_path / "u", "d" * 64), Budget())
     plain = privacy.open_round(off, num_examples=100, labels=lambda: [0, 1] * 50,
                                round_=1, saved=None, prior=None, book=unlimited)
-    assert plain.charge(steps=3, sample_rate_=0.1) == {}  # not private: no epsilon
+    assert plain.charge(steps=3) == {}  # not private: no epsilon
