@@ -188,20 +188,12 @@ def site_round(head: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
         opt.step()
 
 
-def macro_f1(pred: torch.Tensor, y: torch.Tensor, k: int) -> float:
-    scores = []
-    for c in range(k):
-        tp = int(((pred == c) & (y == c)).sum())
-        wrong = int(((pred == c) != (y == c)).sum())
-        if tp + wrong:
-            scores.append(2 * tp / (2 * tp + wrong))
-    return statistics.fmean(scores)
-
-
 def replay(sites: list[tuple[torch.Tensor, torch.Tensor]],
            test: tuple[torch.Tensor, torch.Tensor], p: dict[str, Any], *, k: int,
            seed: int) -> list[float]:
     """The federation's rounds; macro-F1 on the test set after each."""
+    from fedtune.common import metrics
+
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
 
@@ -224,7 +216,8 @@ def replay(sites: list[tuple[torch.Tensor, torch.Tensor]],
                                         zip(weights, states, strict=True))
                               / sum(weights) for name in states[0]})
         with torch.no_grad():
-            curve.append(macro_f1(glob(xt).argmax(1), test[1], k))
+            pred = glob(xt).argmax(1).tolist()
+        curve.append(metrics.macro_f1(test[1].tolist(), pred, num_classes=k))
     return curve
 
 

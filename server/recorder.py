@@ -78,9 +78,8 @@ class RoundRecorder:
         if "top_prediction" in ev:
             row.update(spread_words(ev, self.cfg.data.labels))
         if server_round > 0:
-            stats = self.strategy.round_stats.get(server_round)
-            check_round(server_round, stats)
-            assert stats is not None  # check_round raised otherwise
+            stats = check_round(server_round,
+                                self.strategy.round_stats.get(server_round))
             self._checkpoint(server_round, state)
             train = self.strategy.train_metrics.get(server_round, {})
             row.update({"train_loss": train.get(records.TRAIN_LOSS),

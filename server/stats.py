@@ -139,11 +139,11 @@ def record_site_metrics(stats: RoundStats, node: str, m: Mapping[str, Any]) -> N
                 sigma=sigma, dims=int(dims), batch=q * n, steps=int(steps))}
 
 
-def check_round(server_round: int, stats: RoundStats | None) -> None:
-    """Raise when a round ended without any update: every site declined (budgets
-    exhausted) or failed."""
+def check_round(server_round: int, stats: RoundStats | None) -> RoundStats:
+    """The round's statistics; raises when it ended without any update: every
+    site declined (budgets exhausted) or failed."""
     if stats is not None and stats.replied > 0:
-        return
+        return stats
     failed = stats.failed if stats else 0
     if stats and stats.every_site_declined:
         raise all_declined(server_round, stats.sampled)
