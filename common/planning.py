@@ -110,26 +110,60 @@ def _advice(cfg: RunConfig, *, records: int, rho: float, dims: int,
     need_records = math.ceil(records * rho / LEARNS)
     need_dims = max(1, int(dims * (LEARNS / rho) ** 2))
 
+    eps_text = "no epsilon up to 1000"
+    eps = _epsilon_to_learn(cfg, records=records, dims=dims, probe_dims=probe_dims,
+                            count=count)
+    if eps is not None and eps <= 1000.0:
+        eps_text = f"epsilon >= {eps:.3g}"
+    return (f"need >= {need_records} records at this sampling rate, or {eps_text}, "
+            f"or <= {need_dims} trainable parameters (now {dims})")
+
+
+def _epsilon_to_learn(cfg: RunConfig, *, records: int, dims: int, probe_dims: int,
+                      count: bool) -> float | None:
+    """The smallest target epsilon at which every phase's ``rho`` is within
+    :data:`LEARNS` (``None``: no epsilon helps, e.g. a fixed noise multiplier).
+
+    With one noise level for the whole run ``rho`` is linear in it, so the largest
+    noise that learns is read off each phase and its epsilon computed once; with a
+    budget split between phases the target is searched (each probe a calibration).
+    """
+    priv = cfg.privacy
+    if priv.noise_multiplier > 0:
+        return None
+    q, plan = accounting.run_plan(cfg, num_examples=records, count=count)
+    batch = q * records
+    if not (priv.linear_probe_budget and 0 < plan.probe_rounds
+            < cfg.federation.num_rounds):
+        phases = [(plan.probe_steps, probe_dims)] if plan.probe_rounds else []
+        if cfg.federation.num_rounds > plan.probe_rounds:
+            phases.append((plan.tune_steps, dims))
+        sigma = min(LEARNS * batch * math.sqrt(max(steps, 1)) / math.sqrt(d)
+                    for steps, d in phases)
+        at = replace(plan, probe_sigma=sigma, tune_sigma=sigma)
+        with warnings.catch_warnings():  # an optimum at the last RDP order
+            warnings.simplefilter("ignore")
+            return accounting.epsilon_spent(
+                at.history(sample_rate_=q, rounds=cfg.federation.num_rounds),
+                delta=priv.target_delta, accountant=priv.accountant)
+
     def rho_at(eps: float) -> float:
-        at = replace(cfg, privacy=replace(cfg.privacy, target_epsilon=eps))
+        at = replace(cfg, privacy=replace(priv, target_epsilon=eps))
         q, plan = accounting.run_plan(at, num_examples=records, count=count)
         return _rho(cfg, plan, batch=q * records, dims=dims, probe_dims=probe_dims)
 
-    eps_text = "no epsilon up to 1000"
-    lo, hi = cfg.privacy.target_epsilon, 1000.0
+    lo, hi = priv.target_epsilon, 1000.0
     try:
         with warnings.catch_warnings():  # Opacus' RDP orders end near eps 1000
             warnings.simplefilter("ignore")
-            learns_at_max = rho_at(hi) <= LEARNS
-        if learns_at_max:
+            if rho_at(hi) > LEARNS:
+                return None
             for _ in range(7):  # epsilon to ~4 % (advice, not accounting)
                 mid = math.sqrt(lo * hi)
                 lo, hi = (lo, mid) if rho_at(mid) <= LEARNS else (mid, hi)
-            eps_text = f"epsilon >= {hi:.3g}"
     except PrivacyError:
-        pass
-    return (f"need >= {need_records} records at this sampling rate, or {eps_text}, "
-            f"or <= {need_dims} trainable parameters (now {dims})")
+        return None
+    return hi
 
 
 def format_plan(plans: Sequence[SitePlan], cfg: RunConfig) -> str:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -131,3 +132,21 @@ def flower_identity():
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
     yield
     TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+@pytest.fixture(autouse=True)
+def _fedtune_logs_reach_caplog(caplog: pytest.LogCaptureFixture):  # noqa: ANN202
+    """Send the ``fedtune`` loggers' records to caplog, whatever ran before.
+
+    ``ensure_app_logging`` (run by any ClientApp/ServerApp built in-process) gives
+    the ``fedtune`` logger its own handler and stops propagation to the root, where
+    caplog listens, unless the logger has a handler already. Give it caplog's, and
+    no propagation, so every record is captured exactly once in every test order.
+    """
+    ours = logging.getLogger("fedtune")
+    propagate = ours.propagate
+    ours.addHandler(caplog.handler)
+    ours.propagate = False
+    yield
+    ours.removeHandler(caplog.handler)
+    ours.propagate = propagate

@@ -77,3 +77,28 @@ def test_missing_data_file_is_the_same_named_error(tiny_bert: Path,
                                        tmp_path / "test.jsonl"))
     with pytest.raises(DataError, match="nope.jsonl: data file not found"):
         planning.simulated_sites(cfg)
+
+
+@pytest.mark.parametrize("sections", [
+    {"train": {"batch_size": 8}},  # one phase, one noise level
+    {"train": {"batch_size": 8, "linear_probe_rounds": 1},  # two phases, one level
+     "federation": {"num_rounds": 3}},
+], ids=["one-phase", "two-phases"])
+def test_advised_epsilon_is_where_the_site_starts_to_learn(sections: dict) -> None:
+    # Prepare: 40 records and a 1 123-dim adapter at eps 8 is marginal
+    cfg = config.from_dict(sections)
+    site = planning.plan_site(cfg, site="s", records=40, dims=1123, probe_dims=99)
+    assert site.verdict != "expected to learn"
+    advised = float(site.advice.split("epsilon >= ")[1].split(",")[0])
+
+    # Execute: plan again at the advised epsilon, and a little below it
+    def rho_at(eps: float) -> float:
+        at = config.from_dict({**sections, "privacy": {
+            **sections.get("privacy", {}), "target_epsilon": eps}})
+        return planning.plan_site(at, site="s", records=40, dims=1123,
+                                  probe_dims=99).rho
+
+    # Assert: learns at the advice (to its 3 digits, and Opacus' 0.01 search
+    # tolerance), not at 10 % less
+    assert rho_at(advised * 1.01) <= planning.LEARNS
+    assert rho_at(advised * 0.9) > planning.LEARNS

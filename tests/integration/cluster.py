@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tests.integration import runner
+
 FEDTUNE = [sys.executable, "-m", "fedtune.simulations.cli"]
 
 
@@ -63,8 +65,7 @@ class Cluster:
 
     def fedtune(self, *args: str, timeout: float = 120
                 ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*FEDTUNE, *args], capture_output=True, text=True,
-                              env=self.env, timeout=timeout, check=False)
+        return runner.run(args, env=self.env, timeout=timeout)
 
     def start_server(self) -> None:
         started = self.log("server").count("Uvicorn running on https")

@@ -128,6 +128,7 @@ def test_missing_ca_and_insecure_are_refused(cluster: Cluster) -> None:
     assert no_tls.returncode == 2 and "--insecure explicitly" in no_tls.stderr
 
 
+@pytest.mark.slow  # CI runs it (pytest -m slow); ~45-75 s on 2 cores
 def test_daemons_reconnect_after_superlink_restart(
         cluster: Cluster, tiny_bert: Path, review_files: tuple[Path, Path]) -> None:
     tasks = {n: cluster.log(n).count("Receiving: train message") for n in SITES}
@@ -171,6 +172,7 @@ def test_run_resumes_after_the_superlink_is_killed(
     assert (run_dir / "final").resolve().name == "round-0003"
 
 
+@pytest.mark.slow  # CI runs it (pytest -m slow); ~45-75 s on 2 cores
 def test_node_killed_mid_round(cluster: Cluster, tiny_bert: Path,
                                review_files: tuple[Path, Path]) -> None:
     # Prepare: 2 of 3 nodes suffice; a round waits at most 30 s for a reply.

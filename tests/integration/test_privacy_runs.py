@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ from fedtune.client.app import _site_data
 from fedtune.client.ledger import Budget, PrivacyLedger
 from fedtune.common import config
 from tests.conftest import tiny_config
+from tests.integration import runner
 from tests.integration.test_simulation import _rounds, _simulate
 
 pytestmark = pytest.mark.integration
@@ -50,9 +49,9 @@ def test_budget_exhausted_site_declines_and_spending_accumulates(
     total_one = max(one[-1]["epsilon_total_by_node"].values())
     total_two = max(two[-1]["epsilon_total_by_node"].values())
     assert total_one == pytest.approx(2.0, abs=0.01) and 2.0 < total_two <= 6.0
-    show = subprocess.run([sys.executable, "-m", "fedtune.simulations.cli", "privacy",
-                           "show", "--ledger-dir", str(ledger_dir)],
-                          capture_output=True, text=True, check=True).stdout
+    shown = runner.run(["privacy", "show", "--ledger-dir", str(ledger_dir)])
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    show = shown.stdout
     lines = show.splitlines()
     assert len(lines) == 3 and sum("2 runs  4 rounds" in line for line in lines) == 2
     assert "budget 6  remaining" in show
@@ -86,10 +85,8 @@ def test_audit_detects_memorisation_without_dp(
     cfg_path = tmp_path / "audit.yaml"
     cfg_path.write_text(yaml.safe_dump(raw))
     # Execute
-    proc = subprocess.run([sys.executable, "-m", "fedtune.simulations.cli", "audit",
-                           str(cfg_path), "--canaries", "30", "--out",
-                           str(tmp_path / "audit")],
-                          capture_output=True, text=True, timeout=600, check=False)
+    proc = runner.run(["audit", str(cfg_path), "--canaries", "30", "--out",
+                       str(tmp_path / "audit")], timeout=600)
     # Assert
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "audit" / "audit.json").read_text())

@@ -49,6 +49,7 @@ def _both(tmp_path: Path, raw: dict) -> tuple[Path, Path, list[dict]]:
     return sec_dir, plain_dir, _rounds(sec_dir)
 
 
+@pytest.mark.slow  # the dropout test below checks the sum against FedAvg too
 def test_secagg_sum_equals_fedavg(tmp_path: Path, tiny_bert: Path,
                                   review_files: tuple[Path, Path]) -> None:
     raw = tiny_config(tiny_bert, *review_files, privacy={"enabled": False},
