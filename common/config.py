@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import typing
 from collections.abc import Mapping
@@ -376,7 +377,7 @@ class FederationConfig(_Section):
     num_rounds: int = 5
     fraction_train: float = 1.0
     fraction_evaluate: float = 0.0
-    min_train_nodes: int = 2
+    min_train_nodes: int = 0  # 0: follow num_sites x fraction_train (train_nodes)
     strategy: Strategy = "fedavg"
     weighting: Literal["examples", "sqrt", "uniform"] = "examples"
     server_momentum: float = 0.9
@@ -401,29 +402,30 @@ class FederationConfig(_Section):
     secagg_clipping_range: float = 8.0
 
     def _check(self) -> list[str]:
-        out = _positive(self, "num_sites", "num_rounds", "min_train_nodes",
-                        "client_cpus", "round_timeout", "secagg_clipping_range",
+        out = _positive(self, "num_sites", "num_rounds", "client_cpus",
+                        "round_timeout", "secagg_clipping_range",
                         "server_learning_rate", "server_tau", "min_replies")
         out += _non_negative(self, "proximal_mu", "krum_malicious", "krum_select",
-                             "round_retries")
+                             "round_retries", "min_train_nodes")
         for name in ("server_beta_1", "server_beta_2", "server_momentum"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 out.append(f"{name}: must be in [0, 1), got {getattr(self, name)!r}")
         if not 0.0 <= self.trim_fraction < 0.5:
             out.append(f"trim_fraction: must be in [0, 0.5), got "
                        f"{self.trim_fraction!r}")
-        if self.min_replies > self.min_train_nodes:
-            out.append(f"min_replies: {self.min_replies} exceeds min_train_nodes "
-                       f"{self.min_train_nodes}")
+        if self.min_replies > self.train_nodes:
+            out.append(f"min_replies: {self.min_replies} exceeds the {self.train_nodes}"
+                       " sites a round trains (min_train_nodes, or num_sites x "
+                       "fraction_train)")
         if self.secure_aggregation and (self.strategy != "fedavg"
                                         or self.compression != "none"):
             out.append("secure_aggregation: needs strategy fedavg and compression "
                        "none (SecAgg+ masks the plain update and shows the server "
                        "only the sum)")
         if self.secure_aggregation and not 2 <= self.secagg_threshold <= max(
-                2, self.min_train_nodes):
-            out.append(f"secagg_threshold: must be in [2, min_train_nodes="
-                       f"{self.min_train_nodes}], got {self.secagg_threshold!r}")
+                2, self.train_nodes):
+            out.append(f"secagg_threshold: must be in [2, {self.train_nodes}] (the "
+                       f"sites a round trains), got {self.secagg_threshold!r}")
         out += _non_negative(self, "client_gpus", "max_update_norm")
         for name in ("fraction_train", "fraction_evaluate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
@@ -432,6 +434,14 @@ class FederationConfig(_Section):
             out.append(f"min_train_nodes: {self.min_train_nodes} exceeds num_sites "
                        f"{self.num_sites}")
         return out
+
+    @property
+    def train_nodes(self) -> int:
+        """Sites a round waits for and trains: ``min_train_nodes`` when set, else
+        ``fraction_train`` of ``num_sites`` (at least 1), so it follows
+        ``num_sites`` when only that is changed."""
+        return self.min_train_nodes or max(1, math.ceil(
+            self.fraction_train * self.num_sites - 1e-9))
 
 
 @dataclass(frozen=True)
@@ -484,6 +494,9 @@ def from_dict(raw: Mapping[str, Any] | None) -> RunConfig:
             continue
         known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]  # (same)
         values = {str(k).replace("-", "_"): v for k, v in values.items()}
+        if name == "data" and "source" in values and "test_source" not in values:
+            # the built-in test set belongs to the built-in data only
+            values["test_source"] = ""
         unknown = sorted(set(values) - known)
         problems += [f"{name}.{k}: unknown key (known: {', '.join(sorted(known))})"
                      for k in unknown]

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from fedtune.common import assets
-from fedtune.common.config import DataConfig
+from fedtune.common.config import DataConfig, RunConfig
 from fedtune.common.errors import DataError
 
 Record = dict[str, Any]
@@ -194,6 +194,54 @@ def split_validation(indices: Sequence[int], *, fraction: float, seed: int
     random.Random(seed).shuffle(idx)
     k = max(1, int(len(idx) * fraction))
     return sorted(idx[k:]), sorted(idx[:k])
+
+
+def check_simulation_data(cfg: RunConfig) -> list[str]:
+    """Pre-flight of a simulation's data, before any engine starts: read
+    ``data.source`` and split it exactly as the simulated sites will (the same
+    readers and errors as training), and read the test set.
+
+    Returns warnings (a site holding several values of the partition column).
+    """
+    d, task, sites, seed = cfg.data, cfg.model.task, cfg.federation.num_sites, \
+        cfg.train.seed
+    required = required_columns(task, d)
+    recs = read_records(d.source, required=required)
+    if task == "classification":
+        label_ids(recs, column=d.label_column, labels=d.labels, source=d.source)
+    out = []
+    if d.partition == "column" and d.partition_column in recs[0]:
+        values = len({str(r[d.partition_column]) for r in recs})
+        if values > sites:
+            out.append(f"data.partition_column {d.partition_column!r} has {values} "
+                       f"values for {sites} sites: each site holds the records of "
+                       f"several values (federation.num_sites={values} gives one "
+                       "value per site)")
+    for part in range(sites):
+        site, name = site_records(recs, d, task=task, part=part, num_parts=sites,
+                                  seed=seed, source=d.source)
+        train, _ = split_validation(range(len(site)), fraction=d.val_fraction,
+                                    seed=seed + part)
+        if not train:
+            raise DataError(f"{d.source}: {name} gets no training records; lower "
+                            "federation.num_sites or add records")
+    if not d.test_source:
+        out.append("data.test_source is not set: no held-out evaluation of the "
+                   "global model (only the sites' own validation splits); set "
+                   "data.test_source to held-out records in the format of "
+                   "data.source")
+    else:
+        try:
+            test = read_records(d.test_source, required=required)
+            if task == "classification":
+                label_ids(test, column=d.label_column, labels=d.labels,
+                          source=d.test_source)
+        except DataError as err:
+            raise DataError(f"{err} [this is data.test_source, the held-out test "
+                            "set: point it at held-out records in the same format, "
+                            "or set data.test_source='' to evaluate on the sites' "
+                            "validation splits only]") from err
+    return out
 
 
 # --- tokenization -----------------------------------------------------------------

@@ -73,13 +73,13 @@ def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
             lower_ranks=cfg.lora.mixed_ranks,
             fraction_train=fed.fraction_train,
             fraction_evaluate=fed.fraction_evaluate,
-            min_train_nodes=fed.min_train_nodes,
-            min_evaluate_nodes=min(fed.min_train_nodes, 2),
-            min_available_nodes=fed.min_train_nodes)
+            min_train_nodes=fed.train_nodes,
+            min_evaluate_nodes=min(fed.train_nodes, 2),
+            min_available_nodes=fed.train_nodes)
         recorder = RoundRecorder(cfg=cfg, run_dir=run_dir, strategy=strategy,
                                  evaluator=evaluator, model=model)
         logger.info("run directory: %s", run_dir)
-        rounds.wait_for_nodes(grid, fed.min_train_nodes, fed.round_timeout)
+        rounds.wait_for_nodes(grid, fed.train_nodes, fed.round_timeout)
         preflight(grid, cfg, run_dir=run_dir, dims=planning.model_dims(cfg, model),
                   timeout=fed.round_timeout)
         if fed.secure_aggregation:

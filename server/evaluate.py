@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from fedtune.common import data, evaluation
+from fedtune.common import data, evaluation, metrics
 from fedtune.common.config import RunConfig
 from fedtune.common.model import load_tokenizer, set_adapter_state
 
@@ -33,6 +33,7 @@ class CentralEvaluator:
         tok = load_tokenizer(cfg.model.name_or_path, cfg.model.gguf_file)
         self.pad_id = int(tok.pad_token_id)
         self.dataset = None
+        self.truth: list[int] = []
         if cfg.data.test_source:
             recs = data.read_records(
                 cfg.data.test_source,
@@ -43,6 +44,26 @@ class CentralEvaluator:
                                                 cfg=cfg.data,
                                                 source=cfg.data.test_source)
             logger.info("central evaluation on %d held-out records", len(recs))
+            if cfg.model.task == "classification":
+                self.truth = data.label_ids(recs, column=cfg.data.label_column,
+                                            labels=cfg.data.labels,
+                                            source=cfg.data.test_source)
+
+    @property
+    def size(self) -> int:
+        """Held-out records (0: no central evaluation)."""
+        return len(self.dataset) if self.dataset is not None else 0
+
+    def majority_baseline(self) -> dict[str, float]:
+        """What predicting the held-out set's most frequent class scores: the
+        figure a model that learnt only the class prior ends at."""
+        if not self.truth:
+            return {}
+        top = max(set(self.truth), key=self.truth.count)
+        return {"majority_accuracy": self.truth.count(top) / len(self.truth),
+                "majority_macro_f1": metrics.macro_f1(
+                    self.truth, [top] * len(self.truth),
+                    num_classes=len(self.cfg.data.labels))}
 
     def __call__(self, state: dict[str, torch.Tensor]) -> dict[str, Any]:
         if self.dataset is None:

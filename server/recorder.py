@@ -50,6 +50,9 @@ def _clean(value: Any) -> Any:
     return value
 
 
+SUMMARY_KEYS = ("loss", "accuracy", "macro-f1", "perplexity")
+
+
 class RoundRecorder:
     """Strategy ``evaluate_fn``: central eval, checkpoint, metrics line, summary log."""
 
@@ -70,11 +73,22 @@ class RoundRecorder:
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         round_seconds = time.perf_counter() - self.t_last
         state = {**adapter_state(self.model), **records.from_record(arrays)}
+        if server_round == 0 and self.evaluator.size:
+            logger.info("round 0: evaluating the model before training on %d held-out "
+                        "records", self.evaluator.size)
         t0 = time.perf_counter()
         ev = self.evaluator(state)
         eval_seconds = time.perf_counter() - t0
         row: dict[str, Any] = {"round": server_round, **{
             f"eval_{k.replace('-', '_')}": v for k, v in ev.items()}}
+        if server_round == 0:
+            row.update({f"baseline_{k}": v for k, v in
+                        self.evaluator.majority_baseline().items()})
+            if ev:
+                logger.info("round 0 (before training): %s (%.0f s)", ", ".join(
+                    f"{k} {v:.4g}" for k, v in ev.items()
+                    if isinstance(v, int | float) and k in SUMMARY_KEYS),
+                    eval_seconds)
         if "top_prediction" in ev:
             row.update(spread_words(ev, self.cfg.data.labels))
         if server_round > 0:

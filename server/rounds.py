@@ -54,7 +54,7 @@ def train_round(grid: Grid, strategy: FedTuneStrategy, *, server_round: int,
     """One training round, retried while too few updates were accepted."""
     fed = cfg.federation
     for attempt in range(fed.round_retries + 1):
-        wait_for_nodes(grid, fed.min_train_nodes, fed.round_timeout)
+        wait_for_nodes(grid, fed.train_nodes, fed.round_timeout)
         replies = grid.send_and_receive(
             strategy.configure_train(server_round, arrays, config, grid),
             timeout=fed.round_timeout)

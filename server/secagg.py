@@ -102,13 +102,13 @@ def run_secagg(grid: Grid, context: Context, *, cfg: RunConfig,
 
     strategy = SecAggFedAvg(
         fraction_fit=fed.fraction_train, fraction_evaluate=0.0,
-        min_fit_clients=fed.min_train_nodes, min_available_clients=fed.min_train_nodes,
+        min_fit_clients=fed.train_nodes, min_available_clients=fed.train_nodes,
         initial_parameters=ndarrays_to_parameters(to_ndarrays(initial)),
         evaluate_fn=evaluate, accept_failures=True)
     recorder.strategy = strategy
     legacy = LegacyContext(context=context, config=ServerConfig(
         num_rounds=fed.num_rounds, round_timeout=fed.round_timeout), strategy=strategy)
-    shares = max(3, fed.min_train_nodes)
+    shares = max(3, fed.train_nodes)
     workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
         num_shares=shares, reconstruction_threshold=fed.secagg_threshold,
         clipping_range=fed.secagg_clipping_range, timeout=fed.round_timeout))

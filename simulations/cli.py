@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -20,10 +21,36 @@ def default_scenario() -> Path:
     return Path(str(resources.files("fedtune.simulations") / "default.yaml"))
 
 
+def scenarios() -> dict[str, Path]:
+    """The shipped scenarios by name (``default``, ``iid-nodp``, ...)."""
+    root = resources.files("fedtune.simulations")
+    return {Path(e.name).stem: Path(str(e)) for e in root.iterdir()
+            if e.name.endswith(".yaml")}
+
+
+def _scenario(ref: str) -> str:
+    """A config reference: an existing file, or the name of a shipped scenario."""
+    if Path(ref).is_file():
+        return ref
+    shipped = scenarios()
+    name = Path(ref).stem if Path(ref).suffix in (".yaml", ".yml") else ref
+    if name in shipped and (Path(ref).parent == Path(".") or
+                            Path(ref).parent.name == "simulations"):
+        return str(shipped[name])
+    if "/" not in ref and "." in ref and Path(ref).suffix not in (".yaml", ".yml"):
+        raise config.ConfigError(
+            f"{ref}: neither a config file nor a key=value override; to set a key "
+            f"write KEY=VALUE, e.g. {ref}=..., and `fedtune config` prints the "
+            "resolved values")
+    raise config.ConfigError(
+        f"{ref}: config file not found; pass an existing YAML file or a shipped "
+        f"scenario by name ({', '.join(sorted(shipped))})")
+
+
 def _split(items: list[str]) -> tuple[str | None, list[str]]:
     """``[CONFIG] [key=value ...]`` -> (config path or None, overrides)."""
     if items and "=" not in items[0]:
-        return items[0], items[1:]
+        return _scenario(items[0]), items[1:]
     return None, items
 
 
@@ -46,9 +73,10 @@ def _resumed(run_dir: str, items: list[str]) -> config.RunConfig:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from fedtune.server.report import write_report
+    from fedtune.server.report import headline, load_run, write_report
     from fedtune.simulations.driver import simulate
 
+    started = time.monotonic()
     if args.resume:
         run_dir = simulate(_resumed(args.resume, args.items),
                            run_dir=Path(args.resume), resume=True)
@@ -58,6 +86,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                            run_dir=Path(args.run_dir) if args.run_dir else None)
     print(f"run directory: {run_dir}")
     page, _ = write_report(run_dir)
+    print("\n== summary ==\n" + "\n".join(headline(load_run(run_dir))))
+    print(f"wall time: {(time.monotonic() - started) / 60:.1f} min")
     print(f"report: {page} (text: fedtune report {run_dir})")
     return 0
 
@@ -72,7 +102,25 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    if args.defaults:
+        if args.items:
+            raise FedtuneError("--defaults takes no config or overrides: it lists the "
+                               "values every key a run YAML leaves out takes")
+        print("# fedtune's built-in defaults: the value of every key a run YAML "
+              "leaves out", file=sys.stderr)
+        print(config.dump_yaml(config.from_dict({})), end="")
+        return 0
+    path, _ = _split(args.items)
     cfg, _ = _load(args.items)
+    if not args.no_data_check:
+        from fedtune.common import data
+
+        for warning in data.check_simulation_data(cfg):
+            logger.warning("%s", warning)
+    what = ("the embedded default scenario (what `fedtune simulate` runs)"
+            if path is None else path)
+    print(f"# {what}, resolved: keys it leaves out take fedtune's built-in defaults "
+          "(`fedtune config --defaults`)", file=sys.stderr)
     print(config.dump_yaml(cfg), end="")
     return 0
 
@@ -299,7 +347,9 @@ def _deploy_parsers(sub: argparse._SubParsersAction) -> None:
     da.add_argument("--insecure", action="store_true")
     dsub.add_parser("list", help="list named deployments")
     d.set_defaults(func=cmd_deployment)
-    au = sub.add_parser("audit", help="membership-inference audit of a trained run")
+    au = sub.add_parser("audit", help="train a federation with planted canaries, then "
+                        "attack it (membership inference): the privacy the "
+                        "accountant promises, checked empirically")
     au.add_argument("items", nargs="*", help="[CONFIG.yaml] [section.key=value ...]")
     au.add_argument("--canaries", type=int, default=100,
                     help="canaries planted (and as many held out)")
@@ -336,6 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fedtune", description="Privacy-preserving federated fine-tuning: LoRA "
         "adapters trained with DP-SGD on each site, aggregated with Flower.")
+    p.add_argument("--version", action="version",
+                   version=f"fedtune {_version()} (flwr {_version('flwr')}, torch "
+                   f"{_version('torch')}, opacus {_version('opacus')})")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also show other libraries' INFO logs (e.g. alembic's)")
     sub = p.add_subparsers(dest="command", required=True)
     items_help = ("[CONFIG.yaml] [section.key=value ...]; default config: the embedded "
                   "simulations/default.yaml")
@@ -353,8 +408,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="directory for index.html and the PNGs "
                    "(default RUN_DIR/report)")
     r.set_defaults(func=cmd_report)
-    c = sub.add_parser("config", help="validate and print the resolved config")
+    c = sub.add_parser("config", help="validate a config and its data, and print "
+                       "the resolved values")
     c.add_argument("items", nargs="*", help=items_help)
+    c.add_argument("--no-data-check", action="store_true",
+                   help="skip reading data.source and data.test_source")
+    c.add_argument("--defaults", action="store_true",
+                   help="print the built-in default of every key instead")
     c.set_defaults(func=cmd_config)
     pl = sub.add_parser("plan", help="before training: each site's DP noise against "
                         "its signal, and whether it is expected to learn")
@@ -383,12 +443,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _version(dist: str = "fedtune") -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class _Quiet(logging.Filter):
+    """Drops Flower's notice that ``run_simulation`` is deprecated: its successor
+    (``flwr run`` on a packaged app with a simulation federation) cannot take the
+    in-memory apps and mods a fedtune simulation passes; the call is pinned with
+    Flower's version range in pyproject.toml."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not ("DEPRECATED FEATURE" in text and "run_simulation" in text)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+    # Libraries' INFO through the root logger (alembic's, at each start) is noise to
+    # a user; fedtune's own INFO, Flower's round lines and all warnings stay. -v
+    # shows it all.
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ensure_app_logging()
-    logging.getLogger("flwr").propagate = False  # Flower logs through its own handler
+    flwr = logging.getLogger("flwr")
+    flwr.propagate = False  # Flower logs through its own handler
+    flwr.addFilter(_Quiet())
     try:
         return int(args.func(args))
     except FedtuneError as err:

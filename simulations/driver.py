@@ -10,7 +10,7 @@ from typing import Any
 
 from flwr.clientapp.typing import Mod
 
-from fedtune.common import assets
+from fedtune.common import assets, data
 from fedtune.common.config import RESUME, RUN_PATH, RunConfig, to_run_config
 from fedtune.common.errors import FedtuneError
 from fedtune.common.model import load_pretrained, load_tokenizer
@@ -19,13 +19,17 @@ from fedtune.server import checkpoint
 logger = logging.getLogger(__name__)
 
 
-def _prefetch(cfg: RunConfig) -> None:
-    """Fetch assets and load the base model once in the driver, before the engine
-    starts: a wrong model id or data path fails here, in seconds, and the ServerApp
-    (same process) then reuses the cached model."""
+def preflight(cfg: RunConfig) -> None:
+    """Everything a run needs that can be checked before the engine starts, in
+    seconds: every simulated site's data and the test set (the training code's
+    readers and errors), then the model, loaded once here so that the ServerApp
+    (same process) reuses it. A failure raises a :class:`FedtuneError` naming the
+    file and the fix; nothing is started and no run directory is made."""
     for ref in (cfg.data.source, cfg.data.test_source):
         if ref:
             assets.resolve(ref)
+    for warning in data.check_simulation_data(cfg):
+        logger.warning("%s", warning)
     load_tokenizer(cfg.model.name_or_path, cfg.model.gguf_file)
     load_pretrained(cfg.model)
 
@@ -45,7 +49,7 @@ def simulate(cfg: RunConfig, *, name: str = "sim", run_dir: Path | None = None,
     from fedtune.client.app import make_client_app
     from fedtune.server.app import make_server_app
 
-    _prefetch(cfg)
+    preflight(cfg)
     run_dir = run_dir or checkpoint.new_run_dir(cfg.federation.run_dir, name)
     run_dir.mkdir(parents=True, exist_ok=True)
     flat = {**to_run_config(cfg), RUN_PATH: str(run_dir.resolve()), RESUME: resume}

@@ -106,7 +106,7 @@ def test_all_problems_reported_together() -> None:
      r"federation.server_learning_rate: must be > 0"),
     ({"federation": {"proximal_mu": -1}}, r"federation.proximal_mu: must be >= 0"),
     ({"federation": {"min_replies": 3, "min_train_nodes": 2}},
-     r"federation.min_replies: 3 exceeds min_train_nodes 2"),
+     r"federation.min_replies: 3 exceeds the 2 sites a round trains"),
     ({"federation": {"round_retries": -1}}, r"federation.round_retries: must be >= 0"),
     ({"federation": {"secure_aggregation": True, "compression": "int8"}},
      r"federation.secure_aggregation: needs strategy fedavg and compression none"),

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.conftest import tiny_config
-from tests.integration import browser
+from tests.integration import browser, runner
 
 pytestmark = pytest.mark.integration
 
@@ -22,11 +20,8 @@ def _simulate(tmp_path: Path, raw: dict, *overrides: str, timeout: int = 420
     cfg_path = tmp_path / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(raw))
     run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedtune.simulations.cli", "simulate", str(cfg_path),
-         *overrides, "--run-dir", str(run_dir)],
-        capture_output=True, text=True, timeout=timeout, check=False,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = runner.run(["simulate", str(cfg_path), *overrides, "--run-dir",
+                       str(run_dir)], timeout=timeout)
     return proc, run_dir
 
 
@@ -74,17 +69,6 @@ def test_three_sites_two_rounds(tmp_path: Path, tiny_bert: Path,
         assert "DP is OFF" in proc.stderr
 
 
-def test_bad_site_data_fails_the_run_with_a_clear_error(
-        tmp_path: Path, tiny_bert: Path, review_files: tuple[Path, Path]) -> None:
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"review": "good", "rating": "stellar"}\n' * 12)
-    raw = tiny_config(tiny_bert, bad, review_files[1],
-                      federation={"num_rounds": 1})
-    proc, run_dir = _simulate(tmp_path, raw)
-    assert proc.returncode != 0
-    assert "unknown label(s) ['stellar']" in proc.stderr
-
-
 def test_causal_lm_simulation(tmp_path: Path, tiny_llama: Path, sft_file: Path
                               ) -> None:
     raw = tiny_config(tiny_llama, sft_file, sft_file,
@@ -96,8 +80,7 @@ def test_causal_lm_simulation(tmp_path: Path, tiny_llama: Path, sft_file: Path
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = _rounds(run_dir)[-1]
     assert last["eval_perplexity"] > 1.0 and last["epsilon_max"] > 0
-    proc = subprocess.run([sys.executable, "-m", "fedtune.simulations.cli", "report",
-                           str(run_dir)], capture_output=True, text=True, check=False)
+    proc = runner.run(["report", str(run_dir)])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "perplexity" in proc.stdout and "1 of 1 done" in proc.stdout
 
