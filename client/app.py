@@ -298,6 +298,9 @@ def make_client_app(defaults: Mapping[str, Any] | None = None, *,
                             records.TRAINABLE_PARAMS: trainable_parameters(model)})
         if cfg.lora.ffa:
             metrics[records.LORA_A_DIGEST] = frozen_a_digest(model)
+        if "partition-id" in context.node_config:  # a simulated site: its index,
+            # so the operator can match a node id to "partition k/N" in the log
+            metrics[records.PARTITION] = int(context.node_config["partition-id"])
         # Every site sends the same metric keys (Flower aggregates only consistent
         # replies); the local validation loss stays on the site, in its log.
         logger.info("round %d: %s trained %d steps on %d examples (%s%s), "

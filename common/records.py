@@ -27,6 +27,7 @@ DP_STEPS = "dp-steps"
 SAMPLE_RATE = "sample-rate"  # Poisson sampling rate of this round's DP-SGD
 TRAINABLE_PARAMS = "trainable-params"  # dimensions DP-SGD noised this round
 TRAIN_SECONDS = "train-seconds"
+PARTITION = "partition"  # simulation only: the site's partition index (no data)
 LORA_A_DIGEST = "lora-a-digest"  # FFA-LoRA: 48 bits of sha256 of the frozen A
 EVAL_LOSS = "eval-loss"
 ACCURACY = "accuracy"

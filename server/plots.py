@@ -27,9 +27,31 @@ COLORS = {"accepted": "#2e7d32", "rejected": "#c62828", "declined": "#ef6c00",
           "failed": "#6a1b9a", "late": "#9e9e9e"}
 
 
+MARKERS = "osD^v<>phX*P"
+
+
 def short(node: str) -> str:
     """A node id as the plots label it: its last 6 digits."""
     return f"…{node[-6:]}" if len(node) > 7 else node
+
+
+def site_label(node: str, sites: Mapping[str, str]) -> str:
+    """``p3 …123456``: the simulated partition (as the log names it) and the node
+    id's tail; a deployed node: the id's tail only."""
+    return f"{sites[node]} {short(node)}" if node in sites else short(node)
+
+
+def site_order(node: str, sites: Mapping[str, str]) -> tuple[int, int, str]:
+    """Simulated sites by partition number (p2 before p10), then node ids."""
+    site = sites.get(node, "")
+    return (0, int(site[1:]), node) if site[1:].isdigit() else (1, 0, node)
+
+
+def _sites(rows: Sequence[Row]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for r in rows:
+        out.update(r.get("site_by_node") or {})
+    return out
 
 
 def _png(fig: Figure) -> bytes:
@@ -80,8 +102,8 @@ def quality(rows: Sequence[Row]) -> bytes:
                    color="#2e7d32", label="perplexity")
         right.set_ylabel("perplexity")
     lines = ax.get_lines() + right.get_lines()
-    ax.legend(lines, [str(ln.get_label()) for ln in lines], loc="center right",
-              fontsize=8)
+    ax.legend(lines, [str(ln.get_label()) for ln in lines], loc="upper left",
+              bbox_to_anchor=(1.12, 1.0), borderaxespad=0.0, fontsize=8)
     ax.set_title("Global adapter on the held-out set (round 0 = before training)")
     return _png(fig)
 
@@ -92,11 +114,18 @@ def privacy(rows: Sequence[Row], *, target: float | None,
     where the run sets one, the sites' ledger totals against their budget)."""
     fig, ax = plt.subplots(figsize=SIZE)
     rounds = [int(r["round"]) for r in rows]
-    nodes = sorted({n for r in rows for n in (r.get("epsilon_by_node") or {})})
-    for node in nodes:
+    sites = _sites(rows)
+    nodes = sorted({n for r in rows for n in (r.get("epsilon_by_node") or {})},
+                   key=lambda n: site_order(n, sites))
+    # Sites of one size spend the same epsilon: their lines coincide. A marker of
+    # its own and a small sideways offset keep every site visible.
+    width = 0.3 if len(nodes) > 1 else 0.0
+    for i, node in enumerate(nodes):
         ys = [(r.get("epsilon_by_node") or {}).get(node, math.nan) for r in rows]
-        ax.plot(rounds, [math.nan if y is None else y for y in ys], "o-",
-                label=short(node), alpha=0.8)
+        dx = width * (i / (len(nodes) - 1) - 0.5) if len(nodes) > 1 else 0.0
+        ax.plot([x + dx for x in rounds], [math.nan if y is None else y for y in ys],
+                marker=MARKERS[i % len(MARKERS)], ls="-", ms=5,
+                label=site_label(node, sites), alpha=0.85)
     if target is not None:
         ax.axhline(target, color="#c62828", ls="--", label=f"target ε={target:g}")
     if budget:
@@ -109,9 +138,10 @@ def privacy(rows: Sequence[Row], *, target: float | None,
     ax.set_ylabel("ε spent (cumulative)")
     ax.set_ylim(0, max(ax.get_ylim()[1], (budget or target or 0) * 1.35, 1.0))
     _rounds_axis(ax, rounds)
-    if nodes or target is not None:
-        ax.legend(fontsize=7, ncol=min(5, 1 + len(nodes) // 2), loc="upper left")
-    ax.set_title("Privacy: ε per site (node id) against the target")
+    if nodes or target is not None:  # beside the axes, never over a point
+        ax.legend(fontsize=7, ncol=1 + len(nodes) // 12, loc="upper left",
+                  bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    ax.set_title("Privacy: ε per site (partition, node id) against the target")
     return _png(fig)
 
 
@@ -136,7 +166,8 @@ def communication(rows: Sequence[Row]) -> bytes:
                         scale=1e-6)
     ax.set_ylabel("MB per round (all sites)")
     ax.set_ylim(0, max([*heights, 1e-3]) * 1.3)
-    ax.legend(fontsize=8, ncol=2, loc="upper center")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              borderaxespad=0.0)
     ax.set_title("Communication per round")
     return _png(fig)
 
@@ -151,7 +182,8 @@ def timing(rows: Sequence[Row]) -> bytes:
     ax.plot(rounds, [_num(r, "eval_seconds") for r in rows], "o-", color="#ef6c00",
             label="central evaluation")
     ax.set_ylabel("seconds")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              borderaxespad=0.0)
     ax.set_title("Time per round")
     return _png(fig)
 
@@ -181,6 +213,7 @@ def participation(rows: Sequence[Row]) -> bytes:
     _rounds_axis(ax, rounds)
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylim(0, max(bottom, default=1) * 1.3 or 1)
-    ax.legend(fontsize=8, ncol=5, loc="upper center")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              borderaxespad=0.0)
     ax.set_title("Participation per round")
     return _png(fig)

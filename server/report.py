@@ -128,13 +128,16 @@ def site_table(run: Run) -> tuple[list[str], list[list[str]]]:
     target = run.cfg.privacy.target_epsilon if run.cfg.privacy.enabled else None
     dp: dict[str, Mapping[str, float]] = {}
     weight: dict[str, float] = {}
+    sites: dict[str, str] = {}
     for r in run.rows:  # the last round each site trained in
         dp.update(r.get("dp_by_node") or {})
         weight.update(r.get("weight_by_node") or {})
-    head = ["node", "records", "σ", "q", "steps", "noise ρ", "weight", "ε this run",
-            "of target", "ledger total", "accepted", "declined", "failed",
-            "rejected (why)"]
-    body = [[n, _f(dp.get(n, {}).get("records"), ".0f"),
+        sites.update(r.get("site_by_node") or {})
+    head = ["site (node id)" if sites else "node", "records", "σ", "q", "steps",
+            "noise ρ", "weight", "ε this run", "of target", "ledger total",
+            "accepted", "declined", "failed", "rejected (why)"]
+    body = [[f"{sites[n]} ({n})" if n in sites else n,
+             _f(dp.get(n, {}).get("records"), ".0f"),
              _f(dp.get(n, {}).get("sigma"), ".3f"),
              _f(dp.get(n, {}).get("sample_rate"), ".4f"),
              _f(dp.get(n, {}).get("steps"), ".0f"), _f(dp.get(n, {}).get("rho"), ".3f"),
@@ -142,7 +145,8 @@ def site_table(run: Run) -> tuple[list[str], list[list[str]]]:
              f"{100 * s['eps'] / target:.0f} %" if target and s["eps"] else "-",
              _f(s["total"], ".3f"), str(s["ok"]), str(s["declined"]),
              str(s["failed"]), "; ".join(s["rejected"]) or "-"]
-            for n, s in sorted(nodes.items())]
+            for n, s in sorted(nodes.items(),
+                               key=lambda kv: plots.site_order(kv[0], sites))]
     return head, body
 
 
@@ -183,6 +187,17 @@ def headline(run: Run) -> list[str]:
         out.append(f"final (round {last['round']}): eval loss "
                    f"{_f(last.get('eval_loss'))}, {quality}; {total / 1e6:.1f} MB "
                    "exchanged in all")
+    base = run.initial or {}
+    if base.get("baseline_majority_macro_f1") is not None:
+        out.append("majority-class baseline (always the held-out set's most frequent "
+                   "class): accuracy "
+                   f"{_f(base.get('baseline_majority_accuracy'), '.3f')}, macro-F1 "
+                   f"{_f(base.get('baseline_majority_macro_f1'), '.3f')}")
+    by_node = last.get("epsilon_by_node") or {}
+    if by_node:
+        out.append(f"epsilon per site: {len(by_node)} sites, "
+                   f"{min(by_node.values()):.3f} to {max(by_node.values()):.3f} "
+                   f"(δ={cfg.privacy.target_delta:g})")
     return out
 
 

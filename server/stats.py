@@ -45,6 +45,7 @@ class RoundStats:
     attempts: int = 1
     weight_by_node: dict[str, float] = field(default_factory=dict)
     dp_by_node: dict[str, dict[str, float]] = field(default_factory=dict)
+    site_by_node: dict[str, str] = field(default_factory=dict)
 
     @property
     def every_site_declined(self) -> bool:
@@ -74,6 +75,7 @@ class RoundStats:
             "round_attempts": self.attempts,
             "weight_by_node": dict(self.weight_by_node),
             "dp_by_node": {k: dict(v) for k, v in self.dp_by_node.items()},
+            "site_by_node": dict(self.site_by_node),
             "rho_max": max((v["rho"] for v in self.dp_by_node.values()),
                            default=None),
         }
@@ -129,6 +131,8 @@ def record_site_metrics(stats: RoundStats, node: str, m: Mapping[str, Any]) -> N
         stats.non_private += 1
     if records.TRAIN_SECONDS in m:
         stats.train_seconds.append(float(m[records.TRAIN_SECONDS]))
+    if records.PARTITION in m:
+        stats.site_by_node[node] = f"p{int(m[records.PARTITION])}"
     dp_keys = (records.NOISE_MULTIPLIER, records.SAMPLE_RATE, records.DP_STEPS,
                records.TRAINABLE_PARAMS, records.NUM_EXAMPLES)
     if all(k in m for k in dp_keys):

@@ -22,7 +22,8 @@ DECLARED_METRICS = {records.NUM_EXAMPLES, records.TRAIN_LOSS, records.TRAIN_SECO
                     records.DP_STEPS, records.EPSILON, records.DELTA,
                     records.NOISE_MULTIPLIER, records.EPSILON_TOTAL,
                     # public: q = batch / num-examples, and the model's size
-                    records.SAMPLE_RATE, records.TRAINABLE_PARAMS}
+                    records.SAMPLE_RATE, records.TRAINABLE_PARAMS,
+                    records.PARTITION}  # a simulated site's partition index
 EVAL_METRICS = {records.NUM_EXAMPLES, records.EVAL_LOSS, records.ACCURACY,
                 records.MACRO_F1}
 

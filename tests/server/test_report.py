@@ -223,3 +223,28 @@ def test_collapse_words_count_the_classes_at_f1_zero() -> None:
                          "classes at F1 0"}
     assert "eval_collapse" not in spread_words({**ev, "collapsed": 0.0},
                                                ["negative", "neutral", "positive"])
+
+
+def test_sites_are_named_by_partition_beside_the_node_id(tmp_path: Path) -> None:
+    # Prepare: two simulated sites (p2, p10) and a deployed node without a name
+    rows = [{"round": 1, "epsilon_by_node": {"111": 1.0, "222": 1.0, "333": 1.0},
+             "nodes_replied": ["111", "222", "333"],
+             "site_by_node": {"111": "p10", "222": "p2"}}]
+    run = report.Run(path=tmp_path, cfg=config.RunConfig(), initial=None, rows=rows)
+    # Execute
+    head, body = report.site_table(run)
+    # Assert: partition order (p2 before p10), the node id beside, unnamed last
+    assert head[0] == "site (node id)"
+    assert [r[0] for r in body] == ["p2 (222)", "p10 (111)", "333"]
+    assert plots.site_label("222", {"222": "p2"}) == "p2 222"
+    assert plots.privacy(rows, target=8.0, budget=None)[:4] == b"\x89PNG"
+
+
+def test_a_simulated_site_reports_its_partition_index() -> None:
+    from fedtune.common import records
+    from fedtune.server.stats import RoundStats, record_site_metrics
+
+    stats = RoundStats()
+    record_site_metrics(stats, "42", {records.PARTITION: 3, records.TRAIN_SECONDS: 1})
+    record_site_metrics(stats, "43", {records.TRAIN_SECONDS: 1})  # deployed
+    assert stats.summary()["site_by_node"] == {"42": "p3"}
