@@ -167,8 +167,10 @@ class RoundRecorder:
             logger.warning("round %d: the global model collapsed: %s", row["round"],
                            row["eval_collapse"])
         if row.get("nodes_failed"):
-            logger.warning("round %d: node(s) %s failed or did not answer",
-                           row["round"], ", ".join(row["nodes_failed"]))
+            why = row.get("nodes_failed_why") or {}
+            logger.warning("round %d: %s", row["round"], "; ".join(
+                f"node {n} failed: {why[n]}" if n in why else
+                f"node {n} did not answer" for n in row["nodes_failed"]))
 
 
 def spread_words(ev: Mapping[str, Any], labels: Sequence[str]) -> dict[str, Any]:

@@ -193,6 +193,13 @@ def headline(run: Run) -> list[str]:
                    "class): accuracy "
                    f"{_f(base.get('baseline_majority_accuracy'), '.3f')}, macro-F1 "
                    f"{_f(base.get('baseline_majority_macro_f1'), '.3f')}")
+    failed: dict[str, list[str]] = {}
+    for r in run.rows:
+        for n, why in (r.get("nodes_failed_why") or {}).items():
+            failed.setdefault(f"{n}: {why}", []).append(str(r["round"]))
+    if failed:
+        out.append("failed sites: " + "; ".join(
+            f"node {k} (round {', '.join(v)})" for k, v in failed.items()))
     by_node = last.get("epsilon_by_node") or {}
     if by_node:
         out.append(f"epsilon per site: {len(by_node)} sites, "

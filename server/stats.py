@@ -8,6 +8,7 @@ Pure bookkeeping on Flower messages; no aggregation math (:mod:`.strategy`).
 from __future__ import annotations
 
 import logging
+import re
 import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ class RoundStats:
     epsilon_by_node: dict[str, float] = field(default_factory=dict)
     nodes_replied: list[str] = field(default_factory=list)
     nodes_failed: list[str] = field(default_factory=list)
+    failed_why: dict[str, str] = field(default_factory=dict)
     nodes_declined: list[str] = field(default_factory=list)
     nodes_rejected: dict[str, str] = field(default_factory=dict)
     epsilon_total_by_node: dict[str, float] = field(default_factory=dict)
@@ -65,6 +67,7 @@ class RoundStats:
             "epsilon_by_node": dict(self.epsilon_by_node),
             "nodes_replied": list(self.nodes_replied),
             "nodes_failed": list(self.nodes_failed),
+            "nodes_failed_why": dict(self.failed_why),
             "clients_declined": len(self.nodes_declined),
             "nodes_declined": list(self.nodes_declined),
             "epsilon_total_by_node": dict(self.epsilon_total_by_node),
@@ -88,6 +91,15 @@ def all_declined(server_round: int, sites: int) -> FedtuneError:
                         "checkpoints of earlier rounds are kept.")
 
 
+def failure_words(reason: str) -> str:
+    """A failed site's reply in a few words: the error class the site sent (its
+    details stay in the site's own log), or Flower's own reason, shortened."""
+    found = re.search(r"(\w+) on the site", reason)
+    if found:
+        return f"{found.group(1)} on the site"
+    return reason[:120]
+
+
 def summarize_replies(replies: list[Message], stats: RoundStats) -> None:
     """Fill ``stats`` from the training replies (errors counted, not raised; bytes
     are counted by :func:`count_bytes`, before decoding)."""
@@ -101,6 +113,7 @@ def summarize_replies(replies: list[Message], stats: RoundStats) -> None:
                                "exhausted", node)
             else:
                 stats.nodes_failed.append(node)
+                stats.failed_why[node] = failure_words(msg.error.reason or "")
             continue
         stats.replied += 1
         stats.nodes_replied.append(node)

@@ -248,3 +248,20 @@ def test_a_simulated_site_reports_its_partition_index() -> None:
     record_site_metrics(stats, "42", {records.PARTITION: 3, records.TRAIN_SECONDS: 1})
     record_site_metrics(stats, "43", {records.TRAIN_SECONDS: 1})  # deployed
     assert stats.summary()["site_by_node"] == {"42": "p3"}
+
+
+def test_a_failed_site_is_named_with_the_class_of_its_error() -> None:
+    from fedtune.server.stats import failure_words
+
+    sent = ("<class 'fedtune.client.app.SiteFailure'>:<'DataError on the site "
+            "(details stay in the site's own log)'>")
+    assert failure_words(sent) == "DataError on the site"
+    assert failure_words("x" * 300) == "x" * 120  # Flower's own reasons, shortened
+
+
+def test_the_summary_names_each_failed_site_and_why(tmp_path: Path) -> None:
+    rows = [{"round": r, "nodes_failed": ["7"],
+             "nodes_failed_why": {"7": "DataError on the site"}} for r in (1, 2)]
+    run = report.Run(path=tmp_path, cfg=config.RunConfig(), initial=None, rows=rows)
+    assert "failed sites: node 7: DataError on the site (round 1, 2)" in \
+        report.headline(run)
