@@ -130,7 +130,8 @@ def dirichlet_partition(labels: Sequence[int], *, num_parts: int, alpha: float,
                     "after 100 draws; raise data.dirichlet_alpha or lower num_sites")
 
 
-def column_partition(values: Sequence[str], *, num_parts: int) -> list[list[int]]:
+def column_partition(values: Sequence[str], *, num_parts: int,
+                     column: str = "the partition column") -> list[list[int]]:
     """Natural sites: whole groups of equal ``values`` go to one part.
 
     Groups are placed largest first on the part with the fewest records (ties by
@@ -140,9 +141,9 @@ def column_partition(values: Sequence[str], *, num_parts: int) -> list[list[int]
     for i, v in enumerate(values):
         groups[str(v)].append(i)
     if len(groups) < num_parts:
-        raise DataError(f"only {len(groups)} distinct values to split into "
-                        f"{num_parts} sites; lower federation.num_sites or use "
-                        "data.partition: iid")
+        raise DataError(f"{column} has only {len(groups)} distinct values to split "
+                        f"into {num_parts} sites; set federation.num_sites="
+                        f"{len(groups)} or use data.partition: iid or dirichlet")
     parts: list[list[int]] = [[] for _ in range(num_parts)]
     for _, idx in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
         min(parts, key=len).extend(idx)
@@ -164,7 +165,8 @@ def partition(records: Sequence[Record], cfg: DataConfig, *, num_parts: int,
         raise DataError(f"data.partition_column {cfg.partition_column!r} is not a "
                         f"column of the data; found {sorted(records[0])}")
     return column_partition([r[cfg.partition_column] for r in records],
-                            num_parts=num_parts)
+                            num_parts=num_parts,
+                            column=f"data.partition_column {cfg.partition_column!r}")
 
 
 def site_records(records: Sequence[Record], cfg: DataConfig, *, task: str,

@@ -72,17 +72,26 @@ def _resumed(run_dir: str, items: list[str]) -> config.RunConfig:
     return config.load(path)
 
 
+def _check_data(cfg: config.RunConfig) -> None:
+    from fedtune.common import data  # before the engine's imports: seconds
+
+    for warning in data.check_simulation_data(cfg):
+        logger.warning("%s", warning)
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    cfg, name = (_resumed(args.resume, args.items), "") if args.resume else \
+        _load(args.items)
+    _check_data(cfg)
     from fedtune.server.report import headline, load_run, write_report
     from fedtune.simulations.driver import simulate
 
-    started = time.monotonic()
     if args.resume:
-        run_dir = simulate(_resumed(args.resume, args.items),
-                           run_dir=Path(args.resume), resume=True)
+        run_dir = simulate(cfg, run_dir=Path(args.resume), resume=True,
+                           data_checked=True)
     else:
-        cfg, name = _load(args.items)
-        run_dir = simulate(cfg, name=args.name or name,
+        run_dir = simulate(cfg, name=args.name or name, data_checked=True,
                            run_dir=Path(args.run_dir) if args.run_dir else None)
     print(f"run directory: {run_dir}")
     page, _ = write_report(run_dir)
@@ -113,10 +122,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     path, _ = _split(args.items)
     cfg, _ = _load(args.items)
     if not args.no_data_check:
-        from fedtune.common import data
-
-        for warning in data.check_simulation_data(cfg):
-            logger.warning("%s", warning)
+        _check_data(cfg)
     what = ("the embedded default scenario (what `fedtune simulate` runs)"
             if path is None else path)
     print(f"# {what}, resolved: keys it leaves out take fedtune's built-in defaults "

@@ -19,7 +19,7 @@ from fedtune.server import checkpoint
 logger = logging.getLogger(__name__)
 
 
-def preflight(cfg: RunConfig) -> None:
+def preflight(cfg: RunConfig, *, data_checked: bool = False) -> None:
     """Everything a run needs that can be checked before the engine starts, in
     seconds: every simulated site's data and the test set (the training code's
     readers and errors), then the model, loaded once here so that the ServerApp
@@ -28,19 +28,23 @@ def preflight(cfg: RunConfig) -> None:
     for ref in (cfg.data.source, cfg.data.test_source):
         if ref:
             assets.resolve(ref)
-    for warning in data.check_simulation_data(cfg):
-        logger.warning("%s", warning)
+    if not data_checked:
+        for warning in data.check_simulation_data(cfg):
+            logger.warning("%s", warning)
     load_tokenizer(cfg.model.name_or_path, cfg.model.gguf_file)
     load_pretrained(cfg.model)
 
 
 def simulate(cfg: RunConfig, *, name: str = "sim", run_dir: Path | None = None,
-             resume: bool = False, client_mods: Sequence[Mod] = ()) -> Path:
+             resume: bool = False, client_mods: Sequence[Mod] = (),
+             data_checked: bool = False) -> Path:
     """Run a whole federation on this machine; returns the run directory.
 
     ``resume`` continues ``run_dir`` after its last completed round.
     ``client_mods`` are extra Flower mods around every site's ClientApp (the tests
-    use them to play faulty and malicious sites).
+    use them to play faulty and malicious sites). ``data_checked``: the caller ran
+    :func:`fedtune.common.data.check_simulation_data` already (the CLI does, before
+    it imports the engine).
     """
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -49,7 +53,7 @@ def simulate(cfg: RunConfig, *, name: str = "sim", run_dir: Path | None = None,
     from fedtune.client.app import make_client_app
     from fedtune.server.app import make_server_app
 
-    preflight(cfg)
+    preflight(cfg, data_checked=data_checked)
     run_dir = run_dir or checkpoint.new_run_dir(cfg.federation.run_dir, name)
     run_dir.mkdir(parents=True, exist_ok=True)
     flat = {**to_run_config(cfg), RUN_PATH: str(run_dir.resolve()), RESUME: resume}

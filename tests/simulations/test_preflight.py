@@ -39,8 +39,8 @@ def _bad_files(root: Path) -> dict[str, tuple[Path, dict, str]]:
         "too-few-partition-values": (
             good, {"data": {"partition": "column"},
                    "federation": {"num_sites": 8, "min_train_nodes": 8}},
-            "only 6 distinct values to split into 8 sites; lower "
-            "federation.num_sites"),
+            "data.partition_column 'condition' has only 6 distinct values to "
+            "split into 8 sites; set federation.num_sites=6"),
         "test-set-wrong-columns": (
             good, {"data": {"test_source": str(no_label)}},
             "this is data.test_source, the held-out test set"),
