@@ -198,6 +198,25 @@ def split_validation(indices: Sequence[int], *, fraction: float, seed: int
     return sorted(idx[k:]), sorted(idx[:k])
 
 
+def simulated_sites(cfg: RunConfig, records: Sequence[Record] | None = None
+                    ) -> list[tuple[str, int]]:
+    """(name, training records) of every simulated site, exactly as the sites will
+    split ``data.source`` (``records``: the file, already read); a missing or
+    malformed file raises the same DataError as training."""
+    d, seed = cfg.data, cfg.train.seed
+    recs = records if records is not None else read_records(
+        d.source, required=required_columns(cfg.model.task, d))
+    out = []
+    for part in range(cfg.federation.num_sites):
+        site, name = site_records(recs, d, task=cfg.model.task, part=part,
+                                  num_parts=cfg.federation.num_sites, seed=seed,
+                                  source=d.source)
+        train, _ = split_validation(range(len(site)), fraction=d.val_fraction,
+                                    seed=seed + part)
+        out.append((name, len(train)))
+    return out
+
+
 def check_simulation_data(cfg: RunConfig) -> list[str]:
     """Pre-flight of a simulation's data, before any engine starts: read
     ``data.source`` and split it exactly as the simulated sites will (the same
@@ -205,12 +224,9 @@ def check_simulation_data(cfg: RunConfig) -> list[str]:
 
     Returns warnings (a site holding several values of the partition column).
     """
-    d, task, sites, seed = cfg.data, cfg.model.task, cfg.federation.num_sites, \
-        cfg.train.seed
+    d, task, sites = cfg.data, cfg.model.task, cfg.federation.num_sites
     required = required_columns(task, d)
     recs = read_records(d.source, required=required)
-    if task == "classification":
-        label_ids(recs, column=d.label_column, labels=d.labels, source=d.source)
     out = []
     if d.partition == "column" and d.partition_column in recs[0]:
         values = len({str(r[d.partition_column]) for r in recs})
@@ -219,11 +235,7 @@ def check_simulation_data(cfg: RunConfig) -> list[str]:
                        f"values for {sites} sites: each site holds the records of "
                        f"several values (federation.num_sites={values} gives one "
                        "value per site)")
-    for part in range(sites):
-        site, name = site_records(recs, d, task=task, part=part, num_parts=sites,
-                                  seed=seed, source=d.source)
-        train, _ = split_validation(range(len(site)), fraction=d.val_fraction,
-                                    seed=seed + part)
+    for name, train in simulated_sites(cfg, recs):
         if not train:
             raise DataError(f"{d.source}: {name} gets no training records; lower "
                             "federation.num_sites or add records")

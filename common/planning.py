@@ -213,20 +213,9 @@ def overall(plans: Sequence[SitePlan]) -> str:
 
 
 def simulated_sites(cfg: RunConfig) -> list[tuple[str, int]]:
-    """(name, training records) of every simulated site, exactly as the sites will
-    split ``data.source`` (a missing or malformed file raises the same DataError)."""
-    recs = data.read_records(cfg.data.source, required=data.required_columns(
-        cfg.model.task, cfg.data))
-    out = []
-    for part in range(cfg.federation.num_sites):
-        site, name = data.site_records(recs, cfg.data, task=cfg.model.task, part=part,
-                                       num_parts=cfg.federation.num_sites,
-                                       seed=cfg.train.seed, source=cfg.data.source)
-        train, _ = data.split_validation(range(len(site)),
-                                         fraction=cfg.data.val_fraction,
-                                         seed=cfg.train.seed + part)
-        out.append((name, len(train)))
-    return out
+    """(name, training records) of every simulated site (see
+    :func:`fedtune.common.data.simulated_sites`)."""
+    return data.simulated_sites(cfg)
 
 
 def model_dims(cfg: RunConfig, net: Any = None) -> tuple[int, int]:
