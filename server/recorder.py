@@ -53,6 +53,15 @@ def _clean(value: Any) -> Any:
 SUMMARY_KEYS = ("loss", "accuracy", "macro-f1", "perplexity")
 
 
+def progress_bar(rounds: int) -> tqdm:  # type: ignore[type-arg]  # tqdm is generic
+    """The rounds bar, sized by :func:`shutil.get_terminal_size`: a terminal that
+    reports 0 x 0 (some consoles, ``docker exec`` without a size) made tqdm hide
+    the bar, which then showed only when the output was piped."""
+    size = shutil.get_terminal_size()  # COLUMNS/LINES, else 80 x 24 for 0 x 0
+    return tqdm(total=rounds, desc="rounds", unit="round", ncols=size.columns,
+                nrows=size.lines)
+
+
 class RoundRecorder:
     """Strategy ``evaluate_fn``: central eval, checkpoint, metrics line, summary log."""
 
@@ -61,7 +70,7 @@ class RoundRecorder:
         self.cfg, self.run_dir, self.strategy = cfg, run_dir, strategy
         self.evaluator, self.model = evaluator, model
         self.t_last = time.perf_counter()
-        self.bar = tqdm(total=cfg.federation.num_rounds, desc="rounds", unit="round")
+        self.bar = progress_bar(cfg.federation.num_rounds)
         self.events = EventLog(run_dir)
         self.meta = {"task": cfg.model.task, "base_model": cfg.model.name_or_path,
                      "gguf_file": cfg.model.gguf_file, "labels": list(cfg.data.labels),

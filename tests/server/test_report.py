@@ -265,3 +265,32 @@ def test_the_summary_names_each_failed_site_and_why(tmp_path: Path) -> None:
     run = report.Run(path=tmp_path, cfg=config.RunConfig(), initial=None, rows=rows)
     assert "failed sites: node 7: DataError on the site (round 1, 2)" in \
         report.headline(run)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs a Linux pty")
+def test_the_rounds_bar_shows_in_a_terminal_that_reports_no_size() -> None:
+    import os
+    import pty
+
+    # Prepare: a pseudo-terminal of 0 x 0, as some consoles give
+    code = ("from fedtune.server.recorder import progress_bar\n"
+            "bar = progress_bar(2)\nbar.update(1)\nbar.close()\n")
+    out = bytearray()
+
+    def read(fd: int) -> bytes:
+        data = os.read(fd, 4096)
+        out.extend(data)
+        return data
+
+    # Execute
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        pty.spawn([sys.executable, "-c", code], read)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    # Assert
+    assert b"rounds:  50%" in out, bytes(out)
