@@ -125,6 +125,13 @@ class RoundRecorder:
     def close(self) -> None:
         self.bar.close()
         self.events.close()
+        failed: dict[str, list[int]] = {}
+        for rnd, stats in sorted(self.strategy.round_stats.items()):
+            for node, why in stats.failed_why.items():
+                failed.setdefault(f"node {node} failed: {why}", []).append(rnd)
+        if failed:  # the operator's console (`fedtune run` streams this log)
+            logger.warning("sites that failed in this run: %s", "; ".join(
+                f"{k} (round {', '.join(map(str, v))})" for k, v in failed.items()))
 
     def _checkpoint(self, server_round: int, state: dict[str, Any]) -> None:
         final = checkpoint.checkpoint_dir(self.run_dir, server_round)

@@ -91,13 +91,21 @@ def all_declined(server_round: int, sites: int) -> FedtuneError:
                         "checkpoints of earlier rounds are kept.")
 
 
+WRAPPERS = ("ClientAppException", "RayTaskError", "RayActorError")
+
+
 def failure_words(reason: str) -> str:
     """A failed site's reply in a few words: the error class the site sent (its
     details stay in the site's own log), or Flower's own reason, shortened."""
     found = re.search(r"(\w+) on the site", reason)
     if found:
         return f"{found.group(1)} on the site"
-    return reason[:120]
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", reason)  # Ray colours its tracebacks
+    raised = [m for m in re.findall(r"\b(\w+(?:Error|Exception)): ([^\n']{0,80})",
+                                    plain) if m[0] not in WRAPPERS]
+    if raised:  # the exception a wrapped (Ray, Flower) traceback carries
+        return f"{raised[-1][0]}: {raised[-1][1]}".strip()
+    return plain[:120]
 
 
 def summarize_replies(replies: list[Message], stats: RoundStats) -> None:

@@ -75,6 +75,9 @@ def test_bad_updates_are_rejected_and_the_rest_aggregated(
         assert "NaN or Inf" in reasons and "where the global adapter has" in reasons
         assert "exceeds federation.max_update_norm 50" in reasons
     assert out.count("rejected the update of node") >= 6
+    # the failed sites of the reference run are named, with why, at its end
+    assert out_ref.count("sites that failed in this run: node ") == 1
+    assert "faulty site" in out_ref.split("sites that failed in this run:")[1]
     # the operator's report names them per round and per site
     head, body = report.round_table(report.load_run(bad_dir))
     assert {dict(zip(head, r, strict=True))["rejected"] for r in body[1:]} == {"3"}

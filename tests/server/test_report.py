@@ -257,6 +257,10 @@ def test_a_failed_site_is_named_with_the_class_of_its_error() -> None:
             "(details stay in the site's own log)'>")
     assert failure_words(sent) == "DataError on the site"
     assert failure_words("x" * 300) == "x" * 120  # Flower's own reasons, shortened
+    ray = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::"
+           "ClientAppActor.run()\x1b[39m\nTraceback ...\nRuntimeError: faulty site\n"
+           "The above exception ... ClientAppException: wrapped'>")
+    assert failure_words(ray) == "RuntimeError: faulty site"
 
 
 def test_the_summary_names_each_failed_site_and_why(tmp_path: Path) -> None:
