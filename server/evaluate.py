@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Any
 
 import torch
@@ -33,7 +34,6 @@ class CentralEvaluator:
         tok = load_tokenizer(cfg.model.name_or_path, cfg.model.gguf_file)
         self.pad_id = int(tok.pad_token_id)
         self.dataset = None
-        self.truth: list[int] = []
         if cfg.data.test_source:
             recs = data.read_records(
                 cfg.data.test_source,
@@ -44,10 +44,6 @@ class CentralEvaluator:
                                                 cfg=cfg.data,
                                                 source=cfg.data.test_source)
             logger.info("central evaluation on %d held-out records", len(recs))
-            if cfg.model.task == "classification":
-                self.truth = data.label_ids(recs, column=cfg.data.label_column,
-                                            labels=cfg.data.labels,
-                                            source=cfg.data.test_source)
 
     @property
     def size(self) -> int:
@@ -57,13 +53,14 @@ class CentralEvaluator:
     def majority_baseline(self) -> dict[str, float]:
         """What predicting the held-out set's most frequent class scores: the
         figure a model that learnt only the class prior ends at."""
-        if not self.truth:
+        if self.dataset is None or not len(self.dataset) or \
+                self.cfg.model.task != "classification":
             return {}
-        top = max(set(self.truth), key=self.truth.count)
-        return {"majority_accuracy": self.truth.count(top) / len(self.truth),
+        truth = [int(self.dataset[i]["labels"]) for i in range(len(self.dataset))]
+        top, count = Counter(truth).most_common(1)[0]
+        return {"majority_accuracy": count / len(truth),
                 "majority_macro_f1": metrics.macro_f1(
-                    self.truth, [top] * len(self.truth),
-                    num_classes=len(self.cfg.data.labels))}
+                    truth, [top] * len(truth), num_classes=len(self.cfg.data.labels))}
 
     def __call__(self, state: dict[str, torch.Tensor]) -> dict[str, Any]:
         if self.dataset is None:

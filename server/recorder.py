@@ -28,7 +28,7 @@ from fedtune.common.model import adapter_state, save_adapter, set_adapter_state
 from fedtune.server import checkpoint
 from fedtune.server.evaluate import CentralEvaluator
 from fedtune.server.events import EventLog
-from fedtune.server.stats import RoundStats, check_round
+from fedtune.server.stats import RoundStats, check_round, failed_sites
 
 logger = logging.getLogger(__name__)
 
@@ -125,13 +125,10 @@ class RoundRecorder:
     def close(self) -> None:
         self.bar.close()
         self.events.close()
-        failed: dict[str, list[int]] = {}
-        for rnd, stats in sorted(self.strategy.round_stats.items()):
-            for node, why in stats.failed_why.items():
-                failed.setdefault(f"node {node} failed: {why}", []).append(rnd)
+        failed = failed_sites((rnd, stats.failed_why) for rnd, stats in
+                              sorted(self.strategy.round_stats.items()))
         if failed:  # the operator's console (`fedtune run` streams this log)
-            logger.warning("sites that failed in this run: %s", "; ".join(
-                f"{k} (round {', '.join(map(str, v))})" for k, v in failed.items()))
+            logger.warning("sites that failed in this run: %s", failed)
 
     def _checkpoint(self, server_round: int, state: dict[str, Any]) -> None:
         final = checkpoint.checkpoint_dir(self.run_dir, server_round)

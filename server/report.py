@@ -20,6 +20,7 @@ from typing import Any
 from fedtune.common import config, planning
 from fedtune.common.errors import FedtuneError
 from fedtune.server import checkpoint, plots
+from fedtune.server.stats import failed_sites
 
 Row = Mapping[str, Any]
 
@@ -193,13 +194,10 @@ def headline(run: Run) -> list[str]:
                    "class): accuracy "
                    f"{_f(base.get('baseline_majority_accuracy'), '.3f')}, macro-F1 "
                    f"{_f(base.get('baseline_majority_macro_f1'), '.3f')}")
-    failed: dict[str, list[str]] = {}
-    for r in run.rows:
-        for n, why in (r.get("nodes_failed_why") or {}).items():
-            failed.setdefault(f"{n}: {why}", []).append(str(r["round"]))
+    failed = failed_sites((r["round"], r.get("nodes_failed_why") or {})
+                          for r in run.rows)
     if failed:
-        out.append("failed sites: " + "; ".join(
-            f"node {k} (round {', '.join(v)})" for k, v in failed.items()))
+        out.append(f"failed sites: {failed}")
     by_node = last.get("epsilon_by_node") or {}
     if by_node:
         out.append(f"epsilon per site: {len(by_node)} sites, "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import statistics
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,6 +106,16 @@ def failure_words(reason: str) -> str:
     if raised:  # the exception a wrapped (Ray, Flower) traceback carries
         return f"{raised[-1][0]}: {raised[-1][1]}".strip()
     return plain[:120]
+
+
+def failed_sites(rounds: Iterable[tuple[int, Mapping[str, str]]]) -> str:
+    """``node 7: DataError on the site (round 1, 2); ...`` from each round's
+    ``failed_why`` (empty: no site failed)."""
+    failed: dict[str, list[str]] = {}
+    for rnd, why_by_node in rounds:
+        for node, why in why_by_node.items():
+            failed.setdefault(f"node {node}: {why}", []).append(str(rnd))
+    return "; ".join(f"{k} (round {', '.join(v)})" for k, v in failed.items())
 
 
 def summarize_replies(replies: list[Message], stats: RoundStats) -> None:
