@@ -1,26 +1,38 @@
-"""Deployment overhead per round: what a real SuperLink + SuperNode add to training.
+"""Deployment overhead per round: what a real SuperLink + SuperNode add to training,
+with and without the warm site worker.
 
-In deployment Flower starts a fresh ``flwr-clientapp`` process for every message, so
-each round pays a Python start, the torch/transformers/peft/opacus imports and the
-base-model load before the site trains. This script measures, with the default model
-(all-MiniLM-L6-v2) on this machine:
+Flower 1.39 starts a fresh ``flwr-clientapp`` process for every message. Without the
+worker (``fedtune client --no-worker``: Flower's default) each round pays a Python
+start, the torch/transformers/peft/opacus imports and the model and data loads; with
+it (the default), that process is a thin forwarder and the worker keeps everything
+loaded. This script measures, with the default model (all-MiniLM-L6-v2) on this
+machine:
 
-1. ``cold_start``: a fresh process importing fedtune's ClientApp and loading the base
-   model, tokenizer and site data (the ClientApp's share of the overhead);
-2. ``round``: a real ``fedtune server`` + one ``fedtune client`` over TLS on
-   127.0.0.1, training one DP-SGD step per round; overhead = round wall time minus
-   the site's training time, with Flower's default SuperExec task poll (1.0 s) and
-   with the 0.1 s fedtune sets.
+1. ``cold_start``: a fresh process importing fedtune's full ClientApp and loading
+   the model, tokenizer and site data (what every message paid before), and
+   ``thin_start``: a fresh process importing the forwarder (what it pays now);
+2. ``deployed``: a real ``fedtune server`` + one ``fedtune client`` over TLS on
+   127.0.0.1, one DP-SGD step per round, in both modes: overhead = round wall time
+   minus the site's training time, the base-model loads over the run (from the
+   site's log), and the worker's own time per task;
+3. ``parity`` (not with ``--quick``): three sites, FedAvg vs SecAgg+ vs central DP
+   round times on the deployment engine, with the worker.
 
-    python bench/deploy_overhead.py [--quick] [--rounds 3] [--out bench/results]
+    python bench/deploy_overhead.py [--quick] [--rounds 5] [--out bench/results]
 
-``--quick``: 2 rounds, one cold-start repeat, only fedtune's 0.1 s poll.
+What is left of the overhead with the worker is Flower's own fixed waits
+(``flwr/supernode/start_client_internal.py``: the SuperNode sleeps 3 s whenever a
+pull finds no message and 0.5 s between checks for a reply; the SuperExec's task
+poll, ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, which fedtune sets to 0.1 s) plus the
+thin process's start; fedtune's ServerApp polls replies every 0.25 s instead of
+Flower's 3 s (:mod:`fedtune.server.polling`).
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -50,6 +62,8 @@ app.site_data(cfg, {{"data-path": {data!r}}})
 t2 = time.perf_counter()
 print(t1 - t0, t2 - t1)
 """
+THIN = "import fedtune.client.forwarder"
+SERVED = re.compile(r"train task of run \d+ served in ([0-9.]+) s")
 
 
 def cold_start(cfg: Path, data: Path, repeats: int) -> dict:
@@ -66,44 +80,90 @@ def cold_start(cfg: Path, data: Path, repeats: int) -> dict:
         "repeats": repeats}
 
 
-def deployed_rounds(cfg: Path, data: Path, rounds: int, poll: str) -> dict:
-    root = Path(tempfile.mkdtemp(prefix="fedtune-bench-"))
+def thin_start(repeats: int) -> dict:
+    walls = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", THIN], check=True)
+        walls.append(time.perf_counter() - t0)
+    return {"wall_s": statistics.median(walls), "repeats": repeats}
+
+
+def _cluster(root: Path, sites: dict[str, Path], *, worker: bool) -> Cluster:
     c = Cluster(root)
-    c.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = poll
+    c.fedtune("keys", "ca", "--out", str(c.certs))
+    c.fedtune("keys", "server", "--ca", str(c.certs), "--san", "127.0.0.1")
+    for name in sites:
+        c.fedtune("keys", "node", name, "--out", str(c.keys))
+    c.start_server()
+    c.fedtune("deployment", "add", "test", "--control", c.control, "--ca-cert",
+              str(c.certs / "ca.crt"))
+    for name, data in sites.items():
+        c.fedtune("keys", "register", str(c.keys / f"{name}.pub"), "--deployment",
+                  "test")
+        c.start_node(name, data, extra=() if worker else ("--no-worker",))
+    wait_for(lambda: c.online() == len(sites), timeout=120, what="the nodes")
+    return c
+
+
+def _run(c: Cluster, cfg: Path, root: Path, tag: str, *items: str) -> list[dict]:
+    run_dir = root / f"run-{tag}"
+    proc = c.fedtune("run", str(cfg), *items, "--deployment", "test", "--run-dir",
+                     str(run_dir), timeout=1200)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-2000:])
+    return metrics(run_dir)[1:]
+
+
+def deployed_rounds(cfg: Path, data: Path, rounds: int, *, worker: bool) -> dict:
+    root = Path(tempfile.mkdtemp(prefix="fedtune-bench-"))
+    c = _cluster(root, {"h1": data}, worker=worker)
     try:
-        c.fedtune("keys", "ca", "--out", str(c.certs))
-        c.fedtune("keys", "server", "--ca", str(c.certs), "--san", "127.0.0.1")
-        c.fedtune("keys", "node", "h1", "--out", str(c.keys))
-        c.start_server()
-        c.fedtune("deployment", "add", "test", "--control", c.control, "--ca-cert",
-                  str(c.certs / "ca.crt"))
-        c.fedtune("keys", "register", str(c.keys / "h1.pub"), "--deployment", "test")
-        c.start_node("h1", data)
-        wait_for(lambda: c.online() == 1, timeout=90, what="the node")
-        run_dir = root / "run"
-        proc = c.fedtune("run", str(cfg), f"federation.num_rounds={rounds}",
-                         "--deployment", "test", "--run-dir", str(run_dir),
-                         timeout=900)
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-2000:])
-        rows = metrics(run_dir)[1:]
-        per_round = [{"round": r["round"], "round_s": r["round_seconds"],
-                      "train_s": r["client_train_seconds_sum"],
-                      "overhead_s": r["round_seconds"] - r["client_train_seconds_sum"]}
-                     for r in rows]
-        return {"poll_interval_s": float(poll), "rounds": per_round,
-                "median_overhead_s": statistics.median(
-                    r["overhead_s"] for r in per_round),
-                "median_round_over_train": statistics.median(
-                    r["round_s"] / r["train_s"] for r in per_round)}
+        rows = _run(c, cfg, root, "overhead", f"federation.num_rounds={rounds}")
+        log = c.log("h1")
     finally:
         c.stop_all()
         shutil.rmtree(root, ignore_errors=True)
+    per_round = [{"round": r["round"], "round_s": r["round_seconds"],
+                  "train_s": r["client_train_seconds_sum"],
+                  "server_eval_s": r.get("eval_seconds", 0.0),
+                  "overhead_s": r["round_seconds"] - r["client_train_seconds_sum"]}
+                 for r in rows]
+    served = [float(s) for s in SERVED.findall(log)]
+    return {"worker": worker, "rounds": per_round,
+            "median_overhead_s": statistics.median(r["overhead_s"] for r in per_round),
+            "median_round_s": statistics.median(r["round_s"] for r in per_round),
+            "median_train_s": statistics.median(r["train_s"] for r in per_round),
+            "model_loads": log.count("loading the base model"),
+            "clientapp_processes": log.count("Start `flwr-clientapp` process"),
+            "worker_task_s": served}
+
+
+def parity(cfg: Path, data: list[Path], rounds: int) -> dict:
+    root = Path(tempfile.mkdtemp(prefix="fedtune-bench-"))
+    c = _cluster(root, {f"h{i + 1}": d for i, d in enumerate(data)}, worker=True)
+    variants = {"fedavg": (), "secagg+": ("federation.secure_aggregation=true",
+                                          "federation.secagg_threshold=2"),
+                "central-dp": ("privacy.central_dp=true",)}
+    out = {}
+    try:
+        for name, items in variants.items():
+            rows = _run(c, cfg, root, name, f"federation.num_rounds={rounds}",
+                        "federation.num_sites=3", "federation.min_train_nodes=3",
+                        *items)
+            out[name] = {"round_s": [r["round_seconds"] for r in rows],
+                         "median_round_s": statistics.median(
+                             r["round_seconds"] for r in rows),
+                         "clients_replied": [r["clients_replied"] for r in rows]}
+    finally:
+        c.stop_all()
+        shutil.rmtree(root, ignore_errors=True)
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--quick", action="store_true")
@@ -114,8 +174,10 @@ def main() -> None:
     from fedtune.common import assets
 
     reviews = Path(assets.resolve("fedtune:drug-reviews")).read_text().splitlines()
-    data = work / "site.jsonl"
-    data.write_text("\n".join(reviews[:64]) + "\n")
+    data = []
+    for i in range(3):
+        data.append(work / f"site{i}.jsonl")
+        data[-1].write_text("\n".join(reviews[64 * i:64 * (i + 1)]) + "\n")
     scenario = yaml.safe_load((ROOT / "simulations" / "drug-reviews.yaml").read_text())
     scenario["train"].update({"max_steps": 1, "local_epochs": 1})
     scenario["federation"].update({"num_sites": 1, "min_train_nodes": 1})
@@ -125,22 +187,29 @@ def main() -> None:
     result = {
         "device": device(),
         "python": platform.python_version(),
-        "cold_start": cold_start(cfg, data, args.repeats),
+        "cold_start": cold_start(cfg, data[0], args.repeats),
+        "thin_start": thin_start(args.repeats),
         "quick": args.quick,
-        "deployed": [deployed_rounds(cfg, data, args.rounds, poll)
-                     for poll in (("0.1",) if args.quick else ("1.0", "0.1"))],
+        "deployed": [deployed_rounds(cfg, data[0], args.rounds, worker=w)
+                     for w in (False, True)],
+        "parity": {} if args.quick else parity(cfg, data, args.rounds),
     }
     path = write(args.out, "deploy_overhead" + ("-quick" if args.quick else ""),
                  result)
-    cs = result["cold_start"]
-    print(f"ClientApp cold start (median of {cs['repeats']}): {cs['wall_s']:.2f} s "
-          f"= imports {cs['imports_s']:.2f} s + model/tokenizer/data "
-          f"{cs['model_data_load_s']:.2f} s + interpreter")
-    print(f"{'task poll':>10} | {'round s':>8} | {'train s':>8} | {'overhead s':>10}")
+    cs, th = result["cold_start"], result["thin_start"]
+    print(f"full ClientApp cold start (median of {cs['repeats']}): {cs['wall_s']:.2f} "
+          f"s = imports {cs['imports_s']:.2f} s + model/tokenizer/data "
+          f"{cs['model_data_load_s']:.2f} s + interpreter; thin forwarder start "
+          f"{th['wall_s']:.2f} s")
+    print(f"{'mode':>10} | {'round s':>8} | {'train s':>8} | {'overhead s':>10} | "
+          f"{'model loads':>11}")
     for d in result["deployed"]:
-        for r in d["rounds"]:
-            print(f"{d['poll_interval_s']:>10.1f} | {r['round_s']:>8.2f} | "
-                  f"{r['train_s']:>8.2f} | {r['overhead_s']:>10.2f}")
+        mode = "worker" if d["worker"] else "no-worker"
+        print(f"{mode:>10} | {d['median_round_s']:>8.2f} | {d['median_train_s']:>8.2f}"
+              f" | {d['median_overhead_s']:>10.2f} | {d['model_loads']:>11d}")
+    for name, v in result["parity"].items():
+        print(f"3 sites, {name:>10}: median round {v['median_round_s']:.2f} s "
+              f"({', '.join(f'{s:.1f}' for s in v['round_s'])})")
     print(f"wrote {path}")
 
 

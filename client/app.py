@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,10 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.app.message_type import MessageType
-from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
-from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.clientapp.typing import Mod
 from flwr.common import (
     Code,
     FitRes,
@@ -30,23 +28,24 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
 from fedtune.client import ledger, privacy, recipe, trainer
+from fedtune.client.forwarder import private_errors, secagg_when_asked
 from fedtune.common import data, evaluation, records, updates
 from fedtune.common.config import RunConfig, from_run_config
 from fedtune.common.data import EncodedDataset
-from fedtune.common.deployment import ensure_app_logging
 from fedtune.common.errors import DataError, FedtuneError
 from fedtune.common.model import (
     adapter_state,
+    base_loads,
     build_model,
     exchanged_state,
     frozen_a_digest,
     load_tokenizer,
     set_adapter_state,
     set_lora_trainable,
+    stamp,
     trainable_parameters,
 )
 
@@ -66,7 +65,10 @@ class SiteData:
 
 
 @functools.lru_cache(maxsize=16)
-def _site_data(cfg: RunConfig, source: str, part: int, num_parts: int) -> SiteData:
+def _site_data(cfg: RunConfig, source: str, part: int, num_parts: int,
+               stamp: tuple[int, ...]) -> SiteData:
+    """Read, split and tokenize once per file version (``stamp``: a changed file on
+    disk is read again)."""
     recs, name = data.site_records(
         data.read_records(source, required=data.required_columns(cfg.model.task,
                                                                  cfg.data)),
@@ -87,10 +89,12 @@ def _site_data(cfg: RunConfig, source: str, part: int, num_parts: int) -> SiteDa
 def site_data(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteData:
     """This node's data: its own file, or its simulation partition."""
     if "data-path" in node_config:
-        return _site_data(cfg, str(node_config["data-path"]), 0, 0)
+        path = str(node_config["data-path"])
+        return _site_data(cfg, path, 0, 0, data.file_stamp(path))
     if "partition-id" in node_config:
         return _site_data(cfg, cfg.data.source, int(node_config["partition-id"]),
-                          int(node_config["num-partitions"]))
+                          int(node_config["num-partitions"]),
+                          data.file_stamp(cfg.data.source))
     raise DataError("this node has no data: start the SuperNode with "
                     "--node-config \"data-path='/path/to/site.jsonl'\"")
 
@@ -146,6 +150,59 @@ class Setup:
     received: dict[str, np.ndarray]  # the global adapter at this site's rank
 
 
+@dataclass
+class _Resident:
+    """The one model this process keeps on its device, and its initial adapter."""
+
+    key: tuple[Any, ...]
+    model: torch.nn.Module
+    initial: dict[str, torch.Tensor]
+
+
+_RESIDENT: list[_Resident] = []  # at most one (a GPU holds one copy)
+_BUILT = [0]
+_OPACUS_ATTRS = ("grad_sample", "_forward_counter", "summed_grad")
+
+
+def resident_model(cfg: RunConfig, *, rank: int, device: torch.device
+                   ) -> torch.nn.Module:
+    """This site's model with its initial adapter, on ``device``.
+
+    Built once per model, LoRA shape, seed and version of the weights on disk, then
+    kept (on the GPU, when there is one) and reset to the seeded initial adapter
+    for every message: exactly the state a fresh build gives, without the copy and
+    the host-to-device transfer.
+    """
+    key = (cfg.model, cfg.lora, len(cfg.data.labels), cfg.train.seed, rank,
+           str(device), stamp(cfg.model.name_or_path, cfg.model.gguf_file))
+    if _RESIDENT and _RESIDENT[0].key == key:
+        held = _RESIDENT[0]
+        set_adapter_state(held.model, held.initial)
+        set_lora_trainable(held.model, cfg.lora, trainable=True)
+        for param in held.model.parameters():
+            param.grad = None
+            for attr in _OPACUS_ATTRS:
+                if hasattr(param, attr):
+                    delattr(param, attr)
+        return held.model
+    _RESIDENT.clear()  # free the old one before the new one is built
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    model = build_model(cfg.model, cfg.lora, num_labels=len(cfg.data.labels),
+                        seed=cfg.train.seed, rank=rank).to(device)
+    _RESIDENT.append(_Resident(key, model, adapter_state(model)))
+    _BUILT[0] += 1
+    return model
+
+
+def load_counts() -> dict[str, int]:
+    """How often this process read the base model and the site data from disk, and
+    built the resident model (the site worker reports them)."""
+    return {"model_loads": base_loads(),
+            "data_loads": _site_data.cache_info().misses,
+            "models_built": _BUILT[0]}
+
+
 def _setup(msg: Message, context: Context, defaults: Mapping[str, Any]) -> Setup:
     cfg = run_config(context, defaults)
     device = evaluation.resolve_device(str(context.node_config.get("device", "auto")))
@@ -153,14 +210,13 @@ def _setup(msg: Message, context: Context, defaults: Mapping[str, Any]) -> Setup
         torch.set_num_threads(max(1, int(cfg.federation.client_cpus)))
     site = site_data(cfg, context.node_config)
     rank = site_rank(cfg, context.node_config)
-    model = build_model(cfg.model, cfg.lora, num_labels=len(cfg.data.labels),
-                        seed=cfg.train.seed, rank=rank)
+    model = resident_model(cfg, rank=rank, device=device)
     received = updates.truncate(
         {k: v.numpy() for k, v in _incoming(msg, model, cfg).items()}, rank)
     set_adapter_state(model, {**adapter_state(model), **{
         k: torch.from_numpy(np.array(v, np.float32)) for k, v in received.items()}})
     pad = load_tokenizer(cfg.model.name_or_path, cfg.model.gguf_file).pad_token_id
-    return Setup(cfg, site, model.to(device), device, int(pad), rank, received)
+    return Setup(cfg, site, model, device, int(pad), rank, received)
 
 
 def _floats(values: object) -> list[float]:
@@ -178,34 +234,6 @@ def _keep(context: Context, guard: privacy.RoundPrivacy) -> None:
     context.state[PRIVACY_STATE] = ConfigRecord(state)
     if guard.prior is not None:
         context.state[recipe.PRIOR_STATE] = ConfigRecord({"counts": guard.prior})
-
-
-class SiteFailure(FedtuneError):
-    """What the server learns when a site fails: the kind of error, no details."""
-
-
-Handler = Callable[[Message, Context], Message]
-
-
-def _private_errors(handler: Handler) -> Handler:
-    """Log a failure in full on the site; send the server only its class name.
-
-    Flower puts ``str(exception)`` in the error reply, and a message may name the
-    site's file paths or values from its data.
-    """
-
-    @functools.wraps(handler)
-    def guarded(msg: Message, context: Context) -> Message:
-        ensure_app_logging()
-        try:
-            return handler(msg, context)
-        except Exception as err:  # noqa: BLE001 - re-raised without its details
-            logger.error("%s failed on this site: %s: %s", msg.metadata.message_type,
-                         type(err).__name__, err)
-            raise SiteFailure(f"{type(err).__name__} on the site (details stay in "
-                              "the site's own log)") from None
-
-    return guarded
 
 
 def _is_secagg(msg: Message) -> bool:
@@ -239,24 +267,17 @@ def _reply(msg: Message, state: dict[str, torch.Tensor], metrics: dict[str, Any]
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
 
 
-def _secagg_when_asked(msg: Message, context: Context,
-                       call_next: ClientAppCallable) -> Message:
-    """Route SecAgg+ rounds through Flower's ``secaggplus_mod``; others pass."""
-    if msg.metadata.message_type == MessageType.TRAIN and \
-            RECORD_KEY_CONFIGS in msg.content.config_records:
-        return secaggplus_mod(msg, context, call_next)
-    return call_next(msg, context)
-
-
 def make_client_app(defaults: Mapping[str, Any] | None = None, *,
-                    mods: Sequence[Mod] = ()) -> ClientApp:
+                    mods: Sequence[Mod] = (), secagg: bool = True) -> ClientApp:
     """A ClientApp; ``defaults`` is a flat run_config used under Flower's (simulation
-    runs started from Python carry an empty one); ``mods`` run outside fedtune's."""
+    runs started from Python carry an empty one); ``mods`` run outside fedtune's.
+    ``secagg=False``: SecAgg+ masking happens elsewhere (the site worker runs the
+    training step of a round the forwarder's ``secaggplus_mod`` masks)."""
     defaults = dict(defaults or {})
-    app = ClientApp(mods=[*mods, _secagg_when_asked])
+    app = ClientApp(mods=[*mods, *([secagg_when_asked] if secagg else [])])
 
     @app.train()
-    @_private_errors
+    @private_errors
     def train(msg: Message, context: Context) -> Message:
         setup = _setup(msg, context, defaults)
         cfg, site, model, device, pad = (setup.cfg, setup.site, setup.model,
@@ -317,7 +338,7 @@ def make_client_app(defaults: Mapping[str, Any] | None = None, *,
         return _reply(msg, out, metrics)
 
     @app.query()
-    @_private_errors
+    @private_errors
     def query(msg: Message, context: Context) -> Message:
         """The site's number of training records (the planner's input): the same
         figure every training reply carries as ``num-examples``."""
@@ -330,7 +351,7 @@ def make_client_app(defaults: Mapping[str, Any] | None = None, *,
             {records.NUM_EXAMPLES: len(site.train)})}), reply_to=msg)
 
     @app.evaluate()
-    @_private_errors
+    @private_errors
     def evaluate(msg: Message, context: Context) -> Message:
         setup = _setup(msg, context, defaults)
         cfg, site, model, device, pad = (setup.cfg, setup.site, setup.model,

@@ -1,11 +1,21 @@
 """``fedtune client``: the hospital daemon, a Flower SuperNode with this site's config.
 
 Everything the site owns is checked before it connects: the private data file is
-readable and parses, the privacy-ledger directory is writable, the device exists, the
-CA certificate is a certificate and the node key is an EC key Flower accepts. Then
-the process becomes ``flower-supernode``, which keeps running across runs and retries
-the connection for as long as the SuperLink is away. Only the path of the data file
-reaches Flower (as node_config); its records are read inside each ClientApp.
+readable and parses, the privacy-ledger directory is writable (and no other daemon
+holds it), the device exists, the CA certificate is a certificate and the node key is
+an EC key Flower accepts.
+
+Then the daemon starts two children and supervises them
+(:mod:`fedtune.client.supervisor`): the persistent site worker
+(:mod:`fedtune.client.worker`), which loads torch, the model, the tokenized data and
+the ledger once, and ``flower-supernode``, which keeps running across runs and
+retries the connection for as long as the SuperLink is away. Flower starts a fresh
+ClientApp process for every message; fedtune's is a thin forwarder to the worker
+(:mod:`fedtune.client.forwarder`). With ``--no-worker`` every message loads
+everything again in its own process (Flower's default, slower; for comparison or a
+site that cannot keep the model in memory), and the daemon becomes the SuperNode.
+Only the path of the data file reaches Flower (as node_config); the records are read
+by the worker.
 """
 
 from __future__ import annotations
@@ -14,6 +24,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedtune.client import supervisor
+from fedtune.client.forwarder import WORKER_SOCKET
 from fedtune.common import data, deployment, keys
 from fedtune.common.errors import DeploymentError
 
@@ -36,6 +48,7 @@ class ClientOptions:
     budget_epsilon: float = 0.0  # 0: spending is recorded but not limited
     budget_delta: float = 1e-5
     lora_rank: int = 0  # 0: the run's lora.r; else this site's (smaller) rank
+    worker: bool = True  # False: Flower's process per message, nothing kept warm
 
 
 def check_device(name: str) -> str:
@@ -88,8 +101,10 @@ def _quote(value: str) -> str:
     return f'"{value}"'
 
 
-def supernode_command(opts: ClientOptions) -> tuple[list[str], dict[str, str]]:
-    """The checked ``flower-supernode`` command line and its environment."""
+def supernode_command(opts: ClientOptions, *, socket: Path | None = None
+                      ) -> tuple[list[str], dict[str, str]]:
+    """The checked ``flower-supernode`` command line and its environment;
+    ``socket``: where the site worker listens (the ClientApps forward to it)."""
     deployment.split_address(opts.superlink, what="--superlink")
     io_host, io_port = deployment.split_address(opts.clientappio_address,
                                                 what="--clientappio-address")
@@ -111,7 +126,8 @@ def supernode_command(opts: ClientOptions) -> tuple[list[str], dict[str, str]]:
         f"ledger-dir={_quote(str(ledger))}", f"device={_quote(device)}",
         f"budget-epsilon={float(opts.budget_epsilon)!r}",
         f"budget-delta={float(opts.budget_delta)!r}",
-        *([f"lora-rank={int(opts.lora_rank)}"] if opts.lora_rank else [])])
+        *([f"lora-rank={int(opts.lora_rank)}"] if opts.lora_rank else []),
+        *([f"{WORKER_SOCKET}={_quote(str(socket))}"] if socket else [])])
     if opts.budget_epsilon == 0:
         logger.warning("no privacy budget set (--budget-epsilon): this site's spending "
                        "is recorded in %s but not limited", ledger)
@@ -137,12 +153,31 @@ def supernode_command(opts: ClientOptions) -> tuple[list[str], dict[str, str]]:
     return argv, deployment.flower_env(home=state / "flwr", extra=extra)
 
 
-def run_client(opts: ClientOptions) -> None:
-    """Check everything, warn about insecure settings, then become the SuperNode."""
-    argv, env = supernode_command(opts)
+def run_client(opts: ClientOptions) -> int:
+    """Check everything, warn about insecure settings, then run the site worker and
+    the SuperNode until a signal (or become the SuperNode, without a worker).
+    Returns the daemon's exit status."""
+    ledger = deployment.writable_dir(opts.ledger_dir.expanduser(),
+                                     what="--ledger-dir")
+    lock = supervisor.lock_ledger(ledger)
+    socket = None
+    if opts.worker:
+        state = deployment.writable_dir(opts.state_dir.expanduser(),
+                                        what="--state-dir")
+        socket = supervisor.socket_path(state)
+        supervisor.clear_stale(socket)
+    argv, env = supernode_command(opts, socket=socket)
     if opts.insecure:
         logger.warning(
             "INSECURE CLIENT: TLS and node authentication are OFF (--insecure). This "
             "site's adapter updates travel in clear text and it cannot tell the real "
             "server from an impostor. Use this only on a trusted test network.")
-    deployment.exec_flower(argv, env)
+    if socket is None:
+        deployment.exec_flower(argv, env)  # the lock stays held by this PID
+        return 0  # not reached
+    try:
+        return supervisor.Supervisor(worker_argv=supervisor.worker_command(socket),
+                                     supernode_argv=argv, env=env,
+                                     socket=socket).run()
+    finally:
+        lock.close()

@@ -28,6 +28,17 @@ from fedtune.common.errors import DataError
 Record = dict[str, Any]
 
 
+def file_stamp(source: str) -> tuple[int, ...]:
+    """(inode, size, mtime) of a data file: a long-lived reader keys its cache on it,
+    so an edited or replaced file is read again. () where there is no file (the
+    reader then names the problem)."""
+    try:
+        info = Path(assets.resolve(source)).stat()
+    except OSError:
+        return ()
+    return (info.st_ino, info.st_size, info.st_mtime_ns)
+
+
 def read_records(source: str, *, required: Sequence[str]) -> list[Record]:
     """Read a JSONL / CSV / TSV file (or ``fedtune:NAME`` asset) into records."""
     path = Path(assets.resolve(source))

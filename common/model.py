@@ -98,13 +98,35 @@ def _from_pretrained(loader: Any, path: str, **kwargs: Any) -> Any:
         ) from err
 
 
+def stamp(name_or_path: str, gguf_file: str = "") -> tuple[tuple[str, int, int], ...]:
+    """(file, size, mtime) of a local model's top-level files: a long-lived process
+    keys its caches on it, so weights replaced on disk are loaded again. () for a
+    hub id (its cache is immutable by revision)."""
+    path = Path(assets.resolve(name_or_path))
+    files = [path] if path.is_file() else (
+        sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [])
+    if gguf_file and path.is_dir():
+        files = [path / gguf_file]
+    out = []
+    for f in files:
+        try:
+            info = f.stat()
+        except OSError:
+            continue
+        out.append((f.name, info.st_size, info.st_mtime_ns))
+    return tuple(out)
+
+
 @functools.lru_cache(maxsize=2)
-def _load_pretrained(name_or_path: str, task: str, gguf_file: str, dtype: str) -> Any:
-    """Load a base model once per process (simulation actors reuse it every round)."""
+def _load_pretrained(name_or_path: str, task: str, gguf_file: str, dtype: str,
+                     files: tuple[tuple[str, int, int], ...] = ()) -> Any:
+    """Load a base model once per process and version of its files (simulation
+    actors and the site worker reuse it every round)."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     loader = AutoModel if task == "classification" else AutoModelForCausalLM
     path = assets.resolve(name_or_path)
+    logger.info("loading the base model %s", name_or_path)
     if gguf_file:
         cached = _gguf_cache(path, gguf_file)
         if (cached / "config.json").is_file():
@@ -122,9 +144,20 @@ def _load_pretrained(name_or_path: str, task: str, gguf_file: str, dtype: str) -
     return _from_pretrained(loader, path, dtype=_DTYPES[dtype])
 
 
-@functools.lru_cache(maxsize=2)
+def base_loads() -> int:
+    """How many times this process read a base model from disk."""
+    return _load_pretrained.cache_info().misses
+
+
 def load_tokenizer(name_or_path: str, gguf_file: str = "") -> Any:
-    """The model's tokenizer, with a pad token (EOS where the model has none)."""
+    """The model's tokenizer, with a pad token (EOS where the model has none);
+    cached per version of the model's files."""
+    return _load_tokenizer(name_or_path, gguf_file, stamp(name_or_path, gguf_file))
+
+
+@functools.lru_cache(maxsize=2)
+def _load_tokenizer(name_or_path: str, gguf_file: str,
+                    files: tuple[tuple[str, int, int], ...]) -> Any:
     from transformers import AutoTokenizer
 
     path = assets.resolve(name_or_path)
@@ -150,7 +183,8 @@ def target_modules(model_type: str, lora: LoraConfig) -> list[str]:
 def load_pretrained(cfg: ModelConfig) -> Any:
     """The process-wide cached pretrained model. Shared: never train or mutate it;
     :func:`build_base` hands out copies."""
-    return _load_pretrained(cfg.name_or_path, cfg.task, cfg.gguf_file, cfg.dtype)
+    return _load_pretrained(cfg.name_or_path, cfg.task, cfg.gguf_file, cfg.dtype,
+                            stamp(cfg.name_or_path, cfg.gguf_file))
 
 
 def build_base(cfg: ModelConfig, *, num_labels: int, seed: int = 0) -> nn.Module:

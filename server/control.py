@@ -157,7 +157,7 @@ def write_app(cfg: RunConfig, dest: Path, *, run_path: Path | None,
            "tool": {"flwr": {"app": {
                "publisher": "fedtune",
                "components": {"serverapp": "fedtune.server.app:app",
-                              "clientapp": "fedtune.client.app:app"},
+                              "clientapp": "fedtune.client.forwarder:app"},
                "config": flat}}}}
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "pyproject.toml").write_text(tomli_w.dumps(doc))

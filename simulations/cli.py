@@ -182,15 +182,15 @@ def cmd_server(args: argparse.Namespace) -> int:
 def cmd_client(args: argparse.Namespace) -> int:
     from fedtune.client.daemon import ClientOptions, run_client
 
-    run_client(ClientOptions(
+    return run_client(ClientOptions(
         superlink=args.superlink, data_path=Path(args.data),
         ledger_dir=Path(args.ledger_dir),
         ca_cert=Path(args.ca_cert) if args.ca_cert else None,
         node_key=Path(args.key) if args.key else None, device=args.device,
         state_dir=Path(args.state_dir), clientappio_address=args.clientappio_address,
         insecure=args.insecure, budget_epsilon=args.budget_epsilon,
-        budget_delta=args.budget_delta, lora_rank=args.lora_rank))
-    return 0  # not reached: the process became the SuperNode
+        budget_delta=args.budget_delta, lora_rank=args.lora_rank,
+        worker=not args.no_worker))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -325,7 +325,13 @@ def _deploy_parsers(sub: argparse._SubParsersAction) -> None:
                    help="train a smaller LoRA rank than the run's lora.r (a site "
                    "with less compute; heterogeneous-rank aggregation)")
     c.add_argument("--state-dir", default="fedtune-node",
-                   help="Flower's app cache for this daemon (default %(default)s)")
+                   help="Flower's app cache and the site worker's socket "
+                   "(default %(default)s)")
+    c.add_argument("--no-worker", action="store_true",
+                   help="load torch, the model and the data again for every message "
+                   "in Flower's per-message process instead of a warm site worker "
+                   "(slower; for comparison, or a site that cannot keep the model "
+                   "in memory)")
     c.add_argument("--clientappio-address", default="127.0.0.1:9094",
                    help="local port for this node's ClientApps (default %(default)s)")
     c.add_argument("--insecure", action="store_true",

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from fedtune.client.app import SiteFailure, make_client_app
+from fedtune.client.app import make_client_app
+from fedtune.client.forwarder import SiteFailure
 from fedtune.common import config, records
 from fedtune.common.model import (
     adapter_state,

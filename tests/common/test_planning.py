@@ -61,12 +61,12 @@ def test_dp_off_has_no_noise() -> None:
 
 def test_simulated_sites_match_the_sites_own_split(
         tiny_bert: Path, review_files: tuple[Path, Path]) -> None:
-    from fedtune.client.app import _site_data
+    from fedtune.client.app import site_data
 
     cfg = config.from_dict(tiny_config(tiny_bert, *review_files))
     sizes = planning.simulated_sites(cfg)
-    assert sizes == [(f"partition {p}/3", len(_site_data(cfg, cfg.data.source, p, 3)
-                                              .train)) for p in range(3)]
+    assert sizes == [(f"partition {p}/3", len(site_data(cfg, {
+        "partition-id": p, "num-partitions": 3}).train)) for p in range(3)]
     dims, probe = planning.model_dims(cfg)
     assert dims > 0 and probe == 0
 

@@ -76,14 +76,15 @@ class Cluster:
                  timeout=60, what="the SuperLink to listen")
 
     def start_node(self, name: str, data: Path, *, key: str | None = None,
-                   ca: Path | None = None) -> subprocess.Popen[bytes]:
+                   ca: Path | None = None, extra: tuple[str, ...] = ()
+                   ) -> subprocess.Popen[bytes]:
         return self.start(
             name, "client", "--superlink", self.fleet, "--data", str(data),
             "--ledger-dir", str(self.root / name / "ledger"),
             "--ca-cert", str(ca or self.certs / "ca.crt"),
             "--key", str(self.keys / f"{key or name}.key"), "--device", "cpu",
             "--state-dir", str(self.root / name / "state"),
-            "--clientappio-address", f"127.0.0.1:{free_port()}")
+            "--clientappio-address", f"127.0.0.1:{free_port()}", *extra)
 
     def nodes(self) -> list[dict]:
         proc = self.fedtune("status", "--deployment", "test")

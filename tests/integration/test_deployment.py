@@ -8,6 +8,8 @@ last one kills a hospital for good.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fedtune.client import channel, forwarder
 from fedtune.server import checkpoint
 from tests.conftest import make_reviews, tiny_config, write_jsonl
 from tests.integration.cluster import Cluster, metrics, wait_for
@@ -91,6 +94,59 @@ def test_operator_runs_two_rounds_over_tls(cluster: Cluster, tiny_bert: Path,
     # The daemons' logs hold no record of the private data.
     text = make_reviews(40, 10)[0]["review"]
     assert all(text not in cluster.log(n) for n in SITES)
+    # Each site's warm worker read the base model once, for the planner's query and
+    # two training messages; Flower's per-message ClientApp only forwarded them.
+    for n in SITES:
+        stats = worker_stats(cluster, n)
+        assert stats["model_loads"] == 1 and stats["models_built"] == 1, stats
+        assert stats["tasks"] == 3 and stats["failed"] == 0, stats
+        assert cluster.log(n).count("loading the base model") == 1
+    _round_times["fedavg"] = [r["round_seconds"] for r in rows[1:]]
+
+
+def worker_stats(cluster: Cluster, name: str) -> dict:
+    """What a site's worker reports over its socket (tasks, loads, pid)."""
+    header, _ = channel.request(cluster.root / name / "state" / "worker" /
+                                channel.SOCKET_NAME, {"op": forwarder.PING},
+                                wait=10, timeout=30)
+    return {**header["stats"], "pid": header["pid"]}
+
+
+_round_times: dict[str, list[float]] = {}
+
+
+@pytest.mark.parametrize("privacy", ["secure_aggregation", "central_dp"])
+def test_secagg_and_central_dp_on_the_deployment_engine(
+        cluster: Cluster, tiny_bert: Path, review_files: tuple[Path, Path],
+        privacy: str) -> None:
+    # Prepare: the same 2-round run as above, with SecAgg+ or central DP
+    fed: dict = {"num_rounds": 2}
+    if privacy == "secure_aggregation":
+        fed.update(secure_aggregation=True, secagg_threshold=2)
+    cfg = _config(cluster, review_files, tiny_bert, **fed)
+    if privacy == "central_dp":
+        raw = yaml.safe_load(cfg.read_text())
+        raw.setdefault("privacy", {}).update(
+            central_dp=True, central_noise_multiplier=1.0, central_clipping_norm=0.5)
+        cfg.write_text(yaml.safe_dump(raw))
+    run_dir = cluster.root / f"run-{privacy}"
+    # Execute
+    proc = cluster.fedtune("run", str(cfg), "--deployment", "test", "--run-dir",
+                           str(run_dir), timeout=300)
+    # Assert: every site's update went into both rounds
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    rows = metrics(run_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(r["clients_replied"] == 3 and r["clients_failed"] == 0
+               for r in rows[1:])
+    assert (run_dir / "final").resolve().name == "round-0002"
+    if privacy == "secure_aggregation":
+        assert "secure aggregation (SecAgg+)" in proc.stdout
+    else:
+        assert "central DP: 3 updates clipped to 0.5" in proc.stdout
+        assert 0 < rows[1]["client_epsilon"] < rows[2]["client_epsilon"]
+    _round_times[privacy] = [r["round_seconds"] for r in rows[1:]]
+    print(f"\nround seconds on 3 sites: {_round_times}")
 
 
 def test_unregistered_key_is_rejected(cluster: Cluster, tmp_path: Path) -> None:
@@ -126,6 +182,44 @@ def test_missing_ca_and_insecure_are_refused(cluster: Cluster) -> None:
     no_tls = cluster.fedtune("server", "--fleet-address", "127.0.0.1:1",
                              "--control-address", "127.0.0.1:2")
     assert no_tls.returncode == 2 and "--insecure explicitly" in no_tls.stderr
+
+
+def test_a_worker_killed_mid_round_fails_that_round_only(
+        cluster: Cluster, tiny_bert: Path, review_files: tuple[Path, Path]) -> None:
+    # Prepare: 2 of 3 sites suffice; local training long enough to be caught
+    cfg = _config(cluster, review_files, tiny_bert, num_rounds=2, min_train_nodes=2,
+                  round_timeout=60.0)
+    raw = yaml.safe_load(cfg.read_text())
+    raw.setdefault("train", {}).update(local_epochs=10, max_steps=0)
+    cfg.write_text(yaml.safe_dump(raw))
+    run_dir = cluster.root / "run-worker-killed"
+    before = worker_stats(cluster, "h1")
+    # Execute: SIGKILL h1's worker while it trains in round 1
+    proc = cluster.fedtune("run", str(cfg), "--deployment", "test", "--run-dir",
+                           str(run_dir), "--detach")
+    assert proc.returncode == 0, proc.stderr
+    run_id = proc.stdout.split()[1]
+    wait_for(lambda: worker_stats(cluster, "h1")["current"] == "train",
+             timeout=120, what="h1's worker to train", every=0.02)
+    os.kill(before["pid"], signal.SIGKILL)
+    wait_for(lambda: len(metrics(run_dir)) == 3, timeout=300,
+             what="both rounds to finish")
+    # Assert: round 1 got an error reply from h1 (not a wait for the timeout), the
+    # daemon restarted the worker, round 2 had all three sites
+    first, second = metrics(run_dir)[1:]
+    assert first["clients_replied"] == 2 and first["clients_failed"] == 1
+    assert list(first["nodes_failed_why"].values()) == ["DeploymentError on the site"]
+    assert first["round_seconds"] < 60
+    assert second["clients_replied"] == 3 and second["clients_failed"] == 0
+    after = worker_stats(cluster, "h1")
+    assert after["pid"] != before["pid"] and after["model_loads"] == 1
+    assert "restarting it" in cluster.log("h1")
+    # The ledger holds round 2's charge once, and round 1's only if it was recorded
+    # before the kill: nothing charged twice, nothing charged lost
+    (ledger,) = (cluster.root / "h1" / "ledger").glob("*.json")
+    ours = [e for e in json.loads(ledger.read_text())["entries"] if e["run"] == run_id]
+    assert sorted({e["round"] for e in ours})[-1] == 2
+    assert len({e["message"] for e in ours}) == len(ours) in (1, 2)
 
 
 @pytest.mark.slow  # CI runs it (pytest -m slow); ~45-75 s on 2 cores

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedtune.client.app import _site_data
+from fedtune.client.app import site_data
 from fedtune.client.ledger import Budget, PrivacyLedger
 from fedtune.common import config
 from tests.conftest import tiny_config
@@ -28,7 +28,7 @@ def test_budget_exhausted_site_declines_and_spending_accumulates(
                                "budget_epsilon": 6.0},
                       federation={"num_rounds": 2, "min_train_nodes": 2})
     cfg = config.from_dict(raw)
-    site0 = _site_data(cfg, cfg.data.source, 0, 3)
+    site0 = site_data(cfg, {"partition-id": 0, "num-partitions": 3})
     PrivacyLedger(ledger_dir, site0.fingerprint).charge(
         (0.6, 1.0, 40), Budget(), run="old", round_=1, message="old-1")
     # Execute: two runs on the same ledger.

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from fedtune.client.app import _site_data
+from fedtune.client.app import site_data
 from fedtune.client.ledger import Budget, PrivacyLedger
 from fedtune.common import config
 from tests.conftest import tiny_config
@@ -70,7 +70,7 @@ def test_secagg_survives_a_site_dropping_after_key_sharing(
                       federation={"num_rounds": 1, "secure_aggregation": True,
                                   "secagg_threshold": 2})
     cfg = config.from_dict(raw)
-    site0 = _site_data(cfg, cfg.data.source, 0, 3)
+    site0 = site_data(cfg, {"partition-id": 0, "num-partitions": 3})
     PrivacyLedger(tmp_path / "ledger", site0.fingerprint).charge(
         (0.6, 1.0, 40), Budget(), run="old", round_=1, message="old-1")
     # Execute: SecAgg+, then plain FedAvg with the same two sites.

@@ -1,0 +1,144 @@
+"""The ClientApp Flower starts for every message: a thin forwarder to the site worker.
+
+Flower 1.39's SuperNode runs each message in a fresh ``flwr-clientapp`` process that
+exits after one task. This app imports neither torch nor transformers: it hands the
+message and its context to the persistent site worker (:mod:`fedtune.client.worker`)
+that ``fedtune client`` keeps warm, over the Unix socket the daemon names in the
+node_config (``worker-socket``), and returns the worker's reply. SecAgg+ rounds are
+masked here, by Flower's ``secaggplus_mod``, around the worker's training.
+
+Without a ``worker-socket`` (a SuperNode started by hand, ``flwr run`` on a
+simulation federation) the full app runs in this process, as before.
+
+What the server may learn of a failure is the error's class name only, whichever
+process it happened in; the details stay in the site's log.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, Message
+from flwr.app.message_type import MessageType
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import serde
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedtune.client import channel
+from fedtune.common.deployment import ensure_app_logging
+from fedtune.common.errors import FedtuneError
+
+logger = logging.getLogger(__name__)
+WORKER_SOCKET = "worker-socket"  # node_config key set by `fedtune client`
+ROUND_TIMEOUT = "federation.round-timeout"  # the run's bound on one round
+WORKER_WAIT = 120.0  # seconds to wait for a (re)starting worker to listen
+TASK = "task"
+PING = "ping"
+
+Handler = Callable[[Message, Context], Message]
+
+
+class SiteFailure(FedtuneError):
+    """What the server learns when a site fails: the kind of error, no details."""
+
+
+def failure_text(err: BaseException) -> str:
+    """The only words about a site's failure that leave the site."""
+    if isinstance(err, SiteFailure):
+        return str(err)
+    return f"{type(err).__name__} on the site (details stay in the site's own log)"
+
+
+def private_errors(handler: Handler) -> Handler:
+    """Log a failure in full on the site; send the server only its class name.
+
+    Flower puts ``str(exception)`` in the error reply, and a message may name the
+    site's file paths or values from its data.
+    """
+
+    @functools.wraps(handler)
+    def guarded(msg: Message, context: Context) -> Message:
+        ensure_app_logging()
+        try:
+            return handler(msg, context)
+        except SiteFailure:
+            raise  # already reduced (by the worker)
+        except Exception as err:  # noqa: BLE001 - re-raised without its details
+            logger.error("%s failed on this site: %s: %s", msg.metadata.message_type,
+                         type(err).__name__, err)
+            raise SiteFailure(failure_text(err)) from None
+
+    return guarded
+
+
+def secagg_when_asked(msg: Message, context: Context,
+                      call_next: ClientAppCallable) -> Message:
+    """Route SecAgg+ rounds through Flower's ``secaggplus_mod``; others pass."""
+    if msg.metadata.message_type == MessageType.TRAIN and \
+            RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def task_timeout(context: Context) -> float:
+    """How long one task may take: the run's round timeout (plus a margin, so the
+    server's own bound fires first and names the late site)."""
+    value = context.run_config.get(ROUND_TIMEOUT, 3600.0)
+    seconds = float(value) if isinstance(value, int | float) else 3600.0
+    return max(seconds, 1.0) + 30.0
+
+
+def forward(path: Path, msg: Message, context: Context) -> Message:
+    """Run ``msg`` on the worker at ``path``; its reply, with the context's state
+    updated as the worker left it."""
+    header, blobs = channel.request(
+        path, {"op": TASK, "task_id": _task_id()},
+        serde.message_to_proto(msg).SerializeToString(),
+        serde.context_to_proto(context).SerializeToString(),
+        wait=min(WORKER_WAIT, task_timeout(context)), timeout=task_timeout(context))
+    if not header.get("ok"):
+        raise SiteFailure(str(header.get("error", "the site worker failed")))
+    if len(blobs) != 2:
+        raise channel.ChannelError(f"the worker replied with {len(blobs)} frames, "
+                                   "expected 2")
+    content, state = (serde.recorddict_from_proto(ProtoRecordDict.FromString(b))
+                      for b in blobs)
+    context.state = state
+    return Message(content, reply_to=msg)
+
+
+def _task_id() -> int:
+    try:
+        return int(TaskIdentity.task_id)
+    except RuntimeError:  # called outside a Flower ClientApp process
+        return 0
+
+
+@functools.lru_cache(maxsize=1)
+def _in_process() -> ClientApp:
+    from fedtune.client.app import make_client_app
+
+    return make_client_app(secagg=False)
+
+
+@private_errors
+def handle(msg: Message, context: Context) -> Message:
+    """Forward to the site worker, or run in this process when there is none."""
+    path: Any = context.node_config.get(WORKER_SOCKET)
+    if not path:
+        return _in_process()(msg, context)
+    return forward(Path(str(path)), msg, context)
+
+
+app = ClientApp(mods=[secagg_when_asked])
+app.train()(handle)
+app.evaluate()(handle)
+app.query()(handle)
