@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import yaml
@@ -63,7 +64,36 @@ t2 = time.perf_counter()
 print(t1 - t0, t2 - t1)
 """
 THIN = "import fedtune.client.forwarder"
-SERVED = re.compile(r"train task of run \d+ served in ([0-9.]+) s")
+STAMP = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})"
+SERVED = re.compile(STAMP + r" INFO fedtune\.client\.worker: train task of run \d+ "
+                    r"served in ([0-9.]+) s")
+ROUND = re.compile(STAMP + r" INFO fedtune\.server\.rounds: \[ROUND (\d+)/\d+\]")
+
+
+def _clock(stamp: str) -> float:
+    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def timeline(server_log: str, site_log: str) -> list[dict]:
+    """Per round, from the ServerApp's and the worker's timestamps (one clock on
+    this machine): ``dispatch_s`` = round start -> the worker starts the task
+    (server push, the SuperNode's pull wait, SuperExec poll, thin ClientApp start,
+    forwarding); ``return_s`` = task end -> next round start (reply wait and push,
+    the server's poll, aggregation, central evaluation, checkpoint)."""
+    starts = {int(r): _clock(t) for t, r in ROUND.findall(server_log)}
+    tasks = [(_clock(t) - float(s), _clock(t), float(s))
+             for t, s in SERVED.findall(site_log)]
+    out = []
+    for rnd in sorted(starts):
+        mine = [t for t in tasks if t[0] >= starts[rnd]]
+        if not mine:
+            break
+        began, ended, took = mine[0]
+        row = {"round": rnd, "dispatch_s": began - starts[rnd], "worker_s": took}
+        if rnd + 1 in starts:
+            row["return_s"] = starts[rnd + 1] - ended
+        out.append(row)
+    return out
 
 
 def cold_start(cfg: Path, data: Path, repeats: int) -> dict:
@@ -106,20 +136,23 @@ def _cluster(root: Path, sites: dict[str, Path], *, worker: bool) -> Cluster:
     return c
 
 
-def _run(c: Cluster, cfg: Path, root: Path, tag: str, *items: str) -> list[dict]:
+def _run(c: Cluster, cfg: Path, root: Path, tag: str, *items: str
+         ) -> tuple[list[dict], str]:
+    """The run's metrics rows and its ServerApp log."""
     run_dir = root / f"run-{tag}"
     proc = c.fedtune("run", str(cfg), *items, "--deployment", "test", "--run-dir",
                      str(run_dir), timeout=1200)
     if proc.returncode != 0:
         raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-2000:])
-    return metrics(run_dir)[1:]
+    return metrics(run_dir)[1:], proc.stdout + proc.stderr
 
 
 def deployed_rounds(cfg: Path, data: Path, rounds: int, *, worker: bool) -> dict:
     root = Path(tempfile.mkdtemp(prefix="fedtune-bench-"))
     c = _cluster(root, {"h1": data}, worker=worker)
     try:
-        rows = _run(c, cfg, root, "overhead", f"federation.num_rounds={rounds}")
+        rows, server_log = _run(c, cfg, root, "overhead",
+                                f"federation.num_rounds={rounds}")
         log = c.log("h1")
     finally:
         c.stop_all()
@@ -129,8 +162,9 @@ def deployed_rounds(cfg: Path, data: Path, rounds: int, *, worker: bool) -> dict
                   "server_eval_s": r.get("eval_seconds", 0.0),
                   "overhead_s": r["round_seconds"] - r["client_train_seconds_sum"]}
                  for r in rows]
-    served = [float(s) for s in SERVED.findall(log)]
+    served = [float(s) for _, s in SERVED.findall(log)]
     return {"worker": worker, "rounds": per_round,
+            "timeline": timeline(server_log, log) if worker else [],
             "median_overhead_s": statistics.median(r["overhead_s"] for r in per_round),
             "median_round_s": statistics.median(r["round_s"] for r in per_round),
             "median_train_s": statistics.median(r["train_s"] for r in per_round),
@@ -148,7 +182,7 @@ def parity(cfg: Path, data: list[Path], rounds: int) -> dict:
     out = {}
     try:
         for name, items in variants.items():
-            rows = _run(c, cfg, root, name, f"federation.num_rounds={rounds}",
+            rows, _ = _run(c, cfg, root, name, f"federation.num_rounds={rounds}",
                         "federation.num_sites=3", "federation.min_train_nodes=3",
                         *items)
             out[name] = {"round_s": [r["round_seconds"] for r in rows],
@@ -167,6 +201,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--no-parity", action="store_true",
+                   help="skip the 3-site FedAvg/SecAgg+/central-DP comparison")
     args = p.parse_args()
     if args.quick:
         args.rounds, args.repeats = 2, 1
@@ -192,7 +228,8 @@ def main() -> None:
         "quick": args.quick,
         "deployed": [deployed_rounds(cfg, data[0], args.rounds, worker=w)
                      for w in (False, True)],
-        "parity": {} if args.quick else parity(cfg, data, args.rounds),
+        "parity": {} if args.quick or args.no_parity else parity(cfg, data,
+                                                                   args.rounds),
     }
     path = write(args.out, "deploy_overhead" + ("-quick" if args.quick else ""),
                  result)
@@ -207,6 +244,9 @@ def main() -> None:
         mode = "worker" if d["worker"] else "no-worker"
         print(f"{mode:>10} | {d['median_round_s']:>8.2f} | {d['median_train_s']:>8.2f}"
               f" | {d['median_overhead_s']:>10.2f} | {d['model_loads']:>11d}")
+    for t in result["deployed"][1]["timeline"]:
+        print(f"worker round {t['round']}: dispatch {t['dispatch_s']:.2f} s, worker "
+              f"{t['worker_s']:.2f} s, return {t.get('return_s', float('nan')):.2f} s")
     for name, v in result["parity"].items():
         print(f"3 sites, {name:>10}: median round {v['median_round_s']:.2f} s "
               f"({', '.join(f'{s:.1f}' for s in v['round_s'])})")

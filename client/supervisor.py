@@ -86,6 +86,17 @@ def clear_stale(path: Path) -> None:
     path.unlink()
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM it when the daemon dies, even by SIGKILL
+    (Linux ``PR_SET_PDEATHSIG``), so no worker outlives its daemon holding the
+    socket. Elsewhere the worker watches its parent itself."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def _describe(code: int) -> str:
     if code < 0:
         try:
@@ -113,7 +124,8 @@ class Supervisor:
         self._restart_at: float | None = None
 
     def _start_worker(self) -> None:
-        self.worker = subprocess.Popen(self.worker_argv, env=self.env)
+        self.worker = subprocess.Popen(self.worker_argv, env=self.env,
+                                       preexec_fn=_die_with_parent)
         self._started = time.monotonic()
         logger.info("site worker started (pid %d)", self.worker.pid)
 
@@ -126,7 +138,8 @@ class Supervisor:
         previous = {sig: signal.signal(sig, self._on_signal) for sig in signals}
         try:
             self._start_worker()
-            self.supernode = subprocess.Popen(self.supernode_argv, env=self.env)
+            self.supernode = subprocess.Popen(self.supernode_argv, env=self.env,
+                                              preexec_fn=_die_with_parent)
             return self._watch()
         finally:
             self.stop()
@@ -186,4 +199,5 @@ class Supervisor:
 
 def worker_command(socket: Path) -> list[str]:
     """The worker's command line (this Python, so the same environment)."""
-    return [sys.executable, "-m", "fedtune.client.worker", "--socket", str(socket)]
+    return [sys.executable, "-m", "fedtune.client.worker", "--socket", str(socket),
+            "--parent", str(os.getpid())]

@@ -150,8 +150,17 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         os.chmod(path, 0o600)
 
 
-def serve(path: Path) -> None:
-    """Load, listen on ``path`` until SIGTERM/SIGINT, then remove the socket."""
+def _watch_parent(parent: int, server: _Server) -> None:
+    """Stop serving once the daemon that started us is gone (we were re-parented)."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    logger.warning("the daemon (pid %d) is gone: the site worker stops", parent)
+    server.shutdown()
+
+
+def serve(path: Path, *, parent: int = 0) -> None:
+    """Load, listen on ``path`` until SIGTERM/SIGINT (or until the ``parent``
+    daemon is gone), then remove the socket."""
     ensure_app_logging()
     worker = Worker()
     channel.prepare_dir(path.parent)
@@ -164,6 +173,9 @@ def serve(path: Path) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if parent:
+        threading.Thread(target=_watch_parent, args=(parent, server), daemon=True,
+                         name="parent-watch").start()
     logger.info("site worker %d ready on %s (torch, transformers, peft and opacus "
                 "imported in %.1f s)", os.getpid(), path, worker.import_seconds)
     try:
@@ -178,8 +190,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fedtune.client.worker",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--socket", required=True, type=Path)
+    parser.add_argument("--parent", type=int, default=0,
+                        help="the daemon's pid: stop when it is gone")
     args = parser.parse_args(argv)
-    serve(args.socket)
+    serve(args.socket, parent=args.parent)
 
 
 if __name__ == "__main__":

@@ -177,3 +177,30 @@ def test_no_reply_carries_raw_text_tokens_labels_or_per_sample_values(
             assert np.asarray(ids, dtype=np.int32).tobytes() not in raw
         text = repr(content)
         assert canary not in text and "positive" not in text
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_the_resident_model_trains_exactly_like_a_fresh_one(
+        tiny_bert: Path, review_files: tuple[Path, Path]) -> None:
+    # Prepare: seeded noise, so two trainings of one round are comparable; FFA
+    # (a frozen A that must come back to its seeded value)
+    from fedtune.client import app as client_app
+
+    _, flat, msg = _setup(tiny_bert, review_files, privacy={"secure_noise": False},
+                          lora={"ffa": True})
+    app = make_client_app(flat)
+
+    def train_once() -> dict[str, np.ndarray]:
+        reply = app(msg, _context({"partition-id": 1, "num-partitions": 3}))
+        return {k: v.numpy() for k, v in reply.content[records.ARRAYS].items()}
+
+    # Execute: a fresh build, then the kept model twice (after training on it)
+    client_app._RESIDENT.clear()
+    built = client_app.load_counts()["models_built"]
+    fresh = train_once()
+    again, third = train_once(), train_once()
+    # Assert: one build, and the kept model gave bit-identical updates
+    assert client_app.load_counts()["models_built"] == built + 1
+    for other in (again, third):
+        assert other.keys() == fresh.keys()
+        assert all(np.array_equal(fresh[k], other[k]) for k in fresh)

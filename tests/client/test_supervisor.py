@@ -118,3 +118,52 @@ def test_a_supernode_that_stops_stops_the_daemon(tmp_path: Path) -> None:
         env=dict(os.environ), socket=tmp_path / "s.sock")
     assert sup.run() == 3
     assert sup.worker is not None and sup.worker.poll() is not None
+
+
+KILLED = """
+import sys
+from pathlib import Path
+from fedtune.client import supervisor
+child = ("import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); "
+         "time.sleep(600)")
+root = Path(sys.argv[1])
+supervisor.Supervisor(
+    worker_argv=[sys.executable, "-c", child, str(root / "worker.pid")],
+    supernode_argv=[sys.executable, "-c", child, str(root / "supernode.pid")],
+    env={}, socket=root / "s.sock").run()
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as fh:  # a zombie waits for its reaper only
+        return fh.read().split(") ")[1][0] != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG")
+def test_children_do_not_outlive_a_daemon_killed_by_sigkill(tmp_path: Path) -> None:
+    script = tmp_path / "sup.py"
+    script.write_text(textwrap.dedent(KILLED))
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)])
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 30
+        while len(pids) < 2:
+            assert time.monotonic() < deadline, "children did not start"
+            files = [tmp_path / "worker.pid", tmp_path / "supernode.pid"]
+            if all(f.exists() and f.read_text() for f in files):
+                pids = [int(f.read_text()) for f in files]
+            time.sleep(0.1)
+        proc.kill()
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in pids):
+            assert time.monotonic() < deadline, "a child outlived its daemon"
+            time.sleep(0.1)
+    finally:
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
