@@ -53,13 +53,14 @@ from tests.integration.cluster import Cluster, metrics, wait_for  # noqa: E402
 
 COLD = """
 import time; t0 = time.perf_counter()
-import fedtune.client.app as app
+import fedtune.client.app
+from fedtune.client import site
 t1 = time.perf_counter()
 from fedtune.common import config, model
 cfg = config.load({cfg!r}, [])
 model.build_model(cfg.model, cfg.lora, num_labels=len(cfg.data.labels), seed=0)
 model.load_tokenizer(cfg.model.name_or_path, cfg.model.gguf_file)
-app.site_data(cfg, {{"data-path": {data!r}}})
+site.site_data(cfg, {{"data-path": {data!r}}})
 t2 = time.perf_counter()
 print(t1 - t0, t2 - t1)
 """

@@ -55,7 +55,7 @@ def features() -> tuple[list[tuple[torch.Tensor, torch.Tensor]],
                         tuple[torch.Tensor, torch.Tensor], Any]:
     """Pooled encoder features of every site's training records and of the test
     set, computed with fedtune's own site split and model."""
-    from fedtune.client.app import site_data
+    from fedtune.client.site import site_data
     from fedtune.common import config, data
     from fedtune.common.model import build_base, load_tokenizer
 

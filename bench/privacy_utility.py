@@ -80,7 +80,7 @@ def pooled(cfg: Any) -> list[str]:
 def tuned_baseline(cfg: Any, extra: list[str]) -> dict[str, Any]:
     """Plain non-private LoRA fine-tuning on the pooled records, best of a grid."""
     from fedtune.client import trainer
-    from fedtune.client.app import site_data
+    from fedtune.client.site import site_data
     from fedtune.common import evaluation
     from fedtune.common.model import adapter_state, build_model, load_tokenizer
     from fedtune.server.evaluate import CentralEvaluator

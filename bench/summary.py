@@ -9,6 +9,7 @@ line per benchmark; a missing file is reported as missing.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -67,11 +68,12 @@ def scale(d: dict[str, Any]) -> str:
 
 
 def deploy(d: dict[str, Any]) -> str:
-    fast = d["deployed"][-1]
-    ratio = fast.get("median_round_over_train")
-    return (f"ClientApp cold start {d['cold_start']['wall_s']:.2f} s; overhead "
-            f"{fast['median_overhead_s']:.2f} s per round"
-            + (f" (round / training {ratio:.2f})" if ratio else ""))
+    cold, warm = d["deployed"][0], d["deployed"][-1]
+    thin = d.get("thin_start", {}).get("wall_s", math.nan)
+    return (f"overhead per round {cold['median_overhead_s']:.2f} s without the site "
+            f"worker, {warm['median_overhead_s']:.2f} s with it; model loads "
+            f"{cold.get('model_loads', '?')} -> {warm.get('model_loads', '?')}; "
+            f"ClientApp start {d['cold_start']['wall_s']:.2f} -> {thin:.2f} s")
 
 
 BENCHES = {"dp_overhead": dp, "communication": comm, "framework_overhead": framework,

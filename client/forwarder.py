@@ -23,18 +23,17 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Message
-from flwr.app.message_type import MessageType
-from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
-from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import serde
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedtune.client import channel
-from fedtune.common.deployment import ensure_app_logging
-from fedtune.common.errors import FedtuneError
+from fedtune.client.mods import (
+    SiteFailure,
+    private_errors,
+    secagg_when_asked,
+)
 
 logger = logging.getLogger(__name__)
 WORKER_SOCKET = "worker-socket"  # node_config key set by `fedtune client`
@@ -44,48 +43,6 @@ TASK = "task"
 PING = "ping"
 
 Handler = Callable[[Message, Context], Message]
-
-
-class SiteFailure(FedtuneError):
-    """What the server learns when a site fails: the kind of error, no details."""
-
-
-def failure_text(err: BaseException) -> str:
-    """The only words about a site's failure that leave the site."""
-    if isinstance(err, SiteFailure):
-        return str(err)
-    return f"{type(err).__name__} on the site (details stay in the site's own log)"
-
-
-def private_errors(handler: Handler) -> Handler:
-    """Log a failure in full on the site; send the server only its class name.
-
-    Flower puts ``str(exception)`` in the error reply, and a message may name the
-    site's file paths or values from its data.
-    """
-
-    @functools.wraps(handler)
-    def guarded(msg: Message, context: Context) -> Message:
-        ensure_app_logging()
-        try:
-            return handler(msg, context)
-        except SiteFailure:
-            raise  # already reduced (by the worker)
-        except Exception as err:  # noqa: BLE001 - re-raised without its details
-            logger.error("%s failed on this site: %s: %s", msg.metadata.message_type,
-                         type(err).__name__, err)
-            raise SiteFailure(failure_text(err)) from None
-
-    return guarded
-
-
-def secagg_when_asked(msg: Message, context: Context,
-                      call_next: ClientAppCallable) -> Message:
-    """Route SecAgg+ rounds through Flower's ``secaggplus_mod``; others pass."""
-    if msg.metadata.message_type == MessageType.TRAIN and \
-            RECORD_KEY_CONFIGS in msg.content.config_records:
-        return secaggplus_mod(msg, context, call_next)
-    return call_next(msg, context)
 
 
 def task_timeout(context: Context) -> float:

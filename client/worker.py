@@ -41,7 +41,7 @@ from flwr.proto.message_pb2 import Context as ProtoContext
 from flwr.proto.message_pb2 import Message as ProtoMessage
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedtune.client import channel, forwarder
+from fedtune.client import channel, forwarder, mods
 from fedtune.common.deployment import ensure_app_logging
 
 logger = logging.getLogger("fedtune.client.worker")
@@ -52,10 +52,10 @@ class Worker:
 
     def __init__(self) -> None:
         started = time.perf_counter()
-        from fedtune.client import app  # torch, transformers, peft, opacus: once
+        from fedtune.client import app, site  # torch, transformers, peft, opacus
 
         self._app: ClientApp = app.make_client_app(secagg=False)
-        self._loads = app.load_counts
+        self._loads = site.load_counts
         self._lock = threading.Lock()
         self.tasks = 0
         self.failed = 0
@@ -86,7 +86,7 @@ class Worker:
                 reply = self._serve(msg, context)
             except Exception as err:  # noqa: BLE001 - reduced to its class name
                 self.failed += 1
-                return ({"ok": False, "error": forwarder.failure_text(err),
+                return ({"ok": False, "error": mods.failure_text(err),
                          "began": began, "ended": time.time()}, [])
             finally:
                 self.tasks += 1
@@ -102,7 +102,7 @@ class Worker:
     def _serve(self, msg: Message, context: Context) -> Message:
         reply = self._app(msg, context)
         if reply.has_error():
-            raise forwarder.SiteFailure(reply.error.reason)
+            raise mods.SiteFailure(reply.error.reason)
         return reply
 
 
@@ -130,7 +130,7 @@ class _Handler(socketserver.BaseRequestHandler):
             return  # the caller went away; nothing to answer
         except Exception as err:  # noqa: BLE001 - a bad request must not stop us
             logger.warning("unusable request: %s: %s", type(err).__name__, err)
-            reply = ({"ok": False, "error": forwarder.failure_text(err)}, [])
+            reply = ({"ok": False, "error": mods.failure_text(err)}, [])
         try:
             channel.send(conn, reply[0], *reply[1])
         except OSError as err:

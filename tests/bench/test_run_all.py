@@ -62,4 +62,6 @@ def test_run_all_quick(tmp_path: Path) -> None:
     fw = res["framework_overhead"]["results"]
     assert {r["mode"] for r in fw} == {"sequential", "parallel"}
     assert all(r["median_ratio_after_round1"] > 0 for r in fw)
-    assert res["deploy_overhead"]["deployed"][0]["median_overhead_s"] > 0
+    cold, warm = res["deploy_overhead"]["deployed"]
+    assert cold["median_overhead_s"] > warm["median_overhead_s"] > 0
+    assert warm["model_loads"] == 1 and cold["model_loads"] == 2

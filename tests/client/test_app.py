@@ -10,7 +10,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedtune.client.app import make_client_app
-from fedtune.client.forwarder import SiteFailure
+from fedtune.client.mods import SiteFailure
 from fedtune.common import config, records
 from fedtune.common.model import (
     adapter_state,
@@ -184,7 +184,7 @@ def test_the_resident_model_trains_exactly_like_a_fresh_one(
         tiny_bert: Path, review_files: tuple[Path, Path]) -> None:
     # Prepare: seeded noise, so two trainings of one round are comparable; FFA
     # (a frozen A that must come back to its seeded value)
-    from fedtune.client import app as client_app
+    from fedtune.client import site as client_app
 
     _, flat, msg = _setup(tiny_bert, review_files, privacy={"secure_noise": False},
                           lora={"ffa": True})

@@ -167,3 +167,35 @@ def test_children_do_not_outlive_a_daemon_killed_by_sigkill(tmp_path: Path) -> N
         for pid in pids:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_second_daemon_is_refused_through_the_cli(tmp_path: Path) -> None:
+    # Prepare: one daemon (no server needs to answer: it retries) on a ledger
+    from tests.conftest import make_reviews, write_jsonl
+    from tests.integration.cluster import free_port
+
+    data = write_jsonl(tmp_path / "site.jsonl", make_reviews(10, 1))
+    args = [sys.executable, "-m", "fedtune.simulations.cli", "client", "--superlink",
+            f"127.0.0.1:{free_port()}", "--data", str(data), "--ledger-dir",
+            str(tmp_path / "ledger"), "--insecure", "--device", "cpu"]
+    first = subprocess.Popen([*args, "--state-dir", str(tmp_path / "a"),
+                              "--clientappio-address", f"127.0.0.1:{free_port()}"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        lock = tmp_path / "ledger" / supervisor.LOCK_FILE
+        deadline = time.monotonic() + 60
+        while not (lock.exists() and lock.read_text().strip()):
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        # Execute: a second daemon on the same ledger, with its own state dir
+        second = subprocess.run([*args, "--state-dir", str(tmp_path / "b")],
+                                capture_output=True, text=True, timeout=60)
+        # Assert
+        assert second.returncode == 2
+        assert f"another fedtune client (pid {first.pid})" in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        os.killpg(first.pid, signal.SIGTERM)
+        first.wait(timeout=30)
+    assert not (tmp_path / "a" / "worker" / channel.SOCKET_NAME).exists()

@@ -18,7 +18,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common import serde
 
-from fedtune.client import channel, forwarder
+from fedtune.client import channel, forwarder, mods
 from fedtune.common import config, records
 from fedtune.common.errors import DeploymentError
 from fedtune.common.model import adapter_state, build_model
@@ -119,7 +119,7 @@ def test_a_failure_reaches_the_server_as_its_class_name_only(
     secret = tmp_path / "patient-jane-doe.jsonl"
     secret.write_text('{"review": "private text", "rating": "label-x"}\n' * 5)
     msg, ctx = _task(tiny_bert, review_files, secret, tmp_path / "ledger")
-    with pytest.raises(forwarder.SiteFailure) as info:
+    with pytest.raises(mods.SiteFailure) as info:
         forwarder.forward(worker.socket, msg, ctx)
     text = str(info.value)
     assert text.startswith("DataError on the site")
@@ -231,7 +231,7 @@ def test_a_worker_killed_mid_task_fails_the_task_at_once(
         thread.join(timeout=30)
         # Assert: an error within seconds, not a wait for the round timeout
         assert not thread.is_alive() and time.monotonic() - killed < 10
-        assert isinstance(outcome[0], forwarder.SiteFailure)
+        assert isinstance(outcome[0], mods.SiteFailure)
         assert str(outcome[0]).startswith("DeploymentError on the site")
     finally:
         w.stop()

@@ -216,7 +216,7 @@ def test_pyproject_flower_config_equals_typed_defaults() -> None:
     flower = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["flwr"]
     assert flower["app"]["config"] == config.to_run_config(config.RunConfig())
     assert flower["app"]["components"] == {"serverapp": "fedtune.server.app:app",
-                                           "clientapp": "fedtune.client.app:app"}
+                                           "clientapp": "fedtune.client.forwarder:app"}
 
 
 def test_exponent_without_dot_is_a_number() -> None:

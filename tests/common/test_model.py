@@ -133,3 +133,22 @@ def test_zero_mlp_head_starts_every_class_equal(tiny_bert: Path) -> None:
     assert torch.equal(logits, torch.zeros((1, 3)))
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert sum(".head." in n for n in names) == 4  # two layers, weight and bias
+
+
+def test_weights_replaced_on_disk_are_loaded_again(tiny_bert: Path,
+                                                   tmp_path: Path) -> None:
+    # Prepare: a copy of the model a long-lived site worker keeps loaded
+    import os
+    import shutil
+
+    local = Path(shutil.copytree(tiny_bert, tmp_path / "model"))
+    cfg = ModelConfig(name_or_path=str(local))
+    first = M.load_pretrained(cfg)
+    loads = M.base_loads()
+    # Execute / Assert: unchanged files come from the cache; replaced weights do not
+    assert M.load_pretrained(cfg) is first and M.base_loads() == loads
+    weights = next(p for p in local.iterdir() if p.suffix == ".safetensors")
+    os.utime(weights, ns=(weights.stat().st_atime_ns,
+                          weights.stat().st_mtime_ns + 10**9))
+    assert M.load_pretrained(cfg) is not first and M.base_loads() == loads + 1
+    assert M.stamp(str(local)) != M.stamp(str(tiny_bert))

@@ -61,7 +61,7 @@ def test_dp_off_has_no_noise() -> None:
 
 def test_simulated_sites_match_the_sites_own_split(
         tiny_bert: Path, review_files: tuple[Path, Path]) -> None:
-    from fedtune.client.app import site_data
+    from fedtune.client.site import site_data
 
     cfg = config.from_dict(tiny_config(tiny_bert, *review_files))
     sizes = planning.simulated_sites(cfg)

@@ -115,6 +115,7 @@ def worker_stats(cluster: Cluster, name: str) -> dict:
 _round_times: dict[str, list[float]] = {}
 
 
+@pytest.mark.slow  # CI runs it; ~27 s (central DP) and ~53 s (SecAgg+) on 2 cores
 @pytest.mark.parametrize("privacy", ["secure_aggregation", "central_dp"])
 def test_secagg_and_central_dp_on_the_deployment_engine(
         cluster: Cluster, tiny_bert: Path, review_files: tuple[Path, Path],
@@ -184,6 +185,7 @@ def test_missing_ca_and_insecure_are_refused(cluster: Cluster) -> None:
     assert no_tls.returncode == 2 and "--insecure explicitly" in no_tls.stderr
 
 
+@pytest.mark.slow  # CI runs it (~35 s); tests/client/test_worker.py kills one too
 def test_a_worker_killed_mid_round_fails_that_round_only(
         cluster: Cluster, tiny_bert: Path, review_files: tuple[Path, Path]) -> None:
     # Prepare: 2 of 3 sites suffice; local training long enough to be caught

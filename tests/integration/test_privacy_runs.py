@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedtune.client.app import site_data
 from fedtune.client.ledger import Budget, PrivacyLedger
+from fedtune.client.site import site_data
 from fedtune.common import config
 from tests.conftest import tiny_config
 from tests.integration import runner

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from fedtune.client.app import site_data
 from fedtune.client.ledger import Budget, PrivacyLedger
+from fedtune.client.site import site_data
 from fedtune.common import config
 from tests.conftest import tiny_config
 from tests.integration.test_simulation import _rounds, _simulate

@@ -253,7 +253,7 @@ def test_a_simulated_site_reports_its_partition_index() -> None:
 def test_a_failed_site_is_named_with_the_class_of_its_error() -> None:
     from fedtune.server.stats import failure_words
 
-    sent = ("<class 'fedtune.client.forwarder.SiteFailure'>:<'DataError on the site "
+    sent = ("<class 'fedtune.client.mods.SiteFailure'>:<'DataError on the site "
             "(details stay in the site's own log)'>")
     assert failure_words(sent) == "DataError on the site"
     assert failure_words("x" * 300) == "x" * 120  # Flower's own reasons, shortened
