@@ -366,6 +366,11 @@ class FederationConfig(_Section):
     within ``round_timeout`` seconds; otherwise it is retried ``round_retries``
     times, then the run stops (earlier rounds stay checkpointed and resumable).
 
+    ``selection_metric`` picks the best round (``best -> checkpoints/round-K``) by
+    the central evaluation: ``auto`` is macro-F1 for classification and the eval
+    loss for a causal LM. ``early_stopping_patience`` (0: off) ends the run after
+    that many rounds in a row without an improvement above ``min_delta``.
+
     ``secure_aggregation`` runs Flower's SecAgg+: the server sees only the sum of
     the sites' updates; a round survives sites dropping out after key sharing while
     ``secagg_threshold`` remain. Updates are quantized within
@@ -400,6 +405,10 @@ class FederationConfig(_Section):
     secure_aggregation: bool = False
     secagg_threshold: int = 2
     secagg_clipping_range: float = 8.0
+    selection_metric: Literal["auto", "loss", "perplexity", "macro-f1",
+                              "accuracy"] = "auto"
+    early_stopping_patience: int = 0
+    min_delta: float = 0.0
 
     def _check(self) -> list[str]:
         out = _positive(self, "num_sites", "num_rounds", "client_cpus",
@@ -426,7 +435,8 @@ class FederationConfig(_Section):
                 2, self.train_nodes):
             out.append(f"secagg_threshold: must be in [2, {self.train_nodes}] (the "
                        f"sites a round trains), got {self.secagg_threshold!r}")
-        out += _non_negative(self, "client_gpus", "max_update_norm")
+        out += _non_negative(self, "client_gpus", "max_update_norm",
+                             "early_stopping_patience", "min_delta")
         for name in ("fraction_train", "fraction_evaluate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 out.append(f"{name}: must be in [0, 1], got {getattr(self, name)!r}")
@@ -454,6 +464,14 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+
+    @property
+    def selection_metric(self) -> str:
+        """The metric that picks the best round (``auto`` resolved by task)."""
+        chosen = self.federation.selection_metric
+        if chosen != "auto":
+            return chosen
+        return "macro-f1" if self.model.task == "classification" else "loss"
 
     @property
     def releases_class_histogram(self) -> bool:
@@ -547,6 +565,16 @@ def _cross_checks(sec: Mapping[str, Any]) -> list[str]:
     if fed.secure_aggregation and lora.mixed_ranks:
         out.append("lora.site_ranks: cannot be combined with federation.secure_"
                    "aggregation (SecAgg+ needs one shape on every site)")
+    metric = fed.selection_metric
+    if (metric in ("macro-f1", "accuracy") and model.task != "classification") or (
+            metric == "perplexity" and model.task == "classification"):
+        out.append(f"federation.selection_metric: {metric!r} is not measured for "
+                   f"model.task {model.task!r}; use loss, or "
+                   + ("macro-f1 / accuracy" if model.task == "classification"
+                      else "perplexity"))
+    if fed.early_stopping_patience and not sec["data"].test_source:
+        out.append("federation.early_stopping_patience: needs the central "
+                   "evaluation set data.test_source (the rounds are compared on it)")
     if fed.secure_aggregation and priv.central_dp:
         out.append("privacy.central_dp: cannot be combined with federation.secure_"
                    "aggregation (central DP clips each site's update, which SecAgg+ "
@@ -620,6 +648,7 @@ def dump_yaml(cfg: RunConfig) -> str:
 
 RUN_PATH = "fedtune.run-path"  # run_config key: exact run directory (set by the CLI)
 RESUME = "fedtune.resume"  # run_config key: continue RUN_PATH from its saved state
+PAST_STOP = "fedtune.past-early-stop"  # run_config key: resume a run that stopped early
 
 
 def to_run_config(cfg: RunConfig) -> dict[str, Scalar]:

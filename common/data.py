@@ -13,7 +13,7 @@ import csv
 import json
 import random
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,18 +77,23 @@ def read_records(source: str, *, required: Sequence[str]) -> list[Record]:
 
 
 def _read_jsonl(path: Path) -> list[Record]:
-    records = []
     with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
-            if not isinstance(rec, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object per line")
-            records.append(rec)
+        return jsonl_records(fh, where=str(path))
+
+
+def jsonl_records(lines: Iterable[str], *, where: str) -> list[Record]:
+    """One JSON object per (non-blank) line; ``where`` names the source in errors."""
+    records = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}:{lineno}: not valid JSON ({err.msg})") from err
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}:{lineno}: expected a JSON object per line")
+        records.append(rec)
     return records
 
 

@@ -7,7 +7,6 @@ No Flower, no Opacus: the server imports this module without any client code.
 from __future__ import annotations
 
 import functools
-import math
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -112,14 +111,5 @@ def evaluate(model: nn.Module, dataset: Dataset[Batch], *, task: str, batch_size
     if task != "classification":
         return {"loss": loss, "perplexity": metrics.perplexity(loss)}
     names = labels or [str(i) for i in range(int(max(y_true + y_pred)) + 1)]
-    k = len(names)
-    out = {"loss": loss, "accuracy": metrics.accuracy(y_true, y_pred),
-           "macro-f1": metrics.macro_f1(y_true, y_pred, num_classes=k),
-           **metrics.prediction_spread(y_true, y_pred, num_classes=k)}
-    for key, values in (
-            ("precision", metrics.per_class_precision(y_true, y_pred, num_classes=k)),
-            ("recall", metrics.per_class_recall(y_true, y_pred, num_classes=k)),
-            ("f1", metrics.per_class_f1(y_true, y_pred, num_classes=k))):
-        out.update({f"{key}-{n}": v for n, v in zip(names, values, strict=True)
-                    if not math.isnan(v)})
-    return out
+    return {"loss": loss, **metrics.classification_report(y_true, y_pred,
+                                                          labels=names)}

@@ -141,3 +141,30 @@ def empirical_epsilon(members: Sequence[float], nonmembers: Sequence[float], *,
             if num > 0 and den > 0:
                 best = max(best, math.log(num / den))
     return best
+
+
+def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], *,
+                     num_classes: int) -> list[list[int]]:
+    """``m[t][p]``: how many records of true class ``t`` were predicted ``p``."""
+    out = [[0] * num_classes for _ in range(num_classes)]
+    for t, p in zip(y_true, y_pred, strict=True):
+        out[t][p] += 1
+    return out
+
+
+def classification_report(y_true: Sequence[int], y_pred: Sequence[int], *,
+                          labels: Sequence[str]) -> dict[str, float]:
+    """Accuracy, macro-F1, the prediction spread and per-class precision / recall /
+    F1 (``precision-NAME`` ...; a class with no support or no prediction is left
+    out rather than reported as NaN)."""
+    k = len(labels)
+    out = {"accuracy": accuracy(y_true, y_pred),
+           "macro-f1": macro_f1(y_true, y_pred, num_classes=k),
+           **prediction_spread(y_true, y_pred, num_classes=k)}
+    for key, values in (("precision", per_class_precision(y_true, y_pred,
+                                                          num_classes=k)),
+                        ("recall", per_class_recall(y_true, y_pred, num_classes=k)),
+                        ("f1", per_class_f1(y_true, y_pred, num_classes=k))):
+        out.update({f"{key}-{n}": v for n, v in zip(labels, values, strict=True)
+                    if not math.isnan(v)})
+    return out

@@ -36,6 +36,7 @@ from torch import nn
 from fedtune.common import assets, updates
 from fedtune.common.config import LoraConfig, ModelConfig
 from fedtune.common.errors import ModelError
+from fedtune.common.standalone import mean_pool
 
 logger = logging.getLogger(__name__)
 
@@ -72,10 +73,7 @@ class MeanPoolClassifier(nn.Module):
 
     def forward(self, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids,
-                              attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        pooled = mean_pool(self.encoder, input_ids, attention_mask)
         logits: torch.Tensor = self.head(pooled.to(next(self.head.parameters()).dtype))
         return logits
 

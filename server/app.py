@@ -13,7 +13,13 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune.common import planning, records
-from fedtune.common.config import RESUME, RUN_PATH, RunConfig, from_run_config
+from fedtune.common.config import (
+    PAST_STOP,
+    RESUME,
+    RUN_PATH,
+    RunConfig,
+    from_run_config,
+)
 from fedtune.common.deployment import ensure_app_logging
 from fedtune.common.errors import FedtuneError
 from fedtune.common.evaluation import resolve_device
@@ -97,6 +103,10 @@ def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
         done = 0
         if resuming:
             done, initial = resume.resume(run_dir, strategy=strategy, cfg=cfg)
+            if recorder.selection is not None:  # the best round so far, the patience
+                recorder.selection.replay(
+                    [r for r in checkpoint.read_metrics(run_dir) if r["round"] > 0],
+                    past_stop=bool(flat.get(PAST_STOP)))
             recorder.bar.update(done)
         else:
             random.seed(cfg.train.seed)  # Flower samples nodes with `random`

@@ -7,6 +7,7 @@ RUN_DIR/
   checkpoints/round-0001/        PEFT format: adapter_config.json +
                                  adapter_model.safetensors (+ fedtune_model.json)
   final -> checkpoints/round-N   (a copy where symlinks are unavailable)
+  best -> checkpoints/round-K    the best round by federation.selection_metric
   state.npz                      resume state after the last completed round
 ```
 Files are written to a temporary name and renamed, so a crash never leaves a
@@ -63,11 +64,11 @@ def checkpoint_dir(run_dir: Path, server_round: int) -> Path:
     return run_dir / "checkpoints" / f"round-{server_round:04d}"
 
 
-def publish_final(run_dir: Path, server_round: int) -> None:
-    """Point ``final`` at the last completed round's checkpoint."""
-    final = run_dir / "final"
+def publish_final(run_dir: Path, server_round: int, *, name: str = "final") -> None:
+    """Point ``final`` (or ``best``) at a round's checkpoint."""
+    final = run_dir / name
     target = checkpoint_dir(run_dir, server_round)
-    tmp = run_dir / ".final.tmp"
+    tmp = run_dir / f".{name}.tmp"
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink() if tmp.is_symlink() else shutil.rmtree(tmp)
     try:
@@ -195,6 +196,12 @@ def rewind(run_dir: Path, last_round: int) -> None:
             shutil.rmtree(d)
     if last_round > 0:
         publish_final(run_dir, last_round)
+    best = next((int(r["best_round"]) for r in reversed(rows)
+                 if r.get("best_round")), 0)
+    if best:
+        publish_final(run_dir, best, name="best")
+    elif (run_dir / "best").is_symlink():
+        (run_dir / "best").unlink()
 
 
 def check_resumable(saved: Mapping[str, Any], cfg: RunConfig, run_dir: Path) -> None:

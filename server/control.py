@@ -20,7 +20,7 @@ from typing import Any
 import tomli_w
 
 from fedtune.common import deployment
-from fedtune.common.config import RESUME, RUN_PATH, RunConfig, to_run_config
+from fedtune.common.config import PAST_STOP, RESUME, RUN_PATH, RunConfig, to_run_config
 from fedtune.common.errors import DeploymentError
 
 logger = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ def runs(name: str) -> list[dict[str, Any]]:
 
 
 def write_app(cfg: RunConfig, dest: Path, *, run_path: Path | None,
-              resume: bool = False) -> Path:
+              resume: bool = False, past_stop: bool = False) -> Path:
     """A Flower App directory: just a pyproject.toml whose components are fedtune's
     installed apps and whose config is this run's flat run_config."""
     flat: dict[str, Any] = dict(to_run_config(cfg))
@@ -148,6 +148,8 @@ def write_app(cfg: RunConfig, dest: Path, *, run_path: Path | None,
         flat[RUN_PATH] = str(run_path)
     if resume:
         flat[RESUME] = True
+    if past_stop:
+        flat[PAST_STOP] = True
     from importlib.metadata import version
 
     doc = {"build-system": {"requires": ["hatchling"],
@@ -165,11 +167,12 @@ def write_app(cfg: RunConfig, dest: Path, *, run_path: Path | None,
 
 
 def submit(cfg: RunConfig, *, name: str, run_path: Path | None,
-           resume: bool = False) -> int:
+           resume: bool = False, past_stop: bool = False) -> int:
     """Start a run on the deployment; returns Flower's run id. ``resume``
     continues ``run_path`` (a directory on the server host) from its saved state."""
     with tempfile.TemporaryDirectory(prefix="fedtune-app-") as tmp:
-        app_dir = write_app(cfg, Path(tmp), run_path=run_path, resume=resume)
+        app_dir = write_app(cfg, Path(tmp), run_path=run_path, resume=resume,
+                            past_stop=past_stop)
         answer = _flwr(["run", str(app_dir)], name=name)
     return int(answer["run-id"])
 

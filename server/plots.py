@@ -81,10 +81,14 @@ def _max_total(row: Row) -> float:
     return max(vals) if vals else math.nan
 
 
-def quality(rows: Sequence[Row]) -> bytes:
-    """Global eval loss (left axis) and accuracy/macro-F1 or perplexity (right)."""
+def quality(rows: Sequence[Row], *, best: int = 0) -> bytes:
+    """Global eval loss (left axis) and accuracy/macro-F1 or perplexity (right);
+    ``best`` (> 0) marks the best round with a vertical line."""
     fig, ax = plt.subplots(figsize=SIZE)
     rounds = [int(r["round"]) for r in rows]
+    if best:
+        ax.axvline(best, color="#6a1b9a", linestyle=":", linewidth=1.5,
+                   label=f"best round ({best})")
     ax.plot(rounds, [_num(r, "eval_loss") for r in rows], "o-", color="#1565c0",
             label="eval loss")
     ax.set_ylabel("eval loss (held-out set)")
@@ -216,4 +220,28 @@ def participation(rows: Sequence[Row]) -> bytes:
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
               borderaxespad=0.0)
     ax.set_title("Participation per round")
+    return _png(fig)
+
+
+def confusion(matrix: Sequence[Sequence[int]], labels: Sequence[str], *,
+              title: str) -> bytes:
+    """The confusion matrix (rows: true class, columns: predicted), each row shaded
+    by its share so rare classes read as clearly as common ones."""
+    k = len(labels)
+    side = min(11.0, 2.5 + 0.42 * k)
+    fig, ax = plt.subplots(figsize=(side, side * 0.9))
+    shares = [[c / max(sum(row), 1) for c in row] for row in matrix]
+    ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    for t in range(k):
+        for p in range(k):
+            if matrix[t][p]:
+                ax.text(p, t, str(matrix[t][p]), ha="center", va="center",
+                        fontsize=7 if k > 10 else 9,
+                        color="white" if shares[t][p] > 0.5 else "#222")
+    names = [n if len(n) <= 18 else n[:17] + "…" for n in labels]
+    ax.set_xticks(range(k), names, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(k), names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
     return _png(fig)

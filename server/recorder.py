@@ -28,6 +28,7 @@ from fedtune.common.model import adapter_state, save_adapter, set_adapter_state
 from fedtune.server import checkpoint
 from fedtune.server.evaluate import CentralEvaluator
 from fedtune.server.events import EventLog
+from fedtune.server.selection import Selection
 from fedtune.server.stats import RoundStats, check_round, failed_sites
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class RoundRecorder:
         self.t_last = time.perf_counter()
         self.bar = progress_bar(cfg.federation.num_rounds)
         self.events = EventLog(run_dir)
+        # the best round and early stopping, on the central evaluation
+        self.selection = Selection.for_run(cfg) if evaluator.size else None
         self.meta = {"task": cfg.model.task, "base_model": cfg.model.name_or_path,
                      "gguf_file": cfg.model.gguf_file, "labels": list(cfg.data.labels),
                      "head": ("masked mean pooling + " + (
@@ -114,6 +117,7 @@ class RoundRecorder:
             fed = self.strategy.eval_metrics.get(server_round)
             if fed:
                 row["federated_eval"] = fed
+            self._select(server_round, row)
             self._log(row)
             self.bar.update(1)
         row = _clean(row)
@@ -121,6 +125,21 @@ class RoundRecorder:
         self.events.write(row)
         self.t_last = time.perf_counter()
         return MetricRecord({k: float(v) for k, v in ev.items()}) if ev else None
+
+    @property
+    def stop_early(self) -> bool:
+        """Whether the last recorded round ended the run (early stopping)."""
+        return self.selection is not None and self.selection.should_stop
+
+    def _select(self, server_round: int, row: dict[str, Any]) -> None:
+        sel = self.selection
+        if sel is None:
+            return
+        if sel.update(server_round, row):
+            checkpoint.publish_final(self.run_dir, server_round, name="best")
+        row.update(sel.fields())
+        if sel.should_stop:
+            logger.warning("round %d: stopping early: %s", server_round, sel.reason())
 
     def close(self) -> None:
         self.bar.close()

@@ -20,6 +20,7 @@ from typing import Any
 from fedtune.common import config, planning
 from fedtune.common.errors import FedtuneError
 from fedtune.server import checkpoint, plots
+from fedtune.server.selection import STOPPED
 from fedtune.server.stats import failed_sites
 
 Row = Mapping[str, Any]
@@ -62,6 +63,11 @@ def _mb(value: Any) -> str:
     return "-" if value is None else f"{value / 1e6:.2f}"
 
 
+def best_round(run: Run) -> int:
+    """The run's best round so far (0: none recorded)."""
+    return int(run.rows[-1].get("best_round") or 0) if run.rows else 0
+
+
 def round_table(run: Run) -> tuple[list[str], list[list[str]]]:
     """Per round: global eval metrics, participation, bytes, time, epsilon."""
     classification = run.cfg.model.task == "classification"
@@ -70,6 +76,7 @@ def round_table(run: Run) -> tuple[list[str], list[list[str]]]:
             "declined", "failed", "late", "MB up", "MB down", "round s",
             "train s (sum)", "ε max", "noise ρ max"]
     body = []
+    best = best_round(run)
     for r in ([run.initial] if run.initial else []) + run.rows:
         q = ([_f(r.get("eval_accuracy"), ".3f"), _f(r.get("eval_macro_f1"), ".3f")
               + (" COLLAPSED" if r.get("eval_collapse") else "")]
@@ -77,8 +84,9 @@ def round_table(run: Run) -> tuple[list[str], list[list[str]]]:
         if r["round"] == 0:
             body.append(["0 (start)", _f(r.get("eval_loss")), *q] + ["-"] * 11)
             continue
+        mark = " (best)" if r["round"] == best else ""
         c = plots.participation_counts(r)
-        body.append([str(r["round"]), _f(r.get("eval_loss")), *q,
+        body.append([f"{r['round']}{mark}", _f(r.get("eval_loss")), *q,
                      f"{c['accepted']}/{r.get('clients_sampled', 0)}",
                      str(c["rejected"]), str(c["declined"]), str(c["failed"]),
                      str(c["late"]), _mb(r.get("bytes_received")),
@@ -161,7 +169,12 @@ def headline(run: Run) -> list[str]:
            f"compression {fed.compression}",
            f"rounds: {len(run.rows)} of {fed.num_rounds} done"
            + ("" if len(run.rows) >= fed.num_rounds else
+              f" (stopped early: {last[STOPPED]})" if last.get(STOPPED) else
               " (unfinished: `fedtune simulate --resume RUN_DIR` continues it)")]
+    if last.get("best_round"):
+        out.append(f"best round: {last['best_round']} by {last['selection_metric']} "
+                   f"({_f(last.get('best_value'))}; RUN_DIR/best), chosen on the "
+                   "central evaluation set, so its figure there is optimistic")
     if cfg.privacy.enabled:
         out.append("privacy: DP-SGD on every site, target "
                    f"ε={cfg.privacy.target_epsilon:g} "
@@ -228,7 +241,7 @@ def text_summary(run: Run) -> str:
 FIGURES: dict[str, tuple[str, Callable[[Run], bytes]]] = {
     "quality": ("Global eval loss, accuracy and macro-F1 per round",
                 lambda run: plots.quality(([run.initial] if run.initial else [])
-                                          + run.rows)),
+                                          + run.rows, best=best_round(run))),
     "privacy": ("ε spent per site against the target", lambda run: plots.privacy(
         run.rows, target=(run.cfg.privacy.target_epsilon
                           if run.cfg.privacy.enabled else None),

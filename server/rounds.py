@@ -11,16 +11,17 @@ then the optional federated evaluation and the recorder) and:
 - retries a round that got fewer than ``federation.min_replies`` accepted updates
   (``round_retries`` times), then stops with a message; a round that every site
   declined for its privacy budget stops the run at once;
-- saves ``state.npz`` after every round (:mod:`fedtune.server.checkpoint`).
+- saves ``state.npz`` after every round (:mod:`fedtune.server.checkpoint`);
+- stops after a round that ends the run early (the recorder's ``stop_early``:
+  ``federation.early_stopping_patience``, :mod:`fedtune.server.selection`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
@@ -33,7 +34,16 @@ from fedtune.server.stats import all_declined
 from fedtune.server.strategy import FedTuneStrategy
 
 logger = logging.getLogger(__name__)
-Recorder = Callable[[int, ArrayRecord], MetricRecord | None]
+
+
+class Recorder(Protocol):
+    """What records each round (:class:`fedtune.server.recorder.RoundRecorder`)."""
+
+    def __call__(self, server_round: int, arrays: ArrayRecord
+                 ) -> MetricRecord | None: ...
+
+    @property
+    def stop_early(self) -> bool: ...
 
 
 def wait_for_nodes(grid: Grid, needed: int, timeout: float) -> None:
@@ -106,4 +116,8 @@ def run_rounds(grid: Grid, strategy: FedTuneStrategy, *, cfg: RunConfig,
         recorder(rnd, arrays)
         resume.save(run_dir, server_round=rnd, arrays=arrays, strategy=strategy,
                     cfg=cfg)
+        if recorder.stop_early:
+            logger.info("the run stopped early after round %d of %d", rnd,
+                        cfg.federation.num_rounds)
+            break
     return arrays

@@ -96,6 +96,8 @@ def run_secagg(grid: Grid, context: Context, *, cfg: RunConfig,
 
     def evaluate(server_round: int, arrays: list[np.ndarray], _: dict[str, Any]
                  ) -> tuple[float, dict[str, Scalar]] | None:
+        if recorder.stop_early:  # the rounds Flower's loop still counts are skipped
+            return None
         metric = recorder(server_round, from_ndarrays(names, arrays))
         row: dict[str, Any] = dict(metric or {})
         return float(row.get("loss", math.nan)), row
@@ -109,9 +111,16 @@ def run_secagg(grid: Grid, context: Context, *, cfg: RunConfig,
     legacy = LegacyContext(context=context, config=ServerConfig(
         num_rounds=fed.num_rounds, round_timeout=fed.round_timeout), strategy=strategy)
     shares = max(3, fed.train_nodes)
-    workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
+    secagg = SecAggPlusWorkflow(
         num_shares=shares, reconstruction_threshold=fed.secagg_threshold,
-        clipping_range=fed.secagg_clipping_range, timeout=fed.round_timeout))
+        clipping_range=fed.secagg_clipping_range, timeout=fed.round_timeout)
+
+    def fit(grid: Grid, context: Context) -> None:
+        # Flower's loop runs num_rounds; after an early stop its rounds do nothing
+        if not recorder.stop_early:
+            secagg(grid, context)
+
+    workflow = DefaultWorkflow(fit_workflow=fit)
     t0 = time.perf_counter()
     logger.info("secure aggregation (SecAgg+): %d shares, reconstruction threshold "
                 "%d, clipping range %g", shares, fed.secagg_threshold,

@@ -12,8 +12,11 @@ from pathlib import Path
 from fedtune.common import assets, config
 from fedtune.common.deployment import ensure_app_logging
 from fedtune.common.errors import FedtuneError
+from fedtune.simulations import cli_model
 
 logger = logging.getLogger("fedtune")
+PAST_STOP_HELP = ("with --resume: continue a run that stopped early (federation."
+                  "early_stopping_patience) up to its num_rounds")
 
 
 def default_scenario() -> Path:
@@ -60,16 +63,25 @@ def _load(items: list[str]) -> tuple[config.RunConfig, str]:
     return config.load(path, overrides), Path(path).stem
 
 
-def _resumed(run_dir: str, items: list[str]) -> config.RunConfig:
-    """The config a run directory was started with (``--resume``)."""
-    if items:
-        raise FedtuneError(f"--resume takes no config or overrides ({' '.join(items)}"
-                           "): a run continues with the config it started with")
-    path = Path(run_dir) / "config.yaml"
+def _resumed(args: argparse.Namespace) -> config.RunConfig:
+    """The config a run directory was started with (``--resume``); a run that
+    stopped early is refused here, before any engine starts, unless
+    ``--past-early-stop``."""
+    if args.items:
+        raise FedtuneError(f"--resume takes no config or overrides ("
+                           f"{' '.join(args.items)}): a run continues with the "
+                           "config it started with")
+    path = Path(args.resume) / "config.yaml"
     if not path.is_file():
         raise FedtuneError(f"{path}: not found; --resume needs a fedtune run "
                            "directory (it holds config.yaml and state.npz)")
-    return config.load(path)
+    cfg = config.load(path)
+    from fedtune.server.checkpoint import read_metrics
+    from fedtune.server.selection import Selection
+
+    rows = [r for r in read_metrics(args.resume) if r["round"] > 0]
+    Selection.for_run(cfg).replay(rows, past_stop=args.past_early_stop)
+    return cfg
 
 
 def _check_data(cfg: config.RunConfig) -> None:
@@ -81,15 +93,14 @@ def _check_data(cfg: config.RunConfig) -> None:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     started = time.monotonic()
-    cfg, name = (_resumed(args.resume, args.items), "") if args.resume else \
-        _load(args.items)
+    cfg, name = (_resumed(args), "") if args.resume else _load(args.items)
     _check_data(cfg)
     from fedtune.server.report import headline, load_run, write_report
     from fedtune.simulations.driver import simulate
 
     if args.resume:
         run_dir = simulate(cfg, run_dir=Path(args.resume), resume=True,
-                           data_checked=True)
+                           data_checked=True, past_stop=args.past_early_stop)
     else:
         run_dir = simulate(cfg, name=args.name or name, data_checked=True,
                            run_dir=Path(args.run_dir) if args.run_dir else None)
@@ -197,13 +208,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedtune.server import control
 
     if args.resume:
-        cfg = _resumed(args.resume, args.items)
+        cfg = _resumed(args)
         run_path: Path | None = Path(args.resume).resolve()
     else:
         cfg, _ = _load(args.items)
         run_path = Path(args.run_dir).resolve() if args.run_dir else None
     run_id = control.submit(cfg, name=args.deployment, run_path=run_path,
-                             resume=bool(args.resume))
+                            resume=bool(args.resume),
+                            past_stop=bool(args.resume) and args.past_early_stop)
     print(f"run {run_id} started on deployment {args.deployment}", flush=True)
     if args.detach:
         return 0
@@ -345,6 +357,8 @@ def _deploy_parsers(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--resume", metavar="RUN_DIR", help="continue a run directory "
                    "after its last completed round (run on the server host: the "
                    "directory and its state live there)")
+    r.add_argument("--past-early-stop", action="store_true",
+                   help=PAST_STOP_HELP)
     r.add_argument("--detach", action="store_true", help="start and return")
     r.set_defaults(func=cmd_run)
     st = sub.add_parser("status", help="nodes and runs of a deployment")
@@ -412,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run-dir", help="exact run directory to write")
     s.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or killed "
                    "run after its last completed round, with its own config")
+    s.add_argument("--past-early-stop", action="store_true",
+                   help=PAST_STOP_HELP)
     s.set_defaults(func=cmd_simulate)
     r = sub.add_parser("report", help="a run's report: text summary + HTML page "
                        "with plots")
@@ -452,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("names", nargs="*", help=f"default: all of {assets.names()}")
     a.set_defaults(func=cmd_assets)
     _deploy_parsers(sub)
+    cli_model.add_parsers(sub)
     return p
 
 

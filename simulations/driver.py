@@ -11,10 +11,11 @@ from typing import Any
 from flwr.clientapp.typing import Mod
 
 from fedtune.common import assets, data
-from fedtune.common.config import RESUME, RUN_PATH, RunConfig, to_run_config
+from fedtune.common.config import PAST_STOP, RESUME, RUN_PATH, RunConfig, to_run_config
 from fedtune.common.errors import FedtuneError
 from fedtune.common.model import load_pretrained, load_tokenizer
 from fedtune.server import checkpoint
+from fedtune.server.selection import STOPPED
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +38,11 @@ def preflight(cfg: RunConfig, *, data_checked: bool = False) -> None:
 
 def simulate(cfg: RunConfig, *, name: str = "sim", run_dir: Path | None = None,
              resume: bool = False, client_mods: Sequence[Mod] = (),
-             data_checked: bool = False) -> Path:
+             data_checked: bool = False, past_stop: bool = False) -> Path:
     """Run a whole federation on this machine; returns the run directory.
 
-    ``resume`` continues ``run_dir`` after its last completed round.
+    ``resume`` continues ``run_dir`` after its last completed round (``past_stop``:
+    also a run that stopped early).
     ``client_mods`` are extra Flower mods around every site's ClientApp (the tests
     use them to play faulty and malicious sites). ``data_checked``: the caller ran
     :func:`fedtune.common.data.check_simulation_data` already (the CLI does, before
@@ -56,7 +58,8 @@ def simulate(cfg: RunConfig, *, name: str = "sim", run_dir: Path | None = None,
     preflight(cfg, data_checked=data_checked)
     run_dir = run_dir or checkpoint.new_run_dir(cfg.federation.run_dir, name)
     run_dir.mkdir(parents=True, exist_ok=True)
-    flat = {**to_run_config(cfg), RUN_PATH: str(run_dir.resolve()), RESUME: resume}
+    flat = {**to_run_config(cfg), RUN_PATH: str(run_dir.resolve()), RESUME: resume,
+            PAST_STOP: past_stop}
     fed = cfg.federation
     backend: dict[str, Any] = {
         "client_resources": {"num_cpus": fed.client_cpus, "num_gpus": fed.client_gpus},
@@ -69,7 +72,7 @@ def simulate(cfg: RunConfig, *, name: str = "sim", run_dir: Path | None = None,
                    client_app=make_client_app(flat, mods=client_mods),
                    num_supernodes=fed.num_sites, backend_config=backend)
     done = [r for r in checkpoint.read_metrics(run_dir) if r.get("round", 0) > 0]
-    if len(done) < fed.num_rounds:
+    if len(done) < fed.num_rounds and not (done and done[-1].get(STOPPED)):
         raise FedtuneError(f"simulation ended after {len(done)} of {fed.num_rounds} "
                            f"rounds; see the errors above. Partial results: {run_dir}")
     return run_dir

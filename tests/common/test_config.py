@@ -149,12 +149,33 @@ def test_all_problems_reported_together() -> None:
      r"federation.strategy 'median'"),
     ({"federation": {"weighting": "sqrt"}, "privacy": {"central_dp": True}},
      r"federation.weighting: 'sqrt' applies to the FedAvg family only"),
+    ({"federation": {"early_stopping_patience": -1}},
+     r"federation.early_stopping_patience: must be >= 0"),
+    ({"federation": {"min_delta": -0.1}}, r"federation.min_delta: must be >= 0"),
+    ({"federation": {"selection_metric": "f1"}}, r"federation.selection_metric"),
+    ({"model": {"task": "causal-lm"}, "federation": {"selection_metric": "macro-f1"}},
+     r"federation.selection_metric: 'macro-f1' is not measured for model.task "
+     r"'causal-lm'; use loss, or perplexity"),
+    ({"federation": {"selection_metric": "perplexity"}},
+     r"federation.selection_metric: 'perplexity' is not measured for model.task "
+     r"'classification'; use loss, or macro-f1 / accuracy"),
+    ({"data": {"source": "x.jsonl"}, "federation": {"early_stopping_patience": 2}},
+     r"federation.early_stopping_patience: needs the central evaluation set "
+     r"data.test_source"),
     ({"train": []}, r"train: expected a mapping"),
     ([1, 2], r"top level: expected a mapping"),
 ])
 def test_each_validation_branch(raw: object, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         config.from_dict(raw)  # type: ignore[arg-type]
+
+
+def test_selection_metric_auto_follows_the_task() -> None:
+    assert config.from_dict({}).selection_metric == "macro-f1"
+    causal = config.from_dict({"model": {"task": "causal-lm"}})
+    assert causal.selection_metric == "loss"
+    chosen = config.from_dict({"federation": {"selection_metric": "accuracy"}})
+    assert chosen.selection_metric == "accuracy"
 
 
 def test_int_accepted_where_float_expected() -> None:

@@ -83,6 +83,26 @@ def test_causal_lm_simulation(tmp_path: Path, tiny_llama: Path, sft_file: Path
     proc = runner.run(["report", str(run_dir)])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "perplexity" in proc.stdout and "1 of 1 done" in proc.stdout
+    assert last["best_round"] == 1 and last["selection_metric"] == "loss"
+    # the merged export is a plain AutoModelForCausalLM equal to base + adapter
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fedtune.server.export import load_model, resolve
+
+    proc = runner.run(["export", str(run_dir), "--merge", "--out",
+                       str(tmp_path / "merged")])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.tensor([[2, 10, 11, 12, 13]])
+    with torch.no_grad():
+        ref = load_model(resolve(run_dir))(input_ids=ids).logits
+        assert torch.allclose(merged(input_ids=ids).logits, ref, atol=1e-4)
+    (tmp_path / "prompts.txt").write_text("review : good great ?\n")
+    proc = runner.run(["predict", str(tmp_path / "merged"), "--input",
+                       str(tmp_path / "prompts.txt"), "--quiet"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert isinstance(json.loads(proc.stdout)["response"], str)
 
 
 def test_embedded_default_model_and_data(tmp_path: Path) -> None:

@@ -1,0 +1,102 @@
+"""The ``fedtune`` commands that use a trained model: ``export``, ``predict`` and
+``evaluate`` (dispatch only; the work is in :mod:`fedtune.server.export` and
+:mod:`fedtune.server.predict`). None of them writes into the run directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROUND_HELP = ("which round: best (the default; final when the run recorded no "
+              "best round), final, or a round number")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedtune.server.export import export
+
+    done = export(args.run_dir, out=args.out, which=args.round, merge=args.merge,
+                  quantize=args.quantize or "")
+    print(f"exported round {done['round']} ({done['kind']}) to {done['out']}: "
+          f"{done['bytes'] / 1e6:.1f} MB")
+    for name, size in done["files"].items():
+        print(f"  {name:<36} {size / 1e6:9.2f} MB")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from fedtune.server.predict import predict_file
+
+    out: Any = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
+    try:
+        n = predict_file(args.source, args.input, out=out, which=args.round,
+                         device=args.device, batch_size=args.batch_size,
+                         progress=not args.quiet)
+    finally:
+        if args.out:
+            out.close()
+    print(f"{n} predictions" + (f" -> {args.out}" if args.out else ""),
+          file=sys.stderr)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from fedtune.server import plots
+    from fedtune.server.predict import evaluate_file, report_lines
+
+    result = evaluate_file(args.run_dir, args.data, which=args.round,
+                           device=args.device, batch_size=args.batch_size)
+    print("\n".join(report_lines(result)))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "evaluation.json").write_text(json.dumps(
+            {"source": str(args.run_dir), "data": args.data, "round": args.round,
+             **result}, indent=2) + "\n")
+        if "confusion" in result:
+            (out / "confusion.png").write_bytes(plots.confusion(
+                result["confusion"], result["labels"],
+                title=f"{Path(args.data).name}: confusion matrix "
+                f"(macro-F1 {result['macro-f1']:.3f})"))
+        print(f"written: {out / 'evaluation.json'}"
+              + (f", {out / 'confusion.png'}" if "confusion" in result else ""))
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    ex = sub.add_parser("export", help="a run's best/final/round-K adapter as a "
+                        "deployable model (PEFT adapter, merged HF model, int8)")
+    ex.add_argument("run_dir", metavar="RUN_DIR")
+    ex.add_argument("--round", help=ROUND_HELP)
+    ex.add_argument("--out", required=True, help="new directory to write")
+    ex.add_argument("--merge", action="store_true", help="merge LoRA into the base "
+                    "weights: a Hugging Face model directory that runs without "
+                    "fedtune (fedtune_standalone.py)")
+    ex.add_argument("--quantize", choices=["int8"], help="with --merge: dynamic int8 "
+                    "quantization of the linear layers (CPU inference)")
+    ex.set_defaults(func=cmd_export)
+    pr = sub.add_parser("predict", help="run a trained model on new records")
+    pr.add_argument("source", metavar="RUN_DIR|EXPORT_DIR")
+    pr.add_argument("--input", required=True, help="JSONL / CSV / TSV with the "
+                    "training text (or prompt) column, a .txt of one record per "
+                    "line, or - for stdin")
+    pr.add_argument("--out", help="JSON lines file (default: stdout)")
+    pr.add_argument("--round", help=ROUND_HELP)
+    pr.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    pr.add_argument("--batch-size", type=int, default=0,
+                    help="records per batch (default train.eval_batch_size)")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
+    pr.set_defaults(func=cmd_predict)
+    ev = sub.add_parser("evaluate", help="score a labelled file: per-class "
+                        "precision/recall/F1 and the confusion matrix")
+    ev.add_argument("run_dir", metavar="RUN_DIR")
+    ev.add_argument("--data", required=True, help="labelled JSONL / CSV / TSV (the "
+                    "training columns)")
+    ev.add_argument("--round", help=ROUND_HELP)
+    ev.add_argument("--out", help="directory for evaluation.json and confusion.png "
+                    "(never the run directory's own files)")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--batch-size", type=int, default=0)
+    ev.set_defaults(func=cmd_evaluate)
