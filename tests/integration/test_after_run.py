@@ -26,8 +26,10 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def stopped_run(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path,
-                review_files: tuple[Path, Path]) -> Path:
+def stopped(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path,
+            review_files: tuple[Path, Path]
+            ) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """A DP-off run of 3 sites (it is also the suite's DP-off simulation)."""
     tmp = tmp_path_factory.mktemp("after")
     raw = tiny_config(tiny_bert, *review_files, privacy={"enabled": False},
                       federation={"num_rounds": 4, "early_stopping_patience": 1,
@@ -36,7 +38,23 @@ def stopped_run(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path,
     proc = runner.run(["simulate", str(tmp / "run.yaml"), "--run-dir",
                        str(tmp / "run")], timeout=420)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp / "run"
+    return proc, tmp / "run"
+
+
+@pytest.fixture
+def stopped_run(stopped: tuple[subprocess.CompletedProcess[str], Path]) -> Path:
+    return stopped[1]
+
+
+def test_dp_off_is_loud_and_unaccounted(
+        stopped: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    proc, run_dir = stopped
+    rows = _rows(run_dir)
+    assert all(r["clients_replied"] == 3 for r in rows[1:])
+    assert rows[2]["epsilon_max"] is None and rows[2]["clients_non_private"] == 3
+    assert "DP is OFF" in proc.stderr
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["privacy"][
+        "enabled"] is False
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -68,20 +86,26 @@ def test_early_stop_ends_the_run_and_points_best_at_the_best_round(
     assert "1 (best)" in report.stdout
 
 
-def test_resume_refuses_a_stopped_run_unless_asked(stopped_run: Path,
-                                                   tmp_path: Path) -> None:
+def test_resume_refuses_a_stopped_run(stopped_run: Path) -> None:
+    # Execute
+    refused = runner.run(["simulate", "--resume", str(stopped_run)])
+    # Assert: refused before any engine starts, with the way out
+    assert refused.returncode == 2
+    assert "stopped early after round 2" in refused.stderr
+    assert "--past-early-stop" in refused.stderr
+
+
+@pytest.mark.slow  # CI runs it; ~12 s on 2 cores
+def test_resume_past_the_early_stop_when_asked(stopped_run: Path,
+                                               tmp_path: Path) -> None:
     # Prepare: a copy, so the other tests keep the stopped run
     run = tmp_path / "run"
     shutil.copytree(stopped_run, run, symlinks=True)
     # Execute
-    refused = runner.run(["simulate", "--resume", str(run)])
     again = runner.run(["simulate", "--resume", str(run), "--past-early-stop"],
                        timeout=420)
-    # Assert: refused in seconds with the way out; asked, it trains round 3, whose
-    # patience starts afresh (and ends at once again: min_delta 1.0)
-    assert refused.returncode == 2
-    assert "stopped early after round 2" in refused.stderr
-    assert "--past-early-stop" in refused.stderr
+    # Assert: it trains round 3, whose patience starts afresh (and ends at once
+    # again: min_delta 1.0)
     assert again.returncode == 0, again.stderr[-3000:]
     rows = _rows(run)
     assert [r["round"] for r in rows] == [0, 1, 2, 3]

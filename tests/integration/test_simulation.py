@@ -30,7 +30,9 @@ def _rounds(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
-@pytest.mark.parametrize("dp", [True, False], ids=["dp-on", "dp-off"])
+# DP off: tests/integration/test_after_run.py's shared run is a DP-off simulation
+@pytest.mark.parametrize("dp", [True, pytest.param(False, marks=pytest.mark.slow)],
+                         ids=["dp-on", "dp-off"])
 def test_three_sites_two_rounds(tmp_path: Path, tiny_bert: Path,
                                 review_files: tuple[Path, Path], dp: bool) -> None:
     # Prepare
