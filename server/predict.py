@@ -126,6 +126,7 @@ class Predictor:
                                    zip(self.labels, p.tolist(), strict=True)}}
                 for p in probs]
 
+    @torch.no_grad()
     def probabilities(self, texts: list[str]) -> torch.Tensor:
         """Class probabilities of a batch of texts (classification)."""
         assert self.cfg is not None

@@ -179,6 +179,11 @@ def test_export_predict_evaluate_leave_the_run_untouched(
     assert sum(map(sum, result["confusion"])) == result["records"] == 40
     assert (tmp_path / "eval" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
     assert "precision" in evaluated.stdout and "macro-F1" in evaluated.stdout
+    # scoring keeps no autograd graph (a 13k-record file once ran out of memory)
+    from fedtune.server.predict import Predictor
+
+    probs = Predictor.open(stopped_run, device="cpu").probabilities(texts)
+    assert probs.shape == (3, 3) and not probs.requires_grad
 
 
 def test_bad_exports_and_inputs_name_the_problem(stopped_run: Path, tmp_path: Path,
