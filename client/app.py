@@ -28,7 +28,7 @@ from flwr.common import (
 )
 from flwr.compat.common import recorddict_compat as compat
 
-from fedtune.client import privacy, recipe, trainer
+from fedtune.client import personalize, privacy, recipe, trainer
 from fedtune.client.mods import private_errors, secagg_when_asked
 from fedtune.client.site import (
     SiteData,
@@ -136,6 +136,27 @@ def _reply(msg: Message, state: dict[str, torch.Tensor], metrics: dict[str, Any]
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
 
 
+def _personalize(msg: Message, context: Context, setup: Setup, round_: int,
+                 defaults: Mapping[str, Any]) -> Message:
+    """Fine-tune the global adapter on this site, keep it here, reply with scores
+    only (:mod:`fedtune.client.personalize`)."""
+    cfg, site = setup.cfg, setup.site
+    saved = context.state.config_records.get(PRIVACY_STATE)
+    run = str(context.run_id)
+    scored, state = personalize.fine_tune(
+        cfg, site=site, model=setup.model, device=setup.device, pad=setup.pad,
+        book=site_ledger(cfg, context.node_config, site),
+        saved=dict(saved) if saved is not None else None,
+        out=personalize.personal_dir(cfg, context.node_config,
+                                     {**defaults, **context.run_config}, run=run),
+        run=run, message=msg.metadata.message_id, round_=round_)
+    context.state[PRIVACY_STATE] = ConfigRecord({**state.to_config()})
+    metrics: dict[str, Any] = dict(scored)
+    if "partition-id" in context.node_config:
+        metrics[records.PARTITION] = int(context.node_config["partition-id"])
+    return Message(RecordDict({records.METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+
 def make_client_app(defaults: Mapping[str, Any] | None = None, *,
                     mods: Sequence[Mod] = (), secagg: bool = True) -> ClientApp:
     """A ClientApp; ``defaults`` is a flat run_config used under Flower's (simulation
@@ -225,17 +246,14 @@ def make_client_app(defaults: Mapping[str, Any] | None = None, *,
         setup = _setup(msg, context, defaults)
         cfg, site, model, device, pad = (setup.cfg, setup.site, setup.model,
                                          setup.device, setup.pad)
+        conf: Mapping[str, Any] = msg.content.config_records.get(records.CONFIG,
+                                                                 ConfigRecord())
+        if conf.get(records.PERSONALIZE):
+            return _personalize(msg, context, setup, int(conf[records.SERVER_ROUND]),
+                                defaults)
         ds = site.val if len(site.val) else site.train
-        res = evaluation.evaluate(model, ds, task=cfg.model.task, device=device,
-                               batch_size=cfg.train.eval_batch_size, pad_id=pad,
-                               labels=list(cfg.data.labels))
-        # Fixed keys on every site (per-class recall would vary with the classes a
-        # site happens to hold; the server's central evaluation reports it).
-        keys = ((records.ACCURACY, records.MACRO_F1)
-                if cfg.model.task == "classification" else (records.PERPLEXITY,))
-        metrics: dict[str, Any] = {records.NUM_EXAMPLES: len(ds),
-                                   records.EVAL_LOSS: res["loss"],
-                                   **{k: res[k] for k in keys}}
+        metrics: dict[str, Any] = {records.NUM_EXAMPLES: len(ds), **personalize.scores(
+            cfg, model, ds, device=device, pad=pad)}
         return Message(RecordDict({records.METRICS: MetricRecord(metrics)}),
                        reply_to=msg)
 

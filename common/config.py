@@ -194,6 +194,10 @@ class PrivacyConfig(_Section):
     ``train.class_weighting``; it is charged to the ledger and the DP-SGD noise is
     calibrated so that histogram + training together spend ``target_epsilon``.
 
+    ``personalize_epsilon`` (at ``target_delta``) is what a site's personalisation
+    (``train.personalize_epochs``) may spend on top of the run; its DP-SGD noise is
+    calibrated to it and it is charged to the site's ledger.
+
     ``ledger_dir`` and ``budget_epsilon`` are for simulations only: a deployed site
     keeps its own ledger and budget (``fedtune client --ledger-dir --budget-epsilon``)
     and ignores these two.
@@ -218,11 +222,12 @@ class PrivacyConfig(_Section):
     central_clipping_norm: float = 1.0
     linear_probe_budget: float = 0.0
     count_noise_multiplier: float = 20.0
+    personalize_epsilon: float = 1.0
 
     def _check(self) -> list[str]:
         out = _positive(self, "target_epsilon", "max_grad_norm",
                         "central_noise_multiplier", "central_clipping_norm",
-                        "count_noise_multiplier")
+                        "count_noise_multiplier", "personalize_epsilon")
         out += _non_negative(self, "noise_multiplier", "budget_epsilon")
         if not 0.0 <= self.linear_probe_budget < 1.0:
             out.append(f"linear_probe_budget: must be in [0, 1) (the share of "
@@ -252,6 +257,14 @@ class TrainConfig(_Section):
       site's class prior counted under DP (Menon et al. 2021; FedLC, Zhang et al.
       2022). The model's own logits then score classes as if balanced, which undoes
       the pull of DP clipping and label skew towards the majority class.
+    - ``personalize_epochs`` (0: off): after the last round every site fine-tunes
+      the best global adapter on its own data for that many epochs (at
+      ``personalize_learning_rate``, 0: the last round's), under DP with its own
+      ``privacy.personalize_epsilon`` charged to the site's ledger, keeps the
+      result on the site and reports only its own held-out scores, global and
+      personalised. It trains what the last round trained (the head only in an
+      all-head-only run) with the plain loss: no logit adjustment or class
+      weights, so the copy learns the site's own class mix.
     - ``class_weighting``: per-record weights <= 1 (``sqrt`` or ``balanced``
       inverse frequency, the rarest class at 1) applied after per-sample clipping,
       so the sensitivity stays ``max_grad_norm``.
@@ -276,6 +289,8 @@ class TrainConfig(_Section):
     linear_probe_epochs: int = 0
     logit_adjustment: float = 0.0
     class_weighting: Literal["none", "sqrt", "balanced"] = "none"
+    personalize_epochs: int = 0
+    personalize_learning_rate: float = 0.0
 
     def head_only(self, server_round: int) -> bool:
         """Whether round ``server_round`` trains the classification head only."""
@@ -296,7 +311,8 @@ class TrainConfig(_Section):
         out += _non_negative(self, "max_steps", "weight_decay",
                              "early_stopping_patience", "linear_probe_rounds",
                              "linear_probe_learning_rate", "linear_probe_epochs",
-                             "logit_adjustment")
+                             "logit_adjustment", "personalize_epochs",
+                             "personalize_learning_rate")
         if not 0.0 <= self.warmup_ratio < 1.0:
             out.append(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio!r}")
         if not 0.0 <= self.momentum < 1.0:
@@ -306,7 +322,13 @@ class TrainConfig(_Section):
 
 @dataclass(frozen=True)
 class DataConfig(_Section):
-    """Where the data is and how simulation splits it into sites."""
+    """Where the data is and how simulation splits it into sites.
+
+    ``retention_source`` (causal LM): general text (one record per line, its text in
+    ``retention_column``; ``fedtune:chitchat-retention`` ships offline) that the
+    server scores before training and after every round (perplexity), to show
+    whether fine-tuning damaged what the base model could do; the first
+    ``max_retention_samples`` records (0: all)."""
 
     SECTION = "data"
     source: str = "fedtune:drug-reviews"
@@ -323,10 +345,14 @@ class DataConfig(_Section):
     val_fraction: float = 0.1
     max_samples_per_site: int = 0
     max_test_samples: int = 0
+    retention_source: str = ""
+    retention_column: str = "text"
+    max_retention_samples: int = 200
 
     def _check(self) -> list[str]:
         out = _positive(self, "max_length", "dirichlet_alpha")
-        out += _non_negative(self, "max_samples_per_site", "max_test_samples")
+        out += _non_negative(self, "max_samples_per_site", "max_test_samples",
+                             "max_retention_samples")
         if not 0.0 <= self.val_fraction < 0.5:
             out.append(f"val_fraction: must be in [0, 0.5), got {self.val_fraction!r}")
         if len(set(self.labels)) != len(self.labels):
@@ -565,6 +591,13 @@ def _cross_checks(sec: Mapping[str, Any]) -> list[str]:
     if fed.secure_aggregation and lora.mixed_ranks:
         out.append("lora.site_ranks: cannot be combined with federation.secure_"
                    "aggregation (SecAgg+ needs one shape on every site)")
+    if train.personalize_epochs and not sec["data"].val_fraction:
+        out.append("train.personalize_epochs: needs data.val_fraction > 0 (each site "
+                   "scores the global and its personalised adapter on its own "
+                   "held-out split)")
+    if sec["data"].retention_source and model.task != "causal-lm":
+        out.append("data.retention_source: needs model.task causal-lm (it scores "
+                   "general text by perplexity)")
     metric = fed.selection_metric
     if (metric in ("macro-f1", "accuracy") and model.task != "classification") or (
             metric == "perplexity" and model.task == "classification"):

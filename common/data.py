@@ -271,6 +271,12 @@ def check_simulation_data(cfg: RunConfig) -> list[str]:
                             "set: point it at held-out records in the same format, "
                             "or set data.test_source='' to evaluate on the sites' "
                             "validation splits only]") from err
+    if d.retention_source:
+        try:
+            read_records(d.retention_source, required=[d.retention_column])
+        except DataError as err:
+            raise DataError(f"{err} [this is data.retention_source, the general-text "
+                            "retention set]") from err
     return out
 
 
@@ -322,6 +328,19 @@ def encode_sft(records: Sequence[Record], tokenizer: Any, *, cfg: DataConfig
         mask = [0] * len(prompt) + [1] * len(response)
         items.append({"input_ids": torch.tensor(ids),
                       "loss_mask": torch.tensor(mask, dtype=torch.float32)})
+    return EncodedDataset(items)
+
+
+def encode_text(records: Sequence[Record], tokenizer: Any, *, column: str,
+                max_length: int) -> EncodedDataset:
+    """Plain text for a language model's perplexity: the loss covers every token."""
+    items = []
+    for r in records:
+        ids = tokenizer(str(r[column]), add_special_tokens=False,
+                        truncation=True, max_length=max_length)["input_ids"]
+        if len(ids) > 1:
+            items.append({"input_ids": torch.tensor(ids),
+                          "loss_mask": torch.ones(len(ids), dtype=torch.float32)})
     return EncodedDataset(items)
 
 

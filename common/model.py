@@ -52,6 +52,7 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 }
 HEAD = "head"
 FEDTUNE_META = "fedtune_model.json"
+RUN_CONFIG = "fedtune_config.yaml"  # the run's config beside an exported adapter
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16}
 

@@ -33,6 +33,11 @@ EVAL_LOSS = "eval-loss"
 ACCURACY = "accuracy"
 MACRO_F1 = "macro-f1"
 PERPLEXITY = "perplexity"
+# ... and after a personalisation round: the site's own held-out split scored with
+# the global adapter and with its personalised copy (which never leaves the site)
+GLOBAL = "global-"  # prefix: global-eval-loss, global-macro-f1, ...
+PERSONAL = "personal-"  # prefix: personal-eval-loss, personal-macro-f1, ...
+PERSONAL_EPSILON = "personal-epsilon"  # what the personalisation spent
 
 # ConfigRecord keys the server sends.
 SERVER_ROUND = "server-round"
@@ -40,6 +45,7 @@ PROXIMAL_MU = "proximal-mu"  # FedProx (Flower's key)
 RESUMED_AT = "resumed-at"  # first round of a resumed run (0: not resumed)
 QUERY = "query"  # what a query message asks for
 SITE_SIZE = "site-size"  # ... the site's number of training records
+PERSONALIZE = "personalize"  # an evaluate message that asks for local fine-tuning
 
 
 def to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:

@@ -31,6 +31,7 @@ from fedtune.common.model import (
 from fedtune.server import checkpoint, polling, resume, rounds
 from fedtune.server.daemon import RUNS_DIR_ENV
 from fedtune.server.evaluate import CentralEvaluator
+from fedtune.server.personalize import personalize
 from fedtune.server.preflight import preflight
 from fedtune.server.recorder import RoundRecorder
 from fedtune.server.registry import build_strategy
@@ -98,6 +99,7 @@ def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
                                    "state between rounds for fedtune to restore")
             run_secagg(grid, context, cfg=cfg, initial=exchanged_state(model, cfg.lora),
                        recorder=recorder)
+            personalize(grid, cfg=cfg, run_dir=run_dir)
             recorder.close()
             return
         done = 0
@@ -112,6 +114,7 @@ def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
             random.seed(cfg.train.seed)  # Flower samples nodes with `random`
         rounds.run_rounds(grid, strategy, cfg=cfg, run_dir=run_dir, arrays=initial,
                           recorder=recorder, resumed=done)
+        personalize(grid, cfg=cfg, run_dir=run_dir)  # when train.personalize_epochs
         recorder.close()
 
     return app

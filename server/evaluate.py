@@ -44,6 +44,16 @@ class CentralEvaluator:
                                                 cfg=cfg.data,
                                                 source=cfg.data.test_source)
             logger.info("central evaluation on %d held-out records", len(recs))
+        self.retention_set = None
+        if cfg.data.retention_source:
+            recs = data.read_records(cfg.data.retention_source,
+                                     required=[cfg.data.retention_column])
+            recs = recs[: cfg.data.max_retention_samples or None]
+            self.retention_set = data.encode_text(
+                recs, tok, column=cfg.data.retention_column,
+                max_length=cfg.data.max_length)
+            logger.info("retention (forgetting) check on %d general-text records",
+                        len(self.retention_set))
 
     @property
     def size(self) -> int:
@@ -70,3 +80,15 @@ class CentralEvaluator:
             self.model, self.dataset, task=self.cfg.model.task, device=self.device,
             batch_size=self.cfg.train.eval_batch_size, pad_id=self.pad_id,
             labels=list(self.cfg.data.labels), precision=self.cfg.train.precision)
+
+    def retention(self, state: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Loss and perplexity on the general-text retention set ({} without)."""
+        if self.retention_set is None or not len(self.retention_set):
+            return {}
+        set_adapter_state(self.model, state)
+        out = evaluation.evaluate(
+            self.model, self.retention_set, task="causal-lm", device=self.device,
+            batch_size=self.cfg.train.eval_batch_size, pad_id=self.pad_id,
+            precision=self.cfg.train.precision)
+        return {"retention_loss": out["loss"],
+                "retention_perplexity": out["perplexity"]}

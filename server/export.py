@@ -32,6 +32,7 @@ from fedtune.common import assets, config, standalone
 from fedtune.common.errors import FedtuneError, ModelError
 from fedtune.common.model import (
     FEDTUNE_META,
+    RUN_CONFIG,
     build_model,
     load_tokenizer,
     set_adapter_state,
@@ -40,7 +41,6 @@ from fedtune.server import checkpoint
 
 logger = logging.getLogger(__name__)
 
-RUN_CONFIG = "fedtune_config.yaml"  # the run's config inside an export
 ADAPTER_FILE = "adapter_model.safetensors"
 
 

@@ -105,6 +105,10 @@ def quality(rows: Sequence[Row], *, best: int = 0) -> bytes:
         right.plot(rounds, [_num(r, "eval_perplexity") for r in rows], "s--",
                    color="#2e7d32", label="perplexity")
         right.set_ylabel("perplexity")
+    if any("retention_perplexity" in r for r in rows):
+        right.plot(rounds, [_num(r, "retention_perplexity") for r in rows], "D:",
+                   color="#c62828", label="retention perplexity (general text)")
+        right.set_ylabel("perplexity")
     lines = ax.get_lines() + right.get_lines()
     ax.legend(lines, [str(ln.get_label()) for ln in lines], loc="upper left",
               bbox_to_anchor=(1.12, 1.0), borderaxespad=0.0, fontsize=8)

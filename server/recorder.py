@@ -51,7 +51,7 @@ def _clean(value: Any) -> Any:
     return value
 
 
-SUMMARY_KEYS = ("loss", "accuracy", "macro-f1", "perplexity")
+SUMMARY_KEYS = ("loss", "accuracy", "macro-f1", "perplexity", "retention_perplexity")
 
 
 def progress_bar(rounds: int) -> tqdm:  # type: ignore[type-arg]  # tqdm is generic
@@ -90,15 +90,16 @@ class RoundRecorder:
                         "records", self.evaluator.size)
         t0 = time.perf_counter()
         ev = self.evaluator(state)
+        retained = self.evaluator.retention(state)
         eval_seconds = time.perf_counter() - t0
         row: dict[str, Any] = {"round": server_round, **{
-            f"eval_{k.replace('-', '_')}": v for k, v in ev.items()}}
+            f"eval_{k.replace('-', '_')}": v for k, v in ev.items()}, **retained}
         if server_round == 0:
             row.update({f"baseline_{k}": v for k, v in
                         self.evaluator.majority_baseline().items()})
-            if ev:
+            if ev or retained:
                 logger.info("round 0 (before training): %s (%.0f s)", ", ".join(
-                    f"{k} {v:.4g}" for k, v in ev.items()
+                    f"{k} {v:.4g}" for k, v in {**ev, **retained}.items()
                     if isinstance(v, int | float) and k in SUMMARY_KEYS),
                     eval_seconds)
         if "top_prediction" in ev:
@@ -174,6 +175,8 @@ class RoundRecorder:
                    f"ppl {row.get('eval_perplexity', float('nan')):.2f}")
         if row.get("eval_collapse"):
             quality += f" | COLLAPSED: {row['eval_collapse']}"
+        if row.get("retention_perplexity") is not None:
+            quality += f" | retention ppl {row['retention_perplexity']:.2f}"
         rho = row.get("rho_max")
         if rho is not None:
             quality += f" | noise rho max {rho:.3f} ({planning.verdict(rho)})"

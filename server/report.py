@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from typing import Any
 
 from fedtune.common import config, planning
 from fedtune.common.errors import FedtuneError
-from fedtune.server import checkpoint, plots
+from fedtune.server import checkpoint, personalize, plots
 from fedtune.server.selection import STOPPED
 from fedtune.server.stats import failed_sites
 
@@ -34,6 +35,7 @@ class Run:
     cfg: config.RunConfig
     initial: Row | None  # round 0: the adapter before training
     rows: list[Row]  # rounds 1.. in order
+    personal: Row | None = None  # the personalisation round (personalization.json)
 
 
 def load_run(run_dir: str | Path) -> Run:
@@ -48,9 +50,12 @@ def load_run(run_dir: str | Path) -> Run:
                                "run` (it holds config.yaml and metrics.jsonl)")
     rows = checkpoint.read_metrics(path)
     initial = next((r for r in rows if r["round"] == 0), None)
+    personal_file = path / personalize.RESULT
     return Run(path=path, cfg=config.load(cfg_file), initial=initial,
                rows=sorted((r for r in rows if r["round"] > 0),
-                           key=lambda r: r["round"]))
+                           key=lambda r: r["round"]),
+               personal=json.loads(personal_file.read_text())
+               if personal_file.is_file() else None)
 
 
 def _f(value: Any, fmt: str = ".4f") -> str:
@@ -202,11 +207,30 @@ def headline(run: Run) -> list[str]:
                    f"{_f(last.get('eval_loss'))}, {quality}; {total / 1e6:.1f} MB "
                    "exchanged in all")
     base = run.initial or {}
+    if base.get("retention_perplexity") is not None and last.get(
+            "retention_perplexity") is not None:
+        before, after = base["retention_perplexity"], last["retention_perplexity"]
+        out.append(f"{'WARNING: ' if after > 1.1 * before else ''}retention "
+                   f"(general text, {cfg.data.retention_source}): perplexity "
+                   f"{before:.2f} before training, {after:.2f} after round "
+                   f"{last['round']} ({after / before - 1:+.1%})"
+                   + ("; fine-tuning damaged general ability" if after > 1.1 * before
+                      else ""))
     if base.get("baseline_majority_macro_f1") is not None:
         out.append("majority-class baseline (always the held-out set's most frequent "
                    "class): accuracy "
                    f"{_f(base.get('baseline_majority_accuracy'), '.3f')}, macro-F1 "
                    f"{_f(base.get('baseline_majority_macro_f1'), '.3f')}")
+    personal = run.personal or {}
+    mean = personal.get("mean") or {}
+    if mean:
+        key = "macro-f1" if "macro-f1" in mean["global"] else "eval-loss"
+        eps = personal.get("epsilon")
+        out.append(f"personalisation ({len(personal['sites'])} sites, local "
+                   f"fine-tuning{f', ε {eps:g} more each' if eps else ''}): mean "
+                   f"{key} on the sites' own held-out records "
+                   f"{mean['global'][key]:.3f} global -> "
+                   f"{mean['personalised'][key]:.3f} personalised")
     failed = failed_sites((r["round"], r.get("nodes_failed_why") or {})
                           for r in run.rows)
     if failed:
@@ -235,6 +259,8 @@ def text_summary(run: Run) -> str:
     classes = class_table(run)
     if classes[1]:
         parts += ["Per class (last round):", _text_table(*classes)]
+    if run.personal and run.personal.get("sites"):
+        parts.append("\n".join(personalize.table_lines(dict(run.personal))))
     return "\n\n".join(parts) + "\n"
 
 
@@ -268,6 +294,21 @@ def _html_table(head: Sequence[str], body: Sequence[Sequence[str]]) -> str:
             + f"</tr>{rows}</table>")
 
 
+def _personal_html(run: Run) -> str:
+    """The personalisation table (global vs personalised, per site)."""
+    if not run.personal or not run.personal.get("sites"):
+        return ""
+    sites = run.personal["sites"]
+    keys = list(next(iter(sites.values()))["global"])
+    head = ["site", "records", *(f"{k} global → personalised" for k in keys), "ε"]
+    body = [[f"{s.get('site', '')} {node}".strip(), str(s["records"]),
+             *(f"{s['global'][k]:.4f} → {s['personalised'][k]:.4f}" for k in keys),
+             _f(s.get("epsilon"), ".3f")] for node, s in sorted(sites.items())]
+    return (f"<h2>Personalisation</h2><p>{html.escape(run.personal['method'])}, "
+            f"from round {run.personal['round']}; the personalised adapters stay "
+            f"on the sites.</p>{_html_table(head, body)}")
+
+
 def render_html(run: Run, pngs: Mapping[str, bytes]) -> str:
     """The self-contained page: facts, figures (data URIs) and both tables."""
     facts = "".join(
@@ -283,7 +324,7 @@ def render_html(run: Run, pngs: Mapping[str, bytes]) -> str:
             f"</head><body><h1>fedtune report: {html.escape(run.path.name)}</h1>"
             f"<ul class=facts>{facts}</ul>{figures}<h2>Per round</h2>"
             f"{_html_table(*round_table(run))}<h2>Per class (last round)</h2>"
-            f"{_html_table(*class_table(run))}<h2>Per site</h2>"
+            f"{_html_table(*class_table(run))}{_personal_html(run)}<h2>Per site</h2>"
             f"{_html_table(*site_table(run))}<p>Node ids are Flower's; the plots "
             "label each by its last 6 digits. ε this run is the site's own "
             "accountant over this run; the ledger total covers every run on the "

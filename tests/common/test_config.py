@@ -162,6 +162,12 @@ def test_all_problems_reported_together() -> None:
     ({"data": {"source": "x.jsonl"}, "federation": {"early_stopping_patience": 2}},
      r"federation.early_stopping_patience: needs the central evaluation set "
      r"data.test_source"),
+    ({"data": {"retention_source": "general.jsonl"}},
+     r"data.retention_source: needs model.task causal-lm"),
+    ({"train": {"personalize_epochs": 2}, "data": {"val_fraction": 0.0}},
+     r"train.personalize_epochs: needs data.val_fraction > 0"),
+    ({"privacy": {"personalize_epsilon": 0}},
+     r"privacy.personalize_epsilon: must be > 0"),
     ({"train": []}, r"train: expected a mapping"),
     ([1, 2], r"top level: expected a mapping"),
 ])

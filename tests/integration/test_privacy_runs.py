@@ -108,7 +108,7 @@ def test_dp_recipe_end_to_end_plans_charges_and_reports(
                  "ledger_dir": str(ledger_dir), "count_noise_multiplier": 5.0},
         train={"linear_probe_rounds": 1, "linear_probe_epochs": 3,
                "linear_probe_learning_rate": 0.05, "logit_adjustment": 1.0,
-               "class_weighting": "sqrt"},
+               "class_weighting": "sqrt", "personalize_epochs": 2},
         federation={"weighting": "sqrt"})
     # Execute
     proc, run_dir = _simulate(tmp_path, raw)
@@ -137,6 +137,25 @@ def test_dp_recipe_end_to_end_plans_charges_and_reports(
         entries = json.loads(path.read_text())["entries"]
         assert [(e["sigma"], e["sample_rate"], e["steps"]) for e in entries][0] == (
             5.0, 1.0, 1)
-        assert len(entries) == 3  # histogram, round 1, round 2
-        assert entries[-1]["epsilon_after"] == pytest.approx(4.0, abs=0.02)
+        # histogram, round 1, round 2, then the personalisation on top
+        assert len(entries) == 4
+        assert entries[-2]["epsilon_after"] == pytest.approx(4.0, abs=0.02)
+        assert 4.0 < entries[-1]["epsilon_after"] <= 4.0 + 1.0 + 0.02
     assert two["epsilon_max"] == pytest.approx(4.0, abs=0.02)
+    # personalisation: every site scored the global and its own adapter on its own
+    # held-out split, spent its personalize_epsilon, and kept the adapter at home
+    personal = json.loads((run_dir / "personalization.json").read_text())
+    assert personal["round"] == two["best_round"] and len(personal["sites"]) == 3
+    for site in personal["sites"].values():
+        assert set(site["global"]) == set(site["personalised"]) == {
+            "eval-loss", "accuracy", "macro-f1"}
+        assert 0.5 < site["epsilon"] <= 1.0 + 1e-6
+        assert 4.0 < site["epsilon_run"] <= 5.0 + 0.02
+    kept = sorted(p.parent.name for p in run_dir.glob(
+        "sites/p*/personalised/adapter_model.safetensors"))
+    assert kept == ["personalised"] * 3
+    assert "personalisation (3 sites, local fine-tuning, ε 1 more each)" in proc.stdout
+    predicted = runner.run(["predict", str(run_dir / "sites" / "p0" / "personalised"),
+                            "--input", str(review_files[1]), "--quiet"])
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    assert len(predicted.stdout.splitlines()) == 40

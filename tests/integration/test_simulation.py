@@ -73,18 +73,25 @@ def test_three_sites_two_rounds(tmp_path: Path, tiny_bert: Path,
 
 def test_causal_lm_simulation(tmp_path: Path, tiny_llama: Path, sft_file: Path
                               ) -> None:
+    general = tmp_path / "general.jsonl"
+    general.write_text("".join(json.dumps({"text": f"the drug was {w} for weeks"})
+                               + "\n" for w in ("good", "bad", "okay", "great")))
     raw = tiny_config(tiny_llama, sft_file, sft_file,
                       model={"task": "causal-lm"},
-                      data={"max_length": 24, "val_fraction": 0.0},
+                      data={"max_length": 24, "val_fraction": 0.0,
+                            "retention_source": str(general)},
                       federation={"num_sites": 2, "min_train_nodes": 2,
                                   "num_rounds": 1})
     proc, run_dir = _simulate(tmp_path, raw)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    last = _rounds(run_dir)[-1]
+    first, last = _rounds(run_dir)
     assert last["eval_perplexity"] > 1.0 and last["epsilon_max"] > 0
+    # the forgetting check: general text scored before training and every round
+    assert first["retention_perplexity"] > 1.0 and last["retention_perplexity"] > 1.0
     proc = runner.run(["report", str(run_dir)])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "perplexity" in proc.stdout and "1 of 1 done" in proc.stdout
+    assert f"retention (general text, {general}): perplexity " in proc.stdout
     assert last["best_round"] == 1 and last["selection_metric"] == "loss"
     # the merged export is a plain AutoModelForCausalLM equal to base + adapter
     import torch
