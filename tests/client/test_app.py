@@ -204,3 +204,44 @@ def test_the_resident_model_trains_exactly_like_a_fresh_one(
     for other in (again, third):
         assert other.keys() == fresh.keys()
         assert all(np.array_equal(fresh[k], other[k]) for k in fresh)
+
+
+PERSONAL_METRICS = {records.NUM_EXAMPLES, records.DP_STEPS, records.TRAIN_SECONDS,
+                    records.PERSONAL_EPSILON, records.EPSILON, records.EPSILON_TOTAL,
+                    records.NOISE_MULTIPLIER, records.PARTITION} | {
+    prefix + key for prefix in (records.GLOBAL, records.PERSONAL)
+    for key in (records.EVAL_LOSS, records.ACCURACY, records.MACRO_F1)}
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_personalisation_keeps_the_adapter_and_replies_with_scores_only(
+        tiny_bert: Path, review_files: tuple[Path, Path], tmp_path: Path) -> None:
+    # Prepare: a site with a ledger asked to personalise round 2's adapter
+    import json
+
+    cfg, flat, msg = _setup(tiny_bert, review_files,
+                            train={"personalize_epochs": 2},
+                            privacy={"personalize_epsilon": 1.5})
+    ask = Message(RecordDict({
+        records.ARRAYS: msg.content.array_records[records.ARRAYS],
+        records.CONFIG: ConfigRecord({records.PERSONALIZE: 1,
+                                      records.SERVER_ROUND: 2})}),
+        dst_node_id=7, message_type="evaluate")
+    ledger_dir = tmp_path / "ledger"
+    ctx = _context({"partition-id": 1, "num-partitions": 3,
+                    "ledger-dir": str(ledger_dir)})
+    # Execute
+    reply = make_client_app(flat)(ask, ctx)
+    # Assert: scalars only; the adapter stays beside the site's ledger; one charge
+    assert not reply.has_error(), reply.error
+    assert not reply.content.array_records and not reply.content.config_records
+    metrics = reply.content[records.METRICS]
+    assert set(metrics) == PERSONAL_METRICS
+    assert 1.0 < metrics[records.PERSONAL_EPSILON] <= 1.5 + 1e-6
+    assert metrics[records.EPSILON] == pytest.approx(metrics[records.PERSONAL_EPSILON])
+    kept = ledger_dir / "personalised" / "run-1"
+    assert (kept / "adapter_model.safetensors").is_file()
+    assert (kept / "fedtune_config.yaml").is_file()
+    entries = [e for f in ledger_dir.glob("*.json")
+               for e in json.loads(f.read_text())["entries"]]
+    assert len(entries) == 1 and entries[0]["round"] == 2

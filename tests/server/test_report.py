@@ -298,3 +298,39 @@ def test_the_rounds_bar_shows_in_a_terminal_that_reports_no_size() -> None:
         os.environ.update(saved)
     # Assert
     assert b"rounds:  50%" in out, bytes(out)
+
+
+def test_retention_and_personalisation_are_reported(tmp_path: Path) -> None:
+    # Prepare: a causal-LM run whose general-text perplexity rose 20 %, and a
+    # classification run with a personalisation round
+    causal = [{"round": 0, "eval_loss": 3.0, "eval_perplexity": 20.0,
+               "retention_perplexity": 50.0},
+              {**_row(1), "eval_perplexity": 12.0, "retention_perplexity": 60.0}]
+    for r in causal:
+        r.pop("eval_accuracy", None), r.pop("eval_macro_f1", None)
+    forgot = make_run(tmp_path, causal, model={"task": "causal-lm"},
+                      data={"source": "x.jsonl", "retention_source": "general.jsonl"})
+    (tmp_path / "b").mkdir()
+    personal = make_run(tmp_path / "b", [_row(0), _row(1, best_round=1,
+                                                        selection_metric="macro-f1",
+                                                        best_value=0.4)])
+    scores = {"eval-loss": 1.0, "accuracy": 0.5, "macro-f1": 0.4}
+    better = {"eval-loss": 0.8, "accuracy": 0.7, "macro-f1": 0.6}
+    (personal / "personalization.json").write_text(json.dumps({
+        "method": "local fine-tuning", "round": 1, "epochs": 2, "epsilon": 1.0,
+        "sites": {A: {"site": "p0", "records": 10, "global": scores,
+                      "personalised": better, "epsilon": 1.0, "epsilon_run": 3.0}},
+        "failed": {}, "late": [],
+        "mean": {"global": scores, "personalised": better}}))
+    # Execute
+    _, forgot_text = report.write_report(forgot, tmp_path / "out-a")
+    page, personal_text = report.write_report(personal, tmp_path / "out-b")
+    # Assert
+    assert ("WARNING: retention (general text, general.jsonl): perplexity 50.00 "
+            "before training, 60.00 after round 1 (+20.0%); fine-tuning damaged "
+            "general ability") in forgot_text
+    assert ("personalisation (1 sites, local fine-tuning, ε 1 more each): mean "
+            "macro-f1 on the sites' own held-out records 0.400 global -> 0.600 "
+            "personalised") in personal_text
+    assert "best round: 1 by macro-f1" in personal_text
+    assert "0.4000 → 0.6000" in page.read_text(encoding="utf-8")
