@@ -202,6 +202,8 @@ def _meta(trained: Trained, *, kind: str) -> dict[str, Any]:
             "labels": list(cfg.data.labels) if cfg.model.task == "classification"
             else [], "head_hidden": cfg.model.head_hidden,
             "max_length": cfg.data.max_length,
+            "input_column": (cfg.data.text_column if cfg.model.task == "classification"
+                             else cfg.data.prompt_column),
             "pooling": "masked mean over last_hidden_state"
             if cfg.model.task == "classification" else None}
 

@@ -87,8 +87,8 @@ class Predictor:
                 path / export.ADAPTER_FILE).is_file():
             merged = standalone.load(path)
             return cls(task=merged.task, labels=getattr(merged, "labels", []),
-                       column=column or ("text" if merged.task == "classification"
-                                         else "prompt"),
+                       column=column or str(merged.meta.get("input_column") or (
+                           "text" if merged.task == "classification" else "prompt")),
                        batch_size=batch_size or 32, cfg=None, _model=merged,
                        _tok=merged.tokenizer, device=torch.device("cpu"))
         trained = export.resolve(path, which)

@@ -147,6 +147,10 @@ def test_export_predict_evaluate_leave_the_run_untouched(
         assert proc.returncode == 0, proc.stderr[-3000:]
         preds[name] = [json.loads(x) for x in
                        (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+    jsonl = runner.run(["predict", str(out["int8"]), "--input", str(review_files[1]),
+                        "--quiet"])  # the training column, read by a merged export
+    assert jsonl.returncode == 0, jsonl.stderr[-2000:]
+    assert len(jsonl.stdout.splitlines()) == 40
     evaluated = runner.run(["evaluate", str(stopped_run), "--data",
                             str(review_files[1]), "--out", str(tmp_path / "eval")])
     # Assert: nothing in the run directory changed
