@@ -106,9 +106,8 @@ def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
         if resuming:
             done, initial = resume.resume(run_dir, strategy=strategy, cfg=cfg)
             if recorder.selection is not None:  # the best round so far, the patience
-                recorder.selection.replay(
-                    [r for r in checkpoint.read_metrics(run_dir) if r["round"] > 0],
-                    past_stop=bool(flat.get(PAST_STOP)))
+                recorder.selection.replay(checkpoint.read_metrics(run_dir),
+                                          past_stop=bool(flat.get(PAST_STOP)))
             recorder.bar.update(done)
         else:
             random.seed(cfg.train.seed)  # Flower samples nodes with `random`

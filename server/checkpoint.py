@@ -64,8 +64,8 @@ def checkpoint_dir(run_dir: Path, server_round: int) -> Path:
     return run_dir / "checkpoints" / f"round-{server_round:04d}"
 
 
-def publish_final(run_dir: Path, server_round: int, *, name: str = "final") -> None:
-    """Point ``final`` (or ``best``) at a round's checkpoint."""
+def publish(run_dir: Path, server_round: int, *, name: str = "final") -> None:
+    """Point ``RUN_DIR/final`` (or ``best``) at a round's checkpoint."""
     final = run_dir / name
     target = checkpoint_dir(run_dir, server_round)
     tmp = run_dir / f".{name}.tmp"
@@ -195,11 +195,11 @@ def rewind(run_dir: Path, last_round: int) -> None:
         if d.name.endswith(".tmp") or (tail.isdigit() and int(tail) > last_round):
             shutil.rmtree(d)
     if last_round > 0:
-        publish_final(run_dir, last_round)
+        publish(run_dir, last_round)
     best = next((int(r["best_round"]) for r in reversed(rows)
                  if r.get("best_round")), 0)
     if best:
-        publish_final(run_dir, best, name="best")
+        publish(run_dir, best, name="best")
     elif (run_dir / "best").is_symlink():
         (run_dir / "best").unlink()
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from fedtune.common import data, metrics, standalone
 from fedtune.common.config import RunConfig
 from fedtune.common.errors import DataError
-from fedtune.common.evaluation import resolve_device
+from fedtune.common.evaluation import evaluate, resolve_device
 from fedtune.common.model import load_tokenizer
 from fedtune.server import export
 
@@ -74,8 +74,8 @@ class Predictor:
     column: str
     batch_size: int
     cfg: RunConfig | None  # None for a merged export
-    _model: Any
-    _tok: Any
+    model: Any
+    tokenizer: Any
     device: torch.device
 
     @classmethod
@@ -89,8 +89,8 @@ class Predictor:
             return cls(task=merged.task, labels=getattr(merged, "labels", []),
                        column=column or str(merged.meta.get("input_column") or (
                            "text" if merged.task == "classification" else "prompt")),
-                       batch_size=batch_size or 32, cfg=None, _model=merged,
-                       _tok=merged.tokenizer, device=torch.device("cpu"))
+                       batch_size=batch_size or 32, cfg=None, model=merged,
+                       tokenizer=merged.tokenizer, device=torch.device("cpu"))
         trained = export.resolve(path, which)
         cfg = trained.cfg
         model = export.load_model(trained, dev)
@@ -98,7 +98,7 @@ class Predictor:
         return cls(task=cfg.model.task, labels=list(cfg.data.labels),
                    column=column or input_column(cfg),
                    batch_size=batch_size or cfg.train.eval_batch_size, cfg=cfg,
-                   _model=model, _tok=tok, device=dev)
+                   model=model, tokenizer=tok, device=dev)
 
     def predict(self, records: Sequence[Record], *, progress: bool = True
                 ) -> Iterator[Record]:
@@ -116,7 +116,7 @@ class Predictor:
     @torch.no_grad()
     def _batch(self, texts: list[str]) -> list[Record]:
         if self.cfg is None:  # a merged export runs its own code
-            outs = self._model(texts)
+            outs = self.model(texts)
             return [o if isinstance(o, dict) else {"response": o} for o in outs]
         if self.task != "classification":
             return [{"response": self._generate(t)} for t in texts]
@@ -130,22 +130,22 @@ class Predictor:
     def probabilities(self, texts: list[str]) -> torch.Tensor:
         """Class probabilities of a batch of texts (classification)."""
         assert self.cfg is not None
-        enc = self._tok(texts, truncation=True, max_length=self.cfg.data.max_length,
-                        padding=True, return_tensors="pt").to(self.device)
-        logits = self._model(input_ids=enc["input_ids"],
-                             attention_mask=enc["attention_mask"])
+        enc = self.tokenizer(texts, truncation=True,
+                             max_length=self.cfg.data.max_length, padding=True,
+                             return_tensors="pt").to(self.device)
+        logits = self.model(input_ids=enc["input_ids"],
+                            attention_mask=enc["attention_mask"])
         return torch.softmax(logits.float(), -1).cpu()
 
     def _generate(self, prompt: str) -> str:
         assert self.cfg is not None
-        ids = self._tok(prompt + "\n", return_tensors="pt",
-                        add_special_tokens=False).to(self.device)
-        out = self._model.generate(**ids, max_new_tokens=self.cfg.data.max_length,
-                                   do_sample=False,
-                                   pad_token_id=self._tok.pad_token_id)
-        text: str = self._tok.decode(out[0, ids["input_ids"].shape[1]:],
-                                     skip_special_tokens=True)
-        return text
+        ids = self.tokenizer(prompt + "\n", return_tensors="pt",
+                             add_special_tokens=False).to(self.device)
+        out = self.model.generate(**ids, max_new_tokens=self.cfg.data.max_length,
+                                  do_sample=False,
+                                  pad_token_id=self.tokenizer.pad_token_id)
+        return str(self.tokenizer.decode(out[0, ids["input_ids"].shape[1]:],
+                                         skip_special_tokens=True))
 
 
 def predict_file(source: str | Path, inputs: str, *, out: TextIO,
@@ -178,14 +178,13 @@ def evaluate_file(source: str | Path, data_file: str, *, which: str | None = Non
     records = data.read_records(data_file, required=data.required_columns(
         cfg.model.task, cfg.data))
     if cfg.model.task != "classification":
-        from fedtune.common.evaluation import evaluate
-
-        dataset = data.encode_for_task(records, predictor._tok, task=cfg.model.task,
-                                       cfg=cfg.data, source=data_file)
+        dataset = data.encode_for_task(records, predictor.tokenizer,
+                                       task=cfg.model.task, cfg=cfg.data,
+                                       source=data_file)
         return {"records": len(records), **evaluate(
-            predictor._model, dataset, task=cfg.model.task,
+            predictor.model, dataset, task=cfg.model.task,
             batch_size=predictor.batch_size, device=predictor.device,
-            pad_id=int(predictor._tok.pad_token_id))}
+            pad_id=int(predictor.tokenizer.pad_token_id))}
     truth = data.label_ids(records, column=cfg.data.label_column,
                            labels=cfg.data.labels, source=data_file)
     texts = [str(r[cfg.data.text_column]) for r in records]

@@ -137,7 +137,7 @@ class RoundRecorder:
         if sel is None:
             return
         if sel.update(server_round, row):
-            checkpoint.publish_final(self.run_dir, server_round, name="best")
+            checkpoint.publish(self.run_dir, server_round, name="best")
         row.update(sel.fields())
         if sel.should_stop:
             logger.warning("round %d: stopping early: %s", server_round, sel.reason())
@@ -159,7 +159,7 @@ class RoundRecorder:
         set_adapter_state(self.model, state)
         save_adapter(self.model, tmp, meta={**self.meta, "round": server_round})
         tmp.replace(final)
-        checkpoint.publish_final(self.run_dir, server_round)
+        checkpoint.publish(self.run_dir, server_round)
 
     def _log(self, row: dict[str, Any]) -> None:
         if os.environ.get(INSECURE_ENV) == "1":

@@ -111,9 +111,9 @@ class Selection:
 
     def replay(self, rows: Iterable[Mapping[str, Any]], *,
                past_stop: bool = False) -> None:
-        """Rebuild the state from a run's metrics lines (resume). A run that
-        stopped early is refused unless ``past_stop``; then the patience count
-        starts afresh."""
+        """Rebuild the state from a run's metrics lines (resume; round 0 counts
+        for nothing). A run that stopped early is refused unless ``past_stop``;
+        then the patience count starts afresh."""
         for row in sorted(rows, key=lambda r: int(r["round"])):
             self.update(int(row["round"]), row)
             if row.get(STOPPED):

@@ -79,8 +79,8 @@ def _resumed(args: argparse.Namespace) -> config.RunConfig:
     from fedtune.server.checkpoint import read_metrics
     from fedtune.server.selection import Selection
 
-    rows = [r for r in read_metrics(args.resume) if r["round"] > 0]
-    Selection.for_run(cfg).replay(rows, past_stop=args.past_early_stop)
+    Selection.for_run(cfg).replay(read_metrics(args.resume),
+                                  past_stop=args.past_early_stop)
     return cfg
 
 
