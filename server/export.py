@@ -17,6 +17,7 @@ written under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -53,6 +54,20 @@ class Trained:
     adapter: Path
     source: Path
 
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The adapter's ``fedtune_model.json`` ({} where there is none)."""
+        path = self.adapter / FEDTUNE_META
+        return dict(json.loads(path.read_text())) if path.is_file() else {}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The adapter's tensors; an unreadable file is a ModelError."""
+        try:
+            return load_file(str(self.adapter / ADAPTER_FILE))
+        except (OSError, RuntimeError) as err:
+            raise ModelError(f"{self.adapter / ADAPTER_FILE}: unreadable adapter "
+                             f"({err})") from err
+
 
 def _round_of(path: Path) -> int:
     tail = path.name.removeprefix("round-")
@@ -74,9 +89,10 @@ def resolve(source: str | Path, which: str | None = None) -> Trained:
     an adapter export (``which`` is then ignored)."""
     path = Path(source)
     if (path / RUN_CONFIG).is_file() and (path / ADAPTER_FILE).is_file():
-        meta = json.loads((path / FEDTUNE_META).read_text())
-        return Trained(cfg=config.load(path / RUN_CONFIG),
-                       round=int(meta.get("round", 0)), adapter=path, source=path)
+        export_dir = Trained(cfg=config.load(path / RUN_CONFIG), round=0,
+                             adapter=path, source=path)
+        return dataclasses.replace(export_dir,
+                                   round=int(export_dir.meta.get("round", 0)))
     if not (path / "config.yaml").is_file():
         raise FedtuneError(f"{path}: not a fedtune run directory (no config.yaml) nor "
                            "an adapter export (no fedtune_config.yaml); pass the "
@@ -119,9 +135,7 @@ def resolve(source: str | Path, which: str | None = None) -> Trained:
 
 def _check_meta(trained: Trained) -> None:
     """The checkpoint must come from the model and labels the config names."""
-    cfg = trained.cfg
-    meta_file = trained.adapter / FEDTUNE_META
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    cfg, meta = trained.cfg, trained.meta
     base = meta.get("base_model")
     if base and base != cfg.model.name_or_path:
         raise ModelError(f"{trained.adapter}: trained on {base!r}, but the config "
@@ -138,16 +152,12 @@ def _span(rounds: list[int]) -> str:
 
 def load_model(trained: Trained, device: torch.device | None = None
                ) -> torch.nn.Module:
-    """The base model with the round's adapter loaded (eval mode). An adapter from
-    another base model or label set is a ModelError naming both."""
+    """The base model with the round's adapter loaded (eval mode). Tensors of
+    another shape (another model or LoRA config) are a ModelError."""
     cfg = trained.cfg
     model = build_model(cfg.model, cfg.lora, num_labels=len(cfg.data.labels),
                         seed=cfg.train.seed)
-    try:
-        state = load_file(str(trained.adapter / ADAPTER_FILE))
-    except (OSError, RuntimeError) as err:
-        raise ModelError(f"{trained.adapter / ADAPTER_FILE}: unreadable adapter "
-                         f"({err})") from err
+    state = trained.tensors()
     try:
         set_adapter_state(model, state)
     except ModelError as err:
@@ -194,9 +204,7 @@ def export(source: str | Path, *, out: str | Path, which: str | None = None,
 
 def _meta(trained: Trained, *, kind: str) -> dict[str, Any]:
     cfg = trained.cfg
-    meta_file = trained.adapter / FEDTUNE_META
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    return {**meta, "export": kind, "round": trained.round,
+    return {**trained.meta, "export": kind, "round": trained.round,
             "source_run": str(trained.source.resolve()), "task": cfg.model.task,
             "base_model": cfg.model.name_or_path,
             "labels": list(cfg.data.labels) if cfg.model.task == "classification"

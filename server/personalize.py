@@ -16,11 +16,10 @@ from typing import Any
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
-from safetensors.torch import load_file
 
 from fedtune.common import records
 from fedtune.common.config import RunConfig
-from fedtune.server.export import ADAPTER_FILE, resolve
+from fedtune.server.export import resolve
 from fedtune.server.stats import failure_words
 
 logger = logging.getLogger(__name__)
@@ -41,7 +40,7 @@ def personalize(grid: Grid, *, cfg: RunConfig, run_dir: Path) -> dict[str, Any] 
     if not cfg.train.personalize_epochs:
         return None
     trained = resolve(run_dir)  # best, else final
-    arrays = records.to_record(load_file(str(trained.adapter / ADAPTER_FILE)))
+    arrays = records.to_record(trained.tensors())
     conf = ConfigRecord({records.PERSONALIZE: 1,
                          records.SERVER_ROUND: trained.round})
     nodes = sorted(grid.get_node_ids())
