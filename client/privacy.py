@@ -159,7 +159,7 @@ def open_round(cfg: RunConfig, *, num_examples: int, round_: int,
     asked for only when the run releases a class histogram (classification).
     """
     dp = cfg.privacy.enabled
-    train_cfg = cfg.train.phase(round_)  # a head-only round's own lr and epochs
+    train_cfg = cfg.phase(round_)  # a head-only round's own lr and epochs
     q = sample_rate(batch_size=train_cfg.batch_size, num_examples=num_examples)
     planned = steps_per_round(sample_rate_=q, epochs=train_cfg.local_epochs,
                               max_steps=train_cfg.max_steps)
@@ -194,6 +194,6 @@ def open_round(cfg: RunConfig, *, num_examples: int, round_: int,
         state.history += histogram
     return RoundPrivacy(
         cfg=cfg, round_=round_, train_cfg=train_cfg,
-        head_only=cfg.train.head_only(round_), noise_multiplier=sigma,
+        head_only=cfg.head_only(round_), noise_multiplier=sigma,
         sample_rate=q, terms=recipe.class_terms(cfg, released if counting else None),
         state=state, prior=released, book=book, run=run, message=message)

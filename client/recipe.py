@@ -7,7 +7,10 @@
   Gaussian mechanism (``privacy.count_noise_multiplier`` records of noise per bin,
   charged to the privacy state and the ledger like any DP-SGD segment). From it come
   the logit adjustment ``tau * log(prior)`` of the training loss and the record
-  weights applied after clipping. The histogram stays on the site.
+  weights applied after clipping. The histogram stays on the site, except for the
+  decision calibration after the last round: the server then asks for it
+  (post-processing of the DP release, no further cost) to sum the federation's
+  prior (:mod:`fedtune.client.calibrate`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from fedtune.common import accounting
 from fedtune.common.accounting import Segment
 from fedtune.common.config import RunConfig
 
-PRIOR_STATE = "fedtune-class-histogram"  # Context.state key (never sent)
+PRIOR_STATE = "fedtune-class-histogram"  # Context.state key
 
 
 def noisy_class_counts(labels: Sequence[int], *, num_classes: int, sigma: float,
@@ -76,7 +79,7 @@ def class_terms(cfg: RunConfig, counts: Sequence[float] | None) -> ClassTerms:
         weights = torch.tensor(accounting.class_weights(
             prior, mode=cfg.train.class_weighting), dtype=torch.float32)
     bias = None
-    if cfg.train.logit_adjustment > 0:
-        bias = cfg.train.logit_adjustment * torch.log(
+    if cfg.logit_adjustment > 0:
+        bias = cfg.logit_adjustment * torch.log(
             torch.tensor(prior, dtype=torch.float32))
     return ClassTerms(weights, bias)

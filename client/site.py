@@ -60,10 +60,12 @@ def _site_data(cfg: RunConfig, source: str, part: int, num_parts: int,
     tr, va = data.split_validation(range(len(recs)), fraction=cfg.data.val_fraction,
                                    seed=cfg.train.seed + part)
     tok = load_tokenizer(cfg.model.name_or_path, cfg.model.gguf_file)
+    fitted = data.fit_length(recs, tok, task=cfg.model.task, cfg=cfg.data,
+                             source=name)  # one token limit for train and val
 
     def enc(idx: list[int]) -> EncodedDataset:
         return data.encode_for_task([recs[i] for i in idx], tok, task=cfg.model.task,
-                                    cfg=cfg.data, source=source)
+                                    cfg=fitted, source=source)
 
     return SiteData(train=enc(tr), val=enc(va), name=name,
                     fingerprint=ledger.fingerprint(recs), records=len(recs))

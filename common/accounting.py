@@ -150,7 +150,8 @@ class NoisePlan:
 
     ``count_sigma``: the class-histogram release (0: none); ``probe_sigma``: the
     first ``probe_rounds`` (head-only) rounds, ``probe_steps`` steps each;
-    ``tune_sigma``: the rest, ``tune_steps`` steps each.
+    ``tune_sigma``: the rest, ``tune_steps`` steps each; ``calibration_sigma``:
+    the decision calibration's counts after the last round (0: none).
     """
 
     count_sigma: float
@@ -159,6 +160,7 @@ class NoisePlan:
     probe_rounds: int
     probe_steps: int
     tune_steps: int
+    calibration_sigma: float = 0.0
 
     def sigma(self, round_: int) -> float:
         """The DP-SGD noise multiplier of round ``round_``."""
@@ -168,9 +170,13 @@ class NoisePlan:
         """The DP-SGD steps round ``round_`` takes."""
         return self.probe_steps if round_ <= self.probe_rounds else self.tune_steps
 
-    def history(self, *, sample_rate_: float, rounds: int) -> list[Segment]:
-        """The releases of the first ``rounds`` rounds, as planned."""
+    def history(self, *, sample_rate_: float, rounds: int, ended: bool = False
+                ) -> list[Segment]:
+        """The releases of the first ``rounds`` rounds, as planned (``ended``: and
+        the decision calibration after the last one)."""
         out: list[Segment] = [(self.count_sigma, 1.0, 1)] if self.count_sigma else []
+        if ended and self.calibration_sigma:
+            out.append((self.calibration_sigma, 1.0, 1))
         probe = min(rounds, self.probe_rounds)
         if probe:
             out.append((self.probe_sigma, sample_rate_, self.probe_steps * probe))
@@ -184,24 +190,26 @@ def run_plan(cfg: RunConfig, *, num_examples: int, count: bool | None = None
              ) -> tuple[float, NoisePlan]:
     """(sampling rate, noise plan) of a site with ``num_examples`` training records
     under the run's config: its sampling rate and each phase's steps per round."""
-    q = sample_rate(batch_size=cfg.train.batch_size, num_examples=num_examples)
+    q = sample_rate(batch_size=cfg.phase(1).batch_size, num_examples=num_examples)
     probe, tune = (steps_per_round(sample_rate_=q, epochs=t.local_epochs,
                                    max_steps=t.max_steps)
-                   for t in (cfg.train.phase(1), cfg.train.phase(
-                       cfg.train.linear_probe_rounds + 1)))
+                   for t in (cfg.phase(1), cfg.phase(cfg.probe_rounds + 1)))
     return q, plan_schedule(
         cfg.privacy, sample_rate_=q, steps_per_round_=tune,
         num_rounds=cfg.federation.num_rounds,
-        probe_rounds=cfg.train.linear_probe_rounds, probe_steps_per_round=probe,
-        count=cfg.releases_class_histogram if count is None else count)
+        probe_rounds=cfg.probe_rounds, probe_steps_per_round=probe,
+        count=cfg.releases_class_histogram if count is None else count,
+        calibration=cfg.calibrates)
 
 
 def plan_schedule(cfg: PrivacyConfig, *, sample_rate_: float, steps_per_round_: int,
                   num_rounds: int, probe_rounds: int = 0, count: bool = False,
-                  probe_steps_per_round: int = 0) -> NoisePlan:
+                  probe_steps_per_round: int = 0, calibration: bool = False
+                  ) -> NoisePlan:
     """Noise for a run of ``num_rounds`` rounds whose first ``probe_rounds`` train
     the head only (``probe_steps_per_round`` steps each; 0: ``steps_per_round_``),
-    after a class-histogram release when ``count``.
+    after a class-histogram release when ``count`` and before the decision
+    calibration's release when ``calibration``.
 
     With ``cfg.linear_probe_budget`` the histogram and the probe rounds spend that
     share of ``target_epsilon`` and the later rounds are calibrated so that the
@@ -213,10 +221,13 @@ def plan_schedule(cfg: PrivacyConfig, *, sample_rate_: float, steps_per_round_: 
     tune_rounds = num_rounds - probe_rounds
     count_sigma = cfg.count_noise_multiplier if count else 0.0
     prefix: list[Segment] = [(count_sigma, 1.0, 1)] if count else []
+    calibration_sigma = cfg.calibration_noise_multiplier if calibration else 0.0
+    if calibration:  # composition does not depend on the order of the releases
+        prefix.append((calibration_sigma, 1.0, 1))
 
     def plan(probe: float, tune: float) -> NoisePlan:
         return NoisePlan(count_sigma, probe, tune, probe_rounds, probe_steps,
-                         steps_per_round_)
+                         steps_per_round_, calibration_sigma)
 
     if cfg.noise_multiplier > 0:
         return plan(cfg.noise_multiplier, cfg.noise_multiplier)

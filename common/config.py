@@ -117,7 +117,7 @@ class ModelConfig(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # Classification head's initial weights. "zero" starts every class at the same
     # logit, so the first noisy DP steps do not have to undo a random head.
-    head_init: Literal["random", "zero"] = "random"
+    head_init: Literal["random", "zero"] = "zero"
     # 0: a linear head on the pooled features; N: linear(N) + GELU + linear.
     head_hidden: int = 0
 
@@ -193,6 +193,10 @@ class PrivacyConfig(_Section):
     histogram a site releases once per run for ``train.logit_adjustment`` and
     ``train.class_weighting``; it is charged to the ledger and the DP-SGD noise is
     calibrated so that histogram + training together spend ``target_epsilon``.
+    ``calibration_noise_multiplier`` is the Gaussian noise (per unit of L2
+    sensitivity) on the validation counts a site releases once, after the last
+    round, for ``train.calibrate_decisions``; it is planned and charged like the
+    histogram.
 
     ``personalize_epsilon`` (at ``target_delta``) is what a site's personalisation
     (``train.personalize_epochs``) may spend on top of the run; its DP-SGD noise is
@@ -222,12 +226,14 @@ class PrivacyConfig(_Section):
     central_clipping_norm: float = 1.0
     linear_probe_budget: float = 0.0
     count_noise_multiplier: float = 20.0
+    calibration_noise_multiplier: float = 2.0
     personalize_epsilon: float = 1.0
 
     def _check(self) -> list[str]:
         out = _positive(self, "target_epsilon", "max_grad_norm",
                         "central_noise_multiplier", "central_clipping_norm",
-                        "count_noise_multiplier", "personalize_epsilon")
+                        "count_noise_multiplier", "calibration_noise_multiplier",
+                        "personalize_epsilon")
         out += _non_negative(self, "noise_multiplier", "budget_epsilon")
         if not 0.0 <= self.linear_probe_budget < 1.0:
             out.append(f"linear_probe_budget: must be in [0, 1) (the share of "
@@ -242,24 +248,35 @@ class PrivacyConfig(_Section):
 class TrainConfig(_Section):
     """Local training on a site (one call per round).
 
-    The DP-aware recipe (bench/privacy_utility.py measures each piece):
+    The defaults are the DP recipe measured on the shipped ICD-10 task
+    (bench/dp_recipe.py, bench/README.md); each piece is a key:
 
-    - ``linear_probe_rounds``: LP-FT. The first rounds (all of them when it is
-      at least ``federation.num_rounds``) train the classification
-      head only (LoRA frozen): DP noise then spreads over ~8 k instead of ~80 k
-      dimensions. Later rounds train LoRA + head. The head-only rounds train on
-      each record's pooled features, computed once per run (the encoder does not
-      change while LoRA is frozen), so they can afford many epochs
-      (``linear_probe_epochs``, 0: ``local_epochs``) at their own
-      ``linear_probe_learning_rate`` (0: ``learning_rate``). The batch (so the
-      sampling rate) is shared; the noise plan counts each phase's steps.
+    - ``linear_probe_rounds``: LP-FT. Rounds ``1..linear_probe_rounds`` (``-1``,
+      the default: every round; ``0``: none) train the classification head only
+      (LoRA frozen): DP noise then spreads over ~8 k instead of ~80 k dimensions.
+      Later rounds train LoRA + head. The head-only rounds train on each record's
+      pooled features, computed once per run (the encoder does not change while
+      LoRA is frozen), so they afford many epochs (``linear_probe_epochs``, 0:
+      ``local_epochs``) at their own ``linear_probe_learning_rate`` (0:
+      ``learning_rate``). The batch (so the sampling rate) is shared; the noise
+      plan counts each phase's steps. A causal LM has no head: no such rounds.
+    - ``batch_size``: the expected Poisson batch; 0 (the default) takes the
+      recipe's, 512 for classification (the noise that matters is sigma / batch)
+      and 16 for a causal LM (per-sample gradients of a language model's LoRA
+      are large).
     - ``logit_adjustment`` (tau): train on ``logits + tau * log(prior)`` with the
       site's class prior counted under DP (Menon et al. 2021; FedLC, Zhang et al.
       2022). The model's own logits then score classes as if balanced, which undoes
       the pull of DP clipping and label skew towards the majority class.
+    - ``calibrate_decisions``: after the last round every site releases, under DP,
+      counts on its validation split that score a few decision biases
+      ``strength * log(prior)`` between balanced and prior-matched; the server
+      keeps the one with the best macro-F1 (see :mod:`fedtune.common.calibration`).
+      Needs ``data.val_fraction`` > 0.
     - ``personalize_epochs`` (0: off): after the last round every site fine-tunes
       the best global adapter on its own data for that many epochs (at
-      ``personalize_learning_rate``, 0: the last round's), under DP with its own
+      ``personalize_learning_rate``; 0: 0.02 for the head, measured, else the
+      last round's), under DP with its own
       ``privacy.personalize_epsilon`` charged to the site's ledger, keeps the
       result on the site and reports only its own held-out scores, global and
       personalised. It trains what the last round trained (the head only in an
@@ -268,51 +285,47 @@ class TrainConfig(_Section):
     - ``class_weighting``: per-record weights <= 1 (``sqrt`` or ``balanced``
       inverse frequency, the rarest class at 1) applied after per-sample clipping,
       so the sensitivity stays ``max_grad_norm``.
+
+    The classification-only keys (the head rounds, the logit adjustment, the
+    calibration) are ignored for a causal LM at their defaults and refused when
+    set to anything else. Ask :class:`RunConfig` (``phase``, ``head_only``,
+    ``probe_rounds``) for a round's effective settings.
     """
 
     SECTION = "train"
     local_epochs: int = 1
     max_steps: int = 0
-    batch_size: int = 16
+    batch_size: int = 0  # 0: the recipe's (512 classification, 16 causal LM)
     eval_batch_size: int = 64
     optimizer: Literal["adamw", "sgd"] = "adamw"
     learning_rate: float = 5e-3
     momentum: float = 0.9
     weight_decay: float = 0.0
-    warmup_ratio: float = 0.1
+    warmup_ratio: float = 0.0
     max_grad_norm: float = 1.0
     early_stopping_patience: int = 0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     seed: int = 0
-    linear_probe_rounds: int = 0
-    linear_probe_learning_rate: float = 0.0
-    linear_probe_epochs: int = 0
-    logit_adjustment: float = 0.0
+    linear_probe_rounds: int = -1  # -1: every round (classification); 0: none
+    linear_probe_learning_rate: float = 0.1
+    linear_probe_epochs: int = 10
+    logit_adjustment: float = 1.0
     class_weighting: Literal["none", "sqrt", "balanced"] = "none"
+    calibrate_decisions: bool = True
     personalize_epochs: int = 0
     personalize_learning_rate: float = 0.0
 
-    def head_only(self, server_round: int) -> bool:
-        """Whether round ``server_round`` trains the classification head only."""
-        return server_round <= self.linear_probe_rounds
-
-    def phase(self, server_round: int) -> TrainConfig:
-        """The settings of round ``server_round``: a head-only round's own
-        learning rate and epochs, where set."""
-        if not self.head_only(server_round):
-            return self
-        return dataclasses.replace(
-            self, learning_rate=self.linear_probe_learning_rate or self.learning_rate,
-            local_epochs=self.linear_probe_epochs or self.local_epochs)
-
     def _check(self) -> list[str]:
-        out = _positive(self, "local_epochs", "batch_size", "eval_batch_size",
+        out = _positive(self, "local_epochs", "eval_batch_size",
                         "learning_rate", "max_grad_norm")
-        out += _non_negative(self, "max_steps", "weight_decay",
-                             "early_stopping_patience", "linear_probe_rounds",
+        out += _non_negative(self, "max_steps", "weight_decay", "batch_size",
+                             "early_stopping_patience",
                              "linear_probe_learning_rate", "linear_probe_epochs",
                              "logit_adjustment", "personalize_epochs",
                              "personalize_learning_rate")
+        if self.linear_probe_rounds < -1:
+            out.append(f"linear_probe_rounds: must be >= -1 (-1: every round, 0: "
+                       f"none), got {self.linear_probe_rounds!r}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             out.append(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio!r}")
         if not 0.0 <= self.momentum < 1.0:
@@ -320,9 +333,29 @@ class TrainConfig(_Section):
         return out
 
 
+# data.max_length 0 follows the data: this percentile of the records' token
+# lengths, at most this cap (longer records are truncated).
+AUTO_LENGTH_PERCENTILE, AUTO_LENGTH_CAP = 99.0, 256
+
+# The 21 chapters of the shipped ICD-10-CM data (fedtune:icd10-chapters), in order.
+ICD10_CHAPTERS = (
+    "infectious", "neoplasms", "blood-immune", "endocrine", "mental", "nervous",
+    "eye", "ear", "circulatory", "respiratory", "digestive", "skin",
+    "musculoskeletal", "genitourinary", "pregnancy", "perinatal", "congenital",
+    "symptoms", "injury", "external-causes", "health-factors")
+
+
 @dataclass(frozen=True)
 class DataConfig(_Section):
     """Where the data is and how simulation splits it into sites.
+
+    ``max_length`` (tokens per record; 0, the default: follow the data) truncates
+    longer records; at 0 each data set (a site's records, the test set) takes the
+    99th percentile of its own token lengths, at most 256, and logs it.
+
+    ``max_records`` (0: all) keeps the first records of ``source`` before a
+    simulation splits it into sites (the shipped files are shuffled, so this is a
+    random sample); ``max_samples_per_site`` then caps each site.
 
     ``retention_source`` (causal LM): general text (one record per line, its text in
     ``retention_column``; ``fedtune:chitchat-retention`` ships offline) that the
@@ -331,27 +364,35 @@ class DataConfig(_Section):
     ``max_retention_samples`` records (0: all)."""
 
     SECTION = "data"
-    source: str = "fedtune:drug-reviews"
-    test_source: str = "fedtune:drug-reviews-test"
-    text_column: str = "review"
-    label_column: str = "rating"
+    source: str = "fedtune:icd10-chapters"
+    test_source: str = "fedtune:icd10-chapters-test"
+    text_column: str = "text"
+    label_column: str = "chapter"
     prompt_column: str = "prompt"
     response_column: str = "response"
-    labels: tuple[str, ...] = ("negative", "neutral", "positive")
-    max_length: int = 128
-    partition: Literal["iid", "dirichlet", "column"] = "column"
+    labels: tuple[str, ...] = ICD10_CHAPTERS
+    max_length: int = 0  # 0: follow the data (fedtune.common.data.fit_length)
+    partition: Literal["iid", "dirichlet", "column"] = "dirichlet"
     partition_column: str = "condition"
-    dirichlet_alpha: float = 0.5
+    dirichlet_alpha: float = 1.0
     val_fraction: float = 0.1
+    max_records: int = 0  # the first N records of source, before partitioning
     max_samples_per_site: int = 0
     max_test_samples: int = 0
     retention_source: str = ""
     retention_column: str = "text"
     max_retention_samples: int = 200
 
+    @property
+    def length_cap(self) -> int:
+        """The token limit where no data decides it (inference, generation, the
+        retention set): ``max_length``, else :data:`AUTO_LENGTH_CAP`."""
+        return self.max_length or AUTO_LENGTH_CAP
+
     def _check(self) -> list[str]:
-        out = _positive(self, "max_length", "dirichlet_alpha")
-        out += _non_negative(self, "max_samples_per_site", "max_test_samples",
+        out = _positive(self, "dirichlet_alpha")
+        out += _non_negative(self, "max_length", "max_records", "max_samples_per_site",
+                             "max_test_samples",
                              "max_retention_samples")
         if not 0.0 <= self.val_fraction < 0.5:
             out.append(f"val_fraction: must be in [0, 0.5), got {self.val_fraction!r}")
@@ -500,11 +541,63 @@ class RunConfig:
         return "macro-f1" if self.model.task == "classification" else "loss"
 
     @property
+    def classifies(self) -> bool:
+        return self.model.task == "classification"
+
+    @property
+    def calibrates(self) -> bool:
+        """Whether the run ends with the DP decision calibration (it scales the
+        logit adjustment: with ``train.logit_adjustment`` 0 there is nothing to
+        calibrate, and the server says so)."""
+        return (self.classifies and self.train.calibrate_decisions
+                and self.train.logit_adjustment > 0)
+
+    @property
     def releases_class_histogram(self) -> bool:
         """Whether each site releases its class histogram (under DP) for the
-        logit adjustment or the class weights."""
-        return self.model.task == "classification" and (
-            self.train.logit_adjustment > 0 or self.train.class_weighting != "none")
+        logit adjustment, the class weights or the decision calibration (whose
+        biases follow the federation's prior)."""
+        return self.classifies and (
+            self.train.logit_adjustment > 0 or self.train.class_weighting != "none"
+            or self.calibrates)
+
+    @property
+    def logit_adjustment(self) -> float:
+        """The training loss's tau (0 for a causal LM)."""
+        return self.train.logit_adjustment if self.classifies else 0.0
+
+    @property
+    def probe_rounds(self) -> int:
+        """How many rounds (the first ones) train the head only."""
+        if not self.classifies:
+            return 0
+        lp, rounds = self.train.linear_probe_rounds, self.federation.num_rounds
+        return rounds if lp < 0 else min(lp, rounds)
+
+    def head_only(self, server_round: int) -> bool:
+        """Whether round ``server_round`` trains the classification head only."""
+        return server_round <= self.probe_rounds
+
+    def exchanges_head_only(self, server_round: int) -> bool:
+        """Whether round ``server_round`` sends the head alone both ways: a
+        head-only round leaves LoRA at its seeded initial value on every site (the
+        head rounds come first), so only the head need travel. SecAgg+ rounds send
+        the whole adapter (its masked vector has one fixed layout)."""
+        return self.head_only(server_round) and not self.federation.secure_aggregation
+
+    def phase(self, server_round: int) -> TrainConfig:
+        """The effective settings of round ``server_round``: the recipe's batch
+        where ``batch_size`` is 0, and a head-only round's own learning rate and
+        epochs where set."""
+        t = self.train
+        batch = t.batch_size or (512 if self.classifies else 16)
+        if not self.head_only(server_round):
+            return t if batch == t.batch_size else dataclasses.replace(
+                t, batch_size=batch)
+        return dataclasses.replace(
+            t, batch_size=batch,
+            learning_rate=t.linear_probe_learning_rate or t.learning_rate,
+            local_epochs=t.linear_probe_epochs or t.local_epochs)
 
 
 SECTIONS: dict[str, type[_Section]] = {
@@ -561,20 +654,31 @@ def _cross_checks(sec: Mapping[str, Any]) -> list[str]:
     train, model = sec["train"], sec["model"]
     out = []
     if model.task != "classification":
+        # a key at its default or switched off is fine (a shared base config); a
+        # value that would act on a classification head is refused
+        defaults = TrainConfig()
+        off = {"linear_probe_rounds": 0, "logit_adjustment": 0.0,
+               "calibrate_decisions": False, "class_weighting": "none"}
         used = [f"train.{k}" for k in ("linear_probe_rounds", "logit_adjustment",
                                         "linear_probe_learning_rate",
-                                        "linear_probe_epochs")
-                if getattr(train, k)]
-        used += ["train.class_weighting"] * (train.class_weighting != "none")
-        used += ["model.head_init"] * (model.head_init != "random")
+                                        "linear_probe_epochs", "class_weighting",
+                                        "calibrate_decisions")
+                if getattr(train, k) not in (getattr(defaults, k), off.get(k))]
         used += ["model.head_hidden"] * bool(model.head_hidden)
         out += [f"{k}: needs model.task classification (it acts on the "
                 f"classification head), got {model.task!r}" for k in used]
-    if priv.linear_probe_budget and not 0 < train.linear_probe_rounds < \
-            fed.num_rounds:
+    probe = train.linear_probe_rounds
+    probe = fed.num_rounds if probe < 0 else probe
+    if priv.linear_probe_budget and not 0 < probe < fed.num_rounds:
         out.append("privacy.linear_probe_budget: needs train.linear_probe_rounds "
                    "between 1 and federation.num_rounds - 1 (a budget split needs "
                    "both phases)")
+    if model.task == "classification" and train.calibrate_decisions and \
+            train.logit_adjustment > 0 and not sec["data"].val_fraction:
+        out.append("train.calibrate_decisions: needs data.val_fraction > 0 (each "
+                   "site scores the candidate decisions on its own validation "
+                   "split); set data.val_fraction (e.g. 0.1) or "
+                   "train.calibrate_decisions: false")
     if priv.linear_probe_budget and priv.noise_multiplier:
         out.append("privacy.linear_probe_budget: cannot be combined with a fixed "
                    "privacy.noise_multiplier (the split calibrates the noise of "

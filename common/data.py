@@ -10,7 +10,10 @@ pure functions of sizes/labels/values and a seed.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import logging
+import math
 import random
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
@@ -22,10 +25,16 @@ import torch
 from torch.utils.data import Dataset
 
 from fedtune.common import assets
-from fedtune.common.config import DataConfig, RunConfig
+from fedtune.common.config import (
+    AUTO_LENGTH_CAP,
+    AUTO_LENGTH_PERCENTILE,
+    DataConfig,
+    RunConfig,
+)
 from fedtune.common.errors import DataError
 
 Record = dict[str, Any]
+logger = logging.getLogger(__name__)
 
 
 def file_stamp(source: str) -> tuple[int, ...]:
@@ -191,7 +200,7 @@ def site_records(records: Sequence[Record], cfg: DataConfig, *, task: str,
     """A site's records and name: simulation partition ``part`` of ``num_parts``
     (``num_parts`` 0: all of them, a deployed site's own file), capped at
     ``cfg.max_samples_per_site``."""
-    recs, name = list(records), source
+    recs, name = list(records[: cfg.max_records or None]), source
     if num_parts > 0:
         ys = (label_ids(recs, column=cfg.label_column, labels=cfg.labels,
                         source=source) if task == "classification" else None)
@@ -350,9 +359,55 @@ def required_columns(task: str, cfg: DataConfig) -> list[str]:
             else [cfg.prompt_column, cfg.response_column])
 
 
+def length_percentile(lengths: Sequence[int], *,
+                      percentile: float = AUTO_LENGTH_PERCENTILE,
+                      cap: int = AUTO_LENGTH_CAP) -> int:
+    """The token limit that keeps ``percentile`` % of the records whole (nearest
+    rank), at most ``cap``; at least 2."""
+    if not lengths:
+        return cap
+    ranked = sorted(lengths)
+    k = max(0, math.ceil(percentile / 100 * len(ranked)) - 1)
+    return max(2, min(cap, ranked[k]))
+
+
+def token_lengths(records: Sequence[Record], tokenizer: Any, *, task: str,
+                  cfg: DataConfig) -> list[int]:
+    """Each record's length in tokens, untruncated, as its task encodes it."""
+    if task == "classification":
+        texts = [str(r[cfg.text_column]) for r in records]
+        return [len(ids) for ids in tokenizer(texts)["input_ids"]] if texts else []
+    eos = int(tokenizer.eos_token_id is not None)
+    return [len(tokenizer(str(r[cfg.prompt_column]) + "\n",
+                          add_special_tokens=False)["input_ids"])
+            + len(tokenizer(str(r[cfg.response_column]),
+                            add_special_tokens=False)["input_ids"]) + eos
+            for r in records]
+
+
+def fit_length(records: Sequence[Record], tokenizer: Any, *, task: str,
+               cfg: DataConfig, source: str = "data") -> DataConfig:
+    """``cfg`` with ``max_length`` set: as configured, or (0) the
+    :func:`length_percentile` of these records' token lengths, capped by the
+    model's own limit too, and logged."""
+    if cfg.max_length or not records:
+        return cfg
+    limit = getattr(tokenizer, "model_max_length", AUTO_LENGTH_CAP) or AUTO_LENGTH_CAP
+    cap = min(AUTO_LENGTH_CAP, int(limit))
+    lengths = token_lengths(records, tokenizer, task=task, cfg=cfg)
+    fitted = length_percentile(lengths, cap=cap)
+    logger.info("data.max_length follows the data: %d tokens for %s (the %gth "
+                "percentile of %d records, cap %d; %d records truncated)", fitted,
+                source, AUTO_LENGTH_PERCENTILE, len(lengths), cap,
+                sum(1 for n in lengths if n > fitted))
+    return dataclasses.replace(cfg, max_length=fitted)
+
+
 def encode_for_task(records: Sequence[Record], tokenizer: Any, *, task: str,
                     cfg: DataConfig, source: str = "data") -> EncodedDataset:
-    """Tokenize records for the run's task (classification or causal-LM SFT)."""
+    """Tokenize records for the run's task (classification or causal-LM SFT), at
+    ``cfg.max_length`` tokens (0: :func:`fit_length`)."""
+    cfg = fit_length(records, tokenizer, task=task, cfg=cfg, source=source)
     if task == "classification":
         return encode_classification(records, tokenizer, cfg=cfg, source=source)
     return encode_sft(records, tokenizer, cfg=cfg)

@@ -209,7 +209,7 @@ def _meta(trained: Trained, *, kind: str) -> dict[str, Any]:
             "base_model": cfg.model.name_or_path,
             "labels": list(cfg.data.labels) if cfg.model.task == "classification"
             else [], "head_hidden": cfg.model.head_hidden,
-            "max_length": cfg.data.max_length,
+            "max_length": cfg.data.length_cap,
             "input_column": (cfg.data.text_column if cfg.model.task == "classification"
                              else cfg.data.prompt_column),
             "pooling": "masked mean over last_hidden_state"

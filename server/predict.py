@@ -77,6 +77,8 @@ class Predictor:
     model: Any
     tokenizer: Any
     device: torch.device
+    # the run's calibrated decision bias (fedtune_model.json), added to the logits
+    decision_bias: torch.Tensor | None = None
 
     @classmethod
     def open(cls, source: str | Path, *, which: str | None = None, device: str = "auto",
@@ -95,10 +97,13 @@ class Predictor:
         cfg = trained.cfg
         model = export.load_model(trained, dev)
         tok = load_tokenizer(cfg.model.name_or_path, cfg.model.gguf_file)
+        bias = trained.meta.get("decision_bias")
         return cls(task=cfg.model.task, labels=list(cfg.data.labels),
                    column=column or input_column(cfg),
                    batch_size=batch_size or cfg.train.eval_batch_size, cfg=cfg,
-                   model=model, tokenizer=tok, device=dev)
+                   model=model, tokenizer=tok, device=dev,
+                   decision_bias=torch.tensor(bias, dtype=torch.float32)
+                   if bias else None)
 
     def predict(self, records: Sequence[Record], *, progress: bool = True
                 ) -> Iterator[Record]:
@@ -131,17 +136,19 @@ class Predictor:
         """Class probabilities of a batch of texts (classification)."""
         assert self.cfg is not None
         enc = self.tokenizer(texts, truncation=True,
-                             max_length=self.cfg.data.max_length, padding=True,
+                             max_length=self.cfg.data.length_cap, padding=True,
                              return_tensors="pt").to(self.device)
         logits = self.model(input_ids=enc["input_ids"],
-                            attention_mask=enc["attention_mask"])
-        return torch.softmax(logits.float(), -1).cpu()
+                            attention_mask=enc["attention_mask"]).float()
+        if self.decision_bias is not None:
+            logits = logits + self.decision_bias.to(logits.device)
+        return torch.softmax(logits, -1).cpu()
 
     def _generate(self, prompt: str) -> str:
         assert self.cfg is not None
         ids = self.tokenizer(prompt + "\n", return_tensors="pt",
                              add_special_tokens=False).to(self.device)
-        out = self.model.generate(**ids, max_new_tokens=self.cfg.data.max_length,
+        out = self.model.generate(**ids, max_new_tokens=self.cfg.data.length_cap,
                                   do_sample=False,
                                   pad_token_id=self.tokenizer.pad_token_id)
         return str(self.tokenizer.decode(out[0, ids["input_ids"].shape[1]:],

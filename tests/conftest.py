@@ -106,15 +106,25 @@ def sft_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_jsonl(out / "sft.jsonl", rows)
 
 
+REVIEW_DATA = {"text_column": "review", "label_column": "rating",
+               "labels": ["negative", "neutral", "positive"]}
+# LoRA from round 1, none of the DP recipe's pieces: what the infrastructure tests
+# (payloads, ranks, compression, SecAgg+, resume) exercise. The recipe's own tests
+# set its keys or use the defaults.
+LORA_ONLY = {"linear_probe_rounds": 0, "logit_adjustment": 0.0,
+             "calibrate_decisions": False}
+
+
 def tiny_config(model_dir: Path, train_file: Path, test_file: Path, **sections: dict
                 ) -> dict:
     """A nested run config for the tiny BERT and the synthetic reviews."""
     base = {
-        "model": {"name_or_path": str(model_dir)},
+        "model": {"name_or_path": str(model_dir), "head_init": "random"},
         "lora": {"r": 4, "alpha": 8},
-        "train": {"batch_size": 8, "learning_rate": 1e-2, "eval_batch_size": 32},
+        "train": {"batch_size": 8, "learning_rate": 1e-2, "eval_batch_size": 32,
+                  **LORA_ONLY},
         "data": {"source": str(train_file), "test_source": str(test_file),
-                 "max_length": 32,
+                 "max_length": 32, **REVIEW_DATA,
                  "partition": "iid"},
         "federation": {"num_sites": 3, "num_rounds": 2, "min_train_nodes": 3},
     }

@@ -19,14 +19,14 @@ from fedtune.common.config import (
     TrainConfig,
 )
 from fedtune.common.errors import ConfigError
-from tests.conftest import make_reviews
+from tests.conftest import REVIEW_DATA, make_reviews
 
 CPU = torch.device("cpu")
 
 
 def _sets(tiny_bert: Path, n: int = 96) -> tuple[data.EncodedDataset, ...]:
     tok = M.load_tokenizer(str(tiny_bert))
-    cfg = DataConfig(max_length=32)
+    cfg = DataConfig(max_length=32, **REVIEW_DATA)
     recs = make_reviews(n, 0)
     return (data.encode_classification(recs[: n - 24], tok, cfg=cfg),
             data.encode_classification(recs[n - 24:], tok, cfg=cfg))

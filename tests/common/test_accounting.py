@@ -91,4 +91,5 @@ def test_run_plan_reads_the_phases_from_the_config() -> None:
                             "federation": {"num_rounds": 3}})
     q, plan = accounting.run_plan(cfg, num_examples=1000)
     assert q == 0.1 and (plan.probe_steps, plan.tune_steps) == (50, 10)
-    assert cfg.train.phase(2).local_epochs == 5 and cfg.train.phase(3) is cfg.train
+    assert cfg.phase(2).local_epochs == 5 and cfg.phase(3) is cfg.train
+    assert cfg.head_only(2) and not cfg.head_only(3) and cfg.probe_rounds == 2

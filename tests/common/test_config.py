@@ -83,7 +83,7 @@ def test_all_problems_reported_together() -> None:
     ({"train": {"optimizer": "lion"}}, r"train.optimizer: expected one of"),
     ({"train": {"momentum": 1.0}}, r"train.momentum: must be in \[0, 1\)"),
     ({"train": {"learning_rate": True}}, r"train.learning_rate: expected a number"),
-    ({"data": {"max_length": 0}}, r"data.max_length: must be > 0"),
+    ({"data": {"max_length": -1}}, r"data.max_length: must be >= 0"),
     ({"data": {"val_fraction": 0.5}}, r"data.val_fraction: must be in \[0, 0.5\)"),
     ({"data": {"labels": ["a", "a"]}}, r"data.labels: must be distinct"),
     ({"data": {"partition": "column", "partition_column": ""}},
@@ -121,8 +121,11 @@ def test_all_problems_reported_together() -> None:
      r"privacy.linear_probe_budget: must be in \[0, 1\)"),
     ({"privacy": {"count_noise_multiplier": 0}},
      r"privacy.count_noise_multiplier: must be > 0"),
-    ({"train": {"linear_probe_rounds": -1}},
-     r"train.linear_probe_rounds: must be >= 0"),
+    ({"train": {"linear_probe_rounds": -2}},
+     r"train.linear_probe_rounds: must be >= -1 \(-1: every round, 0: none\)"),
+    ({"data": {"val_fraction": 0.0}},
+     r"train.calibrate_decisions: needs data.val_fraction > 0 .* set "
+     r"data.val_fraction \(e.g. 0.1\) or train.calibrate_decisions: false"),
     ({"train": {"logit_adjustment": -0.5}}, r"train.logit_adjustment: must be >= 0"),
     ({"train": {"class_weighting": "inverse"}}, r"train.class_weighting: expected one"),
     ({"federation": {"weighting": "records"}}, r"federation.weighting: expected one"),
@@ -136,12 +139,12 @@ def test_all_problems_reported_together() -> None:
       "train": {"linear_probe_rounds": 1}},
      r"privacy.linear_probe_budget: cannot be combined with a fixed "
      r"privacy.noise_multiplier"),
-    ({"model": {"task": "causal-lm"}, "train": {"logit_adjustment": 1.0}},
+    ({"model": {"task": "causal-lm"}, "train": {"logit_adjustment": 0.5}},
      r"train.logit_adjustment: needs model.task classification"),
     ({"model": {"task": "causal-lm"}, "train": {"linear_probe_rounds": 1}},
      r"train.linear_probe_rounds: needs model.task classification"),
-    ({"model": {"task": "causal-lm", "head_init": "zero"}},
-     r"model.head_init: needs model.task classification"),
+    ({"model": {"task": "causal-lm"}, "train": {"logit_adjustment": 0.5}},
+     r"train.logit_adjustment: needs model.task classification"),
     ({"model": {"task": "causal-lm"}, "train": {"class_weighting": "sqrt"}},
      r"train.class_weighting: needs model.task classification"),
     ({"federation": {"strategy": "median", "weighting": "uniform"}},
@@ -231,7 +234,8 @@ def test_default_yaml_is_the_main_job() -> None:
     assert cfg.data.source == "fedtune:icd10-chapters"
     assert len(cfg.data.labels) == 21 and cfg.data.partition == "dirichlet"
     assert cfg.model.name_or_path == "fedtune:all-MiniLM-L6-v2"
-    assert cfg.train.linear_probe_rounds >= 1 and cfg.train.logit_adjustment > 0
+    assert cfg.probe_rounds == cfg.federation.num_rounds  # the built-in recipe
+    assert cfg.logit_adjustment > 0 and cfg.calibrates
     small = config.load(next(p for p in SHIPPED if p.name == "drug-reviews.yaml"))
     assert small.data.partition_column == "condition"  # the small-sites case
 
@@ -252,3 +256,15 @@ def test_exponent_without_dot_is_a_number() -> None:
     assert cfg.train.learning_rate == 1e-4 and cfg.privacy.target_delta == 1e-5
     with pytest.raises(ConfigError, match="expected a number, got 'fast'"):
         config.load(None, ["train.learning-rate=fast"])
+
+
+def test_a_causal_lm_accepts_the_recipe_keys_switched_off() -> None:
+    # a shared base config may name the classification recipe's keys at their
+    # "off" values (or defaults); only a value that would act on a head is refused
+    cfg = config.from_dict({"model": {"task": "causal-lm", "head_init": "random"},
+                            "data": {"val_fraction": 0.0},
+                            "train": {"linear_probe_rounds": 0,
+                                      "logit_adjustment": 0.0,
+                                      "calibrate_decisions": False,
+                                      "class_weighting": "none"}})
+    assert not cfg.calibrates and cfg.probe_rounds == 0

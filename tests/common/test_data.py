@@ -10,7 +10,7 @@ import torch
 from fedtune.common import data
 from fedtune.common.config import DataConfig
 from fedtune.common.errors import DataError
-from tests.conftest import make_reviews, write_jsonl
+from tests.conftest import REVIEW_DATA, make_reviews, write_jsonl
 
 
 def test_iid_partition_sizes_and_determinism() -> None:
@@ -60,8 +60,9 @@ def test_partition_dispatch(tmp_path: Path) -> None:
     parts = data.partition(recs, cfg, num_parts=3, seed=0)
     assert sum(len(p) for p in parts) == 60
     with pytest.raises(DataError, match="not a column of the data"):
-        data.partition(recs, DataConfig(partition_column="hospital"), num_parts=3,
-                       seed=0)
+        data.partition(recs, DataConfig(partition="column",
+                                        partition_column="hospital"),
+                       num_parts=3, seed=0)
     with pytest.raises(DataError, match="needs labels"):
         data.partition(recs, DataConfig(partition="dirichlet"), num_parts=3, seed=0)
     with pytest.raises(DataError, match="cannot fill 80 sites"):
@@ -122,7 +123,7 @@ def test_encode_sft_masks_only_the_response(tiny_llama: Path) -> None:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
-    cfg = DataConfig(max_length=8)
+    cfg = DataConfig(max_length=8, **REVIEW_DATA)
     ds = data.encode_sft([{"prompt": "the drug was good and i felt better",
                            "response": "review is positive"}], tok, cfg=cfg)
     item = ds[0]

@@ -16,6 +16,7 @@ from fedtune.common import config
 from fedtune.common.errors import FedtuneError
 from fedtune.server import events, plots, report
 from fedtune.simulations.cli import main
+from tests.conftest import REVIEW_DATA
 
 PNG = b"\x89PNG\r\n\x1a\n"
 A, B, C = "1111111111", "2222222222", "3333333333"
@@ -44,7 +45,7 @@ def make_run(tmp_path: Path, rows: list[dict], **sections: dict) -> Path:
     run = tmp_path / "run-1"
     run.mkdir()
     raw = {"federation": {"num_sites": 3, "num_rounds": 3, "min_train_nodes": 3},
-           **sections}
+           "data": REVIEW_DATA, **sections}
     (run / "config.yaml").write_text(config.dump_yaml(config.from_dict(raw)))
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return run
@@ -334,3 +335,35 @@ def test_retention_and_personalisation_are_reported(tmp_path: Path) -> None:
             "personalised") in personal_text
     assert "best round: 1 by macro-f1" in personal_text
     assert "0.4000 → 0.6000" in page.read_text(encoding="utf-8")
+
+
+def test_the_decision_calibration_is_reported(tmp_path: Path) -> None:
+    # Prepare: round 2's line carries the calibration the server recorded
+    def scores(p: float, r: float) -> dict:
+        return {"accuracy": 0.9, "macro-f1": 0.8, "precision-positive": p,
+                "recall-positive": r, "f1-positive": 2 * p * r / (p + r)}
+
+    cal = {"round": 2, "strength": 0.5, "logit_adjustment": 1.0,
+           "effective_adjustment": 0.5, "sites": 3, "failed": {},
+           "validation_records": 120, "noise_multiplier": 2.0,
+           "prior": [0.6, 0.2, 0.2], "decision_bias": [-0.26, -0.8, -0.8],
+           "candidates": [{"strength": s, "val_macro_f1": 0.7 + 0.1 * (s == 0.5),
+                           "val_precision": [], "val_recall": [],
+                           "test": scores(0.6 + 0.4 * s, 0.95 - 0.1 * s)}
+                          for s in (0.0, 0.5, 1.0)],
+           "eval": scores(0.8, 0.9)}
+    run = make_run(tmp_path, [_row(0), _row(1), _row(2, calibration=cal,
+                                                     eval_precision_positive=0.6,
+                                                     eval_recall_positive=0.95,
+                                                     eval_f1_positive=0.74)],
+                   federation={"num_sites": 3, "num_rounds": 2, "min_train_nodes": 3})
+    # Execute
+    _, text = report.write_report(run)
+    # Assert: the headline, the per-class table's calibrated columns, the candidates
+    assert ("decision calibration (round 2, validation counts of 3 sites under DP): "
+            "strength 0.5 of the logit adjustment τ=1, decisions at τ=0.5: accuracy "
+            "0.900, macro-F1 0.800 (balanced, strength 0: 0.800)") in text
+    classes = text.split("Per class (last round):")[1]
+    assert re.search(r"positive\s+0\.600\s+0\.950\s+0\.740\s+0\.800\s+0\.900\s+0\.847",
+                     classes)
+    assert re.search(r"0\.5\s+0\.5\s+0\.800\s+-\s+0\.800\s+0\.900  <- chosen", text)

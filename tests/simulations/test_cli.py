@@ -20,7 +20,7 @@ def test_bad_config_exits_2_and_names_every_key(tmp_path: Path,
     path.write_text("train:\n  batch_size: -1\n  lr: 3\n")
     assert cli.main(["config", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "train.batch_size: must be > 0" in err and "train.lr: unknown key" in err
+    assert "train.batch_size: must be >= 0" in err and "train.lr: unknown key" in err
 
 
 def test_wrong_model_fails_before_the_engine_starts(

@@ -50,10 +50,10 @@ def test_a_bound_that_breaks_the_config_is_refused_before_any_trial(
         tmp_path: Path) -> None:
     base = tmp_path / "run.yaml"
     base.write_text(yaml.safe_dump(_space(
-        {"train.batch_size": {"low": 0, "high": 64},
+        {"train.batch_size": {"low": -1, "high": 64},
          "train.optimizer": {"choices": ["adamw", "lion"]}})))
-    with pytest.raises(ConfigError, match=r"sweep.space.train.batch_size=0: "
-                       r"train.batch_size: must be > 0"):
+    with pytest.raises(ConfigError, match=r"sweep.space.train.batch_size=-1: "
+                       r"train.batch_size: must be >= 0"):
         sweep.sweep(base, trials=1, out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
     base.write_text(yaml.safe_dump(_space(
