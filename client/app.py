@@ -28,7 +28,7 @@ from flwr.common import (
 )
 from flwr.compat.common import recorddict_compat as compat
 
-from fedtune.client import personalize, privacy, recipe, trainer
+from fedtune.client import calibrate, personalize, privacy, recipe, trainer
 from fedtune.client.mods import private_errors, secagg_when_asked
 from fedtune.client.site import (
     SiteData,
@@ -157,6 +157,29 @@ def _personalize(msg: Message, context: Context, setup: Setup, round_: int,
     return Message(RecordDict({records.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
+def _calibrate(msg: Message, context: Context, setup: Setup,
+               conf: Mapping[str, Any]) -> Message:
+    """The site's validation counts for the server's candidate decision biases,
+    under DP (:mod:`fedtune.client.calibrate`)."""
+    cfg = setup.cfg
+    k = len(cfg.data.labels)
+    flat = _floats(conf[records.DECISION_BIASES])
+    if not flat or len(flat) % k:
+        raise FedtuneError(f"a calibration message needs K x {k} decision biases, "
+                           f"got {len(flat)} numbers")
+    saved = context.state.config_records.get(PRIVACY_STATE)
+    metrics, state = calibrate.release(
+        cfg, model=setup.model, site=setup.site, device=setup.device, pad=setup.pad,
+        biases=np.asarray(flat, np.float64).reshape(-1, k),
+        book=site_ledger(cfg, context.node_config, setup.site),
+        saved=dict(saved) if saved is not None else None, run=str(context.run_id),
+        message=msg.metadata.message_id, round_=int(conf[records.SERVER_ROUND]))
+    context.state[PRIVACY_STATE] = ConfigRecord({**state.to_config()})
+    if "partition-id" in context.node_config:
+        metrics[records.PARTITION] = int(context.node_config["partition-id"])
+    return Message(RecordDict({records.METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+
 def make_client_app(defaults: Mapping[str, Any] | None = None, *,
                     mods: Sequence[Mod] = (), secagg: bool = True) -> ClientApp:
     """A ClientApp; ``defaults`` is a flat run_config used under Flower's (simulation
@@ -220,7 +243,7 @@ def make_client_app(defaults: Mapping[str, Any] | None = None, *,
                     "head only" if guard.head_only else f"LoRA rank {setup.rank}",
                     f", proximal mu {mu:g}" if mu else "", res.train_loss,
                     res.val_loss, eps)
-        out = exchanged_state(model, cfg.lora)
+        out = exchanged_state(model, cfg.lora, head_only=cfg.exchanges_head_only(rnd))
         if not _is_secagg(msg) and cfg.federation.compression != "none":
             out = {k: torch.from_numpy(v) for k, v in updates.encode(
                 {k: v.numpy() for k, v in out.items()}, setup.received,
@@ -231,9 +254,18 @@ def make_client_app(defaults: Mapping[str, Any] | None = None, *,
     @private_errors
     def query(msg: Message, context: Context) -> Message:
         """The site's number of training records (the planner's input): the same
-        figure every training reply carries as ``num-examples``."""
+        figure every training reply carries as ``num-examples``; or the class
+        histogram it released under DP for its logit adjustment (the calibration's
+        prior: post-processing of that release, no further privacy cost)."""
         conf: Mapping[str, Any] = msg.content.config_records.get(
             records.CONFIG, ConfigRecord())
+        if conf.get(records.QUERY) == records.CLASS_COUNTS:
+            prior = context.state.config_records.get(recipe.PRIOR_STATE)
+            if prior is None:
+                raise FedtuneError("this site has released no class histogram in "
+                                   "this run (it trained no round)")
+            return Message(RecordDict({records.METRICS: MetricRecord(
+                {records.CLASS_COUNTS: _floats(prior["counts"])})}), reply_to=msg)
         if conf.get(records.QUERY) != records.SITE_SIZE:
             raise FedtuneError(f"unknown query {conf.get(records.QUERY)!r}")
         site = site_data(run_config(context, defaults), context.node_config)
@@ -251,6 +283,8 @@ def make_client_app(defaults: Mapping[str, Any] | None = None, *,
         if conf.get(records.PERSONALIZE):
             return _personalize(msg, context, setup, int(conf[records.SERVER_ROUND]),
                                 defaults)
+        if conf.get(records.CALIBRATE):
+            return _calibrate(msg, context, setup, conf)
         ds = site.val if len(site.val) else site.train
         metrics: dict[str, Any] = {records.NUM_EXAMPLES: len(ds), **personalize.scores(
             cfg, model, ds, device=device, pad=pad)}

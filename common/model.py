@@ -263,9 +263,18 @@ def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def exchanged_state(model: nn.Module, lora: LoraConfig) -> dict[str, torch.Tensor]:
-    """What crosses the wire: the adapter state, without the frozen A under FFA."""
+def is_lora(name: str) -> bool:
+    """Whether an adapter tensor is a LoRA A/B (else: the classification head)."""
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def exchanged_state(model: nn.Module, lora: LoraConfig, *, head_only: bool = False
+                    ) -> dict[str, torch.Tensor]:
+    """What crosses the wire: the adapter state, without the frozen A under FFA;
+    ``head_only`` (a head-only round): the head alone, LoRA being frozen."""
     state = adapter_state(model)
+    if head_only:
+        return {k: v for k, v in state.items() if not is_lora(k)}
     if lora.ffa:
         state = {k: v for k, v in state.items() if ".lora_A." not in k}
     return state

@@ -29,6 +29,7 @@ from fedtune.common.model import (
     frozen_a_digest,
 )
 from fedtune.server import checkpoint, polling, resume, rounds
+from fedtune.server.calibrate import calibrate
 from fedtune.server.daemon import RUNS_DIR_ENV
 from fedtune.server.evaluate import CentralEvaluator
 from fedtune.server.personalize import personalize
@@ -79,6 +80,8 @@ def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
             fed, privacy=cfg.privacy,
             ffa_digest=frozen_a_digest(model) if cfg.lora.ffa else None,
             lower_ranks=cfg.lora.mixed_ranks,
+            head_rounds=sum(map(cfg.exchanges_head_only,
+                                range(1, fed.num_rounds + 1))),
             fraction_train=fed.fraction_train,
             fraction_evaluate=fed.fraction_evaluate,
             min_train_nodes=fed.train_nodes,
@@ -99,6 +102,7 @@ def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
                                    "state between rounds for fedtune to restore")
             run_secagg(grid, context, cfg=cfg, initial=exchanged_state(model, cfg.lora),
                        recorder=recorder)
+            calibrate(grid, cfg=cfg, run_dir=run_dir, evaluator=evaluator)
             personalize(grid, cfg=cfg, run_dir=run_dir)
             recorder.close()
             return
@@ -113,6 +117,7 @@ def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
             random.seed(cfg.train.seed)  # Flower samples nodes with `random`
         rounds.run_rounds(grid, strategy, cfg=cfg, run_dir=run_dir, arrays=initial,
                           recorder=recorder, resumed=done)
+        calibrate(grid, cfg=cfg, run_dir=run_dir, evaluator=evaluator)
         personalize(grid, cfg=cfg, run_dir=run_dir)  # when train.personalize_epochs
         recorder.close()
 

@@ -71,9 +71,14 @@ class CentralDPAvg(FedTuneAvg):
         arrays, metrics = super()._combine(server_round, good)
         if arrays is None or not good:
             return arrays, metrics
+        # the frozen tensors of a head-only round are public constants, the same
+        # in every update (their delta is 0): only what the sites trained is noised
+        names = list(arrays.keys())
         noisy = arrays.to_numpy_ndarrays()
         std = self.noise_multiplier * self.clipping_norm / len(good)
-        add_gaussian_noise_inplace(noisy, std)
+        add_gaussian_noise_inplace(  # in place, on the trained arrays only
+            [a for k, a in zip(names, noisy, strict=True)
+             if k not in self.expected.frozen], std)
         self.releases += 1
         eps = client_epsilon(noise_multiplier=self.noise_multiplier,
                              releases=self.releases, delta=self.delta)
@@ -83,7 +88,7 @@ class CentralDPAvg(FedTuneAvg):
                     len(good), self.clipping_norm, std, eps, self.delta,
                     self.releases)
         return ArrayRecord({k: Array(np.asarray(v)) for k, v in
-                            zip(arrays.keys(), noisy, strict=True)}), metrics
+                            zip(names, noisy, strict=True)}), metrics
 
     def state(self) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         arrays, scalars = super().state()

@@ -31,7 +31,8 @@ class Expected:
     lower_ranks: bool = False  # accept lower-rank updates (HetLoRA)
     max_norm: float = 0.0
     ffa_digest: float | None = None
-    current: Arrays = field(default_factory=dict)  # the adapter sent this round
+    current: Arrays = field(default_factory=dict)  # the global adapter this round
+    frozen: frozenset[str] = frozenset()  # not sent, not trained: kept as they are
     node_ranks: dict[int, int] = field(default_factory=dict)  # learnt from replies
 
 
@@ -72,12 +73,19 @@ def _reason(msg: Message, keys: frozenset[str], expected: Expected) -> str | Non
         return ("its frozen LoRA A differs from the server's (FFA-LoRA needs the "
                 "same train.seed, model and peft version on every site)")
     sent = {k: v.numpy() for k, v in content.array_records[records.ARRAYS].items()}
+    if expected.frozen & sent.keys():
+        return (f"it sends tensors frozen in this head-only round "
+                f"({sorted(expected.frozen & sent.keys())[:3]}); a head-only round "
+                "exchanges the classification head only")
+    trained = {k: v for k, v in current.items() if k not in expected.frozen}
     try:
-        update = updates.decode(sent, current, expected.compression)
+        update = updates.decode(sent, trained, expected.compression)
         if expected.lower_ranks:
-            update = updates.pad(update, current)
+            update = updates.pad(update, trained)
     except updates.UpdateError as err:
         return str(err)
+    # the frozen tensors (LoRA in a head-only round) as the server holds them
+    update = {**{k: current[k] for k in expected.frozen}, **update}
     problem = validation.check_arrays(update, current, max_norm=expected.max_norm)
     if problem is None:
         rank = updates.site_rank(sent) if expected.lower_ranks else None

@@ -5,7 +5,8 @@ FedProx, FedAdam, FedYogi, FedAdagrad, FedMedian, FedTrimmedAvg, MultiKrum). The
 mixin overrides the two training hooks and leaves the aggregation math to Flower:
 
 - ``configure_train`` sends each node the global adapter at the node's LoRA rank
-  (heterogeneous ranks) and records the bytes sent;
+  (heterogeneous ranks), only the head in a head-only round (LoRA is frozen there,
+  at the value every site starts from), and records the bytes sent;
 - ``aggregate_train`` counts the bytes received, decodes compressed deltas and pads
   lower-rank updates (:mod:`fedtune.common.updates`), rejects malformed or
   implausible updates (:mod:`fedtune.server.validation`), orders the accepted ones
@@ -47,6 +48,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedtune.common import records, updates
+from fedtune.common.model import is_lora
 from fedtune.server import decoding, resume
 from fedtune.server.stats import RoundStats, count_bytes, summarize_replies
 
@@ -73,7 +75,7 @@ class FedTuneStrategy:
     def __init__(self, *, max_update_norm: float = 0.0, compression: str = "none",
                  min_replies: int = 1, ffa_digest: float | None = None,
                  lower_ranks: bool = False, weighting: str = "examples",
-                 **kwargs: object) -> None:
+                 head_rounds: int = 0, **kwargs: object) -> None:
         if weighting != "examples":
             kwargs["weighted_by_key"] = SITE_WEIGHT
         super().__init__(**kwargs)
@@ -82,6 +84,7 @@ class FedTuneStrategy:
             compression=compression, lower_ranks=lower_ranks,
             max_norm=max_update_norm, ffa_digest=ffa_digest)
         self.min_replies = min_replies
+        self.head_rounds = head_rounds  # rounds 1..N exchange the head only
         self.round_stats: dict[int, RoundStats] = {}
         self.train_metrics: dict[int, dict[str, float]] = {}
         self.eval_metrics: dict[int, dict[str, float]] = {}
@@ -97,15 +100,20 @@ class FedTuneStrategy:
         messages = list(super().configure_train(  # type: ignore[misc]  # mixin: Flower's
             server_round, arrays, config, grid))
         self.expected.current = {k: v.numpy() for k, v in arrays.items()}
+        head_only = server_round <= self.head_rounds
+        self.expected.frozen = frozenset(
+            k for k in self.current if head_only and is_lora(k))
         sent = 0
         for i, msg in enumerate(messages):
             rank = self.expected.node_ranks.get(msg.metadata.dst_node_id)
-            if rank is not None:  # learnt from its last reply: send only its ranks
+            if rank is not None or head_only:  # its ranks only; the head only
                 # (Flower's messages share one RecordDict: give this one its own)
                 content = RecordDict(dict(msg.content.items()))
+                send = updates.truncate(self.current, rank) if rank is not None \
+                    else self.current
                 content[records.ARRAYS] = ArrayRecord(
-                    {k: Array(v) for k, v in updates.truncate(self.current,
-                                                              rank).items()})
+                    {k: Array(v) for k, v in send.items()
+                     if k not in self.expected.frozen})
                 messages[i] = msg = Message(
                     content=content, message_type=msg.metadata.message_type,
                     dst_node_id=msg.metadata.dst_node_id)

@@ -123,11 +123,16 @@ def test_robust_aggregators_resist_one_poisoned_site_of_five(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("train", [{}, {"linear_probe_rounds": 2}],
+                         ids=["lora", "head-only-then-lora"])
 def test_resume_after_sigkill_equals_the_uninterrupted_run(
-        tmp_path: Path, tiny_bert: Path, review_files: tuple[Path, Path]) -> None:
-    # Prepare: 4 rounds of FedAdam with DP (reproducible noise: a bit-for-bit test)
+        tmp_path: Path, tiny_bert: Path, review_files: tuple[Path, Path],
+        train: dict) -> None:
+    # Prepare: 4 rounds of FedAdam with DP (reproducible noise: a bit-for-bit test);
+    # with head-only rounds 1-2 only the head travels then, and the frozen LoRA the
+    # resumed server restores must be the one round 3 starts from
     raw = tiny_config(tiny_bert, *review_files,
-                      privacy={"secure_noise": False},
+                      privacy={"secure_noise": False}, train=train,
                       federation={"num_rounds": 4, "strategy": "fedadam"})
     rc, out, full_dir = _run(tmp_path, raw, name="full")
     assert rc == 0, out[-3000:]

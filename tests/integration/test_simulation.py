@@ -126,9 +126,20 @@ def test_embedded_default_model_and_data(tmp_path: Path) -> None:
         "data.max-test-samples=48", "train.local-epochs=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = _rounds(run_dir)[-1]
-    assert last["adapter_payload_bytes"] == 327_252  # LoRA r=8 q/v + 21-class head
+    # a head-only round exchanges the 21-class head only (the frozen LoRA r=8 q/v,
+    # 327,252 bytes with it, stays where it is)
+    assert last["adapter_payload_bytes"] == (384 * 21 + 21) * 4 == 32_340
     assert 0 < last["epsilon_max"] <= 8.0 + 1e-6
     assert {v["dims"] for v in last["dp_by_node"].values()} == {384 * 21 + 21}
+    # the decision calibration: chosen on the sites' validation counts, recorded
+    # on the round's line and in the adapter, inside the same epsilon
+    cal = last["calibration"]
+    assert cal["sites"] == 2 and len(cal["candidates"]) == 5
+    assert cal["strength"] in [c["strength"] for c in cal["candidates"]]
+    assert {"accuracy", "macro-f1"} <= set(cal["eval"])
+    meta = json.loads((run_dir / "final" / "fedtune_model.json").read_text())
+    assert meta["decision_bias"] == cal["decision_bias"] and len(
+        meta["decision_bias"]) == 21
 
 
 def test_partial_participation_dirichlet_and_early_stopping(
