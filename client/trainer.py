@@ -14,7 +14,6 @@ import math
 import secrets
 import sys
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +26,7 @@ from transformers import get_linear_schedule_with_warmup
 from fedtune.client import dpsgd
 from fedtune.common.accounting import sample_rate as poisson_rate
 from fedtune.common.config import PrivacyConfig, TrainConfig
-from fedtune.common.data import EncodedDataset, collate
+from fedtune.common.data import collate
 from fedtune.common.evaluation import (
     Batch,
     autocast,
@@ -35,6 +34,7 @@ from fedtune.common.evaluation import (
     per_sample_loss,
     to_device,
 )
+from fedtune.common.features import HeadOnly, head_features
 from fedtune.common.model import adapter_state, classifier_head, set_adapter_state
 
 logger = logging.getLogger(__name__)
@@ -50,71 +50,6 @@ class TrainResult:
     steps: int
     seconds: float
     sample_rate: float
-
-
-class HeadOnly(nn.Module):
-    """The linear head alone, fed the cached pooled features (head-only rounds)."""
-
-    def __init__(self, head: nn.Module) -> None:
-        super().__init__()
-        self.head = head
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.head(features.to(next(self.head.parameters()).dtype))
-        return out
-
-
-# id(dataset) -> (the dataset itself, kept alive so its id is never reused; the
-# LoRA state the features were computed with; the features)
-_FEATURES: OrderedDict[int, tuple[EncodedDataset, dict[str, torch.Tensor],
-                                  EncodedDataset]] = OrderedDict()
-_FEATURE_CACHE = 16  # sites kept per process
-
-
-def _same_encoder(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    """LoRA states equal up to float32 rounding (FedAvg re-averages the frozen LoRA
-    of head-only rounds, which moves it by a few ulps)."""
-    return a.keys() == b.keys() and all(
-        torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-8) for k in a)
-
-
-@torch.no_grad()
-def head_features(model: nn.Module, dataset: EncodedDataset, *, device: torch.device,
-                  pad_id: int, batch_size: int) -> EncodedDataset:
-    """The head's input (pooled encoder output) for every record, cached per
-    dataset and LoRA state: while LoRA is frozen (head-only rounds) the features do
-    not change, so one forward pass per record serves every epoch and round.
-
-    Under DP nothing changes: each record's gradient on the head, and so its
-    clipping and noise, is exactly what the whole model would give.
-    """
-    lora = {k: v for k, v in adapter_state(model).items() if "lora_" in k}
-    cached = _FEATURES.get(id(dataset))
-    if cached is not None and _same_encoder(cached[1], lora):
-        _FEATURES.move_to_end(id(dataset))
-        return cached[2]
-    wrapper, _ = classifier_head(model)
-    captured: list[torch.Tensor] = []
-    hook = wrapper.register_forward_hook(
-        lambda _m, args, _out: captured.append(args[0].detach().float().cpu()))
-    was_training = model.training
-    model.eval()
-    try:
-        loader = DataLoader(dataset, batch_size=batch_size,
-                            collate_fn=functools.partial(collate, pad_id=pad_id))
-        for batch in loader:
-            batch = to_device(batch, device)
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    finally:
-        hook.remove()
-        model.train(was_training)
-    feats = torch.cat(captured) if captured else torch.zeros((0, 1))
-    out = EncodedDataset([{"features": f, "labels": item["labels"]}
-                          for f, item in zip(feats, dataset.items, strict=True)])
-    _FEATURES[id(dataset)] = (dataset, lora, out)
-    while len(_FEATURES) > _FEATURE_CACHE:
-        _FEATURES.popitem(last=False)
-    return out
 
 
 def _progress(total: int, desc: str) -> tqdm:
@@ -184,8 +119,9 @@ def train_local(model: nn.Module, train_set: Dataset[Batch], val_set: Dataset[Ba
     [0, 1] per class) weigh each record's clipped gradient (DP) or its loss (no
     DP); ``logit_bias`` is added to the logits in the training loss only.
     ``head_only`` (classification, LoRA frozen) trains the head on the cached
-    pooled features (:func:`head_features`). ``sample_rate``: the Poisson rate
-    the round's privacy was planned with (None: batch size over records).
+    pooled features (:func:`fedtune.common.features.head_features`).
+    ``sample_rate``: the Poisson rate the round's privacy was planned with (None:
+    batch size over records).
     """
     start = time.perf_counter()
     trained: nn.Module = model

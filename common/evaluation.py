@@ -58,9 +58,7 @@ def per_sample_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, task: s
     loss, ``tau * log(prior)`` for logit-adjusted training.
     """
     if task == "classification":
-        logits = (model(batch["features"]) if "features" in batch else
-                  model(input_ids=batch["input_ids"],
-                        attention_mask=batch["attention_mask"])).float()
+        logits = class_logits(model, batch)
         if logit_bias is not None:
             logits = logits + logit_bias.to(logits.device)
         return F.cross_entropy(logits, batch["labels"], reduction="none")
@@ -78,11 +76,26 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def class_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """A classifier's fp32 logits for a collated batch: token ids through the whole
+    model, or cached pooled features (``features``) through the head alone."""
+    if "features" in batch:
+        return model(batch["features"]).float()  # type: ignore[no-any-return]  # nn.Module
+    return model(input_ids=batch["input_ids"],  # type: ignore[no-any-return]  # (same)
+                 attention_mask=batch["attention_mask"]).float()
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset[Batch], *, task: str, batch_size: int,
              device: torch.device, pad_id: int, labels: list[str] | None = None,
-             precision: str = "auto") -> dict[str, float]:
-    """Loss (+ accuracy, macro-F1, per-class recall | perplexity) on a dataset."""
+             precision: str = "auto", logit_bias: torch.Tensor | None = None
+             ) -> dict[str, float]:
+    """Loss (+ accuracy, macro-F1, per-class recall | perplexity) on a dataset.
+
+    A classifier's dataset holds token ids, or cached pooled features for its head
+    (:func:`fedtune.common.features.head_features`, ``model`` then the head).
+    ``logit_bias``: a calibrated decision bias added to the logits (loss and
+    prediction)."""
     if len(dataset) == 0:  # type: ignore[arg-type]  # torch's Dataset declares no __len__
         return {}
     was_training = model.training
@@ -94,8 +107,9 @@ def evaluate(model: nn.Module, dataset: Dataset[Batch], *, task: str, batch_size
         batch = to_device(batch, device)
         with autocast(device, precision, dp=False):
             if task == "classification":
-                logits = model(input_ids=batch["input_ids"],
-                               attention_mask=batch["attention_mask"]).float()
+                logits = class_logits(model, batch)
+                if logit_bias is not None:
+                    logits = logits + logit_bias.to(logits.device)
                 total += F.cross_entropy(logits, batch["labels"],
                                          reduction="sum").item()
                 weight += len(batch["labels"])

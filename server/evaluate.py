@@ -1,4 +1,8 @@
-"""Centralized evaluation of the global adapter on a held-out set, each round."""
+"""Centralized evaluation of the global adapter on a held-out set, each round.
+
+A classifier is scored on the held-out records' pooled features, computed once
+and reused while LoRA does not change (every head-only round): a round's
+evaluation then costs the head alone (:mod:`fedtune.common.features`)."""
 
 from __future__ import annotations
 
@@ -10,7 +14,8 @@ import torch
 
 from fedtune.common import data, evaluation, metrics
 from fedtune.common.config import RunConfig
-from fedtune.common.model import load_tokenizer, set_adapter_state
+from fedtune.common.features import HeadOnly, head_features
+from fedtune.common.model import classifier_head, load_tokenizer, set_adapter_state
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +56,7 @@ class CentralEvaluator:
             recs = recs[: cfg.data.max_retention_samples or None]
             self.retention_set = data.encode_text(
                 recs, tok, column=cfg.data.retention_column,
-                max_length=cfg.data.max_length)
+                max_length=cfg.data.length_cap)
             logger.info("retention (forgetting) check on %d general-text records",
                         len(self.retention_set))
 
@@ -72,14 +77,25 @@ class CentralEvaluator:
                 "majority_macro_f1": metrics.macro_f1(
                     truth, [top] * len(truth), num_classes=len(self.cfg.data.labels))}
 
-    def __call__(self, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def __call__(self, state: dict[str, torch.Tensor], *,
+                 logit_bias: torch.Tensor | None = None) -> dict[str, Any]:
+        """The held-out scores of adapter ``state`` (``logit_bias``: a calibrated
+        decision bias on the logits)."""
         if self.dataset is None:
             return {}
         set_adapter_state(self.model, state)
+        scored: torch.nn.Module = self.model
+        dataset: Any = self.dataset
+        if self.cfg.model.task == "classification":
+            dataset = head_features(self.model, self.dataset, device=self.device,
+                                    pad_id=self.pad_id,
+                                    batch_size=self.cfg.train.eval_batch_size)
+            scored = HeadOnly(classifier_head(self.model)[1])
         return evaluation.evaluate(
-            self.model, self.dataset, task=self.cfg.model.task, device=self.device,
+            scored, dataset, task=self.cfg.model.task, device=self.device,
             batch_size=self.cfg.train.eval_batch_size, pad_id=self.pad_id,
-            labels=list(self.cfg.data.labels), precision=self.cfg.train.precision)
+            labels=list(self.cfg.data.labels), precision=self.cfg.train.precision,
+            logit_bias=logit_bias)
 
     def retention(self, state: dict[str, torch.Tensor]) -> dict[str, float]:
         """Loss and perplexity on the general-text retention set ({} without)."""
