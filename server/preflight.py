@@ -55,7 +55,7 @@ def preflight(grid: Grid, cfg: RunConfig, *, run_dir: Path, dims: tuple[int, int
         logger.warning("no site reported its size: no privacy-utility plan")
         return plans
     table = planning.format_plan(plans, cfg)
-    verdict = planning.overall(plans)
+    verdict = planning.overall(plans, cfg)
     if verdict in planning.VERDICTS[1:]:
         logger.warning("%s\nWARNING: %s - see the advice above (fedtune plan "
                        "explains the figures)", table, verdict.upper())

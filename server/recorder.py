@@ -177,9 +177,11 @@ class RoundRecorder:
             quality += f" | COLLAPSED: {row['eval_collapse']}"
         if row.get("retention_perplexity") is not None:
             quality += f" | retention ppl {row['retention_perplexity']:.2f}"
-        rho = row.get("rho_max")
-        if rho is not None:
-            quality += f" | noise rho max {rho:.3f} ({planning.verdict(rho)})"
+        rho, agg = row.get("rho_max"), row.get("rho_aggregate")
+        if rho is not None and agg is not None:
+            words = planning.verdict(agg, self.cfg.model.task)
+            quality += (f" | noise rho {agg:.3f} in the aggregate ({words}; worst "
+                        f"site {rho:.3f})")
         logger.info(
             "round %d/%d | train loss %.4f | eval loss %.4f %s | eps max %s | "
             "%d/%d clients | %.2f MB up %.2f MB down | %.1f s",

@@ -20,7 +20,7 @@ from typing import Any
 
 from fedtune.common import config, planning
 from fedtune.common.errors import FedtuneError
-from fedtune.server import checkpoint, personalize, plots
+from fedtune.server import calibrate, checkpoint, personalize, plots
 from fedtune.server.selection import STOPPED
 from fedtune.server.stats import failed_sites
 
@@ -107,14 +107,26 @@ def class_table(run: Run) -> tuple[list[str], list[list[str]]]:
     rows: list[Row] = [run.initial or {}, *run.rows]
     last: Row = next((r for r in reversed(rows) if "eval_macro_f1" in r), {})
     head = ["class", "precision", "recall", "F1"]
+    cal = calibration(run)
+    tuned: Mapping[str, Any] = cal["eval"] if cal else {}
+    if cal:
+        head += ["calibrated precision", "recall", "F1"]
     body = []
     for label in run.cfg.data.labels:
         key = label.replace("-", "_")
         if f"eval_recall_{key}" not in last and f"eval_f1_{key}" not in last:
             continue  # absent from the test set
         body.append([label, *(_f(last.get(f"eval_{m}_{key}"), ".3f")
-                              for m in ("precision", "recall", "f1"))])
+                              for m in ("precision", "recall", "f1")),
+                     *((_f(tuned.get(f"{m}-{label}"), ".3f")
+                        for m in ("precision", "recall", "f1")) if cal else ())])
     return head, body
+
+
+def calibration(run: Run) -> Mapping[str, Any] | None:
+    """The decision calibration the run recorded (on its best or final round)."""
+    return next((r["calibration"] for r in reversed(run.rows)
+                 if r.get("calibration")), None)
 
 
 def site_table(run: Run) -> tuple[list[str], list[list[str]]]:
@@ -193,9 +205,14 @@ def headline(run: Run) -> list[str]:
                    f"{last['eval_collapse']}; under DP this means the noise drowned "
                    "the signal (`fedtune plan` says what would help)")
     if last.get("rho_max") is not None:
+        task = run.cfg.model.task
+        words = planning.verdict(last["rho_max"], task)
+        agg = last.get("rho_aggregate")
+        federation = ("" if agg is None else
+                      f"; the aggregate's ρ {agg:.3f}: {planning.verdict(agg, task)}")
         out.append(f"DP noise: round noise ratio ρ max {last['rho_max']:.3f} "
-                   f"({planning.verdict(last['rho_max'])}; ρ = σ·√dims / (batch·√steps)"
-                   f", the noise over the signal of a site's round)")
+                   f"({words} on its own{federation}; ρ = σ·√dims / (batch·√steps), "
+                   "the noise over the signal of a site's round)")
     if last:
         quality = (f"accuracy {_f(last.get('eval_accuracy'), '.3f')}, macro-F1 "
                    f"{_f(last.get('eval_macro_f1'), '.3f')}"
@@ -206,6 +223,16 @@ def headline(run: Run) -> list[str]:
         out.append(f"final (round {last['round']}): eval loss "
                    f"{_f(last.get('eval_loss'))}, {quality}; {total / 1e6:.1f} MB "
                    "exchanged in all")
+    cal = calibration(run)
+    if cal:
+        ev, balanced = cal["eval"], cal["candidates"][0]["test"]
+        out.append(f"decision calibration (round {cal['round']}, validation counts "
+                   f"of {cal['sites']} sites under DP): strength {cal['strength']:g}"
+                   f" of the logit adjustment τ={cal['logit_adjustment']:g}, "
+                   f"decisions at τ={cal['effective_adjustment']:g}: accuracy "
+                   f"{_f(ev.get('accuracy'), '.3f')}, macro-F1 "
+                   f"{_f(ev.get('macro-f1'), '.3f')} (balanced, strength 0: "
+                   f"{_f(balanced.get('macro-f1'), '.3f')})")
     base = run.initial or {}
     if base.get("retention_perplexity") is not None and last.get(
             "retention_perplexity") is not None:
@@ -259,6 +286,9 @@ def text_summary(run: Run) -> str:
     classes = class_table(run)
     if classes[1]:
         parts += ["Per class (last round):", _text_table(*classes)]
+    cal = calibration(run)
+    if cal:
+        parts.append("\n".join(calibrate.table_lines(dict(cal))))
     if run.personal and run.personal.get("sites"):
         parts.append("\n".join(personalize.table_lines(dict(run.personal))))
     return "\n\n".join(parts) + "\n"

@@ -8,6 +8,7 @@ Pure bookkeeping on Flower messages; no aggregation math (:mod:`.strategy`).
 from __future__ import annotations
 
 import logging
+import math
 import re
 import statistics
 from collections.abc import Iterable, Mapping
@@ -81,7 +82,19 @@ class RoundStats:
             "site_by_node": dict(self.site_by_node),
             "rho_max": max((v["rho"] for v in self.dp_by_node.values()),
                            default=None),
+            "rho_aggregate": self.rho_aggregate(),
         }
+
+    def rho_aggregate(self) -> float | None:
+        """The round noise ratio of the aggregate, ``sqrt(sum (w_i rho_i)^2)`` over
+        the sites that replied (``w_i``: their share of the average), as the
+        planner judges a federation (:func:`fedtune.common.planning.aggregate_rho`)."""
+        rated = [(self.weight_by_node.get(n, 0.0), v["rho"])
+                 for n, v in self.dp_by_node.items()]
+        total = sum(w for w, _ in rated)
+        if not rated or total <= 0:
+            return None
+        return math.sqrt(sum((w / total * rho) ** 2 for w, rho in rated))
 
 
 def all_declined(server_round: int, sites: int) -> FedtuneError:

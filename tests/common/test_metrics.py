@@ -27,3 +27,13 @@ def test_collapse_is_detected() -> None:
     # one class in the truth: predicting it is no collapse
     assert metrics.prediction_spread([1] * 5, [1] * 5, num_classes=2)[
         "collapsed"] == 0.0
+
+
+def test_a_weak_model_on_a_skewed_task_is_not_called_collapsed() -> None:
+    # 90 % majority in the truth: predicting it for 96 % of the records still
+    # finds the minority (4 % of 10 %); 99.5 % is the collapse
+    truth = [0] * 900 + [1] * 100
+    weak = [0] * 900 + [1] * 40 + [0] * 60
+    dead = [0] * 995 + [1] * 5
+    assert metrics.prediction_spread(truth, weak, num_classes=2)["collapsed"] == 0.0
+    assert metrics.prediction_spread(truth, dead, num_classes=2)["collapsed"] == 1.0

@@ -23,8 +23,10 @@ def test_round_noise_ratio_formula() -> None:
 
 
 def test_small_sites_learn_nothing_and_get_advice() -> None:
-    # Prepare: the drug-review shape - 63 records, an 80 k-dim adapter, eps 8
-    cfg = config.from_dict({"train": {"batch_size": 64, "local_epochs": 2}})
+    # Prepare: the drug-review shape - 63 records, an 80 k-dim adapter from round 1
+    # (no head-only rounds), eps 8
+    cfg = config.from_dict({"train": {"batch_size": 64, "local_epochs": 2,
+                                      "linear_probe_rounds": 0}})
     # Execute
     small = planning.plan_site(cfg, site="s", records=63, dims=80_000)
     large = planning.plan_site(cfg, site="l", records=5_000, dims=8_000)
@@ -35,6 +37,7 @@ def test_small_sites_learn_nothing_and_get_advice() -> None:
     need = math.ceil(63 * small.rho / planning.LEARNS)
     assert f"need >= {need} records" in small.advice
     assert "epsilon >=" in small.advice and "trainable parameters" in small.advice
+    assert "in the LoRA rounds (now 80000; lora.r" in small.advice
     assert large.verdict == "expected to learn" and large.advice == ""
 
 
@@ -80,7 +83,7 @@ def test_missing_data_file_is_the_same_named_error(tiny_bert: Path,
 
 
 @pytest.mark.parametrize("sections", [
-    {"train": {"batch_size": 8}},  # one phase, one noise level
+    {"train": {"batch_size": 8, "linear_probe_rounds": 0}},  # one phase
     {"train": {"batch_size": 8, "linear_probe_rounds": 1},  # two phases, one level
      "federation": {"num_rounds": 3}},
 ], ids=["one-phase", "two-phases"])
@@ -102,3 +105,60 @@ def test_advised_epsilon_is_where_the_site_starts_to_learn(sections: dict) -> No
     # tolerance), not at 10 % less
     assert rho_at(advised * 1.01) <= planning.LEARNS
     assert rho_at(advised * 0.9) > planning.LEARNS
+
+
+def test_one_tiny_site_is_named_but_the_federation_learns() -> None:
+    # Prepare: the default recipe (every round head only); nine sites of 2,000
+    # records and one of 11, weighted by records
+    cfg = config.from_dict({"federation": {"num_sites": 10}})
+    sites = [(f"site {i}", 2_000) for i in range(9)] + [("tiny", 11)]
+    # Execute
+    plans = planning.plan_sites(cfg, sites, dims=(80_000, 770))
+    text = planning.format_plan(plans, cfg)
+    # Assert: the tiny site alone learns nothing, holds ~0.06 % of the aggregate,
+    # and the federation's verdict follows the aggregate
+    tiny = plans[-1]
+    assert tiny.verdict == "will learn nothing" and tiny.share < 0.001
+    assert "on their own, 1 of 10 sites will learn nothing (tiny: 11 records" in text
+    assert planning.aggregate_rho(plans, cfg) < planning.LEARNS
+    assert text.splitlines()[-1] == "overall: expected to learn"
+    # ... and the same ten sites averaged uniformly give the tiny one a tenth
+    uniform = config.from_dict({"federation": {"num_sites": 10,
+                                               "weighting": "uniform"}})
+    flat = planning.plan_sites(uniform, sites, dims=(80_000, 770))
+    assert flat[-1].share == pytest.approx(0.1)
+    assert planning.aggregate_rho(flat, uniform) > planning.aggregate_rho(plans, cfg)
+
+
+def test_a_head_only_plan_quotes_the_heads_dimensions() -> None:
+    # Prepare: every round head only (the default) on a site too small to learn
+    cfg = config.from_dict({})
+    plan = planning.plan_site(cfg, site="s", records=11, dims=74_498,
+                              probe_dims=770)
+    text = planning.format_plan([plan], cfg)
+    # Assert: the advice is about the 770 head dimensions the rounds train, and
+    # names the key that would shrink them; the LoRA dimensions appear nowhere
+    assert plan.verdict != "expected to learn"
+    assert "in the head-only rounds (now 770; model.head_hidden 0)" in plan.advice
+    assert "74498" not in text and " 770 " in text
+    assert "records" in plan.advice and "privacy.target_epsilon >=" in plan.advice
+
+
+def test_a_causal_lm_plan_uses_its_own_measured_thresholds() -> None:
+    # Prepare: the causal-lm scenario's shape: 4 sites of 32 records, LoRA q/v
+    cfg = config.from_dict({"model": {"task": "causal-lm"},
+                            "data": {"labels": [], "label_column": ""},
+                            "train": {"batch_size": 8},
+                            "federation": {"num_sites": 4, "num_rounds": 2}})
+    # 30 layers x (q 576x8 + 8x576, v 576x8 + 8x192): 460,800 LoRA dimensions
+    plans = planning.plan_sites(cfg, [(f"p{i}", 32) for i in range(4)],
+                                dims=(460_800, 0))
+    assert 30 < plans[0].rho < 40  # the scenario measured 36.8
+    rho = plans[0].rho
+    # Assert: a rho that the classification thresholds call "will learn nothing"
+    # is judged by the causal-LM ones, which the plan prints with their source
+    assert planning.verdict(rho, "classification") == "will learn nothing"
+    assert plans[0].verdict == planning.verdict(rho, "causal-lm")
+    assert plans[0].verdict != "will learn nothing"
+    text = planning.format_plan(plans, cfg)
+    assert "thresholds for causal-lm, measured on one run: simulations/" in text
