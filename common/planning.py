@@ -49,8 +49,7 @@ THRESHOLDS = {
         40.0, 160.0, "one run: simulations/causal-lm.yaml (SmolLM2-135M "
         "instruction SFT, LoRA on q/v, 4 sites of 32 records) learnt at rho 36.8 "
         "and epsilon 8 (perplexity 20.55 -> 18.79 in 2 rounds); the marginal bound "
-        "is 4x that, the classification ratio, not measured "
-        "(bench/causal_rho.py measures more epsilons)"),
+        "is 4x that, the classification ratio, not measured"),
 }
 LEARNS, MARGINAL = (THRESHOLDS["classification"].learns,
                     THRESHOLDS["classification"].marginal)
