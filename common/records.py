@@ -38,6 +38,11 @@ PERPLEXITY = "perplexity"
 GLOBAL = "global-"  # prefix: global-eval-loss, global-macro-f1, ...
 PERSONAL = "personal-"  # prefix: personal-eval-loss, personal-macro-f1, ...
 PERSONAL_EPSILON = "personal-epsilon"  # what the personalisation spent
+# ... and after a calibration message: the site's validation counts under DP
+# (common/calibration.py: [1 + 2K, C] flattened), and the released class histogram
+# a CLASS_COUNTS query returns (the one the site released for its logit adjustment)
+CALIBRATION_COUNTS = "calibration-counts"
+CLASS_COUNTS = "class-counts"
 
 # ConfigRecord keys the server sends.
 SERVER_ROUND = "server-round"
@@ -46,6 +51,8 @@ RESUMED_AT = "resumed-at"  # first round of a resumed run (0: not resumed)
 QUERY = "query"  # what a query message asks for
 SITE_SIZE = "site-size"  # ... the site's number of training records
 PERSONALIZE = "personalize"  # an evaluate message that asks for local fine-tuning
+CALIBRATE = "calibrate"  # an evaluate message that asks for calibration counts
+DECISION_BIASES = "decision-biases"  # ... its candidates, [K, C] flattened
 
 
 def to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:

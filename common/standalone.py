@@ -163,8 +163,10 @@ class Exported:
             return [self._generate(t, max_new_tokens) for t in texts]
         enc = self.tokenizer(texts, truncation=True, max_length=self.max_length,
                              padding=True, return_tensors="pt")
-        probs = torch.softmax(self.model(enc["input_ids"], enc["attention_mask"])
-                              .float(), -1)
+        logits = self.model(enc["input_ids"], enc["attention_mask"]).float()
+        if self.meta.get("decision_bias"):  # the run's calibrated decision bias
+            logits = logits + torch.tensor(self.meta["decision_bias"])
+        probs = torch.softmax(logits, -1)
         return [{"label": self.labels[int(p.argmax())],
                  "probabilities": dict(zip(self.labels, p.tolist(), strict=True))}
                 for p in probs]

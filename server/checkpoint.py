@@ -88,6 +88,26 @@ def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
         os.fsync(fh.fileno())
 
 
+def amend_metrics(run_dir: Path, server_round: int, fields: dict[str, Any]) -> None:
+    """Add ``fields`` to round ``server_round``'s line of ``metrics.jsonl`` (its
+    last one), rewriting the file atomically; every other line stays as it was."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].strip() and json.loads(lines[i]).get("round") == server_round:
+            row = {**json.loads(lines[i]), **fields}
+            lines[i] = json.dumps(row, allow_nan=False, default=float)
+            break
+    else:
+        raise FedtuneError(f"{path}: no line for round {server_round} to amend")
+    tmp = path.with_suffix(".jsonl.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(lines) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The rows of ``metrics.jsonl`` ([] when there is none); a damaged line is a
     FedtuneError naming ``metrics.jsonl:N``."""

@@ -245,3 +245,60 @@ def test_personalisation_keeps_the_adapter_and_replies_with_scores_only(
     entries = [e for f in ledger_dir.glob("*.json")
                for e in json.loads(f.read_text())["entries"]]
     assert len(entries) == 1 and entries[0]["round"] == 2
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_calibration_counts_are_noised_charged_once_and_refused_past_the_budget(
+        tiny_bert: Path, review_files: tuple[Path, Path], tmp_path: Path) -> None:
+    # Prepare: a site that trained round 1 of the recipe (head only, its class
+    # histogram released), then the server's calibration message
+    import json
+
+    from fedtune.common import calibration
+
+    cfg, flat, msg = _setup(tiny_bert, review_files,
+                            train={"linear_probe_rounds": -1, "logit_adjustment": 1.0,
+                                   "calibrate_decisions": True},
+                            federation={"num_rounds": 1})
+    ledger_dir = tmp_path / "ledger"
+    ctx = _context({"partition-id": 1, "num-partitions": 3,
+                    "ledger-dir": str(ledger_dir)})
+    app = make_client_app(flat)
+    trained = app(msg, ctx)
+    assert not trained.has_error(), trained.error
+    sent = trained.content.array_records[records.ARRAYS]
+    assert sent and all(".head." in k for k in sent)  # a head-only round: the head
+    query = Message(RecordDict({records.CONFIG: ConfigRecord(
+        {records.QUERY: records.CLASS_COUNTS})}), dst_node_id=7, message_type="query")
+    counts = app(query, ctx).content[records.METRICS][records.CLASS_COUNTS]
+    assert len(counts) == 3  # the histogram already released: noisy floats
+    biases = calibration.candidate_biases([0.5, 0.3, 0.2], calibration.STRENGTHS)
+    ask = Message(RecordDict({
+        records.ARRAYS: trained.content.array_records[records.ARRAYS],
+        records.CONFIG: ConfigRecord({records.CALIBRATE: 1, records.SERVER_ROUND: 1,
+                                      records.DECISION_BIASES:
+                                      [float(v) for v in biases.ravel()]})}),
+        dst_node_id=7, message_type="evaluate")
+    # Execute: the message, and the same message delivered again
+    first = app(ask, ctx)
+    again = app(ask, ctx)
+    # Assert: 11 x 3 noisy counts, the run's epsilon within the target with this
+    # release, one ledger entry for it however often the message arrives
+    assert not first.has_error(), first.error
+    m = first.content[records.METRICS]
+    assert set(m) == {records.NUM_EXAMPLES, records.CALIBRATION_COUNTS,
+                      records.EPSILON, records.EPSILON_TOTAL, records.PARTITION}
+    flat_counts = m[records.CALIBRATION_COUNTS]
+    assert len(flat_counts) == 11 * 3 and m[records.NUM_EXAMPLES] == 4
+    assert any(v != round(v) for v in flat_counts)  # noised, not exact
+    assert m[records.EPSILON] <= cfg.privacy.target_epsilon + 1e-6
+    entries = [e for f in ledger_dir.glob("*.json")
+               for e in json.loads(f.read_text())["entries"]]
+    assert [e["message"].rsplit("/", 1)[-1] for e in entries].count("calibration") == 1
+    assert not again.has_error()
+    # ... and a site whose budget cannot afford the release declines it
+    poor = _context({"partition-id": 1, "num-partitions": 3,
+                     "ledger-dir": str(tmp_path / "poor"), "budget-epsilon": 0.5})
+    with pytest.raises(SiteFailure, match="PrivacyBudgetExhausted"):
+        app(ask, poor)
+    assert not list((tmp_path / "poor").glob("*.json"))  # nothing charged

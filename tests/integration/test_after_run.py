@@ -188,6 +188,17 @@ def test_export_predict_evaluate_leave_the_run_untouched(
 
     probs = Predictor.open(stopped_run, device="cpu").probabilities(texts)
     assert probs.shape == (3, 3) and not probs.requires_grad
+    # a calibrated decision bias in fedtune_model.json is applied by predict from
+    # an adapter export and by the merged export's standalone code alike
+    for kind in ("adapter", "merged"):
+        path = out[kind] / "fedtune_model.json"
+        meta = json.loads(path.read_text())
+        path.write_text(json.dumps({**meta, "decision_bias": [0.0, 0.0, 50.0]}))
+        proc = runner.run(["predict", str(out[kind]), "--input",
+                           str(tmp_path / "in.txt"), "--quiet"])
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert {json.loads(x)["label"] for x in proc.stdout.splitlines()} == {
+            "positive"}, kind
 
 
 def test_bad_exports_and_inputs_name_the_problem(stopped_run: Path, tmp_path: Path,

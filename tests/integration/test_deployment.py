@@ -104,6 +104,54 @@ def test_operator_runs_two_rounds_over_tls(cluster: Cluster, tiny_bert: Path,
     _round_times["fedavg"] = [r["round_seconds"] for r in rows[1:]]
 
 
+def test_a_yaml_naming_only_the_data_trains_the_recipe_on_the_sites(
+        cluster: Cluster, tiny_bert: Path, review_files: tuple[Path, Path]) -> None:
+    """A new user's YAML: the model, the data's columns and labels, the sites; the
+    DP recipe comes from the built-in defaults and must reach every site."""
+    # Prepare
+    raw = {"model": {"name_or_path": str(tiny_bert)},
+           "data": {"test_source": str(review_files[1]), "text_column": "review",
+                    "label_column": "rating",
+                    "labels": ["negative", "neutral", "positive"]},
+           "federation": {"num_sites": 3, "min_train_nodes": 3, "num_rounds": 2}}
+    cfg = cluster.root / "minimal.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    run_dir = cluster.root / "run-minimal"
+    before = {n: len(_ledger(cluster, n)["entries"]) for n in SITES}
+    # Execute
+    proc = cluster.fedtune("run", str(cfg), "--deployment", "test", "--run-dir",
+                           str(run_dir), timeout=300)
+    # Assert
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    rows = metrics(run_dir)
+    head = 32 * 3 + 3  # the tiny BERT's 3-class head: what every round trains
+    for row in rows[1:]:
+        # head only (train.linear_probe_rounds -1), at the auto batch (512 >=
+        # a site's records: q = 1), and only the head on the wire
+        assert {v["dims"] for v in row["dp_by_node"].values()} == {head}
+        assert {v["sample_rate"] for v in row["dp_by_node"].values()} == {1.0}
+        assert row["adapter_payload_bytes"] == head * 4
+        assert all(0 < e <= 8.0 + 1e-6 for e in row["epsilon_by_node"].values())
+    # the class histogram, two rounds and the decision calibration, each charged
+    for n in SITES:
+        entries = _ledger(cluster, n)["entries"][before[n]:]
+        assert len(entries) == 4, entries
+        assert entries[0]["message"].endswith("/histogram")
+        assert entries[-1]["message"].endswith("/calibration")
+        assert "head only" in cluster.log(n)
+        assert "data.max_length follows the data" in cluster.log(n)
+    (cal,) = [r["calibration"] for r in rows if "calibration" in r]
+    assert cal["sites"] == 3 and cal["validation_records"] > 0
+    assert cal["round"] == rows[-1]["best_round"]  # the adapter export/predict use
+    meta = json.loads((run_dir / "best" / "fedtune_model.json").read_text())
+    assert meta["decision_bias"] == cal["decision_bias"]
+
+
+def _ledger(cluster: Cluster, name: str) -> dict:
+    (ledger,) = (cluster.root / name / "ledger").glob("*.json")
+    return dict(json.loads(ledger.read_text()))
+
+
 def worker_stats(cluster: Cluster, name: str) -> dict:
     """What a site's worker reports over its socket (tasks, loads, pid)."""
     header, _ = channel.request(cluster.root / name / "state" / "worker" /

@@ -1,0 +1,122 @@
+"""Decision calibration's arithmetic: counts, their sensitivity, the estimates."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from fedtune.common import calibration, metrics
+
+
+def _toy(seed: int = 0, n: int = 400) -> tuple[np.ndarray, np.ndarray]:
+    """Two classes, 15 % minority; logits that favour the minority (as a head
+    trained with the logit adjustment does)."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(n) < 0.15).astype(np.int64)
+    logits = np.stack([np.zeros(n), 2.0 * labels - 0.8 + rng.normal(0, 1, n)], 1)
+    return logits, labels
+
+
+def test_counts_give_the_per_class_metrics_of_each_candidate() -> None:
+    logits, labels = _toy()
+    biases = calibration.candidate_biases([0.85, 0.15], calibration.STRENGTHS)
+    exact = calibration.counts(logits, labels, biases)
+    found = calibration.estimates(exact, calibration.STRENGTHS)
+    for k, est in enumerate(found):
+        pred = np.argmax(logits + biases[k], 1).tolist()
+        report = metrics.classification_report(labels.tolist(), pred,
+                                               labels=["a", "b"])
+        assert est.macro_f1 == pytest.approx(report["macro-f1"])
+        assert est.recall[1] == pytest.approx(report["recall-b"])
+    # strength 0 keeps the balanced scores: the minority is over-predicted
+    assert found[0].recall[1] > found[-1].recall[1]
+    assert found[0].precision[1] < found[-1].precision[1]
+
+
+def test_one_record_moves_the_counts_by_at_most_the_sensitivity() -> None:
+    # the Gaussian mechanism's noise is scaled to this bound, so it must hold for
+    # any record, whatever the candidates predict for it
+    logits, labels = _toy(n=60)
+    biases = calibration.candidate_biases([0.7, 0.2, 0.1][:2], calibration.STRENGTHS)
+    full = calibration.counts(logits, labels, biases)
+    bound = calibration.sensitivity(len(biases))
+    assert bound == math.sqrt(11)
+    worst = max(np.linalg.norm(full - calibration.counts(
+        np.delete(logits, i, 0), np.delete(labels, i), biases)) for i in range(60))
+    assert worst <= bound + 1e-12
+    assert worst == pytest.approx(bound)  # a record every candidate gets right
+
+
+def test_noise_has_the_planned_scale_and_zero_means_exact() -> None:
+    exact = np.zeros((11, 2))
+    rng = np.random.default_rng(1)
+    draws = np.stack([calibration.noisy(exact, z=2.0, rng=rng) for _ in range(400)])
+    assert draws.std() == pytest.approx(2.0 * math.sqrt(11), rel=0.05)
+    assert (calibration.noisy(exact + 3, z=0.0, rng=rng) == 3).all()
+
+
+def test_the_choice_survives_dp_noise_on_a_federation_of_sites() -> None:
+    # Prepare: 8 sites of 150 validation records, each releasing noisy counts
+    biases = calibration.candidate_biases([0.85, 0.15], calibration.STRENGTHS)
+    rng = np.random.default_rng(2)
+    total = np.zeros((11, 2))
+    exact_total = np.zeros((11, 2))
+    for seed in range(8):
+        exact = calibration.counts(*_toy(seed, 150), biases)
+        exact_total += exact
+        total += calibration.noisy(exact, z=2.0, rng=rng)
+    # Execute
+    noisy_pick = calibration.choose(calibration.estimates(total,
+                                                          calibration.STRENGTHS))
+    exact_found = calibration.estimates(exact_total, calibration.STRENGTHS)
+    # Assert: the noisy choice is within 0.02 macro-F1 of the exact best
+    best = max(e.macro_f1 for e in exact_found)
+    picked = next(e for e in exact_found if e.strength == noisy_pick.strength)
+    assert best - picked.macro_f1 < 0.02
+    assert calibration.choose(exact_found).strength > 0  # balanced overshoots
+
+
+def test_negative_noisy_counts_and_absent_classes_stay_sane() -> None:
+    total = np.array([[50.0, -3.0], *itertools.repeat([40.0, -2.0], 1),
+                      *itertools.repeat([60.0, -5.0], 1)])
+    (est,) = calibration.estimates(total, [0.0])
+    assert est.macro_f1 == pytest.approx(2 * 40 / (60 + 50))  # class 1 left out
+    assert 0.0 <= min(est.precision + est.recall + est.f1)
+
+
+def test_smoothing_averages_neighbours_and_keeps_a_clear_peak() -> None:
+    found = [calibration.Estimate(s, f, [], [], []) for s, f in
+             zip(calibration.STRENGTHS, (0.6, 0.9, 0.62, 0.64, 0.66), strict=True)]
+    # a lone spike (noise) is damped towards its neighbours
+    assert calibration.smoothed(found)[1] == pytest.approx((0.6 + 1.8 + 0.62) / 4)
+    assert calibration.smoothed(found)[0] == pytest.approx((0.9 + 1.2 + 0.9) / 4)
+    clear = [calibration.Estimate(s, f, [], [], []) for s, f in
+             zip(calibration.STRENGTHS, (0.5, 0.6, 0.8, 0.6, 0.5), strict=True)]
+    assert calibration.choose(clear).strength == 0.5
+
+
+def test_a_gain_the_noise_could_explain_keeps_the_trained_rule() -> None:
+    found = [calibration.Estimate(s, f, [], [], []) for s, f in
+             zip(calibration.STRENGTHS, (0.80, 0.82, 0.84, 0.83, 0.81), strict=True)]
+    assert calibration.choose(found).strength == 0.5
+    assert calibration.choose(found, margin=0.05).strength == 0.0
+    # the delta method's figure is the noise's effect on the estimate, or a little
+    # more (it ignores the clipping of the counts): a conservative margin
+    logits, labels = _toy(3, 1200)
+    biases = calibration.candidate_biases([0.85, 0.15], calibration.STRENGTHS)
+    exact = calibration.counts(logits, labels, biases)
+    rng = np.random.default_rng(4)
+    draws = [calibration.estimates(exact + rng.normal(0, 20.0, exact.shape),
+                                   calibration.STRENGTHS)[0].macro_f1
+             for _ in range(400)]
+    sd = calibration.macro_f1_sd(exact, 0, noise_sd=20.0)
+    assert 0.9 * float(np.std(draws)) <= sd <= 1.5 * float(np.std(draws))
+
+
+def test_a_class_of_a_few_noisy_records_does_not_blow_up_the_margin() -> None:
+    total = np.array([[500.0, 1.2], [450.0, 0.1], [480.0, -0.5]])
+    sd = calibration.macro_f1_sd(total, 0, noise_sd=20.0)
+    assert sd <= 0.5 * math.sqrt(2) / 2 + 1e-12  # two classes, each at most 0.5
