@@ -118,8 +118,13 @@ def _bisect_noise(prefix: Sequence[Segment], *, target_epsilon: float,
     if epsilon_spent(prefix, delta=target_delta, accountant=accountant) \
             >= target_epsilon:
         raise PrivacyError(f"the releases planned before training already spend "
-                           f"epsilon >= {target_epsilon}; raise privacy.target_epsilon "
-                           "or the noise of the earlier releases")
+                           f"epsilon >= {target_epsilon}: raise "
+                           "privacy.target_epsilon, "
+                           "or the noise of those releases (privacy."
+                           "count_noise_multiplier for the class histogram, "
+                           "privacy.calibration_noise_multiplier for the decision "
+                           "calibration), or switch them off (train.logit_adjustment"
+                           " 0, train.calibrate_decisions false)")
     lo, hi = 0.0, 1.0
     while eps(hi) > target_epsilon:
         lo, hi = hi, hi * 2
@@ -221,7 +226,7 @@ def plan_schedule(cfg: PrivacyConfig, *, sample_rate_: float, steps_per_round_: 
     tune_rounds = num_rounds - probe_rounds
     count_sigma = cfg.count_noise_multiplier if count else 0.0
     prefix: list[Segment] = [(count_sigma, 1.0, 1)] if count else []
-    calibration_sigma = cfg.calibration_noise_multiplier if calibration else 0.0
+    calibration_sigma = cfg.calibration_sigma if calibration else 0.0
     if calibration:  # composition does not depend on the order of the releases
         prefix.append((calibration_sigma, 1.0, 1))
 

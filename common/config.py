@@ -171,6 +171,9 @@ class LoraConfig(_Section):
         return out
 
 
+CALIBRATION_NOISE_AT_8 = 2.0  # bench/calibration.py measured the recipe with it
+
+
 @dataclass(frozen=True)
 class PrivacyConfig(_Section):
     """Record-level DP-SGD on each site (Opacus).
@@ -196,7 +199,10 @@ class PrivacyConfig(_Section):
     ``calibration_noise_multiplier`` is the Gaussian noise (per unit of L2
     sensitivity) on the validation counts a site releases once, after the last
     round, for ``train.calibrate_decisions``; it is planned and charged like the
-    histogram.
+    histogram. 0 (the default) follows the budget: 2 (what the recipe was measured
+    with at epsilon 8) for ``target_epsilon >= 8``, ``2 * 8 / target_epsilon``
+    below, so that the release keeps about the share of a smaller budget it has
+    of 8 (at a fixed 2, an epsilon-1 run could not afford it at all).
 
     ``personalize_epsilon`` (at ``target_delta``) is what a site's personalisation
     (``train.personalize_epochs``) may spend on top of the run; its DP-SGD noise is
@@ -226,15 +232,22 @@ class PrivacyConfig(_Section):
     central_clipping_norm: float = 1.0
     linear_probe_budget: float = 0.0
     count_noise_multiplier: float = 20.0
-    calibration_noise_multiplier: float = 2.0
+    calibration_noise_multiplier: float = 0.0
     personalize_epsilon: float = 1.0
+
+    @property
+    def calibration_sigma(self) -> float:
+        """The decision calibration's noise multiplier (``0`` resolved)."""
+        if self.calibration_noise_multiplier > 0:
+            return self.calibration_noise_multiplier
+        return CALIBRATION_NOISE_AT_8 * max(1.0, 8.0 / self.target_epsilon)
 
     def _check(self) -> list[str]:
         out = _positive(self, "target_epsilon", "max_grad_norm",
                         "central_noise_multiplier", "central_clipping_norm",
-                        "count_noise_multiplier", "calibration_noise_multiplier",
-                        "personalize_epsilon")
-        out += _non_negative(self, "noise_multiplier", "budget_epsilon")
+                        "count_noise_multiplier", "personalize_epsilon")
+        out += _non_negative(self, "noise_multiplier", "budget_epsilon",
+                             "calibration_noise_multiplier")
         if not 0.0 <= self.linear_probe_budget < 1.0:
             out.append(f"linear_probe_budget: must be in [0, 1) (the share of "
                        f"target_epsilon for the linear-probe rounds; 0: one noise "

@@ -102,7 +102,7 @@ def calibrate(grid: Grid, *, cfg: RunConfig, run_dir: Path,
     logger.info("calibration: %d sites score %d decision biases on their "
                 "validation splits (round %d's adapter, counts under DP, noise %g)",
                 len(nodes), len(strengths), trained.round,
-                cfg.privacy.calibration_noise_multiplier)
+                cfg.privacy.calibration_sigma)
     got, failed = _ask(grid, nodes, content=RecordDict({
         records.ARRAYS: records.to_record(tensors), records.CONFIG: conf}),
         kind=MessageType.EVALUATE, timeout=timeout)
@@ -126,7 +126,7 @@ def calibrate(grid: Grid, *, cfg: RunConfig, run_dir: Path,
         return None
     found = calibration.estimates(total, strengths)
     # the summed counts' noise: each site's z * sensitivity, independent
-    z = cfg.privacy.calibration_noise_multiplier if cfg.privacy.enabled else 0.0
+    z = cfg.privacy.calibration_sigma if cfg.privacy.enabled else 0.0
     noise_sd = z * calibration.sensitivity(len(strengths)) * float(np.sqrt(used))
     # two candidates' estimates differ by noise of about sqrt(2) x one's
     margin = float(np.sqrt(2)) * max(
@@ -141,7 +141,7 @@ def calibrate(grid: Grid, *, cfg: RunConfig, run_dir: Path,
         "logit_adjustment": tau, "effective_adjustment": tau - best.strength,
         "sites": used, "failed": {str(n): w for n, w in failed.items()},
         "validation_records": val_records,
-        "noise_multiplier": (cfg.privacy.calibration_noise_multiplier
+        "noise_multiplier": (cfg.privacy.calibration_sigma
                              if cfg.privacy.enabled else 0.0),
         "epsilon_max": max(spent) if spent else None,
         "margin": margin,  # the gain over strength 0 a move needed

@@ -53,9 +53,36 @@ def test_fixed_noise_is_used_as_it_is() -> None:
 
 def test_a_histogram_that_spends_the_budget_is_refused() -> None:
     cfg = PrivacyConfig(target_epsilon=0.5, count_noise_multiplier=1.0)
-    with pytest.raises(PrivacyError, match="already spend epsilon >= 0.5"):
+    with pytest.raises(PrivacyError, match="already spend epsilon >= 0.5") as err:
         accounting.plan_schedule(cfg, sample_rate_=Q, steps_per_round_=STEPS,
                                  num_rounds=ROUNDS, count=True)
+    assert "privacy.count_noise_multiplier" in str(err.value)  # names the fix
+
+
+@pytest.mark.parametrize("eps", [0.5, 1.0, 3.0, 8.0, 20.0])
+def test_the_calibration_release_follows_the_budget(eps: float) -> None:
+    # Prepare: the recipe's releases (histogram + decision calibration), default noise
+    cfg = PrivacyConfig(target_epsilon=eps)
+    # Execute
+    plan = accounting.plan_schedule(cfg, sample_rate_=Q, steps_per_round_=STEPS,
+                                    num_rounds=ROUNDS, count=True, calibration=True)
+    # Assert: 2 (as measured) from epsilon 8 up, 2 * 8 / eps below; a small budget
+    # still leaves room for training, and the whole run lands on the target
+    assert plan.calibration_sigma == pytest.approx(2.0 * max(1.0, 8.0 / eps))
+    releases = accounting.epsilon_spent([(plan.count_sigma, 1.0, 1),
+                                         (plan.calibration_sigma, 1.0, 1)], delta=1e-5)
+    assert releases < 0.75 * eps
+    whole = accounting.epsilon_spent(
+        plan.history(sample_rate_=Q, rounds=ROUNDS, ended=True), delta=1e-5)
+    assert whole == pytest.approx(eps, abs=0.02) and whole <= eps + 1e-6
+
+
+def test_an_explicit_calibration_noise_is_used_as_it_is() -> None:
+    cfg = PrivacyConfig(target_epsilon=1.0, calibration_noise_multiplier=3.0)
+    assert cfg.calibration_sigma == 3.0
+    with pytest.raises(PrivacyError, match="calibration_noise_multiplier"):
+        accounting.plan_schedule(cfg, sample_rate_=Q, steps_per_round_=STEPS,
+                                 num_rounds=ROUNDS, count=True, calibration=True)
 
 
 def test_prior_and_weights_from_noisy_counts() -> None:
