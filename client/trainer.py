@@ -125,11 +125,12 @@ def train_local(model: nn.Module, train_set: Dataset[Batch], val_set: Dataset[Ba
     """
     start = time.perf_counter()
     trained: nn.Module = model
-    if head_only:
-        train_set = head_features(model, train_set, device=device,  # type: ignore[arg-type]  # an EncodedDataset
-                                  pad_id=pad_id,
-                                  batch_size=train_cfg.eval_batch_size)
-        trained = HeadOnly(classifier_head(model)[1])
+    scored: nn.Module = model  # what the validation loss runs through
+    if head_only:  # the encoder is frozen: train and validate on its cached output
+        train_set, val_set = (head_features(
+            model, ds, device=device, pad_id=pad_id,  # type: ignore[arg-type]  # an EncodedDataset
+            batch_size=train_cfg.eval_batch_size) for ds in (train_set, val_set))
+        trained = scored = HeadOnly(classifier_head(model)[1])
     dp = privacy_cfg.enabled
     sample_seed, noise_seed = _seeds(seed, dp=dp, secure=privacy_cfg.secure_noise)
     gen = torch.Generator().manual_seed(sample_seed)
@@ -171,8 +172,9 @@ def train_local(model: nn.Module, train_set: Dataset[Batch], val_set: Dataset[Ba
                 if loss is not None:
                     loss_sum, loss_n = loss_sum + loss, loss_n + 1
             if train_cfg.early_stopping_patience and len(val_set):  # type: ignore[arg-type]  # Sized
-                val = evaluate(model, val_set, task=task, device=device, pad_id=pad_id,
-                               batch_size=train_cfg.eval_batch_size)["loss"]
+                val = evaluate(scored, val_set, task=task, device=device,
+                               pad_id=pad_id, batch_size=train_cfg.eval_batch_size
+                               )["loss"]
                 if val < best - 1e-4:
                     best, stale, best_state = val, 0, adapter_state(model)
                 else:
@@ -187,7 +189,7 @@ def train_local(model: nn.Module, train_set: Dataset[Batch], val_set: Dataset[Ba
             net._close()  # type: ignore[operator]  # remove Opacus hooks
     if best_state is not None:
         set_adapter_state(model, best_state)
-    val_loss = (evaluate(model, val_set, task=task, device=device, pad_id=pad_id,
+    val_loss = (evaluate(scored, val_set, task=task, device=device, pad_id=pad_id,
                          batch_size=train_cfg.eval_batch_size)["loss"]
                 if len(val_set) else math.nan)  # type: ignore[arg-type]  # Sized
     return TrainResult(num_examples=len(train_set),  # type: ignore[arg-type]  # Sized

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from flwr.clientapp.typing import Mod
 
-from fedtune.common import assets, data
+from fedtune.common import assets, data, features
 from fedtune.common.config import PAST_STOP, RESUME, RUN_PATH, RunConfig, to_run_config
 from fedtune.common.errors import FedtuneError
 from fedtune.common.model import load_pretrained, load_tokenizer
@@ -68,9 +70,22 @@ def simulate(cfg: RunConfig, *, name: str = "sim", run_dir: Path | None = None,
     }
     logger.info("simulating %d sites for %d rounds -> %s", fed.num_sites,
                 fed.num_rounds, run_dir)
-    run_simulation(server_app=make_server_app(flat),
-                   client_app=make_client_app(flat, mods=client_mods),
-                   num_supernodes=fed.num_sites, backend_config=backend)
+    # the actors (started by run_simulation, so they inherit the environment) share
+    # the frozen encoder's features of each site's records through this directory,
+    # removed with its derived data when the run ends
+    shared = tempfile.mkdtemp(prefix="fedtune-features-")
+    saved = os.environ.get(features.SHARED_ENV)
+    os.environ[features.SHARED_ENV] = shared
+    try:
+        run_simulation(server_app=make_server_app(flat),
+                       client_app=make_client_app(flat, mods=client_mods),
+                       num_supernodes=fed.num_sites, backend_config=backend)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+        if saved is None:
+            os.environ.pop(features.SHARED_ENV, None)
+        else:
+            os.environ[features.SHARED_ENV] = saved
     done = [r for r in checkpoint.read_metrics(run_dir) if r.get("round", 0) > 0]
     if len(done) < fed.num_rounds and not (done and done[-1].get(STOPPED)):
         raise FedtuneError(f"simulation ended after {len(done)} of {fed.num_rounds} "

@@ -222,3 +222,50 @@ def test_dp_head_only_round_with_logit_adjustment_and_weights(tiny_bert: Path
         class_weights=torch.tensor([1.0, 0.5, 0.25]),
         logit_bias=torch.log(torch.tensor([0.2, 0.3, 0.5])))
     assert res.steps == 2 * int(1 / res.sample_rate) and math.isfinite(res.train_loss)
+
+
+def test_features_are_shared_between_a_simulations_processes(
+        tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: records of mixed lengths (computed shortest first, returned in order)
+    from fedtune.common import features
+
+    train_set, val_set = _sets(tiny_bert)
+    model = _model(tiny_bert)
+    M.set_lora_trainable(model, LoraConfig(r=4), trainable=False)
+    model.eval()
+    with torch.no_grad():
+        plain = [evaluation.class_logits(model, data.collate([x], pad_id=0))[0]
+                 for x in train_set.items[:5]]
+    monkeypatch.setattr(features, "_FEATURES", type(features._FEATURES)())
+    monkeypatch.setenv(features.SHARED_ENV, str(tmp_path))
+    # Execute: one process computes; another (an empty memory cache) reads them
+    first = features.head_features(model, train_set, device=CPU, pad_id=0,
+                                   batch_size=7)
+    counts = features.cache_counts()
+    features._FEATURES.clear()
+    second = features.head_features(model, train_set, device=CPU, pad_id=0,
+                                    batch_size=7)
+    # Assert: the same features, in the records' order (the head on them gives the
+    # whole model's logits), through one file; the other process computed nothing
+    assert len(list(tmp_path.glob("*.pt"))) == 1
+    after = features.cache_counts()
+    assert after["shared"] == counts["shared"] + 1
+    assert after["computed"] == counts["computed"]
+    head = features.HeadOnly(M.classifier_head(model)[1])
+    for i, want in enumerate(plain):
+        assert torch.equal(first[i]["features"], second[i]["features"])
+        assert torch.allclose(head(first[i]["features"][None])[0], want, atol=1e-5)
+    # ... a changed encoder (LoRA moved) is another entry, and a head-only round's
+    # validation loss (on the cached features) is the whole model's
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B" in n).add_(0.1)
+    features.head_features(model, train_set, device=CPU, pad_id=0, batch_size=7)
+    assert len(list(tmp_path.glob("*.pt"))) == 2
+    res = trainer.train_local(
+        model, train_set, val_set, task="classification",
+        train_cfg=TrainConfig(local_epochs=1, batch_size=16, learning_rate=1e-9),
+        privacy_cfg=PrivacyConfig(enabled=False), noise_multiplier=0.0, device=CPU,
+        pad_id=0, seed=0, head_only=True)
+    full = evaluation.evaluate(model, val_set, task="classification", batch_size=32,
+                               device=CPU, pad_id=0)["loss"]
+    assert res.val_loss == pytest.approx(full, rel=1e-4)
