@@ -19,6 +19,7 @@ from tests.integration.test_simulation import _rounds, _simulate
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.slow  # 1-2 minutes: out of the ~5-minute default suite
 def test_budget_exhausted_site_declines_and_spending_accumulates(
         tmp_path: Path, tiny_bert: Path, review_files: tuple[Path, Path]) -> None:
     # Prepare: site 0 already spent far past its budget on its data (an old run).

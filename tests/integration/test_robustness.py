@@ -55,6 +55,7 @@ def _final(run_dir: Path) -> dict[str, np.ndarray]:
     return load_file(str(run_dir / "final" / "adapter_model.safetensors"))
 
 
+@pytest.mark.slow  # 1-2 minutes: out of the ~5-minute default suite
 def test_bad_updates_are_rejected_and_the_rest_aggregated(
         tmp_path: Path, tiny_bert: Path, review_files: tuple[Path, Path]) -> None:
     # Prepare: 6 sites; sites 0-2 send NaN, a wrong shape, a 1e4x update. The

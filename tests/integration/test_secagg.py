@@ -59,6 +59,7 @@ def test_secagg_sum_equals_fedavg(tmp_path: Path, tiny_bert: Path,
     assert 0 < _max_diff(sec_dir, plain_dir) <= _bound(3)
 
 
+@pytest.mark.slow  # 1-2 minutes: out of the ~5-minute default suite
 def test_secagg_survives_a_site_dropping_after_key_sharing(
         tmp_path: Path, tiny_bert: Path, review_files: tuple[Path, Path]) -> None:
     # Prepare: site 0's budget is spent, so it takes part in SecAgg+'s setup and

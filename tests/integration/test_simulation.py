@@ -142,6 +142,7 @@ def test_embedded_default_model_and_data(tmp_path: Path) -> None:
         meta["decision_bias"]) == 21
 
 
+@pytest.mark.slow  # 1-2 minutes: out of the ~5-minute default suite
 def test_partial_participation_dirichlet_and_early_stopping(
         tmp_path: Path, tiny_bert: Path, review_files: tuple[Path, Path]) -> None:
     raw = tiny_config(tiny_bert, *review_files,
