@@ -45,10 +45,11 @@ def test_default_main_job_learns_under_dp_within_ten_minutes(tmp_path: Path
 
 def test_small_sites_are_planned_as_hopeless_and_the_collapse_is_named(
         tmp_path: Path) -> None:
-    # two of its five rounds: the plan's verdict and the collapse are the same (the
-    # whole run, LoRA at length 128, is ~12 minutes of CI)
+    # the first of its five rounds: the plan's verdict and the collapse are the
+    # same (measured: predicts 'positive' for 97 %, neutral F1 0, rho 3.9 after
+    # round 1); each round of LoRA at length 128 is ~190 s on 2 cores
     rows, _, log = _run(tmp_path, str(ROOT / "simulations" / "drug-reviews.yaml"),
-                        "federation.num_rounds=2")
+                        "federation.num_rounds=1")
     assert "WARNING: WILL LEARN NOTHING" in log and "need >= " in log
     last = rows[-1]
     assert last["eval_collapsed"] == 1.0 and last["rho_max"] > 2.0
