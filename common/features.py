@@ -44,9 +44,9 @@ class HeadOnly(nn.Module):
 
 
 # id(dataset) -> (the dataset itself, kept alive so its id is never reused; the
-# LoRA state the features were computed with; the features)
+# LoRA state the features were computed with; the features; their bytes)
 _FEATURES: OrderedDict[int, tuple[EncodedDataset, dict[str, torch.Tensor],
-                                  EncodedDataset]] = OrderedDict()
+                                  EncodedDataset, int]] = OrderedDict()
 # kept per process: a simulation actor serves many sites (train + validation each),
 # so the bound is the features' memory, not a count (384 floats per record for
 # all-MiniLM-L6-v2: 1 GiB holds ~700 k records)
@@ -74,12 +74,29 @@ def head_features(model: nn.Module, dataset: EncodedDataset, *, device: torch.de
         _STATS["reused"] += 1
         return cached[2]
     shared = _shared_path(dataset, lora, device)
-    if shared is not None and shared.is_file():
-        loaded = torch.load(shared, weights_only=True)
-        out = EncodedDataset([{FEATURES: f, "labels": item["labels"]}
-                              for f, item in zip(loaded, dataset.items, strict=True)])
+    if shared is not None and shared.is_file():  # another process computed them
+        feats = torch.load(shared, weights_only=True)
         _STATS["shared"] += 1
-        return _keep(dataset, lora, out)
+    else:
+        feats = _encode(model, dataset, device=device, pad_id=pad_id,
+                        batch_size=batch_size)
+        _STATS["computed"] += 1
+        if shared is not None:  # for the other processes of this simulation
+            tmp = shared.with_suffix(f".{os.getpid()}.tmp")
+            torch.save(feats, tmp)
+            os.replace(tmp, shared)
+    out = EncodedDataset([{FEATURES: f, "labels": item["labels"]}
+                          for f, item in zip(feats, dataset.items, strict=True)])
+    _FEATURES[id(dataset)] = (dataset, lora, out, feats.nbytes)
+    while len(_FEATURES) > 1 and sum(
+            e[3] for e in _FEATURES.values()) > _FEATURE_BYTES:
+        _FEATURES.popitem(last=False)
+    return out
+
+
+def _encode(model: nn.Module, dataset: EncodedDataset, *, device: torch.device,
+            pad_id: int, batch_size: int) -> torch.Tensor:
+    """The pooled encoder output of every record, in the records' order."""
     wrapper, _ = classifier_head(model)
     captured: list[torch.Tensor] = []
     hook = wrapper.register_forward_hook(
@@ -99,27 +116,11 @@ def head_features(model: nn.Module, dataset: EncodedDataset, *, device: torch.de
     finally:
         hook.remove()
         model.train(was_training)
-    feats = torch.zeros((0, 1))
-    if captured:  # back to the records' order
-        feats = torch.empty_like(sorted_feats := torch.cat(captured))
-        feats[torch.tensor(order)] = sorted_feats
-    out = EncodedDataset([{FEATURES: f, "labels": item["labels"]}
-                          for f, item in zip(feats, dataset.items, strict=True)])
-    _STATS["computed"] += 1
-    if shared is not None:  # for the other processes of this simulation
-        tmp = shared.with_suffix(f".{os.getpid()}.tmp")
-        torch.save(feats, tmp)
-        os.replace(tmp, shared)
-    return _keep(dataset, lora, out)
-
-
-def _keep(dataset: EncodedDataset, lora: dict[str, torch.Tensor],
-          out: EncodedDataset) -> EncodedDataset:
-    _FEATURES[id(dataset)] = (dataset, lora, out)
-    while len(_FEATURES) > 1 and sum(
-            _nbytes(e[2]) for e in _FEATURES.values()) > _FEATURE_BYTES:
-        _FEATURES.popitem(last=False)
-    return out
+    if not captured:
+        return torch.zeros((0, 1))
+    feats = torch.empty_like(sorted_feats := torch.cat(captured))
+    feats[torch.tensor(order)] = sorted_feats  # back to the records' order
+    return feats
 
 
 def _shared_path(dataset: EncodedDataset, lora: dict[str, torch.Tensor],
@@ -140,10 +141,6 @@ def _shared_path(dataset: EncodedDataset, lora: dict[str, torch.Tensor],
         h.update(k.encode())
         h.update(lora[k].detach().to(torch.float16).cpu().numpy().tobytes())
     return Path(root) / f"{h.hexdigest()[:32]}.pt"
-
-
-def _nbytes(features: EncodedDataset) -> int:
-    return sum(item[FEATURES].nbytes for item in features.items)
 
 
 def cache_counts() -> dict[str, int]:

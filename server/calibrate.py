@@ -141,8 +141,7 @@ def calibrate(grid: Grid, *, cfg: RunConfig, run_dir: Path,
         "logit_adjustment": tau, "effective_adjustment": tau - best.strength,
         "sites": used, "failed": {str(n): w for n, w in failed.items()},
         "validation_records": val_records,
-        "noise_multiplier": (cfg.privacy.calibration_sigma
-                             if cfg.privacy.enabled else 0.0),
+        "noise_multiplier": z,
         "epsilon_max": max(spent) if spent else None,
         "margin": margin,  # the gain over strength 0 a move needed
         "prior": prior, "decision_bias": biases[chosen].tolist(),
