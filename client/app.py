@@ -219,7 +219,8 @@ def make_client_app(defaults: Mapping[str, Any] | None = None, *,
             noise_multiplier=guard.noise_multiplier, sample_rate=guard.sample_rate,
             device=device, pad_id=pad, seed=cfg.train.seed * 1000 + rnd,
             proximal_mu=mu, class_weights=guard.terms.weights,
-            logit_bias=guard.terms.logit_bias, head_only=guard.head_only)
+            logit_bias=guard.terms.logit_bias, head_only=guard.head_only,
+            top_layers=cfg.lora.top_layers)
         dp_metrics = guard.charge(steps=res.steps)
         _keep(context, guard)
         eps = dp_metrics.get(records.EPSILON, math.inf)

@@ -40,7 +40,8 @@ def val_logits(cfg: RunConfig, model: torch.nn.Module, site: SiteData, *,
                device: torch.device, pad: int) -> tuple[np.ndarray, np.ndarray]:
     """The final model's logits and the labels of the site's validation split."""
     feats = head_features(model, site.val, device=device, pad_id=pad,
-                          batch_size=cfg.train.eval_batch_size)
+                          batch_size=cfg.train.eval_batch_size,
+                          top_layers=cfg.lora.top_layers)
     head = HeadOnly(classifier_head(model)[1])
     was_training = head.training
     head.eval()

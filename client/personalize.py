@@ -108,7 +108,7 @@ def fine_tune(cfg: RunConfig, *, site: SiteData, model: torch.nn.Module,
         model, site.train, EncodedDataset([]), task=cfg.model.task,
         train_cfg=train_cfg, privacy_cfg=cfg.privacy, noise_multiplier=sigma,
         sample_rate=q, device=device, pad_id=pad, seed=cfg.train.seed * 1000 + 999,
-        head_only=head_only)
+        head_only=head_only, top_layers=cfg.lora.top_layers)
     state = PrivacyState.from_config(dict(saved) if saved is not None else None)
     metrics: dict[str, float] = {records.NUM_EXAMPLES: len(site.val),
                                  records.DP_STEPS: res.steps,

@@ -34,8 +34,9 @@ from fedtune.common.evaluation import (
     per_sample_loss,
     to_device,
 )
-from fedtune.common.features import HeadOnly, head_features
+from fedtune.common.features import HeadOnly, head_features, hidden_inputs
 from fedtune.common.model import adapter_state, classifier_head, set_adapter_state
+from fedtune.common.toplayers import TopLayers
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def train_local(model: nn.Module, train_set: Dataset[Batch], val_set: Dataset[Ba
                 seed: int, sample_rate: float | None = None, proximal_mu: float = 0.0,
                 class_weights: torch.Tensor | None = None,
                 logit_bias: torch.Tensor | None = None,
-                head_only: bool = False) -> TrainResult:
+                head_only: bool = False, top_layers: int = 0) -> TrainResult:
     """Train the model's adapter in place for one round; see module docstring.
 
     ``proximal_mu > 0`` adds FedProx's proximal step (:func:`proximal_step`)
@@ -120,6 +121,9 @@ def train_local(model: nn.Module, train_set: Dataset[Batch], val_set: Dataset[Ba
     DP); ``logit_bias`` is added to the logits in the training loss only.
     ``head_only`` (classification, LoRA frozen) trains the head on the cached
     pooled features (:func:`fedtune.common.features.head_features`).
+    ``top_layers`` (k > 0, LoRA on the top k layers only): train and validate
+    the top k layers on each record's cached hidden states entering them
+    (:mod:`fedtune.common.toplayers`).
     ``sample_rate``: the Poisson rate the round's privacy was planned with (None:
     batch size over records).
     """
@@ -129,8 +133,15 @@ def train_local(model: nn.Module, train_set: Dataset[Batch], val_set: Dataset[Ba
     if head_only:  # the encoder is frozen: train and validate on its cached output
         train_set, val_set = (head_features(
             model, ds, device=device, pad_id=pad_id,  # type: ignore[arg-type]  # an EncodedDataset
-            batch_size=train_cfg.eval_batch_size) for ds in (train_set, val_set))
+            batch_size=train_cfg.eval_batch_size, top_layers=top_layers)
+            for ds in (train_set, val_set))
         trained = scored = HeadOnly(classifier_head(model)[1])
+    elif top_layers:  # the layers below are frozen: start from their cached output
+        trained = scored = TopLayers(model, top_layers)
+        train_set, val_set = (hidden_inputs(
+            model, ds, layer=trained.first, device=device, pad_id=pad_id,  # type: ignore[arg-type]  # an EncodedDataset
+            batch_size=train_cfg.eval_batch_size) for ds in (train_set, val_set))
+        _all_trained(model, trained)
     dp = privacy_cfg.enabled
     sample_seed, noise_seed = _seeds(seed, dp=dp, secure=privacy_cfg.secure_noise)
     gen = torch.Generator().manual_seed(sample_seed)
@@ -196,6 +207,18 @@ def train_local(model: nn.Module, train_set: Dataset[Batch], val_set: Dataset[Ba
                        train_loss=loss_sum / max(loss_n, 1), val_loss=val_loss,
                        steps=steps, seconds=time.perf_counter() - start,
                        sample_rate=rate if dp else 0.0)
+
+
+def _all_trained(model: nn.Module, top: TopLayers) -> None:
+    """Refuse a top-layers view that would leave a trainable tensor untouched
+    (LoRA below the top layers: the cached states assume none there)."""
+    inside = {id(p) for p in top.parameters() if p.requires_grad}
+    left = [n for n, p in model.named_parameters()
+            if p.requires_grad and id(p) not in inside]
+    if left:
+        raise ValueError(f"lora.top_layers={top.k} leaves trainable tensors below "
+                         f"the top layers, e.g. {left[:3]}; build the model with "
+                         "the same lora.top_layers")
 
 
 def train_step(net: nn.Module, opt: torch.optim.Optimizer,

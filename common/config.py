@@ -141,6 +141,9 @@ class LoraConfig(_Section):
     ``heterogeneous_ranks: true`` (implied by ``site_ranks``) for the server to
     accept lower-rank updates. Each site keeps the scaling ``alpha / r`` so its adapter
     is exactly the first ranks of the global one.
+    ``top_layers`` (k > 0): LoRA on the top k transformer layers only; the hidden
+    states entering them are computed once per record and cached, so a LoRA step
+    runs k layers (:mod:`fedtune.common.toplayers`). 0: every layer.
     """
 
     SECTION = "lora"
@@ -151,6 +154,7 @@ class LoraConfig(_Section):
     ffa: bool = False
     site_ranks: tuple[int, ...] = ()
     heterogeneous_ranks: bool = False
+    top_layers: int = 0
 
     @property
     def mixed_ranks(self) -> bool:
@@ -159,6 +163,9 @@ class LoraConfig(_Section):
 
     def _check(self) -> list[str]:
         out = _positive(self, "r", "alpha")
+        if self.top_layers < 0:
+            out.append(f"top_layers: must be >= 0 (0: every layer), got "
+                       f"{self.top_layers!r}")
         if not 0.0 <= self.dropout < 1.0:
             out.append(f"dropout: must be in [0, 1), got {self.dropout!r}")
         bad = [r for r in self.site_ranks if not 1 <= r <= self.r]

@@ -437,4 +437,8 @@ def collate(batch: list[dict[str, torch.Tensor]], *, pad_id: int = 0
             out["loss_mask"][i, :n] = b["loss_mask"]
     if "labels" in batch[0]:
         out["labels"] = torch.stack([b["labels"] for b in batch])
+    if "hidden" in batch[0]:  # cached hidden states (lora.top_layers), padded by 0
+        out["hidden"] = torch.zeros((len(batch), width, batch[0]["hidden"].shape[-1]))
+        for i, b in enumerate(batch):
+            out["hidden"][i, :len(b["hidden"])] = b["hidden"]
     return out

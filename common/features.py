@@ -19,6 +19,7 @@ import functools
 import hashlib
 import os
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -27,8 +28,10 @@ from torch.utils.data import DataLoader, Subset
 
 from fedtune.common.data import EncodedDataset, collate
 from fedtune.common.model import adapter_state, classifier_head, is_lora
+from fedtune.common.toplayers import Captured, TopLayers, layer_input_hook, layer_of
 
 FEATURES = "features"  # a cached record's key (the collated batch's too)
+HIDDEN = "hidden"  # a record's cached hidden states (lora.top_layers)
 
 
 class HeadOnly(nn.Module):
@@ -43,13 +46,14 @@ class HeadOnly(nn.Module):
         return out
 
 
-# id(dataset) -> (the dataset itself, kept alive so its id is never reused; the
-# LoRA state the features were computed with; the features; their bytes)
-_FEATURES: OrderedDict[int, tuple[EncodedDataset, dict[str, torch.Tensor],
-                                  EncodedDataset, int]] = OrderedDict()
+# (id(dataset), what) -> (the dataset itself, kept alive so its id is never
+# reused; the LoRA state the entry was computed with; the cached data set; its bytes)
+_FEATURES: OrderedDict[tuple[int, str], tuple[EncodedDataset, dict[str, torch.Tensor],
+                                              EncodedDataset, int]] = OrderedDict()
 # kept per process: a simulation actor serves many sites (train + validation each),
 # so the bound is the features' memory, not a count (384 floats per record for
-# all-MiniLM-L6-v2: 1 GiB holds ~700 k records)
+# all-MiniLM-L6-v2: 1 GiB holds ~700 k records; a record's hidden states for
+# lora.top_layers take its length times that)
 _FEATURE_BYTES = 1 << 30
 _STATS = {"computed": 0, "reused": 0, "shared": 0}
 SHARED_ENV = "FEDTUNE_SHARED_FEATURES"
@@ -62,69 +66,141 @@ def _same_encoder(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> boo
         torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-8) for k in a)
 
 
-@torch.no_grad()
-def head_features(model: nn.Module, dataset: EncodedDataset, *, device: torch.device,
-                  pad_id: int, batch_size: int) -> EncodedDataset:
-    """The head's input for every record of ``dataset`` (with its label), cached
-    per data set and LoRA state; see the module docstring."""
-    lora = {k: v for k, v in adapter_state(model).items() if is_lora(k)}
-    cached = _FEATURES.get(id(dataset))
+def _cached(dataset: EncodedDataset, *, what: str, lora: dict[str, torch.Tensor],
+            device: torch.device, compute: Callable[[], list[torch.Tensor]],
+            build: Callable[[list[torch.Tensor]], EncodedDataset]) -> EncodedDataset:
+    """``build(compute())``, from this process' memory, the simulation's shared
+    directory, or computed (and then kept in both)."""
+    key = (id(dataset), what)
+    cached = _FEATURES.get(key)
     if cached is not None and _same_encoder(cached[1], lora):
-        _FEATURES.move_to_end(id(dataset))
+        _FEATURES.move_to_end(key)
         _STATS["reused"] += 1
         return cached[2]
-    shared = _shared_path(dataset, lora, device)
+    shared = _shared_path(dataset, lora, device, what)
     if shared is not None and shared.is_file():  # another process computed them
-        feats = torch.load(shared, weights_only=True)
+        rows: list[torch.Tensor] = torch.load(shared, weights_only=True)
         _STATS["shared"] += 1
     else:
-        feats = _encode(model, dataset, device=device, pad_id=pad_id,
-                        batch_size=batch_size)
+        rows = compute()
         _STATS["computed"] += 1
         if shared is not None:  # for the other processes of this simulation
             tmp = shared.with_suffix(f".{os.getpid()}.tmp")
-            torch.save(feats, tmp)
+            torch.save(rows, tmp)
             os.replace(tmp, shared)
-    out = EncodedDataset([{FEATURES: f, "labels": item["labels"]}
-                          for f, item in zip(feats, dataset.items, strict=True)])
-    _FEATURES[id(dataset)] = (dataset, lora, out, feats.nbytes)
+    out = build(rows)
+    _FEATURES[key] = (dataset, lora, out, sum(r.nbytes for r in rows))
     while len(_FEATURES) > 1 and sum(
             e[3] for e in _FEATURES.values()) > _FEATURE_BYTES:
         _FEATURES.popitem(last=False)
     return out
 
 
-def _encode(model: nn.Module, dataset: EncodedDataset, *, device: torch.device,
-            pad_id: int, batch_size: int) -> torch.Tensor:
-    """The pooled encoder output of every record, in the records' order."""
+@torch.no_grad()
+def head_features(model: nn.Module, dataset: EncodedDataset, *, device: torch.device,
+                  pad_id: int, batch_size: int, top_layers: int = 0) -> EncodedDataset:
+    """The head's input for every record of ``dataset`` (with its label), cached
+    per data set and LoRA state; see the module docstring. ``top_layers`` (LoRA
+    on the top k layers only): computed by those layers from the cached hidden
+    states entering them (:func:`hidden_inputs`), not by the whole encoder."""
     wrapper, _ = classifier_head(model)
-    captured: list[torch.Tensor] = []
-    hook = wrapper.register_forward_hook(
-        lambda _m, args, _out: captured.append(args[0].detach().float().cpu()))
-    was_training = model.training
-    model.eval()
+    lora = {k: v for k, v in adapter_state(model).items() if is_lora(k)}
+
+    def compute() -> list[torch.Tensor]:
+        net, source = model, dataset
+        if top_layers:
+            net = TopLayers(model, top_layers)
+            source = hidden_inputs(model, dataset, layer=net.first, device=device,
+                                   pad_id=pad_id, batch_size=batch_size)
+        captured: list[torch.Tensor] = []
+        hook = wrapper.register_forward_hook(
+            lambda _m, args, _out: captured.append(args[0].detach().float().cpu()))
+        try:
+            for _ in _forward_sorted(net, source, device=device, pad_id=pad_id,
+                                     batch_size=batch_size):
+                pass
+        finally:
+            hook.remove()
+        return _in_order(list(torch.cat(captured)) if captured else [], dataset)
+
+    return _cached(dataset, what="pooled", lora=lora, device=device,
+                   compute=compute, build=lambda rows: EncodedDataset([
+                       {FEATURES: f, "labels": item["labels"]}
+                       for f, item in zip(rows, dataset.items, strict=True)]))
+
+
+@torch.no_grad()
+def hidden_inputs(model: nn.Module, dataset: EncodedDataset, *, layer: int,
+                  device: torch.device, pad_id: int, batch_size: int
+                  ) -> EncodedDataset:
+    """Each record's hidden states entering transformer layer ``layer`` (its own
+    length, fp32) beside its tokens and label or loss mask: the input of
+    :class:`fedtune.common.toplayers.TopLayers`. Cached per data set, layer and
+    the LoRA tensors below ``layer`` (none under ``lora.top_layers``)."""
+    lora = {k: v for k, v in adapter_state(model).items()
+            if is_lora(k) and (layer_of(k) or 0) < layer}
+
+    def compute() -> list[torch.Tensor]:
+        rows: list[torch.Tensor] = []
+        hook, captured = layer_input_hook(model, layer)
+        try:
+            for mask in _forward_sorted(model, dataset, device=device, pad_id=pad_id,
+                                        batch_size=batch_size, stop=Captured):
+                states = captured.pop().float().cpu()
+                rows += [s[: int(n)].clone() for s, n in zip(
+                    states, mask.sum(1).tolist(), strict=True)]
+        finally:
+            hook.remove()
+        return _in_order(rows, dataset)
+
+    return _cached(dataset, what=f"layer-{layer}", lora=lora, device=device,
+                   compute=compute, build=lambda rows: EncodedDataset([
+                       {**item, HIDDEN: h}
+                       for h, item in zip(rows, dataset.items, strict=True)]))
+
+
+def _order(dataset: EncodedDataset) -> list[int]:
     # shortest records first: a batch pads to its longest record, so batches of
     # similar lengths spend the encoder's time on tokens, not padding
-    order = sorted(range(len(dataset)),
-                   key=lambda i: len(dataset.items[i]["input_ids"]))
+    return sorted(range(len(dataset)), key=lambda i: len(dataset.items[i]["input_ids"]))
+
+
+def _forward_sorted(model: nn.Module, dataset: EncodedDataset, *,
+                    device: torch.device, pad_id: int, batch_size: int,
+                    stop: type[Exception] | None = None) -> Iterator[torch.Tensor]:
+    """Run the model in eval mode over ``dataset`` in length-sorted batches
+    (:func:`_order`), yielding each batch's attention mask after its forward pass
+    (a hook raising ``stop`` ends a pass early)."""
+    was_training = model.training
+    model.eval()
     try:
-        loader = DataLoader(Subset(dataset, order), batch_size=batch_size,
+        loader = DataLoader(Subset(dataset, _order(dataset)), batch_size=batch_size,
                             collate_fn=functools.partial(collate, pad_id=pad_id))
         for batch in loader:
-            model(input_ids=batch["input_ids"].to(device),
-                  attention_mask=batch["attention_mask"].to(device))
+            inputs = ({HIDDEN: batch[HIDDEN]} if HIDDEN in batch
+                      else {"input_ids": batch["input_ids"]})
+            try:
+                model(**{k: v.to(device) for k, v in inputs.items()},
+                      attention_mask=batch["attention_mask"].to(device))
+            except Exception as err:
+                if stop is None or not isinstance(err, stop):
+                    raise
+            yield batch["attention_mask"]
     finally:
-        hook.remove()
         model.train(was_training)
-    if not captured:
-        return torch.zeros((0, 1))
-    feats = torch.empty_like(sorted_feats := torch.cat(captured))
-    feats[torch.tensor(order)] = sorted_feats  # back to the records' order
-    return feats
+
+
+def _in_order(rows: list[torch.Tensor], dataset: EncodedDataset) -> list[torch.Tensor]:
+    """Rows computed in :func:`_order` back in the records' order (a data set of
+    cached hidden states has its records' lengths, and so the same order)."""
+    out: list[torch.Tensor] = [torch.empty(0)] * len(rows)
+    for row, i in zip(rows, _order(dataset), strict=True):
+        out[i] = row
+    return out
 
 
 def _shared_path(dataset: EncodedDataset, lora: dict[str, torch.Tensor],
-                 device: torch.device) -> Path | None:
+                 device: torch.device, what: str) -> Path | None:
     """Where the processes of one simulation share a data set's features
     (``FEDTUNE_SHARED_FEATURES``, a directory the simulation driver makes and
     removes; unset, as on a deployed site: memory only). Keyed by the records'
@@ -133,7 +209,7 @@ def _shared_path(dataset: EncodedDataset, lora: dict[str, torch.Tensor],
     root = os.environ.get(SHARED_ENV)
     if not root:
         return None
-    h = hashlib.sha256(str(device.type).encode())
+    h = hashlib.sha256(f"{device.type}:{what}".encode())
     for item in dataset.items:
         h.update(item["input_ids"].numpy().tobytes())
         h.update(item["labels"].numpy().tobytes())

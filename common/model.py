@@ -33,7 +33,7 @@ from peft import (
 )
 from torch import nn
 
-from fedtune.common import assets, updates
+from fedtune.common import assets, toplayers, updates
 from fedtune.common.config import LoraConfig, ModelConfig
 from fedtune.common.errors import ModelError
 from fedtune.common.standalone import mean_pool
@@ -217,11 +217,14 @@ def build_model(cfg: ModelConfig, lora: LoraConfig, *, num_labels: int = 0,
         raise ModelError(f"classification needs >= 2 labels, got {num_labels}; set "
                          "data.labels")
     base: Any = build_base(cfg, num_labels=num_labels, seed=seed)
+    config = base.encoder.config if cfg.task == "classification" else base.config
+    toplayers.check_top_layers(config, lora.top_layers)
     r = rank or lora.r
     peft_cfg = PeftLoraConfig(
         r=r, lora_alpha=lora.alpha if r == lora.r else lora.alpha * r / lora.r,  # type: ignore[arg-type]  # peft says int; a lower rank's alpha is fractional
         lora_dropout=lora.dropout,
         target_modules=target_modules(base.config.model_type, lora),
+        layers_to_transform=toplayers.lora_layers(config, lora.top_layers),
         modules_to_save=[HEAD] if cfg.task == "classification" else None,
         task_type="CAUSAL_LM" if cfg.task == "causal-lm" else None,
         base_model_name_or_path=cfg.name_or_path,

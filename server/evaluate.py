@@ -2,7 +2,8 @@
 
 A classifier is scored on the held-out records' pooled features, computed once
 and reused while LoRA does not change (every head-only round): a round's
-evaluation then costs the head alone (:mod:`fedtune.common.features`)."""
+evaluation then costs the head alone (:mod:`fedtune.common.features`). With
+``lora.top_layers`` only the top layers run, on cached hidden states."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import torch
 
 from fedtune.common import data, evaluation, metrics
 from fedtune.common.config import RunConfig
-from fedtune.common.features import HeadOnly, head_features
+from fedtune.common.features import HeadOnly, head_features, hidden_inputs
 from fedtune.common.model import classifier_head, load_tokenizer, set_adapter_state
+from fedtune.common.toplayers import TopLayers
 
 logger = logging.getLogger(__name__)
 
@@ -86,11 +88,18 @@ class CentralEvaluator:
         set_adapter_state(self.model, state)
         scored: torch.nn.Module = self.model
         dataset: Any = self.dataset
+        k = self.cfg.lora.top_layers
         if self.cfg.model.task == "classification":
             dataset = head_features(self.model, self.dataset, device=self.device,
                                     pad_id=self.pad_id,
-                                    batch_size=self.cfg.train.eval_batch_size)
+                                    batch_size=self.cfg.train.eval_batch_size,
+                                    top_layers=k)
             scored = HeadOnly(classifier_head(self.model)[1])
+        elif k:  # a causal LM's top layers on the cached states entering them
+            scored = TopLayers(self.model, k)
+            dataset = hidden_inputs(self.model, self.dataset, layer=scored.first,
+                                    device=self.device, pad_id=self.pad_id,
+                                    batch_size=self.cfg.train.eval_batch_size)
         return evaluation.evaluate(
             scored, dataset, task=self.cfg.model.task, device=self.device,
             batch_size=self.cfg.train.eval_batch_size, pad_id=self.pad_id,

@@ -71,6 +71,35 @@ def test_three_sites_two_rounds(tmp_path: Path, tiny_bert: Path,
         assert "DP is OFF" in proc.stderr
 
 
+def test_head_then_top_layer_lora(tmp_path: Path, tiny_bert: Path,
+                                  review_files: tuple[Path, Path]) -> None:
+    # Prepare: round 1 trains the head, round 2 LoRA on the top layer only
+    raw = tiny_config(tiny_bert, *review_files, lora={"top_layers": 1},
+                      train={"linear_probe_rounds": 1},
+                      federation={"num_sites": 2, "min_train_nodes": 2})
+    # Execute
+    proc, run_dir = _simulate(tmp_path, raw)
+    # Assert: the sites trained and sent LoRA of the top layer, the server scored it
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _rounds(run_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[2]["clients_replied"] == 2 and "eval_macro_f1" in rows[2]
+    assert rows[2]["adapter_payload_bytes"] > rows[1]["adapter_payload_bytes"]
+    from safetensors.torch import load_file
+
+    from fedtune.common.model import is_lora
+    from fedtune.common.toplayers import layer_of
+
+    final = load_file(run_dir / "final" / "adapter_model.safetensors")
+    lora = [k for k in final if is_lora(k)]
+    assert lora and {layer_of(k) for k in lora} == {1}
+    assert any(float(final[k].abs().max()) > 0 for k in lora if "lora_B" in k)
+    (tmp_path / "texts.txt").write_text("good great relief\n")
+    proc = runner.run(["predict", str(run_dir), "--input",
+                       str(tmp_path / "texts.txt"), "--quiet"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_causal_lm_simulation(tmp_path: Path, tiny_llama: Path, sft_file: Path
                               ) -> None:
     general = tmp_path / "general.jsonl"
