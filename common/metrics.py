@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
 
 
 def accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
@@ -173,3 +176,35 @@ def classification_report(y_true: Sequence[int], y_pred: Sequence[int], *,
         out.update({f"{key}-{n}": v for n, v in zip(labels, values, strict=True)
                     if not math.isnan(v)})
     return out
+
+
+def paired_bootstrap_macro_f1(y_true: Sequence[int], pred_a: Sequence[int],
+                              pred_b: Sequence[int], *, num_classes: int,
+                              resamples: int = 2000, level: float = 0.95,
+                              seed: int = 0) -> tuple[float, float, float]:
+    """Macro-F1(A) - macro-F1(B) on one test set, with a paired bootstrap
+    percentile interval: each resample draws the records with replacement and
+    scores both runs' predictions on the same draw, so what the records share
+    (their difficulty) cancels. Returns (difference, low, high)."""
+    n = len(y_true)
+    if not n or len(pred_a) != n or len(pred_b) != n:
+        raise ValueError(f"paired bootstrap: {n} labels but {len(pred_a)} and "
+                         f"{len(pred_b)} predictions")
+    truth = np.eye(num_classes)[np.asarray(y_true)]  # [n, K] one-hot
+    rng = np.random.default_rng(seed)
+    # how often each record is drawn in each resample: [resamples, n]
+    weights = rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(float)
+
+    def scores(pred: Sequence[int]) -> Any:
+        guess = np.eye(num_classes)[np.asarray(pred)]
+        tp, p, t = weights @ (truth * guess), weights @ guess, weights @ truth
+        denom = p + t  # 2TP + FP + FN
+        f1 = np.where(denom > 0, 2 * tp / np.where(denom > 0, denom, 1), np.nan)
+        return np.nanmean(f1, axis=1)  # classes present in truth or prediction
+
+    diffs = scores(pred_a) - scores(pred_b)
+    tail = (1 - level) / 2
+    point = (macro_f1(y_true, pred_a, num_classes=num_classes)
+             - macro_f1(y_true, pred_b, num_classes=num_classes))
+    return (point, float(np.quantile(diffs, tail)),
+            float(np.quantile(diffs, 1 - tail)))

@@ -1,6 +1,7 @@
-"""The ``fedtune`` commands that use a trained model: ``export``, ``predict`` and
-``evaluate`` (dispatch only; the work is in :mod:`fedtune.server.export` and
-:mod:`fedtune.server.predict`). None of them writes into the run directory."""
+"""The ``fedtune`` commands that use a trained model: ``export``, ``predict``,
+``evaluate`` and ``compare`` (dispatch only; the work is in
+:mod:`fedtune.server.export`, :mod:`fedtune.server.predict` and
+:mod:`fedtune.server.compare`). None of them writes into the run directory."""
 
 from __future__ import annotations
 
@@ -65,7 +66,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fedtune.server.compare import compare, lines
+
+    result = compare(args.run_dirs, resamples=args.resamples, device=args.device)
+    print("\n".join(lines(result)))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"written: {args.out}")
+    return 0
+
+
 def add_parsers(sub: Any) -> None:
+    co = sub.add_parser("compare", help="runs side by side, with a paired bootstrap "
+                        "interval of their macro-F1 difference on the common test set")
+    co.add_argument("run_dirs", metavar="RUN_DIR", nargs="+")
+    co.add_argument("--resamples", type=int, default=2000)
+    co.add_argument("--device", default="auto")
+    co.add_argument("--out", help="also write the comparison as JSON here")
+    co.set_defaults(func=cmd_compare)
     ex = sub.add_parser("export", help="a run's best/final/round-K adapter as a "
                         "deployable model (PEFT adapter, merged HF model, int8)")
     ex.add_argument("run_dir", metavar="RUN_DIR")

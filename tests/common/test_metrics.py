@@ -37,3 +37,20 @@ def test_a_weak_model_on_a_skewed_task_is_not_called_collapsed() -> None:
     dead = [0] * 995 + [1] * 5
     assert metrics.prediction_spread(truth, weak, num_classes=2)["collapsed"] == 0.0
     assert metrics.prediction_spread(truth, dead, num_classes=2)["collapsed"] == 1.0
+
+
+def test_paired_bootstrap_interval_of_a_macro_f1_difference() -> None:
+    truth = [i % 3 for i in range(300)]
+    good = list(truth)
+    worse = [t if i % 4 else (t + 1) % 3 for i, t in enumerate(truth)]  # 25 % wrong
+    diff, lo, hi = metrics.paired_bootstrap_macro_f1(truth, good, worse,
+                                                     num_classes=3, resamples=500)
+    assert diff == pytest.approx(1.0 - metrics.macro_f1(truth, worse, num_classes=3))
+    assert 0 < lo < diff < hi  # clearly better: the whole interval above zero
+    back = metrics.paired_bootstrap_macro_f1(truth, worse, good, num_classes=3,
+                                             resamples=500)
+    assert back == pytest.approx((-diff, -hi, -lo), abs=0.02)
+    assert metrics.paired_bootstrap_macro_f1(truth, worse, worse, num_classes=3,
+                                             resamples=200) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="300 labels but 299 and 300"):
+        metrics.paired_bootstrap_macro_f1(truth, good[:-1], good, num_classes=3)

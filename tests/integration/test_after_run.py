@@ -237,3 +237,55 @@ def test_bad_exports_and_inputs_name_the_problem(stopped_run: Path, tmp_path: Pa
         assert re.search(message, proc.stderr), (message, proc.stderr)
     assert (taken / "keep.txt").read_text() == "mine"
     assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+def _copy_run(src: Path, dst: Path, **sections: dict[str, object]) -> Path:
+    shutil.copytree(src, dst, symlinks=True)
+    cfg = yaml.safe_load((dst / "config.yaml").read_text())
+    for name, keys in sections.items():
+        cfg[name].update(keys)
+    (dst / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return dst
+
+
+def test_compare_gives_the_difference_with_an_interval(stopped_run: Path,
+                                                       tmp_path: Path) -> None:
+    # Prepare: the same federation served at its round 2 instead of its best (1)
+    later = _copy_run(stopped_run, tmp_path / "later")
+    (later / "best").unlink()
+    (later / "best").symlink_to("checkpoints/round-0002", target_is_directory=True)
+    before = _hashes(stopped_run)
+    # Execute
+    proc = runner.run(["compare", str(stopped_run), str(later), "--resamples", "300",
+                       "--out", str(tmp_path / "cmp.json")])
+    # Assert: both runs side by side, the paired interval around the difference
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "cmp.json").read_text())
+    a, b = out["runs"]
+    assert a["best_round"] == 1 and a["rounds"] == 2 and a["bytes"] > 0
+    assert set(out["per_class"]) == {"negative", "neutral", "positive"}
+    (diff,) = out["differences"]
+    assert diff["low"] <= diff["macro_f1_diff"] <= diff["high"]
+    assert diff["macro_f1_diff"] == pytest.approx(
+        b["scored_macro_f1"] - a["scored_macro_f1"])
+    assert "[2] - [1] macro-F1: " in proc.stdout and "95% paired bootstrap CI" in \
+        proc.stdout and "macro-F1 best round" in proc.stdout
+    assert _hashes(stopped_run) == before  # compare writes nothing into a run
+
+
+def test_compare_refuses_runs_on_other_test_sets(stopped_run: Path,
+                                                 tmp_path: Path) -> None:
+    fewer = _copy_run(stopped_run, tmp_path / "fewer", data={"max_test_samples": 5})
+    blind = _copy_run(stopped_run, tmp_path / "blind", data={"test_source": ""},
+                      federation={"early_stopping_patience": 0})
+    for argv, message in (
+            ([str(stopped_run), str(fewer)],
+             rf"{re.escape(str(fewer))} was scored on .*\(5 records, sha256 \w+\), "
+             r".* a paired comparison needs one test set"),
+            ([str(blind), str(stopped_run)],
+             rf"{re.escape(str(blind))}: has no test set"),
+            ([str(stopped_run)], "needs two run directories")):
+        proc = runner.run(["compare", *argv])
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert re.search(message, proc.stderr), (message, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1  # one line, no traceback
