@@ -381,7 +381,13 @@ class DataConfig(_Section):
     ``retention_column``; ``fedtune:chitchat-retention`` ships offline) that the
     server scores before training and after every round (perplexity), to show
     whether fine-tuning damaged what the base model could do; the first
-    ``max_retention_samples`` records (0: all)."""
+    ``max_retention_samples`` records (0: all).
+
+    ``answer_pattern`` (causal LM): a regular expression whose named groups read
+    an answer's fields; the server also scores greedy answers to the held-out
+    prompts by exact match, whole and per field, every round
+    (:mod:`fedtune.common.answers`). ``max_answer_samples`` bounds how many
+    held-out prompts are answered (0: all)."""
 
     SECTION = "data"
     source: str = "fedtune:icd10-chapters"
@@ -402,6 +408,8 @@ class DataConfig(_Section):
     retention_source: str = ""
     retention_column: str = "text"
     max_retention_samples: int = 200
+    answer_pattern: str = ""
+    max_answer_samples: int = 64
 
     @property
     def length_cap(self) -> int:
@@ -413,7 +421,16 @@ class DataConfig(_Section):
         out = _positive(self, "dirichlet_alpha")
         out += _non_negative(self, "max_length", "max_records", "max_samples_per_site",
                              "max_test_samples",
-                             "max_retention_samples")
+                             "max_retention_samples", "max_answer_samples")
+        if self.answer_pattern:
+            try:
+                groups = re.compile(self.answer_pattern).groupindex
+            except re.error as err:
+                out.append(f"answer_pattern: not a regular expression ({err})")
+            else:
+                if not groups:
+                    out.append("answer_pattern: needs named groups, one per field, "
+                               "e.g. 'is (?P<sentiment>\\w+)'")
         if not 0.0 <= self.val_fraction < 0.5:
             out.append(f"val_fraction: must be in [0, 0.5), got {self.val_fraction!r}")
         if len(set(self.labels)) != len(self.labels):

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from fedtune.common import data, evaluation, metrics
+from fedtune.common import answers, data, evaluation, metrics
 from fedtune.common.config import RunConfig
 from fedtune.common.features import HeadOnly, head_features, hidden_inputs
 from fedtune.common.model import classifier_head, load_tokenizer, set_adapter_state
@@ -41,6 +41,10 @@ class CentralEvaluator:
         tok = load_tokenizer(cfg.model.name_or_path, cfg.model.gguf_file)
         self.pad_id = int(tok.pad_token_id)
         self.dataset = None
+        self.tokenizer = tok
+        self.prompts: list[str] = []
+        self.references: list[str] = []
+        self.answer_tokens = 0
         if cfg.data.test_source:
             recs = data.read_records(
                 cfg.data.test_source,
@@ -51,6 +55,12 @@ class CentralEvaluator:
                                                 cfg=cfg.data,
                                                 source=cfg.data.test_source)
             logger.info("central evaluation on %d held-out records", len(recs))
+            if cfg.model.task == "causal-lm":  # also judged by what it answers
+                asked = recs[: cfg.data.max_answer_samples or None]
+                self.prompts = [str(r[cfg.data.prompt_column]) for r in asked]
+                self.references = [str(r[cfg.data.response_column]) for r in asked]
+                self.answer_tokens = 8 + max((len(tok(x, add_special_tokens=False)[
+                    "input_ids"]) for x in self.references), default=0)
         self.retention_set = None
         if cfg.data.retention_source:
             recs = data.read_records(cfg.data.retention_source,
@@ -100,11 +110,20 @@ class CentralEvaluator:
             dataset = hidden_inputs(self.model, self.dataset, layer=scored.first,
                                     device=self.device, pad_id=self.pad_id,
                                     batch_size=self.cfg.train.eval_batch_size)
-        return evaluation.evaluate(
+        out = evaluation.evaluate(
             scored, dataset, task=self.cfg.model.task, device=self.device,
             batch_size=self.cfg.train.eval_batch_size, pad_id=self.pad_id,
             labels=list(self.cfg.data.labels), precision=self.cfg.train.precision,
             logit_bias=logit_bias)
+        if self.prompts:
+            given = answers.generate(
+                self.model, self.tokenizer, self.prompts,
+                max_new_tokens=self.answer_tokens,
+                batch_size=self.cfg.train.eval_batch_size, device=self.device,
+                max_prompt_tokens=self.cfg.data.length_cap)
+            out.update(answers.score(given, self.references,
+                                     pattern=self.cfg.data.answer_pattern))
+        return out
 
     def retention(self, state: dict[str, torch.Tensor]) -> dict[str, float]:
         """Loss and perplexity on the general-text retention set ({} without)."""

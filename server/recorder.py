@@ -21,7 +21,7 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord
 from tqdm.auto import tqdm
 
-from fedtune.common import planning, records
+from fedtune.common import answers, planning, records
 from fedtune.common.config import RunConfig
 from fedtune.common.deployment import INSECURE_ENV
 from fedtune.common.model import adapter_state, save_adapter, set_adapter_state
@@ -51,7 +51,8 @@ def _clean(value: Any) -> Any:
     return value
 
 
-SUMMARY_KEYS = ("loss", "accuracy", "macro-f1", "perplexity", "retention_perplexity")
+SUMMARY_KEYS = ("loss", "accuracy", "macro-f1", "perplexity", "retention_perplexity",
+                "answer_exact")
 
 
 def progress_bar(rounds: int) -> tqdm:  # type: ignore[type-arg]  # tqdm is generic
@@ -175,6 +176,8 @@ class RoundRecorder:
                    f"ppl {row.get('eval_perplexity', float('nan')):.2f}")
         if row.get("eval_collapse"):
             quality += f" | COLLAPSED: {row['eval_collapse']}"
+        if row.get("eval_answer_exact") is not None:
+            quality += " | answers " + answers.words(row)
         if row.get("retention_perplexity") is not None:
             quality += f" | retention ppl {row['retention_perplexity']:.2f}"
         rho, agg = row.get("rho_max"), row.get("rho_aggregate")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedtune.common import config, planning
+from fedtune.common import answers, config, planning
 from fedtune.common.errors import FedtuneError
 from fedtune.server import calibrate, checkpoint, personalize, plots
 from fedtune.server.selection import STOPPED
@@ -76,7 +76,7 @@ def best_round(run: Run) -> int:
 def round_table(run: Run) -> tuple[list[str], list[list[str]]]:
     """Per round: global eval metrics, participation, bytes, time, epsilon."""
     classification = run.cfg.model.task == "classification"
-    quality = ["acc", "macro-F1"] if classification else ["perplexity"]
+    quality = ["acc", "macro-F1"] if classification else ["perplexity", "answers"]
     head = ["round", "eval loss", *quality, "accepted/sampled", "rejected",
             "declined", "failed", "late", "MB up", "MB down", "round s",
             "train s (sum)", "ε max", "noise ρ max"]
@@ -85,7 +85,8 @@ def round_table(run: Run) -> tuple[list[str], list[list[str]]]:
     for r in ([run.initial] if run.initial else []) + run.rows:
         q = ([_f(r.get("eval_accuracy"), ".3f"), _f(r.get("eval_macro_f1"), ".3f")
               + (" COLLAPSED" if r.get("eval_collapse") else "")]
-             if classification else [_f(r.get("eval_perplexity"), ".2f")])
+             if classification else [_f(r.get("eval_perplexity"), ".2f"),
+                                     answers.words(r) or "-"])
         if r["round"] == 0:
             body.append(["0 (start)", _f(r.get("eval_loss")), *q] + ["-"] * 11)
             continue

@@ -108,7 +108,8 @@ def test_causal_lm_simulation(tmp_path: Path, tiny_llama: Path, sft_file: Path
     raw = tiny_config(tiny_llama, sft_file, sft_file,
                       model={"task": "causal-lm"},
                       data={"max_length": 24, "val_fraction": 0.0,
-                            "retention_source": str(general)},
+                            "retention_source": str(general),
+                            "answer_pattern": "review is (?P<rating>[a-z]+)"},
                       federation={"num_sites": 2, "min_train_nodes": 2,
                                   "num_rounds": 1})
     proc, run_dir = _simulate(tmp_path, raw)
@@ -117,9 +118,14 @@ def test_causal_lm_simulation(tmp_path: Path, tiny_llama: Path, sft_file: Path
     assert last["eval_perplexity"] > 1.0 and last["epsilon_max"] > 0
     # the forgetting check: general text scored before training and every round
     assert first["retention_perplexity"] > 1.0 and last["retention_perplexity"] > 1.0
+    # and by what it answers: greedy answers scored before training and after
+    for row in (first, last):
+        assert 0.0 <= row["eval_answer_exact"] <= row["eval_answer_rating"] <= 1.0
+    assert "answers exact " in proc.stderr
     proc = runner.run(["report", str(run_dir)])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "perplexity" in proc.stdout and "1 of 1 done" in proc.stdout
+    assert "exact " in proc.stdout and "rating " in proc.stdout  # the rounds table
     assert f"retention (general text, {general}): perplexity " in proc.stdout
     assert last["best_round"] == 1 and last["selection_metric"] == "loss"
     # the merged export is a plain AutoModelForCausalLM equal to base + adapter
