@@ -16,6 +16,7 @@ from fedtune.common import assets, data, features
 from fedtune.common.config import PAST_STOP, RESUME, RUN_PATH, RunConfig, to_run_config
 from fedtune.common.errors import FedtuneError
 from fedtune.common.model import load_pretrained, load_tokenizer
+from fedtune.common.toplayers import check_top_layers
 from fedtune.server import checkpoint
 from fedtune.server.selection import STOPPED
 
@@ -35,7 +36,7 @@ def preflight(cfg: RunConfig, *, data_checked: bool = False) -> None:
         for warning in data.check_simulation_data(cfg):
             logger.warning("%s", warning)
     load_tokenizer(cfg.model.name_or_path, cfg.model.gguf_file)
-    load_pretrained(cfg.model)
+    check_top_layers(load_pretrained(cfg.model).config, cfg.lora.top_layers)
 
 
 def simulate(cfg: RunConfig, *, name: str = "sim", run_dir: Path | None = None,

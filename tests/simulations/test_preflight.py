@@ -44,11 +44,15 @@ def _bad_files(root: Path) -> dict[str, tuple[Path, dict, str]]:
         "test-set-wrong-columns": (
             good, {"data": {"test_source": str(no_label)}},
             "this is data.test_source, the held-out test set"),
+        "too-many-top-layers": (
+            good, {"lora": {"top_layers": 3}},
+            "lora.top_layers: 3 is more than the model's 2 layers; use 1..2"),
     }
 
 
 CASES = ["missing-file", "malformed-jsonl", "csv-without-label", "unknown-label",
-         "empty-file", "too-few-partition-values", "test-set-wrong-columns"]
+         "empty-file", "too-few-partition-values", "test-set-wrong-columns",
+         "too-many-top-layers"]
 
 
 @pytest.mark.parametrize("case", CASES)
