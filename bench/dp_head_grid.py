@@ -45,10 +45,23 @@ GRIDS: dict[str, dict[str, list[Any]]] = {
     "adambc": {"adambc_gamma": [1e-8, 1e-5, 1e-4]},
     "nonprivate": {"epsilon": [0.0], "norm": [0.0, 3.0], "hidden": [0, 256],
                    "lr": [0.03, 0.1]},
+    # stabilisers: server EMA of the global head over rounds (the served model),
+    # each site's tail average of its iterates, more rounds of fewer epochs
+    "stability": {"ema": [0.0, 0.5, 0.8], "tail": [0.0, 0.5]},
+    "stability-rounds": {"rounds": [10], "epochs": [5], "ema": [0.0, 0.5, 0.8]},
+    # where the spread comes from: the noisy class prior, the step size, DP itself
+    "spread-prior": {"tau": [0.0], "count_sigma": [5.0]},
+    "spread-step": {"lr": [0.03], "epochs": [20]},
+    "spread-nodp": {"epsilon": [0.0]},
+    # smaller steps, more of them: the noise's random walk shrinks with the step
+    "small-steps": {"lr": [0.01, 0.02, 0.03], "epochs": [20, 40]},
+    # SGD with momentum: a noise-only coordinate moves by lr * noise, not by ~lr
+    "sgd": {"opt": ["sgd"], "lr": [3.0, 10.0, 30.0], "epochs": [10, 20]},
 }
 DEFAULTS: dict[str, Any] = {"epsilon": 8.0, "lr": 0.1, "epochs": 10, "batch": 512,
                             "tau": 1.0, "count_sigma": 20.0, "norm": 0.0,
-                            "hidden": 0, "adambc_gamma": 0.0, "rounds": 5}
+                            "hidden": 0, "adambc_gamma": 0.0, "rounds": 5,
+                            "ema": 0.0, "tail": 0.0, "opt": "adamw"}
 
 
 def features() -> tuple[list[tuple[torch.Tensor, torch.Tensor]],
@@ -170,8 +183,12 @@ def site_round(head: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
              if dp else 0.0)
     opt = (AdamBC(head.parameters(), lr=p["lr"], phi=(sigma / p["batch"]) ** 2,
                   gamma=p["adambc_gamma"]) if p["adambc_gamma"] else
+           torch.optim.SGD(head.parameters(), lr=p["lr"], momentum=0.9)
+           if p["opt"] == "sgd" else
            torch.optim.AdamW(head.parameters(), lr=p["lr"], weight_decay=0.0))
     params = list(head.parameters())
+    start_avg = steps - int(p["tail"] * steps)  # the tail's first step
+    avg = [torch.zeros_like(w) for w in params]
     for step in range(steps):
         for group in opt.param_groups:  # the trainer's linear decay, no warm-up
             group["lr"] = p["lr"] * (steps - step) / steps
@@ -186,6 +203,14 @@ def site_round(head: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
             opt.zero_grad()
             nn.functional.cross_entropy(head(x[idx]) + bias, y[idx]).backward()
         opt.step()
+        if step >= start_avg:  # Polyak: the site sends its tail's mean iterate
+            with torch.no_grad():
+                for a, w in zip(avg, params, strict=True):
+                    a.add_(w, alpha=1.0 / (steps - start_avg))
+    if p["tail"]:
+        with torch.no_grad():
+            for a, w in zip(avg, params, strict=True):
+                w.copy_(a)
 
 
 def replay(sites: list[tuple[torch.Tensor, torch.Tensor]],
@@ -203,6 +228,7 @@ def replay(sites: list[tuple[torch.Tensor, torch.Tensor]],
     local = [(prep(x), y) for x, y in sites]
     xt = prep(test[0])
     glob = new_head(xt.shape[1], k, p["hidden"])
+    served = new_head(xt.shape[1], k, p["hidden"])  # the EMA of the global heads
     curve = []
     for _ in range(p["rounds"]):
         states, weights = [], []
@@ -215,8 +241,11 @@ def replay(sites: list[tuple[torch.Tensor, torch.Tensor]],
         glob.load_state_dict({name: sum(w * s[name] for w, s in
                                         zip(weights, states, strict=True))
                               / sum(weights) for name in states[0]})
+        beta = p["ema"] if len(curve) else 0.0  # round 1: the EMA starts there
+        served.load_state_dict({name: beta * v + (1 - beta) * glob.state_dict()[name]
+                                for name, v in served.state_dict().items()})
         with torch.no_grad():
-            pred = glob(xt).argmax(1).tolist()
+            pred = served(xt).argmax(1).tolist()
         curve.append(metrics.macro_f1(test[1].tolist(), pred, num_classes=k))
     return curve
 
@@ -246,12 +275,17 @@ def main() -> None:
                 curves.append(curve)
             rows.append({"grid": name, **{key: point[key] for key in grid},
                          "point": point, "macro_f1": statistics.fmean(finals),
+                         "macro_f1_sd": statistics.stdev(finals)
+                         if len(finals) > 1 else None,
                          "macro_f1_seeds": finals,
                          "macro_f1_by_round": [statistics.fmean(c) for c in
                                                zip(*curves, strict=True)]})
             print(f"{name} {dict(zip(grid, values, strict=True))}: macro-F1 "
-                  f"{rows[-1]['macro_f1']:.3f}", flush=True)
-    path = write(args.out, "dp_head_grid", {
+                  f"{rows[-1]['macro_f1']:.3f} sd {rows[-1]['macro_f1_sd'] or 0:.4f}",
+                  flush=True)
+    stem = "dp_head_grid" if args.grid == ",".join(GRIDS) else (
+        "dp_head_grid-" + args.grid.replace(",", "+"))
+    path = write(args.out, stem, {
         "device": device(), "task": "simulations/default.yaml, head-only rounds "
         "replayed on cached features", "defaults": DEFAULTS, "seeds": args.seeds,
         "results": rows})

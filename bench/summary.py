@@ -60,6 +60,21 @@ def utility(d: dict[str, Any]) -> str:
     return head + curve
 
 
+def repeats(d: dict[str, Any]) -> str:
+    """The default's spread over repeated runs (bench/repeats.py), then each
+    stabiliser's."""
+    arms = {a["arm"]: a for a in d["arms"]}
+    first = arms.get("default") or next(iter(arms.values()))
+
+    def words(a: dict[str, Any]) -> str:
+        sd = "-" if a["sd"] is None else f"{a['sd']:.4f}"
+        ratio = "-" if a["ratio"] is None else f"{a['ratio']:.3f}"
+        return f"mean {a['mean']:.4f} sd {sd} n {a['n']} ratio {ratio}"
+
+    others = "; ".join(f"{k}: {words(a)}" for k, a in arms.items() if a is not first)
+    return words(first) + (f" (arms: {others})" if others else "")
+
+
 def scale(d: dict[str, Any]) -> str:
     return ("peak memory " + ", ".join(
         f"{r['clients']} sites {r['peak_pss_mib']:.0f} MiB / {r['median_round_s']:.1f}"
@@ -87,6 +102,11 @@ def main() -> None:
         text = line(d) if d else "missing (its script did not run or failed)"
         device = f" [{d['device']}]" if d else ""
         print(f"{name:>18}: {text}{device}")
+    # many full runs: read from the committed results when OUT has none
+    d = _load(folder, "privacy_utility_repeats") or _load(RESULTS,
+                                                        "privacy_utility_repeats")
+    print("privacy_utility repeats: " + (repeats(d) if d else "missing (run "
+                                         "bench/repeats.py)"))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,131 @@
+"""Which DP recipe wins at which site size: head only against head then LoRA
+(top k layers, cached below, or every layer), on ICD-10 at epsilon 8.
+
+    python bench/recipe_map.py [--sizes 150,1350,5000] [--recipes head,...]
+                               [--runs 2] [--out DIR]
+
+Each cell is ``--runs`` simulations of ``simulations/default.yaml`` (fresh DP
+noise each, the same data split) with ``data.max_samples_per_site`` set to the
+size: 8 sites at 150 and 1,350 records, 2 sites at 5,000 (46 k training records
+hold 8 x 5,000, but 2 cores do not train 40 k records of LoRA per round in a
+bench; fewer sites, same records per site, and the plan's per-site signal is
+what the size changes). Recipes (5 rounds each):
+
+- ``head``: the built-in default, every round the head on cached features;
+- ``head+top2``: rounds 1-3 the head, rounds 4-5 LoRA on the top 2 of 6 layers
+  (``lora.top_layers: 2``, the frozen 4 cached), half of epsilon to each phase;
+- ``head+all``: the same with LoRA on every layer (no cache).
+
+The figure is the macro-F1 of the model as served: the best round with its
+calibrated decision bias (the recipe's last step), on the 2,000 held-out records.
+Rows go to ``OUT/recipe_by_site_size.json`` as ``{records_per_site, recipe,
+macro_f1_mean, macro_f1_sd, runs, auto}`` (``auto``: the recipe
+``train.recipe: auto`` picks at that size), each with its runs' figures; the file
+is rewritten after every run, so a stopped bench keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from harness import MAIN, RESULTS, device, simulate, table, write
+
+LORA_PHASE = ["train.linear_probe_rounds=3", "privacy.linear_probe_budget=0.5"]
+RECIPES: dict[str, list[str]] = {
+    "head": [],
+    "head+top2": [*LORA_PHASE, "lora.top_layers=2"],
+    "head+all": LORA_PHASE,
+}
+SITES = {150: 8, 1350: 8, 5000: 2}
+
+
+def _auto(size: int, sites: int) -> str:
+    """What ``train.recipe: auto`` picks for this federation ("" before it exists)."""
+    try:
+        from fedtune.common.recipe_rule import recipe_name  # type: ignore[import-not-found]
+    except ImportError:
+        return ""
+    return str(recipe_name(records_per_site=size, sites=sites, epsilon=8.0))
+
+
+def one_run(size: int, recipe: str, work: Path) -> dict[str, Any]:
+    sites = SITES.get(size, 8)
+    rows, wall = simulate(work, [f"data.max_samples_per_site={size}",
+                                 f"federation.num_sites={sites}",
+                                 *RECIPES[recipe]], scenario=MAIN)
+    last = rows[-1]
+    cal = next((r["calibration"] for r in rows if r.get("calibration")), None)
+    served = (cal or {}).get("eval", {}).get("macro-f1")
+    return {"macro_f1": served if served is not None else last.get("eval_macro_f1"),
+            "final_round_macro_f1": last.get("eval_macro_f1"),
+            "accuracy": last.get("eval_accuracy"),
+            "best_round": last.get("best_round"),
+            "epsilon": (cal or {}).get("epsilon_max") or last.get("epsilon_max"),
+            "wall_s": wall, "sites": sites}
+
+
+def cells(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (size, recipe): mean and sd of the final macro-F1 over runs."""
+    out = []
+    keys = sorted({(r["records_per_site"], r["recipe"]) for r in results},
+                  key=lambda k: (k[0], list(RECIPES).index(k[1])
+                                 if k[1] in RECIPES else 99))
+    for size, recipe in keys:
+        runs = [r for r in results if (r["records_per_site"], r["recipe"]) ==
+                (size, recipe)]
+        f1 = [r["macro_f1"] for r in runs if r["macro_f1"] is not None]
+        out.append({"records_per_site": size, "recipe": recipe,
+                    "macro_f1_mean": statistics.fmean(f1) if f1 else None,
+                    "macro_f1_sd": statistics.stdev(f1) if len(f1) > 1 else None,
+                    "runs": len(f1), "sites": runs[0]["sites"],
+                    "auto": _auto(size, runs[0]["sites"]) == recipe,
+                    "wall_s_mean": statistics.fmean(r["wall_s"] for r in runs),
+                    "per_run": runs})
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="150,1350,5000")
+    p.add_argument("--recipes", default=",".join(RECIPES))
+    p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args()
+    path = Path(args.out) / "recipe_by_site_size.json"
+    results: list[dict[str, Any]] = []
+    if path.is_file():  # carry on from a stopped bench: keep its runs
+        results = [r for row in json.loads(path.read_text())["rows"]
+                   for r in row["per_run"]]
+    for size in (int(s) for s in args.sizes.split(",")):
+        for recipe in args.recipes.split(","):
+            done = sum(1 for r in results if (r["records_per_site"], r["recipe"]) ==
+                       (size, recipe))
+            for i in range(done, args.runs):
+                with tempfile.TemporaryDirectory() as tmp:
+                    t0 = time.perf_counter()
+                    res = one_run(size, recipe, Path(tmp) / "run")
+                results.append({"records_per_site": size, "recipe": recipe,
+                                "run": i + 1, **res})
+                print(f"{size} records/site, {recipe}, run {i + 1}: macro-F1 "
+                      f"{res['macro_f1']:.4f} ({time.perf_counter() - t0:.0f} s)",
+                      flush=True)
+                write(args.out, "recipe_by_site_size", {
+                    "device": device(), "scenario": str(MAIN), "epsilon": 8.0,
+                    "recipes": RECIPES, "sites": SITES, "rows": cells(results)})
+    rows = cells(results)
+    print(table(["records/site", "sites", "recipe", "macro-F1 mean", "sd", "runs",
+                 "auto", "wall s"],
+                [[r["records_per_site"], r["sites"], r["recipe"], r["macro_f1_mean"],
+                  r["macro_f1_sd"] or "-", r["runs"], r["auto"], r["wall_s_mean"]]
+                 for r in rows]))
+    print(f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()
