@@ -15,7 +15,11 @@ non-private macro-F1 of ``privacy_utility.json`` (committed). Arms:
 - ``more-steps``: three times the head's local epochs at a third of its learning
   rate, so each step carries more noise and the steps average it;
 - ``more-rounds``: 10 rounds instead of 5 (the same epsilon spread over more
-  aggregations).
+  aggregations);
+- ``sgd-head``: the head rounds step with SGD (momentum 0.9) at learning rate 1
+  for 20 epochs instead of AdamW at 0.1 for 10: a coordinate the noise alone
+  drives moves by lr x noise, where Adam's normalised step moves it by ~lr
+  (bench/dp_head_grid.py's ``sgd-small`` replay).
 
 The results go to ``OUT/privacy_utility_repeats.json``, rewritten after every
 run (a stopped bench keeps what it measured; a rerun carries on).
@@ -41,6 +45,9 @@ ARMS: dict[str, list[str]] = {
     "more-steps": ["train.linear_probe_epochs=30",
                    "train.linear_probe_learning_rate=0.0333"],
     "more-rounds": ["federation.num_rounds=10"],
+    "sgd-head": ["train.linear_probe_optimizer=sgd",
+                 "train.linear_probe_learning_rate=1.0",
+                 "train.linear_probe_epochs=20"],
 }
 
 

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
+from fedtune.common import recipes
 from fedtune.common.errors import ConfigError
 
 Scalar = bool | int | float | str
@@ -271,6 +272,11 @@ class TrainConfig(_Section):
     The defaults are the DP recipe measured on the shipped ICD-10 task
     (bench/dp_recipe.py, bench/README.md); each piece is a key:
 
+    - ``recipe``: the phases (head only, head then LoRA, LoRA), ``auto`` (the
+      default) the one the measured map picks (:mod:`fedtune.common.recipes`);
+      it sets ``linear_probe_rounds`` (and for ``head+lora`` ``lora.top_layers``
+      and ``privacy.linear_probe_budget``) where they hold their defaults.
+
     - ``linear_probe_rounds``: LP-FT. Rounds ``1..linear_probe_rounds`` (``-1``,
       the default: every round; ``0``: none) train the classification head only
       (LoRA frozen): DP noise then spreads over ~8 k instead of ~80 k dimensions.
@@ -278,7 +284,8 @@ class TrainConfig(_Section):
       pooled features, computed once per run (the encoder does not change while
       LoRA is frozen), so they afford many epochs (``linear_probe_epochs``, 0:
       ``local_epochs``) at their own ``linear_probe_learning_rate`` (0:
-      ``learning_rate``). The batch (so the sampling rate) is shared; the noise
+      ``learning_rate``) and ``linear_probe_optimizer`` ("": ``optimizer``). The
+      batch (so the sampling rate) is shared; the noise
       plan counts each phase's steps. A causal LM has no head: no such rounds.
     - ``batch_size``: the expected Poisson batch; 0 (the default) takes the
       recipe's, 512 for classification (the noise that matters is sigma / batch)
@@ -326,9 +333,11 @@ class TrainConfig(_Section):
     early_stopping_patience: int = 0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     seed: int = 0
+    recipe: Literal["auto", "head", "head+lora", "lora"] = "auto"
     linear_probe_rounds: int = -1  # -1: every round (classification); 0: none
     linear_probe_learning_rate: float = 0.1
     linear_probe_epochs: int = 10
+    linear_probe_optimizer: Literal["", "adamw", "sgd"] = ""
     logit_adjustment: float = 1.0
     class_weighting: Literal["none", "sqrt", "balanced"] = "none"
     calibrate_decisions: bool = True
@@ -634,7 +643,8 @@ class RunConfig:
         return dataclasses.replace(
             t, batch_size=batch,
             learning_rate=t.linear_probe_learning_rate or t.learning_rate,
-            local_epochs=t.linear_probe_epochs or t.local_epochs)
+            local_epochs=t.linear_probe_epochs or t.local_epochs,
+            optimizer=t.linear_probe_optimizer or t.optimizer)
 
 
 SECTIONS: dict[str, type[_Section]] = {
@@ -679,6 +689,7 @@ def from_dict(raw: Mapping[str, Any] | None) -> RunConfig:
         except ConfigError as err:
             problems += err.problems
     if not problems:
+        built, _ = recipes.resolve(built)
         problems += _cross_checks(built)
     if problems:
         raise ConfigError(problems)
@@ -699,7 +710,8 @@ def _cross_checks(sec: Mapping[str, Any]) -> list[str]:
         used = [f"train.{k}" for k in ("linear_probe_rounds", "logit_adjustment",
                                         "linear_probe_learning_rate",
                                         "linear_probe_epochs", "class_weighting",
-                                        "calibrate_decisions")
+                                        "calibrate_decisions",
+                                        "linear_probe_optimizer")
                 if getattr(train, k) not in (getattr(defaults, k), off.get(k))]
         used += ["model.head_hidden"] * bool(model.head_hidden)
         out += [f"{k}: needs model.task classification (it acts on the "

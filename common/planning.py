@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from fedtune.common import accounting, data
+from fedtune.common import accounting, data, recipes
 from fedtune.common.config import RunConfig
 from fedtune.common.errors import PrivacyError
 
@@ -280,6 +280,8 @@ def format_plan(plans: Sequence[SitePlan], cfg: RunConfig) -> str:
                  f"expected to learn, <= {t.marginal:g} marginal, above: the noise "
                  f"drowns the signal{phases}")
     lines.append(f"thresholds for {cfg.model.task}, measured on {t.measured_on}")
+    median = sorted(p.records for p in plans)[len(plans) // 2] if plans else None
+    lines += [f"recipe: {line}" for line in recipes.overrides(cfg, median)]
     if priv.enabled and plans:
         alone = [p for p in plans if p.verdict == VERDICTS[2]]
         if alone and len(alone) < len(plans):

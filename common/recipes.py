@@ -1,0 +1,132 @@
+"""``train.recipe``: which phases a run trains, resolved from the measured map.
+
+- ``head``: every round trains the classification head on cached features;
+- ``head+lora``: the first rounds train the head, the last third of the rounds
+  LoRA (on the top ``lora.top_layers`` layers, 2 when left at 0, the frozen ones
+  cached), with ``privacy.linear_probe_budget`` (0.5 when left at 0) of epsilon
+  for the head rounds;
+- ``lora``: LoRA (+ head) from round 1;
+- ``auto`` (the default): the recipe the map (:data:`MAP`, from
+  ``bench/recipe_map.py``) found best. A causal LM has no head: always ``lora``.
+
+The choice is made from the config alone, so every side (the planner, the server,
+each site) resolves the same one: a key the recipe sets is taken from the recipe
+only while it holds its default value; a key set to anything else wins, and the
+plan says so, with what the map predicts the override costs (:func:`overrides`).
+Pure: no torch, no Flower.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+RECIPES = ("auto", "head", "head+lora", "lora")
+SOURCE = "bench/results/recipe_by_site_size.json"
+# served macro-F1 (mean of 2 runs, fresh DP noise each) on ICD-10 at epsilon 8 by
+# records per site; "head+lora" is its top-2-layer row (LoRA on every layer
+# scored lower at every size)
+MAP: dict[int, dict[str, float]] = {
+    150: {"head": 0.2551, "head+lora": 0.1701, "head+all": 0.1387},
+    1350: {"head": 0.5786, "head+lora": 0.5081, "head+all": 0.4984},
+}
+TOP_LAYERS = 2  # head+lora's LoRA layers where lora.top_layers is 0
+PROBE_BUDGET = 0.5  # head+lora's share of epsilon for the head rounds
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What a recipe sets, and why."""
+
+    recipe: str  # head | head+lora | lora (auto resolved)
+    linear_probe_rounds: int
+    top_layers: int
+    linear_probe_budget: float
+    reason: str
+
+
+def best_in_map() -> dict[int, str]:
+    """The winning recipe at each measured size."""
+    return {size: max(row, key=lambda k: row[k]) for size, row in MAP.items()}
+
+
+def choose(*, recipe: str, task: str, rounds: int, top_layers: int,
+           probe_budget: float) -> Choice:
+    """Resolve ``recipe`` for a run of ``rounds`` rounds."""
+    if task != "classification":
+        return Choice("lora", 0, top_layers, probe_budget,
+                      "a causal LM has no classification head: LoRA every round")
+    reason = f"train.recipe: {recipe}"
+    if recipe == "auto":
+        wins = best_in_map()
+        if set(wins.values()) == {"head"}:
+            recipe = "head"
+            reason = ("train.recipe: auto -> head (every round the head on cached "
+                      "features): the measured map (" + SOURCE + ", epsilon 8) has "
+                      "it ahead at every site size, " + ", ".join(
+                          f"{n:,} records/site {MAP[n]['head']:.3f} against "
+                          f"head+LoRA {MAP[n]['head+lora']:.3f}" for n in sorted(MAP)))
+        else:  # a size where LoRA won: not measured so far
+            recipe = "head+lora"
+            reason = f"train.recipe: auto -> head+lora (the map: {wins})"
+    if recipe == "head":
+        return Choice("head", -1, top_layers, probe_budget, reason)
+    if recipe == "lora":
+        return Choice("lora", 0, top_layers, probe_budget, reason)
+    lora_rounds = max(1, (rounds + 1) // 3)
+    return Choice("head+lora", max(0, rounds - lora_rounds), top_layers or TOP_LAYERS,
+                  probe_budget or PROBE_BUDGET, reason + f" ({rounds - lora_rounds} "
+                  f"head rounds, then {lora_rounds} of LoRA)")
+
+
+def resolve(sections: dict[str, Any]) -> tuple[dict[str, Any], Choice]:
+    """The sections with the recipe's keys set where they hold their defaults
+    (sections: the built config dataclasses by name); and the choice."""
+    train, lora, priv = sections["train"], sections["lora"], sections["privacy"]
+    choice = choose(recipe=train.recipe, task=sections["model"].task,
+                    rounds=sections["federation"].num_rounds,
+                    top_layers=lora.top_layers,
+                    probe_budget=priv.linear_probe_budget)
+    default_train = type(train)()
+    out = dict(sections)
+    if train.linear_probe_rounds == default_train.linear_probe_rounds and \
+            sections["model"].task == "classification":
+        out["train"] = dataclasses.replace(
+            train, linear_probe_rounds=choice.linear_probe_rounds)
+    if choice.recipe == "head+lora":
+        if lora.top_layers == type(lora)().top_layers:
+            out["lora"] = dataclasses.replace(lora, top_layers=choice.top_layers)
+        if priv.linear_probe_budget == type(priv)().linear_probe_budget:
+            out["privacy"] = dataclasses.replace(
+                priv, linear_probe_budget=choice.linear_probe_budget)
+    return out, choice
+
+
+def overrides(cfg: Any, records_per_site: float | None = None) -> list[str]:
+    """Plain words on the resolved recipe: the choice and its reason, then each
+    key that overrides it, with what the map predicts it costs at the nearest
+    measured size to ``records_per_site``."""
+    train = cfg.train
+    choice = choose(recipe=train.recipe, task=cfg.model.task,
+                    rounds=cfg.federation.num_rounds, top_layers=cfg.lora.top_layers,
+                    probe_budget=cfg.privacy.linear_probe_budget)
+    out = [choice.reason]
+    if cfg.model.task != "classification":
+        return out
+    rounds = cfg.federation.num_rounds
+    probe = cfg.probe_rounds
+    trained = "head" if probe >= rounds else ("lora" if probe == 0 else "head+lora")
+    if trained != choice.recipe:
+        line = (f"train.linear_probe_rounds={train.linear_probe_rounds} overrides "
+                f"it: this run trains {trained}")
+        if records_per_site and trained != "lora":
+            size = min(MAP, key=lambda n: abs(n - records_per_site))
+            row = MAP[size]
+            diff = row[trained] - row[choice.recipe]
+            if diff < 0:
+                line += (f", predicted to cost {-diff:.3f} macro-F1 (the map at "
+                         f"{size:,} records/site: {trained} {row[trained]:.3f}, "
+                         f"{choice.recipe} {row[choice.recipe]:.3f})")
+        out.append(line)
+    return out
