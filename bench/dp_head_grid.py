@@ -57,11 +57,16 @@ GRIDS: dict[str, dict[str, list[Any]]] = {
     "small-steps": {"lr": [0.01, 0.02, 0.03], "epochs": [20, 40]},
     # SGD with momentum: a noise-only coordinate moves by lr * noise, not by ~lr
     "sgd": {"opt": ["sgd"], "lr": [3.0, 10.0, 30.0], "epochs": [10, 20]},
+    "sgd-small": {"opt": ["sgd"], "lr": [0.3, 1.0, 2.0], "epochs": [10, 20, 40]},
+    # the batch at small sites (each site's first 150 records) and at the default's
+    "small-sites": {"site_records": [150], "batch": [32, 64, 150, 512]},
+    "batch": {"batch": [128, 256, 512, 1350]},
 }
 DEFAULTS: dict[str, Any] = {"epsilon": 8.0, "lr": 0.1, "epochs": 10, "batch": 512,
                             "tau": 1.0, "count_sigma": 20.0, "norm": 0.0,
                             "hidden": 0, "adambc_gamma": 0.0, "rounds": 5,
-                            "ema": 0.0, "tail": 0.0, "opt": "adamw"}
+                            "ema": 0.0, "tail": 0.0, "opt": "adamw",
+                            "site_records": 0}
 
 
 def features() -> tuple[list[tuple[torch.Tensor, torch.Tensor]],
@@ -225,7 +230,8 @@ def replay(sites: list[tuple[torch.Tensor, torch.Tensor]],
     def prep(x: torch.Tensor) -> torch.Tensor:
         return x / x.norm(dim=1, keepdim=True) * p["norm"] if p["norm"] else x
 
-    local = [(prep(x), y) for x, y in sites]
+    keep = p["site_records"] or None
+    local = [(prep(x[:keep]), y[:keep]) for x, y in sites]
     xt = prep(test[0])
     glob = new_head(xt.shape[1], k, p["hidden"])
     served = new_head(xt.shape[1], k, p["hidden"])  # the EMA of the global heads

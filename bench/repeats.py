@@ -87,6 +87,8 @@ def main() -> None:
     p.add_argument("--arms", default="default")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--keep", help="keep each run directory here as ARM-RUN (for "
+                   "fedtune compare)")
     args = p.parse_args()
     folder = Path(args.out)
     path = folder / "privacy_utility_repeats.json"
@@ -97,7 +99,9 @@ def main() -> None:
         for i in range(sum(r["arm"] == arm for r in runs), args.runs):
             with tempfile.TemporaryDirectory() as tmp:
                 t0 = time.perf_counter()
-                rows, wall = simulate(Path(tmp) / "run", ARMS[arm], scenario=MAIN)
+                run_dir = (Path(args.keep) / f"{arm}-{i + 1}" if args.keep
+                           else Path(tmp) / "run")
+                rows, wall = simulate(run_dir, ARMS[arm], scenario=MAIN)
             runs.append({"arm": arm, "run": i + 1, "macro_f1": served_f1(rows),
                          "final_round_macro_f1": rows[-1].get("eval_macro_f1"),
                          "epsilon": rows[-1].get("epsilon_max"), "wall_s": wall})

@@ -53,6 +53,10 @@ def test_head_only_rounds_plan_their_own_dimensions() -> None:
     text = planning.format_plan([plan], cfg)
     assert "8000/80000" in text and f"{plan.probe_sigma:.2f}/{plan.sigma:.2f}" in text
     assert text.splitlines()[-1] == f"overall: {plan.verdict}"
+    # the plan says what recipe the run trains, and what overriding it costs
+    recipe = [ln for ln in text.splitlines() if ln.startswith("recipe: ")]
+    assert recipe[0].startswith("recipe: train.recipe: auto -> head")
+    assert "overrides it: this run trains head+lora, predicted to cost" in recipe[1]
 
 
 def test_dp_off_has_no_noise() -> None:
