@@ -19,7 +19,8 @@ non-private macro-F1 of ``privacy_utility.json`` (committed). Arms:
 - ``sgd-head``: the head rounds step with SGD (momentum 0.9) at learning rate 1
   for 20 epochs instead of AdamW at 0.1 for 10: a coordinate the noise alone
   drives moves by lr x noise, where Adam's normalised step moves it by ~lr
-  (bench/dp_head_grid.py's ``sgd-small`` replay).
+  (bench/dp_head_grid.py's ``sgd-small`` replay); ``sgd-head-lr2``: SGD at 2
+  for the default's 10 epochs.
 
 The results go to ``OUT/privacy_utility_repeats.json``, rewritten after every
 run (a stopped bench keeps what it measured; a rerun carries on).
@@ -42,12 +43,19 @@ ARMS: dict[str, list[str]] = {
     "server-momentum": ["federation.strategy=fedavgm",
                         "federation.server_momentum=0.9",
                         "federation.server_learning_rate=1.0"],
-    "more-steps": ["train.linear_probe_epochs=30",
+    "more-steps": ["train.linear_probe_optimizer=adamw",
+                   "train.linear_probe_epochs=30",
                    "train.linear_probe_learning_rate=0.0333"],
+    "adamw-head": ["train.linear_probe_optimizer=adamw",
+                   "train.linear_probe_learning_rate=0.1",
+                   "train.linear_probe_epochs=10"],
     "more-rounds": ["federation.num_rounds=10"],
     "sgd-head": ["train.linear_probe_optimizer=sgd",
                  "train.linear_probe_learning_rate=1.0",
                  "train.linear_probe_epochs=20"],
+    "sgd-head-lr2": ["train.linear_probe_optimizer=sgd",
+                     "train.linear_probe_learning_rate=2.0",
+                     "train.linear_probe_epochs=10"],
 }
 
 

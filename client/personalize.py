@@ -42,8 +42,9 @@ from fedtune.common.model import RUN_CONFIG, save_adapter, set_lora_trainable
 logger = logging.getLogger(__name__)
 PERSONAL_DIR = "personalised"
 
-# The head's personalisation learning rate when train.personalize_learning_rate is 0:
-# at the head rounds' 0.1 the DP noise undid the gain (bench/README.md, section 8).
+# The head's personalisation learning rate (with AdamW) when
+# train.personalize_learning_rate is 0: at 0.1 the DP noise undid the gain
+# (bench/README.md, section 8).
 HEAD_LEARNING_RATE = 0.02
 
 
@@ -83,11 +84,14 @@ def fine_tune(cfg: RunConfig, *, site: SiteData, model: torch.nn.Module,
     last = cfg.federation.num_rounds  # (the recipe's personalisation rate below)
     head_only = cfg.head_only(last)
     phase = cfg.phase(last)
+    measured = head_only and not cfg.train.personalize_learning_rate
     train_cfg = dataclasses.replace(
         phase, local_epochs=cfg.train.personalize_epochs, max_steps=0,
         early_stopping_patience=0,
         learning_rate=cfg.train.personalize_learning_rate or (
-            HEAD_LEARNING_RATE if head_only else phase.learning_rate))
+            HEAD_LEARNING_RATE if head_only else phase.learning_rate),
+        # the head's personalisation rate was measured with AdamW
+        optimizer="adamw" if measured else phase.optimizer)
     dp = cfg.privacy.enabled
     q = sample_rate(batch_size=train_cfg.batch_size, num_examples=len(site.train))
     steps = steps_per_round(sample_rate_=q, epochs=train_cfg.local_epochs,

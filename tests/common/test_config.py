@@ -268,3 +268,12 @@ def test_a_causal_lm_accepts_the_recipe_keys_switched_off() -> None:
                                       "calibrate_decisions": False,
                                       "class_weighting": "none"}})
     assert not cfg.calibrates and cfg.probe_rounds == 0
+
+
+def test_a_saved_causal_lm_config_with_earlier_head_defaults_still_loads() -> None:
+    # a run directory's config.yaml records every key; the head rounds' own
+    # settings are inert for a causal LM, so an earlier default of theirs loads
+    cfg = config.from_dict({"model": {"task": "causal-lm"}, "train": {
+        "linear_probe_learning_rate": 0.1, "linear_probe_epochs": 10,
+        "linear_probe_optimizer": "adamw"}})
+    assert cfg.probe_rounds == 0

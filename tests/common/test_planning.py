@@ -47,8 +47,9 @@ def test_head_only_rounds_plan_their_own_dimensions() -> None:
                             "federation": {"num_rounds": 3}})
     plan = planning.plan_site(cfg, site="s", records=2_000, dims=80_000,
                               probe_dims=8_000)
-    ratios = [planning.round_noise_ratio(sigma=s, dims=d, batch=512, steps=plan.steps)
-              for s, d in ((plan.probe_sigma, 8_000), (plan.sigma, 80_000))]
+    ratios = [planning.round_noise_ratio(sigma=s, dims=d, batch=512, steps=t)
+              for s, d, t in ((plan.probe_sigma, 8_000, plan.probe_steps),
+                              (plan.sigma, 80_000, plan.steps))]
     assert plan.rho == pytest.approx(max(ratios))
     text = planning.format_plan([plan], cfg)
     assert "8000/80000" in text and f"{plan.probe_sigma:.2f}/{plan.sigma:.2f}" in text
