@@ -84,8 +84,11 @@ def _reason(msg: Message, keys: frozenset[str], expected: Expected) -> str | Non
             update = updates.pad(update, trained)
     except updates.UpdateError as err:
         return str(err)
-    # the frozen tensors (LoRA in a head-only round) as the server holds them
-    update = {**{k: current[k] for k in expected.frozen}, **update}
+    # the frozen tensors (LoRA in a head-only round) as the server holds them, in
+    # the global adapter's order: Flower's server optimizers (FedAvgM, FedAdam)
+    # pair the aggregate with the global arrays by position
+    update = {k: update[k] if k in update else current[k] for k in current
+              if k in update or k in expected.frozen} | update
     problem = validation.check_arrays(update, current, max_norm=expected.max_norm)
     if problem is None:
         rank = updates.site_rank(sent) if expected.lower_ranks else None

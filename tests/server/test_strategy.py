@@ -127,6 +127,32 @@ def test_fedavgm_momentum_accumulates_and_survives_a_resume() -> None:
     assert round_of(resumed, 3, two) == pytest.approx(2.5 + 1.75)
 
 
+@pytest.mark.usefixtures("flower_identity")
+@pytest.mark.parametrize("strategy", ["fedavgm", "fedadam"])
+def test_server_optimizers_step_a_head_only_round(strategy: str) -> None:
+    # Prepare: a global adapter with frozen LoRA of several shapes; the site
+    # sends the head alone (a head-only round), the server fills the LoRA in
+    lora = {f"layer.{i}.q.lora_{ab}.weight": torch.full(shape, float(i))
+            for i in range(4) for ab, shape in (("A", (8, 384)), ("B", (384, 8)))}
+    head = {"head.weight": torch.zeros(3, 384), "head.bias": torch.zeros(3)}
+    fed = FederationConfig(strategy=strategy, server_learning_rate=1.0)
+    built = build_strategy(fed, min_train_nodes=1, min_available_nodes=1,
+                           head_rounds=1)
+    built.configure_train(1, records.to_record({**lora, **head}), ConfigRecord(),
+                          _Grid())
+    query = Message(RecordDict({records.CONFIG: ConfigRecord()}), dst_node_id=1,
+                    message_type="train")
+    # Execute
+    out, _ = built.aggregate_train(1, [_reply(query, {
+        "head.weight": torch.ones(3, 384), "head.bias": torch.ones(3)}, 5)])
+    # Assert: the LoRA is as it was, the head moved
+    assert out is not None
+    got = records.from_record(out)
+    for k, v in lora.items():
+        assert torch.equal(got[k], v), k
+    assert float(got["head.bias"][0]) > 0
+
+
 class _Grid:
     """Just enough of Flower's Grid for configure_train (one node)."""
 
