@@ -69,7 +69,11 @@ def _summary(run: Run) -> dict[str, Any]:
         "final_macro_f1": rows[-1].get("eval_macro_f1"),
         "best_macro_f1": best_row.get("eval_macro_f1"),
         "final_perplexity": rows[-1].get("eval_perplexity"),
-        "epsilon": rows[-1].get("epsilon_max"),
+        # what the run spent in all: the rounds, then the decision calibration
+        "epsilon": max((float(v) for v in (
+            rows[-1].get("epsilon_max"),
+            *((r.get("calibration") or {}).get("epsilon_max") for r in rows))
+            if v is not None), default=None),
         "bytes": sum(int(r.get("bytes_received", 0)) + int(r.get("bytes_sent", 0))
                      for r in rows),
         "wall_seconds": sum(float(r.get("round_seconds", 0.0)) for r in rows),
