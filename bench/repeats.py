@@ -9,13 +9,15 @@ the same), and reports the served model's macro-F1 (the best round with its
 calibrated decision bias) as mean and sd, with R = mean / the tuned centralized
 non-private macro-F1 of ``privacy_utility.json`` (committed). Arms:
 
-- ``default``: the built-in recipe as shipped;
-- ``server-momentum``: FedAvgM (momentum 0.9, server learning rate 1): the server
-  averages the sites' noisy updates over rounds;
-- ``more-steps``: three times the head's local epochs at a third of its learning
-  rate, so each step carries more noise and the steps average it;
-- ``more-rounds``: 10 rounds instead of 5 (the same epsilon spread over more
-  aggregations);
+- ``default``: the built-in recipe as shipped (its head rounds: SGD at 1.0 for
+  20 epochs);
+- ``adamw-head``: the default before (its head rounds: AdamW at 0.1 for 10);
+- ``server-momentum``: the default with FedAvgM (momentum 0.9, server learning
+  rate 1): the server averages the sites' noisy updates over rounds;
+- ``more-steps``: the AdamW head at three times its epochs and a third of its
+  learning rate, so each step carries more noise and the steps average it;
+- ``more-rounds``: the default over 10 rounds instead of 5 (the same epsilon
+  spread over more aggregations);
 - ``sgd-head``: the head rounds step with SGD (momentum 0.9) at learning rate 1
   for 20 epochs instead of AdamW at 0.1 for 10: a coordinate the noise alone
   drives moves by lr x noise, where Adam's normalised step moves it by ~lr
