@@ -7,6 +7,11 @@ every epoch, round and evaluation. Under DP nothing changes: each record's gradi
 on the head, and so its clipping and noise, is exactly what the whole model gives.
 Pure torch + peft (no Flower, no Opacus): the site and the server both use it.
 
+With ``lora.top_layers`` the same cache holds each record's hidden states
+entering the first LoRA layer (:func:`hidden_inputs`): the layers below hold no
+adapter, so those states never change, and the pooled features are computed from
+them through the top layers alone.
+
 A process keeps the features it computed in memory (up to 1 GiB). A simulation's
 actors serve whichever sites Flower hands them, so the driver also gives them one
 temporary directory to share features through (:func:`_shared_path`); it is
