@@ -28,7 +28,7 @@ import time
 from typing import Any
 
 import torch
-from harness import MODELS, RESULTS, device, table, write
+from harness import MODELS, RESULTS, device, sync, table, write
 
 DATA = {  # real records for each model's task
     "classification": {"source": "fedtune:icd10-chapters", "text_column": "text",
@@ -50,11 +50,6 @@ def _records(raw: dict[str, Any], n: int) -> Any:
                              required=data.required_columns(task, cfg.data))[:n]
     return cfg, data.encode_for_task(recs, tok, task=task, cfg=cfg.data,
                                      source=cfg.data.source), int(tok.pad_token_id)
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def run(cfg: Any, ds: Any, *, pad: int, k: int, cached: bool, steps: int,
@@ -90,12 +85,12 @@ def run(cfg: Any, ds: Any, *, pad: int, k: int, cached: bool, steps: int,
     times = []
     try:
         for i, b in enumerate(batches):
-            _sync(dev)
+            sync(dev)
             t0 = time.perf_counter()
             trainer.train_step(gsm, opt, {key: v.to(dev) for key, v in b.items()},
                                task=cfg.model.task, dp=True, cfg=train_cfg,
                                device=dev, params=params)
-            _sync(dev)
+            sync(dev)
             if i:  # the first is a warm-up
                 times.append(time.perf_counter() - t0)
     finally:
@@ -117,7 +112,7 @@ def main() -> None:
     args = p.parse_args()
     dev = torch.device(args.device)
     steps, batch = (2, 8) if args.quick else (args.steps, args.batch)
-    from fedtune.common.toplayers import num_layers
+    from fedtune.common.model import num_layers
 
     rows = []
     for name, raw in list(MODELS.items())[: 1 if args.quick else None]:

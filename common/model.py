@@ -33,7 +33,7 @@ from peft import (
 )
 from torch import nn
 
-from fedtune.common import assets, toplayers, updates
+from fedtune.common import assets, updates
 from fedtune.common.config import LoraConfig, ModelConfig
 from fedtune.common.errors import ModelError
 from fedtune.common.standalone import mean_pool
@@ -169,6 +169,41 @@ def _load_tokenizer(name_or_path: str, gguf_file: str,
     return tok
 
 
+# lora.top_layers: the model types whose cached hidden states re-enter their kept
+# layers (fedtune.common.toplayers), and how
+ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert")  # embeddings bypassed
+DECODERS = ("llama", "mistral", "qwen2", "qwen3")  # inputs_embeds go to layer 0
+
+
+def num_layers(config: Any) -> int:
+    """The transformer's layer count (``num_hidden_layers``, or GPT-2's ``n_layer``)."""
+    return int(getattr(config, "num_hidden_layers", 0)
+               or getattr(config, "n_layer", 0))
+
+
+def check_top_layers(config: Any, top_layers: int) -> None:
+    """Refuse ``lora.top_layers`` this model cannot honour, quoting its layers."""
+    if not top_layers:
+        return
+    count = num_layers(config)
+    if top_layers > count:
+        raise ModelError(f"lora.top_layers: {top_layers} is more than the model's "
+                         f"{count} layers; use 1..{count} (or 0 for every layer)")
+    if config.model_type not in ENCODERS + DECODERS:
+        raise ModelError(
+            f"lora.top_layers: model_type {config.model_type!r} has no cached-layer "
+            f"path (supported: {', '.join(ENCODERS + DECODERS)}); set "
+            "lora.top_layers: 0")
+
+
+def lora_layers(config: Any, top_layers: int) -> list[int] | None:
+    """The layer indices that carry LoRA (None: every layer)."""
+    if not top_layers:
+        return None
+    count = num_layers(config)
+    return list(range(count - top_layers, count))
+
+
 def target_modules(model_type: str, lora: LoraConfig) -> list[str]:
     """The configured LoRA targets, or the architecture's default."""
     if lora.target_modules:
@@ -218,13 +253,13 @@ def build_model(cfg: ModelConfig, lora: LoraConfig, *, num_labels: int = 0,
                          "data.labels")
     base: Any = build_base(cfg, num_labels=num_labels, seed=seed)
     config = base.encoder.config if cfg.task == "classification" else base.config
-    toplayers.check_top_layers(config, lora.top_layers)
+    check_top_layers(config, lora.top_layers)
     r = rank or lora.r
     peft_cfg = PeftLoraConfig(
         r=r, lora_alpha=lora.alpha if r == lora.r else lora.alpha * r / lora.r,  # type: ignore[arg-type]  # peft says int; a lower rank's alpha is fractional
         lora_dropout=lora.dropout,
         target_modules=target_modules(base.config.model_type, lora),
-        layers_to_transform=toplayers.lora_layers(config, lora.top_layers),
+        layers_to_transform=lora_layers(config, lora.top_layers),
         modules_to_save=[HEAD] if cfg.task == "classification" else None,
         task_type="CAUSAL_LM" if cfg.task == "causal-lm" else None,
         base_model_name_or_path=cfg.name_or_path,

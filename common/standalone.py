@@ -58,6 +58,11 @@ def mean_pool(encoder: Any, input_ids: torch.Tensor,
     """The mean of the encoder's last hidden state over the unmasked positions."""
     hidden = encoder(input_ids=input_ids,
                      attention_mask=attention_mask).last_hidden_state
+    return masked_mean(hidden, attention_mask)
+
+
+def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The mean of ``hidden`` over the positions where ``attention_mask`` is 1."""
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     pooled: torch.Tensor = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
     return pooled

@@ -27,40 +27,10 @@ import torch
 from torch import nn
 
 from fedtune.common.errors import ModelError
+from fedtune.common.model import _unwrap, check_top_layers, num_layers
+from fedtune.common.standalone import masked_mean
 
-# model_type -> how its cached states re-enter the kept layers
-ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert")  # embeddings bypassed
-DECODERS = ("llama", "mistral", "qwen2", "qwen3")  # inputs_embeds go to layer 0
 LAYER_INDEX = re.compile(r"\.(?:layer|layers|h)\.(\d+)\.")
-
-
-def num_layers(config: Any) -> int:
-    """The transformer's layer count (``num_hidden_layers``, or GPT-2's ``n_layer``)."""
-    return int(getattr(config, "num_hidden_layers", 0)
-               or getattr(config, "n_layer", 0))
-
-
-def check_top_layers(config: Any, top_layers: int) -> None:
-    """Refuse ``lora.top_layers`` this model cannot honour, quoting its layers."""
-    if not top_layers:
-        return
-    count = num_layers(config)
-    if top_layers > count:
-        raise ModelError(f"lora.top_layers: {top_layers} is more than the model's "
-                         f"{count} layers; use 1..{count} (or 0 for every layer)")
-    if config.model_type not in ENCODERS + DECODERS:
-        raise ModelError(
-            f"lora.top_layers: model_type {config.model_type!r} has no cached-layer "
-            f"path (supported: {', '.join(ENCODERS + DECODERS)}); set "
-            "lora.top_layers: 0")
-
-
-def lora_layers(config: Any, top_layers: int) -> list[int] | None:
-    """The layer indices that carry LoRA (None: every layer)."""
-    if not top_layers:
-        return None
-    count = num_layers(config)
-    return list(range(count - top_layers, count))
 
 
 def layer_of(name: str) -> int | None:
@@ -107,12 +77,13 @@ def _view(module: nn.Module, path: list[str], keep: slice,
     return top
 
 
-def _inner(model: nn.Module) -> Any:
-    """The model inside peft (and Opacus') wrappers."""
-    while hasattr(model, "_module"):  # Opacus' GradSampleModule
-        model = model._module  # type: ignore[assignment]  # the wrapped module
-    peft: Any = model
-    return peft.base_model.model
+def _base(model: nn.Module) -> tuple[Any, Any, bool]:
+    """(the model inside peft and Opacus' wrappers, the transformer whose layer list
+    is cut: a classifier's encoder or the causal LM itself, whether it classifies)."""
+    peft: Any = _unwrap(model)
+    inner: Any = peft.base_model.model
+    classifier = hasattr(inner, "encoder") and hasattr(inner, "head")
+    return inner, inner.encoder if classifier else inner, classifier
 
 
 class TopLayers(nn.Module):
@@ -124,9 +95,7 @@ class TopLayers(nn.Module):
 
     def __init__(self, model: nn.Module, k: int) -> None:
         super().__init__()
-        inner = _inner(model)
-        self.classifier = hasattr(inner, "encoder") and hasattr(inner, "head")
-        base = inner.encoder if self.classifier else inner
+        inner, base, self.classifier = _base(model)
         count = num_layers(base.config)
         check_top_layers(base.config, k)
         self.k = k
@@ -139,10 +108,9 @@ class TopLayers(nn.Module):
         if not self.classifier:  # a causal LM: its output (logits)
             return self.body(inputs_embeds=hidden, attention_mask=attention_mask,
                              use_cache=False)
-        out = self.body(inputs_embeds=hidden, attention_mask=attention_mask
-                        ).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(out.dtype)
-        pooled = (out * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        pooled = masked_mean(self.body(inputs_embeds=hidden,
+                                       attention_mask=attention_mask
+                                       ).last_hidden_state, attention_mask)
         assert self.head is not None
         logits: torch.Tensor = self.head(
             pooled.to(next(self.head.parameters()).dtype))
@@ -153,9 +121,7 @@ def layer_input_hook(model: nn.Module, layer: int) -> tuple[Any, list[torch.Tens
     """Register a hook that captures the hidden state entering ``layer`` (of the
     model's layer list) and stops the forward pass there (:class:`Captured`);
     returns (the hook handle, the list it appends to)."""
-    inner = _inner(model)
-    base = inner.encoder if hasattr(inner, "encoder") and hasattr(
-        inner, "head") else inner
+    _, base, _ = _base(model)
     count = num_layers(base.config)
     layers: Any = base.get_submodule(".".join(_layer_path(base, count)))
     captured: list[torch.Tensor] = []

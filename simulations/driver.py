@@ -15,8 +15,7 @@ from flwr.clientapp.typing import Mod
 from fedtune.common import assets, data, features
 from fedtune.common.config import PAST_STOP, RESUME, RUN_PATH, RunConfig, to_run_config
 from fedtune.common.errors import FedtuneError
-from fedtune.common.model import load_pretrained, load_tokenizer
-from fedtune.common.toplayers import check_top_layers
+from fedtune.common.model import check_top_layers, load_pretrained, load_tokenizer
 from fedtune.server import checkpoint
 from fedtune.server.selection import STOPPED
 
