@@ -63,7 +63,7 @@ def per_sample_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, task: s
         if logit_bias is not None:
             logits = logits + logit_bias.to(logits.device)
         return F.cross_entropy(logits, batch["labels"], reduction="none")
-    logits = _lm_forward(model, batch).logits[:, :-1]
+    logits = forward(model, batch).logits[:, :-1]
     target = batch["input_ids"][:, 1:]
     mask = batch["loss_mask"][:, 1:]
     tok = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
@@ -76,25 +76,21 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _lm_forward(model: nn.Module, batch: Batch) -> Any:
-    """A causal LM's output: token ids through the whole model, or the cached
-    hidden states (``hidden``) through its top layers."""
+def forward(model: nn.Module, batch: Batch) -> Any:
+    """The model's output for a collated batch: token ids through the whole model,
+    or the cached hidden states (``hidden``) through its top layers
+    (:class:`fedtune.common.toplayers.TopLayers`)."""
     if "hidden" in batch:
         return model(hidden=batch["hidden"], attention_mask=batch["attention_mask"])
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
 
 
 def class_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """A classifier's fp32 logits for a collated batch: token ids through the whole
-    model, cached pooled features (``features``) through the head alone, or cached
-    hidden states (``hidden``) through the top layers and the head."""
+    """A classifier's fp32 logits for a collated batch: cached pooled features
+    (``features``) through the head alone, else :func:`forward`."""
     if "features" in batch:
         return model(batch["features"]).float()  # type: ignore[no-any-return]  # nn.Module
-    if "hidden" in batch:
-        return model(hidden=batch["hidden"],  # type: ignore[no-any-return]  # (same)
-                     attention_mask=batch["attention_mask"]).float()
-    return model(input_ids=batch["input_ids"],  # type: ignore[no-any-return]  # (same)
-                 attention_mask=batch["attention_mask"]).float()
+    return forward(model, batch).float()  # type: ignore[no-any-return]  # (same)
 
 
 @torch.no_grad()

@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from fedtune.common.data import EncodedDataset, collate
+from fedtune.common.evaluation import forward, to_device
 from fedtune.common.model import adapter_state, classifier_head, is_lora
 from fedtune.common.toplayers import Captured, TopLayers, layer_input_hook, layer_of
 
@@ -182,11 +183,8 @@ def _forward_sorted(model: nn.Module, dataset: EncodedDataset, *,
         loader = DataLoader(Subset(dataset, _order(dataset)), batch_size=batch_size,
                             collate_fn=functools.partial(collate, pad_id=pad_id))
         for batch in loader:
-            inputs = ({HIDDEN: batch[HIDDEN]} if HIDDEN in batch
-                      else {"input_ids": batch["input_ids"]})
             try:
-                model(**{k: v.to(device) for k, v in inputs.items()},
-                      attention_mask=batch["attention_mask"].to(device))
+                forward(model, to_device(batch, device))
             except Exception as err:
                 if stop is None or not isinstance(err, stop):
                     raise
