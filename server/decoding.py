@@ -87,7 +87,7 @@ def _reason(msg: Message, keys: frozenset[str], expected: Expected) -> str | Non
     # the frozen tensors (LoRA in a head-only round) as the server holds them, in
     # the global adapter's order: Flower's server optimizers (FedAvgM, FedAdam)
     # pair the aggregate with the global arrays by position
-    update = {k: update[k] if k in update else current[k] for k in current
+    update = {k: update.get(k, current[k]) for k in current
               if k in update or k in expected.frozen} | update
     problem = validation.check_arrays(update, current, max_norm=expected.max_norm)
     if problem is None:
