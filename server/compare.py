@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fedtune.common import data, metrics
 from fedtune.common.errors import FedtuneError
 from fedtune.server.predict import Predictor
@@ -81,11 +79,8 @@ def _summary(run: Run) -> dict[str, Any]:
 
 
 def _predictions(run: Run, texts: list[str], device: str) -> list[int]:
-    predictor = Predictor.open(run.path, device=device)
-    step = predictor.batch_size
-    probs = [predictor.probabilities(texts[i:i + step])
-             for i in range(0, len(texts), step)]
-    return torch.cat(probs).argmax(-1).tolist() if probs else []
+    probs = Predictor.open(run.path, device=device).all_probabilities(texts)
+    return list(probs.argmax(-1).tolist())
 
 
 def compare(run_dirs: list[str | Path], *, resamples: int = 2000,

@@ -131,6 +131,14 @@ class Predictor:
                                    zip(self.labels, p.tolist(), strict=True)}}
                 for p in probs]
 
+    def all_probabilities(self, texts: list[str], *, progress: bool = False
+                          ) -> torch.Tensor:
+        """Class probabilities of every text, in batches of ``batch_size``."""
+        step = self.batch_size
+        return torch.cat([self.probabilities(texts[i:i + step]) for i in tqdm(
+            range(0, len(texts), step), desc="evaluate", unit="batch",
+            file=sys.stderr, disable=not progress)])
+
     @torch.no_grad()
     def probabilities(self, texts: list[str]) -> torch.Tensor:
         """Class probabilities of a batch of texts (classification)."""
@@ -195,9 +203,7 @@ def evaluate_file(source: str | Path, data_file: str, *, which: str | None = Non
     truth = data.label_ids(records, column=cfg.data.label_column,
                            labels=cfg.data.labels, source=data_file)
     texts = [str(r[cfg.data.text_column]) for r in records]
-    probs = torch.cat([predictor.probabilities(texts[i:i + predictor.batch_size])
-                       for i in tqdm(range(0, len(texts), predictor.batch_size),
-                                     desc="evaluate", unit="batch", file=sys.stderr)])
+    probs = predictor.all_probabilities(texts, progress=True)
     pred = probs.argmax(-1).tolist()
     picked = probs[torch.arange(len(truth)), torch.tensor(truth)]
     loss = float(-picked.clamp(min=1e-12).log().mean())
