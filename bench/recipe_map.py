@@ -52,22 +52,13 @@ SITES = {150: 8, 1350: 8, 5000: 2}
 def _auto(size: int, sites: int) -> str:
     """The row ``train.recipe: auto`` picks for this federation (its config
     resolved as the run's would be)."""
+    from fedtune.common import recipes
     from fedtune.common.config import from_dict
 
     cfg = from_dict({"data": {"max_samples_per_site": size},
                      "federation": {"num_sites": sites}})
     return {"head": "head", "head+lora": "head+top2", "lora": "lora"}[
-        cfg.train.recipe if cfg.train.recipe != "auto" else
-        _resolved(cfg)]
-
-
-def _resolved(cfg: Any) -> str:
-    from fedtune.common import recipes
-
-    return recipes.choose(recipe="auto", task=cfg.model.task,
-                          rounds=cfg.federation.num_rounds,
-                          top_layers=cfg.lora.top_layers,
-                          probe_budget=cfg.privacy.linear_probe_budget).recipe
+        recipes.trained(cfg)]
 
 
 def one_run(size: int, recipe: str, work: Path) -> dict[str, Any]:

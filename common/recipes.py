@@ -104,6 +104,12 @@ def resolve(sections: dict[str, Any]) -> tuple[dict[str, Any], Choice]:
     return out, choice
 
 
+def trained(cfg: Any) -> str:
+    """What a resolved run config trains: head, head+lora or lora."""
+    probe, rounds = cfg.probe_rounds, cfg.federation.num_rounds
+    return "head" if probe >= rounds else ("lora" if probe == 0 else "head+lora")
+
+
 def overrides(cfg: Any, records_per_site: float | None = None) -> list[str]:
     """Plain words on the resolved recipe: the choice and its reason, then each
     key that overrides it, with what the map predicts it costs at the nearest
@@ -115,19 +121,17 @@ def overrides(cfg: Any, records_per_site: float | None = None) -> list[str]:
     out = [choice.reason]
     if cfg.model.task != "classification":
         return out
-    rounds = cfg.federation.num_rounds
-    probe = cfg.probe_rounds
-    trained = "head" if probe >= rounds else ("lora" if probe == 0 else "head+lora")
-    if trained != choice.recipe:
+    done = trained(cfg)
+    if done != choice.recipe:
         line = (f"train.linear_probe_rounds={train.linear_probe_rounds} overrides "
-                f"it: this run trains {trained}")
-        if records_per_site and trained != "lora":
+                f"it: this run trains {done}")
+        if records_per_site and done != "lora":
             size = min(MAP, key=lambda n: abs(n - records_per_site))
             row = MAP[size]
-            diff = row[trained] - row[choice.recipe]
+            diff = row[done] - row[choice.recipe]
             if diff < 0:
                 line += (f", predicted to cost {-diff:.3f} macro-F1 (the map at "
-                         f"{size:,} records/site: {trained} {row[trained]:.3f}, "
+                         f"{size:,} records/site: {done} {row[done]:.3f}, "
                          f"{choice.recipe} {row[choice.recipe]:.3f})")
         out.append(line)
     return out
