@@ -25,7 +25,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-from harness import MODELS, RESULTS, device, table, write
+from harness import MODELS, RESULTS, device, sync, table, write
 
 MODES = ["hooks", "functorch", "ew"]
 
@@ -90,11 +90,6 @@ class Step:
             self.net._close()  # type: ignore[operator]
 
 
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_step(raw: dict[str, Any], *, mode: str | None, batch: dict[str, torch.Tensor],
               steps: int, dev: torch.device) -> float:
     """Median seconds of one step, after one warm-up step."""
@@ -103,10 +98,10 @@ def time_step(raw: dict[str, Any], *, mode: str | None, batch: dict[str, torch.T
         step(batch)
         times = []
         for _ in range(steps):
-            _sync(dev)
+            sync(dev)
             t0 = time.perf_counter()
             step(batch)
-            _sync(dev)
+            sync(dev)
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
     finally:

@@ -45,6 +45,14 @@ def device(name: str = "cpu") -> str:
             f" (torch {torch.__version__})")
 
 
+def sync(dev: Any) -> None:
+    """Wait for a CUDA device's queued work (a step's time is then its own)."""
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def simulate(run_dir: Path, overrides: Sequence[str], *,
              scenario: Path = DEFAULT) -> tuple[list[dict[str, Any]], float]:
     """``fedtune simulate SCENARIO overrides --run-dir RUN_DIR``: (the rows of
