@@ -35,6 +35,8 @@ import torch
 from harness import MAIN, RESULTS, device, table, write
 from torch import nn
 
+from fedtune.common import recipes
+
 GRIDS: dict[str, dict[str, list[Any]]] = {
     # each grid moves one or two knobs of the shipped recipe (DEFAULTS)
     "recipe": {"lr": [0.03, 0.1, 0.2], "epochs": [5, 10, 20]},
@@ -61,12 +63,24 @@ GRIDS: dict[str, dict[str, list[Any]]] = {
     # the batch at small sites (each site's first 150 records) and at the default's
     "small-sites": {"site_records": [150], "batch": [32, 64, 150, 512]},
     "batch": {"batch": [128, 256, 512, 1350]},
+    # train.recipe auto's batch and epochs by site size, with the shipped SGD head
+    # (10 rounds; site_records 0: every record, 1,350 per site)
+    "auto-size": {"site_records": [150, 500, 0], "batch": [64, 128, 512],
+                  "epochs": [10, 20, 40], "opt": ["sgd"], "lr": [1.0],
+                  "rounds": [10]},
+    # the rule auto took from it: a number of DP steps per round at every size
+    # (batch 512, capped at the site's records; epochs = steps x sampling rate)
+    "auto-steps": {"site_records": [150, 500, 0], "steps": [10, 20, 25, 40, 53],
+                   "opt": ["sgd"], "lr": [1.0], "rounds": [10]},
+    # that rule, as fedtune.common.recipes.head_steps applies it (steps -1)
+    "auto-rule": {"site_records": [150, 500, 0], "steps": [-1], "opt": ["sgd"],
+                  "lr": [1.0], "rounds": [10]},
 }
 DEFAULTS: dict[str, Any] = {"epsilon": 8.0, "lr": 0.1, "epochs": 10, "batch": 512,
                             "tau": 1.0, "count_sigma": 20.0, "norm": 0.0,
                             "hidden": 0, "adambc_gamma": 0.0, "rounds": 5,
                             "ema": 0.0, "tail": 0.0, "opt": "adamw",
-                            "site_records": 0}
+                            "site_records": 0, "steps": 0}
 
 
 def features() -> tuple[list[tuple[torch.Tensor, torch.Tensor]],
@@ -178,7 +192,8 @@ def site_round(head: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     """One site's head-only round, in place (DP when ``p['epsilon']`` > 0)."""
     n, dp = len(x), p["epsilon"] > 0
     q = min(1.0, p["batch"] / n)
-    steps = max(1, round(p["epochs"] / q))
+    steps = (recipes.head_steps(n) if p["steps"] == -1 else
+             p["steps"] or max(1, round(p["epochs"] / q)))
     counts = torch.bincount(y, minlength=k).float()
     if dp:
         counts += torch.randn(k, generator=gen) * p["count_sigma"]
@@ -202,7 +217,7 @@ def site_round(head: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
             grads = clipped_grads(head, x[pick], y[pick], bias, k)
             for param, g in zip(params, grads, strict=True):
                 param.grad = (g + torch.randn(g.shape, generator=gen) * sigma
-                              ) / p["batch"]
+                              ) / (q * n)  # Opacus' expected batch
         else:
             idx = torch.randint(0, n, (p["batch"],), generator=gen)
             opt.zero_grad()

@@ -83,7 +83,7 @@ def fine_tune(cfg: RunConfig, *, site: SiteData, model: torch.nn.Module,
                          "(data.val_fraction > 0)")
     last = cfg.federation.num_rounds  # (the recipe's personalisation rate below)
     head_only = cfg.head_only(last)
-    phase = cfg.phase(last)
+    phase = cfg.phase(last, len(site.train))
     measured = head_only and not cfg.train.personalize_learning_rate
     train_cfg = dataclasses.replace(
         phase, local_epochs=cfg.train.personalize_epochs, max_steps=0,

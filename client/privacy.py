@@ -159,7 +159,7 @@ def open_round(cfg: RunConfig, *, num_examples: int, round_: int,
     asked for only when the run releases a class histogram (classification).
     """
     dp = cfg.privacy.enabled
-    train_cfg = cfg.phase(round_)  # a head-only round's own lr and epochs
+    train_cfg = cfg.phase(round_, num_examples)  # a head round's own lr, steps
     q = sample_rate(batch_size=train_cfg.batch_size, num_examples=num_examples)
     planned = steps_per_round(sample_rate_=q, epochs=train_cfg.local_epochs,
                               max_steps=train_cfg.max_steps)

@@ -195,10 +195,10 @@ def run_plan(cfg: RunConfig, *, num_examples: int, count: bool | None = None
              ) -> tuple[float, NoisePlan]:
     """(sampling rate, noise plan) of a site with ``num_examples`` training records
     under the run's config: its sampling rate and each phase's steps per round."""
-    q = sample_rate(batch_size=cfg.phase(1).batch_size, num_examples=num_examples)
+    phases = [cfg.phase(r, num_examples) for r in (1, cfg.probe_rounds + 1)]
+    q = sample_rate(batch_size=phases[0].batch_size, num_examples=num_examples)
     probe, tune = (steps_per_round(sample_rate_=q, epochs=t.local_epochs,
-                                   max_steps=t.max_steps)
-                   for t in (cfg.phase(1), cfg.phase(cfg.probe_rounds + 1)))
+                                   max_steps=t.max_steps) for t in phases)
     return q, plan_schedule(
         cfg.privacy, sample_rate_=q, steps_per_round_=tune,
         num_rounds=cfg.federation.num_rounds,

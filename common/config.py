@@ -282,11 +282,14 @@ class TrainConfig(_Section):
       (LoRA frozen): DP noise then spreads over ~8 k instead of ~80 k dimensions.
       Later rounds train LoRA + head. The head-only rounds train on each record's
       pooled features, computed once per run (the encoder does not change while
-      LoRA is frozen), so they afford many epochs (``linear_probe_epochs``, 0:
-      ``local_epochs``) at their own ``linear_probe_learning_rate`` (0:
+      LoRA is frozen), so they afford many steps (``linear_probe_epochs``; 0,
+      the default: sqrt(records) DP steps per round within 10..40 at each site,
+      :func:`fedtune.common.recipes.head_steps`, measured to grow with the site)
+      at their own ``linear_probe_learning_rate`` (0:
       ``learning_rate``) and ``linear_probe_optimizer`` ("": ``optimizer``): SGD
-      with momentum at 1.0 for 20 epochs, where AdamW at 0.1 for 10 gave macro-F1
-      0.602 +- 0.020 over 5 runs and SGD 0.620 +- 0.013 (bench/repeats.py): a
+      with momentum at 1.0 (then 20 epochs a round), where AdamW at 0.1 for 10
+      gave macro-F1 0.602 +- 0.020 over 5 runs and SGD 0.620 +- 0.013 (bench/
+      repeats.py): a
       coordinate only the DP noise drives moves by lr x noise under SGD, by ~lr
       under Adam's normalised step. The batch (so the sampling rate) is shared;
       the noise plan counts each phase's steps. A causal LM has no head: no such rounds.
@@ -339,7 +342,7 @@ class TrainConfig(_Section):
     recipe: Literal["auto", "head", "head+lora", "lora"] = "auto"
     linear_probe_rounds: int = -1  # -1: every round (classification); 0: none
     linear_probe_learning_rate: float = 1.0
-    linear_probe_epochs: int = 20
+    linear_probe_epochs: int = 0  # 0: by the site's records (recipes.head_steps)
     linear_probe_optimizer: Literal["", "adamw", "sgd"] = "sgd"
     logit_adjustment: float = 1.0
     class_weighting: Literal["none", "sqrt", "balanced"] = "none"
@@ -634,17 +637,26 @@ class RunConfig:
         the whole adapter (its masked vector has one fixed layout)."""
         return self.head_only(server_round) and not self.federation.secure_aggregation
 
-    def phase(self, server_round: int) -> TrainConfig:
-        """The effective settings of round ``server_round``: the recipe's batch
-        where ``batch_size`` is 0, and a head-only round's own learning rate and
-        epochs where set."""
+    def phase(self, server_round: int, num_examples: int | None = None
+              ) -> TrainConfig:
+        """The effective settings of round ``server_round`` at a site of
+        ``num_examples`` training records: the recipe's batch where ``batch_size``
+        is 0, and a head-only round's own learning rate, optimizer and length
+        (``linear_probe_epochs``; at 0 ``max_steps`` = the recipe's steps for
+        the site's size, which needs ``num_examples``)."""
         t = self.train
-        batch = t.batch_size or (512 if self.classifies else 16)
+        batch = t.batch_size or (recipes.BATCH if self.classifies else 16)
         if not self.head_only(server_round):
             return t if batch == t.batch_size else dataclasses.replace(
                 t, batch_size=batch)
+        steps = t.max_steps
+        if not (t.linear_probe_epochs or steps):
+            if num_examples is None:
+                raise ValueError("a head round's length follows the site's records "
+                                 "(train.linear_probe_epochs: 0): pass num_examples")
+            steps = recipes.head_steps(num_examples)
         return dataclasses.replace(
-            t, batch_size=batch,
+            t, batch_size=batch, max_steps=steps,
             learning_rate=t.linear_probe_learning_rate or t.learning_rate,
             local_epochs=t.linear_probe_epochs or t.local_epochs,
             optimizer=t.linear_probe_optimizer or t.optimizer)

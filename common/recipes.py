@@ -19,6 +19,7 @@ Pure: no torch, no Flower.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,21 @@ MAP: dict[int, dict[str, float]] = {
     5000: {"head": 0.5886, "head+lora": 0.5731, "head+all": 0.5447},  # 2 sites
 }
 TOP_LAYERS = 2  # head+lora's LoRA layers where lora.top_layers is 0
+# DP steps of a head round by a site's records: sqrt(records) within these bounds
+HEAD_STEPS = (10, 40)
+BATCH = 512  # a classification run's batch (both phases) where train.batch_size is 0
+STEPS_SOURCE = "bench/results/head_steps_by_site_size.json"
+# its replayed macro-F1 (mean of 5 runs, batch 512) by records per site, then DP
+# steps per round: the best count grows with the site, and sqrt(records) (the
+# rule's pick: 12, 22, 37, 40) is the best cell at every size
+STEPS_MAP: dict[int, dict[int, float]] = {
+    150: {10: 0.3322, 12: 0.3333, 20: 0.3009, 25: 0.3035, 40: 0.2679},
+    500: {10: 0.4795, 20: 0.5271, 22: 0.5358, 25: 0.5257, 40: 0.4979},
+    1350: {10: 0.5252, 20: 0.6169, 25: 0.6234, 37: 0.6242, 40: 0.6228},
+    5400: {10: 0.5396, 20: 0.6320, 25: 0.6402, 40: 0.6439, 73: 0.6367},  # 2 sites
+}
+# batch 128 at the pick's steps against batch 512, by records per site
+BATCH_128_COST = {150: 0.0002, 500: 0.0114, 1350: 0.0127, 5400: 0.0260}
 PROBE_BUDGET = 0.5  # head+lora's share of epsilon for the head rounds
 
 
@@ -45,6 +61,12 @@ class Choice:
     top_layers: int
     linear_probe_budget: float
     reason: str
+
+
+def head_steps(num_examples: int) -> int:
+    """DP steps per head round at a site of ``num_examples`` training records."""
+    low, high = HEAD_STEPS
+    return min(high, max(low, round(math.sqrt(max(1, num_examples)))))
 
 
 def best_in_map() -> dict[int, str]:
@@ -134,4 +156,46 @@ def overrides(cfg: Any, records_per_site: float | None = None) -> list[str]:
                          f"{size:,} records/site: {done} {row[done]:.3f}, "
                          f"{choice.recipe} {row[choice.recipe]:.3f})")
         out.append(line)
+    if cfg.probe_rounds:
+        out.append(_head_length(cfg, records_per_site))
+    return out
+
+
+def _head_length(cfg: Any, records: float | None) -> str:
+    """The head rounds' batch and steps per round, and an override's cost."""
+    from fedtune.common.accounting import sample_rate, steps_per_round
+
+    n = round(records) if records else None
+    line = (f"head rounds: batch {BATCH} (at most a site's records) and "
+            f"sqrt(records) DP steps per round within {HEAD_STEPS[0]}..{HEAD_STEPS[1]}"
+            f", the best count at every size in the replayed map ({STEPS_SOURCE})")
+    if n is None:
+        return line
+    rule = head_steps(n)
+    t = cfg.phase(1, n)
+    steps = steps_per_round(sample_rate_=sample_rate(batch_size=t.batch_size,
+                                                     num_examples=n),
+                            epochs=t.local_epochs, max_steps=t.max_steps)
+    at = f" at the median site's {n:,} records"
+    if steps == rule and t.batch_size == BATCH:
+        return line + f": {rule} steps{at}"
+    keys = [f"train.{k}={getattr(cfg.train, k)}" for k in
+            ("batch_size", "linear_probe_epochs", "max_steps")
+            if getattr(cfg.train, k)]
+    out = (f"head rounds: {' '.join(keys)} overrides the recipe's length: batch "
+           f"{t.batch_size}, {steps} steps per round{at}, where the rule takes "
+           f"batch {BATCH} and {rule} steps")
+    size = min(STEPS_MAP, key=lambda m: abs(m - n))
+    row = STEPS_MAP[size]
+    near = min(row, key=lambda m: abs(m - steps))
+    best = max(row.values())
+    if row[near] < best - 0.01:
+        out += (f", predicted to cost {best - row[near]:.3f} macro-F1 (the map at "
+                f"{size:,} records/site: {near} steps {row[near]:.3f}, the best "
+                f"{best:.3f})")
+    small = min(n, t.batch_size) < (128 + BATCH) / 2  # nearer 128 than 512
+    if small and min(n, BATCH) > min(n, t.batch_size) and \
+            BATCH_128_COST[size] > 0.01:
+        out += (f", its batch predicted to cost {BATCH_128_COST[size]:.3f} macro-F1 "
+                f"(the map at {size:,} records/site: batch 128 against 512)")
     return out

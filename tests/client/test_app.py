@@ -11,7 +11,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedtune.client.app import make_client_app
 from fedtune.client.mods import SiteFailure
-from fedtune.common import config, records
+from fedtune.common import config, recipes, records
 from fedtune.common.model import (
     adapter_state,
     build_model,
@@ -86,6 +86,20 @@ def test_epsilon_accumulates_in_the_node_state(tiny_bert: Path,
     first = app(msg, ctx).content[records.METRICS][records.EPSILON]
     second = app(msg, ctx).content[records.METRICS][records.EPSILON]
     assert 0 < first < second <= 8.0 + 1e-6
+
+
+@pytest.mark.usefixtures("flower_identity")
+@pytest.mark.parametrize(("epochs", "steps"), [(0, recipes.head_steps(36)), (2, 8)])
+def test_a_head_round_takes_the_recipe_steps_for_the_site_size(
+        tiny_bert: Path, review_files: tuple[Path, Path], epochs: int, steps: int
+        ) -> None:
+    # 36 training records at batch 8: linear_probe_epochs 0 (the default) takes
+    # sqrt(records) steps within 10..40, an explicit 2 epochs 2 x int(36 / 8)
+    _, flat, msg = _setup(tiny_bert, review_files, train={
+        "linear_probe_rounds": 1, "linear_probe_epochs": epochs})
+    reply = make_client_app(flat)(msg, _context({"partition-id": 1,
+                                                 "num-partitions": 3}))
+    assert reply.content[records.METRICS][records.DP_STEPS] == steps
 
 
 @pytest.mark.usefixtures("flower_identity")

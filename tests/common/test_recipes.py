@@ -15,8 +15,42 @@ def test_auto_follows_the_map() -> None:
     assert cfg.train.recipe == "auto" and set(recipes.best_in_map().values()) == {
         "head"}
     assert cfg.train.linear_probe_rounds == -1 and cfg.probe_rounds == 5
-    (reason,) = recipes.overrides(cfg, 1350)
+    reason, length = recipes.overrides(cfg, 1350)
     assert reason.startswith("train.recipe: auto -> head") and recipes.SOURCE in reason
+    assert length.endswith(": 37 steps at the median site's 1,350 records")
+    assert recipes.STEPS_SOURCE in length
+
+
+def test_head_rounds_take_sqrt_records_steps_within_bounds() -> None:
+    assert [recipes.head_steps(n) for n in (0, 36, 150, 500, 1350, 5400)] == [
+        10, 10, 12, 22, 37, 40]
+    # the rule's pick is the best cell of the measured map at every size
+    for size, row in recipes.STEPS_MAP.items():
+        assert max(row, key=lambda s: row[s]) == recipes.head_steps(size)
+    cfg = from_dict({})
+    assert cfg.phase(1, 1350).max_steps == 37 and cfg.phase(1, 1350).batch_size == 512
+    with pytest.raises(ValueError, match="num_examples"):
+        cfg.phase(1)
+    # explicit epochs or steps win; LoRA rounds keep local_epochs
+    assert from_dict({"train": {"linear_probe_epochs": 4}}).phase(1).local_epochs == 4
+    assert from_dict({"train": {"max_steps": 7}}).phase(1).max_steps == 7
+    lora = from_dict({"train": {"recipe": "lora"}})
+    assert lora.phase(1).max_steps == 0 and lora.phase(1).local_epochs == 1
+
+
+def test_a_length_override_is_named_with_its_predicted_cost() -> None:
+    few = from_dict({"train": {"max_steps": 10}})
+    line = recipes.overrides(few, 1350)[-1]
+    assert line.startswith("head rounds: train.max_steps=10 overrides the recipe's "
+                           "length: batch 512, 10 steps per round at the median "
+                           "site's 1,350 records, where the rule takes batch 512 "
+                           "and 37 steps, predicted to cost 0.099 macro-F1")
+    small = recipes.overrides(from_dict({"train": {"batch_size": 64}}), 1350)[-1]
+    assert small.endswith("its batch predicted to cost 0.013 macro-F1 (the map at "
+                          "1,350 records/site: batch 128 against 512)")
+    # 40 steps at 1,350 records lies within 0.01 of the best: no cost is claimed
+    near = recipes.overrides(from_dict({"train": {"linear_probe_epochs": 20}}), 1350)
+    assert "40 steps" in near[-1] and "cost" not in near[-1]
 
 
 def test_head_then_lora_sets_what_is_left_at_its_default() -> None:
@@ -33,7 +67,7 @@ def test_head_then_lora_sets_what_is_left_at_its_default() -> None:
 
 def test_an_override_is_named_with_its_predicted_cost() -> None:
     cfg = from_dict({"train": {"linear_probe_rounds": 2}})
-    reason, override = recipes.overrides(cfg, 1400)
+    reason, override, _ = recipes.overrides(cfg, 1400)
     assert reason.startswith("train.recipe: auto -> head")
     assert override.startswith("train.linear_probe_rounds=2 overrides it: this run "
                                "trains head+lora, predicted to cost 0.07")
