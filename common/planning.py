@@ -284,6 +284,8 @@ def format_plan(plans: Sequence[SitePlan], cfg: RunConfig) -> str:
     lines.append(f"thresholds for {cfg.model.task}, measured on {t.measured_on}")
     median = sorted(p.records for p in plans)[len(plans) // 2] if plans else None
     lines += [f"recipe: {line}" for line in recipes.overrides(cfg, median)]
+    if cfg.probe_rounds:
+        lines.append(f"recipe: {head_length(cfg, median)}")
     if priv.enabled and plans:
         alone = [p for p in plans if p.verdict == VERDICTS[2]]
         if alone and len(alone) < len(plans):
@@ -341,4 +343,46 @@ def plan_sites(cfg: RunConfig, sites: Sequence[tuple[str, int]], *,
                                 probe_dims=dims[1],
                                 count=cfg.releases_class_histogram)
         out.append(replace(done[n], site=name, share=share))
+    return out
+
+
+def head_length(cfg: RunConfig, records: float | None) -> str:
+    """The head rounds' batch and steps per round at a site of ``records``
+    (the median), as :mod:`fedtune.common.recipes` sets them, and an explicit
+    length's cost by its replayed map."""
+    r = recipes
+    n = round(records) if records else None
+    line = (f"head rounds: batch {r.BATCH} (at most a site's records) and "
+            f"sqrt(records) DP steps per round within {r.HEAD_STEPS[0]}.."
+            f"{r.HEAD_STEPS[1]}, the best count at every size in the replayed map "
+            f"({r.STEPS_SOURCE})")
+    if n is None:
+        return line
+    rule = r.head_steps(n)
+    t = cfg.phase(1, n)
+    steps = accounting.steps_per_round(
+        sample_rate_=accounting.sample_rate(batch_size=t.batch_size, num_examples=n),
+        epochs=t.local_epochs, max_steps=t.max_steps)
+    at = f" at the median site's {n:,} records"
+    if steps == rule and t.batch_size == r.BATCH:
+        return line + f": {rule} steps{at}"
+    keys = [f"train.{k}={getattr(cfg.train, k)}" for k in
+            ("batch_size", "linear_probe_epochs", "max_steps")
+            if getattr(cfg.train, k)]
+    out = (f"head rounds: {' '.join(keys)} overrides the recipe's length: batch "
+           f"{t.batch_size}, {steps} steps per round{at}, where the rule takes "
+           f"batch {r.BATCH} and {rule} steps")
+    size = min(r.STEPS_MAP, key=lambda m: abs(m - n))
+    row = r.STEPS_MAP[size]
+    near = min(row, key=lambda m: abs(m - steps))
+    best = max(row.values())
+    if row[near] < best - 0.01:
+        out += (f", predicted to cost {best - row[near]:.3f} macro-F1 (the map at "
+                f"{size:,} records/site: {near} steps {row[near]:.3f}, the best "
+                f"{best:.3f})")
+    small = min(n, t.batch_size) < (128 + r.BATCH) / 2  # nearer 128 than 512
+    if small and min(n, r.BATCH) > min(n, t.batch_size) and \
+            r.BATCH_128_COST[size] > 0.01:
+        out += (f", its batch predicted to cost {r.BATCH_128_COST[size]:.3f} "
+                f"macro-F1 (the map at {size:,} records/site: batch 128 against 512)")
     return out

@@ -156,46 +156,4 @@ def overrides(cfg: Any, records_per_site: float | None = None) -> list[str]:
                          f"{size:,} records/site: {done} {row[done]:.3f}, "
                          f"{choice.recipe} {row[choice.recipe]:.3f})")
         out.append(line)
-    if cfg.probe_rounds:
-        out.append(_head_length(cfg, records_per_site))
-    return out
-
-
-def _head_length(cfg: Any, records: float | None) -> str:
-    """The head rounds' batch and steps per round, and an override's cost."""
-    from fedtune.common.accounting import sample_rate, steps_per_round
-
-    n = round(records) if records else None
-    line = (f"head rounds: batch {BATCH} (at most a site's records) and "
-            f"sqrt(records) DP steps per round within {HEAD_STEPS[0]}..{HEAD_STEPS[1]}"
-            f", the best count at every size in the replayed map ({STEPS_SOURCE})")
-    if n is None:
-        return line
-    rule = head_steps(n)
-    t = cfg.phase(1, n)
-    steps = steps_per_round(sample_rate_=sample_rate(batch_size=t.batch_size,
-                                                     num_examples=n),
-                            epochs=t.local_epochs, max_steps=t.max_steps)
-    at = f" at the median site's {n:,} records"
-    if steps == rule and t.batch_size == BATCH:
-        return line + f": {rule} steps{at}"
-    keys = [f"train.{k}={getattr(cfg.train, k)}" for k in
-            ("batch_size", "linear_probe_epochs", "max_steps")
-            if getattr(cfg.train, k)]
-    out = (f"head rounds: {' '.join(keys)} overrides the recipe's length: batch "
-           f"{t.batch_size}, {steps} steps per round{at}, where the rule takes "
-           f"batch {BATCH} and {rule} steps")
-    size = min(STEPS_MAP, key=lambda m: abs(m - n))
-    row = STEPS_MAP[size]
-    near = min(row, key=lambda m: abs(m - steps))
-    best = max(row.values())
-    if row[near] < best - 0.01:
-        out += (f", predicted to cost {best - row[near]:.3f} macro-F1 (the map at "
-                f"{size:,} records/site: {near} steps {row[near]:.3f}, the best "
-                f"{best:.3f})")
-    small = min(n, t.batch_size) < (128 + BATCH) / 2  # nearer 128 than 512
-    if small and min(n, BATCH) > min(n, t.batch_size) and \
-            BATCH_128_COST[size] > 0.01:
-        out += (f", its batch predicted to cost {BATCH_128_COST[size]:.3f} macro-F1 "
-                f"(the map at {size:,} records/site: batch 128 against 512)")
     return out

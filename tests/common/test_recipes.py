@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedtune.common import recipes
+from fedtune.common import planning, recipes
 from fedtune.common.config import ConfigError, from_dict, from_run_config, to_run_config
 
 
@@ -15,8 +15,9 @@ def test_auto_follows_the_map() -> None:
     assert cfg.train.recipe == "auto" and set(recipes.best_in_map().values()) == {
         "head"}
     assert cfg.train.linear_probe_rounds == -1 and cfg.probe_rounds == 5
-    reason, length = recipes.overrides(cfg, 1350)
+    (reason,) = recipes.overrides(cfg, 1350)
     assert reason.startswith("train.recipe: auto -> head") and recipes.SOURCE in reason
+    length = planning.head_length(cfg, 1350)
     assert length.endswith(": 37 steps at the median site's 1,350 records")
     assert recipes.STEPS_SOURCE in length
 
@@ -40,17 +41,18 @@ def test_head_rounds_take_sqrt_records_steps_within_bounds() -> None:
 
 def test_a_length_override_is_named_with_its_predicted_cost() -> None:
     few = from_dict({"train": {"max_steps": 10}})
-    line = recipes.overrides(few, 1350)[-1]
+    line = planning.head_length(few, 1350)
     assert line.startswith("head rounds: train.max_steps=10 overrides the recipe's "
                            "length: batch 512, 10 steps per round at the median "
                            "site's 1,350 records, where the rule takes batch 512 "
                            "and 37 steps, predicted to cost 0.099 macro-F1")
-    small = recipes.overrides(from_dict({"train": {"batch_size": 64}}), 1350)[-1]
+    small = planning.head_length(from_dict({"train": {"batch_size": 64}}), 1350)
     assert small.endswith("its batch predicted to cost 0.013 macro-F1 (the map at "
                           "1,350 records/site: batch 128 against 512)")
     # 40 steps at 1,350 records lies within 0.01 of the best: no cost is claimed
-    near = recipes.overrides(from_dict({"train": {"linear_probe_epochs": 20}}), 1350)
-    assert "40 steps" in near[-1] and "cost" not in near[-1]
+    near = planning.head_length(from_dict({"train": {"linear_probe_epochs": 20}}),
+                                1350)
+    assert "40 steps" in near and "cost" not in near
 
 
 def test_head_then_lora_sets_what_is_left_at_its_default() -> None:
@@ -67,7 +69,7 @@ def test_head_then_lora_sets_what_is_left_at_its_default() -> None:
 
 def test_an_override_is_named_with_its_predicted_cost() -> None:
     cfg = from_dict({"train": {"linear_probe_rounds": 2}})
-    reason, override, _ = recipes.overrides(cfg, 1400)
+    reason, override = recipes.overrides(cfg, 1400)
     assert reason.startswith("train.recipe: auto -> head")
     assert override.startswith("train.linear_probe_rounds=2 overrides it: this run "
                                "trains head+lora, predicted to cost 0.07")
