@@ -47,16 +47,28 @@ class SiteData:
     records: int = 0
 
 
+@functools.lru_cache(maxsize=2)
+def _source(cfg: RunConfig, source: str, num_parts: int, stamp: tuple[int, ...]
+            ) -> tuple[list[data.Record], list[list[int]] | None]:
+    """A data file's records and (simulation) partitions, once per process and
+    file version: a Ray actor that serves a new sampled site each round slices
+    them instead of reading and partitioning the whole file again."""
+    recs = data.read_records(source, required=data.required_columns(cfg.model.task,
+                                                                    cfg.data))
+    parts = data.partitions(recs, cfg.data, task=cfg.model.task, num_parts=num_parts,
+                            seed=cfg.train.seed, source=source) if num_parts else None
+    return recs, parts
+
+
 @functools.lru_cache(maxsize=16)
 def _site_data(cfg: RunConfig, source: str, part: int, num_parts: int,
                stamp: tuple[int, ...]) -> SiteData:
     """Read, split and tokenize once per file version (``stamp``: a changed file on
     disk is read again)."""
+    recs, parts = _source(cfg, source, num_parts, stamp)
     recs, name = data.site_records(
-        data.read_records(source, required=data.required_columns(cfg.model.task,
-                                                                 cfg.data)),
-        cfg.data, task=cfg.model.task, part=part, num_parts=num_parts,
-        seed=cfg.train.seed, source=source)
+        recs, cfg.data, task=cfg.model.task, part=part, num_parts=num_parts,
+        seed=cfg.train.seed, source=source, parts=parts)
     tr, va = data.split_validation(range(len(recs)), fraction=cfg.data.val_fraction,
                                    seed=cfg.train.seed + part)
     tok = load_tokenizer(cfg.model.name_or_path, cfg.model.gguf_file)

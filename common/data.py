@@ -194,19 +194,32 @@ def partition(records: Sequence[Record], cfg: DataConfig, *, num_parts: int,
                             column=f"data.partition_column {cfg.partition_column!r}")
 
 
+def partitions(records: Sequence[Record], cfg: DataConfig, *, task: str,
+               num_parts: int, seed: int, source: str = "data") -> list[list[int]]:
+    """Every simulated site's record indices into ``records`` (as
+    :func:`site_records` splits them): compute once, then pass to each site."""
+    recs = records[: cfg.max_records or None]
+    ys = (label_ids(recs, column=cfg.label_column, labels=cfg.labels,
+                    source=source) if task == "classification" else None)
+    return partition(recs, cfg, num_parts=num_parts, seed=seed, label_col_ids=ys)
+
+
 def site_records(records: Sequence[Record], cfg: DataConfig, *, task: str,
-                 part: int, num_parts: int, seed: int, source: str = "data"
+                 part: int, num_parts: int, seed: int, source: str = "data",
+                 parts: Sequence[Sequence[int]] | None = None
                  ) -> tuple[list[Record], str]:
     """A site's records and name: simulation partition ``part`` of ``num_parts``
     (``num_parts`` 0: all of them, a deployed site's own file), capped at
-    ``cfg.max_samples_per_site``."""
-    recs, name = list(records[: cfg.max_records or None]), source
+    ``cfg.max_samples_per_site``. ``parts``: :func:`partitions` of ``records``,
+    computed once for all the sites (None: computed here)."""
+    recs, name = records[: cfg.max_records or None], source
     if num_parts > 0:
-        ys = (label_ids(recs, column=cfg.label_column, labels=cfg.labels,
-                        source=source) if task == "classification" else None)
-        parts = partition(recs, cfg, num_parts=num_parts, seed=seed,
-                          label_col_ids=ys)
+        if parts is None:
+            parts = partitions(records, cfg, task=task, num_parts=num_parts,
+                               seed=seed, source=source)
         recs, name = [recs[i] for i in parts[part]], f"partition {part}/{num_parts}"
+    else:
+        recs = list(recs)
     if cfg.max_samples_per_site:
         recs = recs[: cfg.max_samples_per_site]
     return recs, name
@@ -231,11 +244,13 @@ def simulated_sites(cfg: RunConfig, records: Sequence[Record] | None = None
     d, seed = cfg.data, cfg.train.seed
     recs = records if records is not None else read_records(
         d.source, required=required_columns(cfg.model.task, d))
-    out = []
-    for part in range(cfg.federation.num_sites):
+    out, n = [], cfg.federation.num_sites
+    parts = partitions(recs, d, task=cfg.model.task, num_parts=n, seed=seed,
+                       source=d.source)  # once: per site it is O(sites x records)
+    for part in range(n):
         site, name = site_records(recs, d, task=cfg.model.task, part=part,
-                                  num_parts=cfg.federation.num_sites, seed=seed,
-                                  source=d.source)
+                                  num_parts=n, seed=seed, source=d.source,
+                                  parts=parts)
         train, _ = split_validation(range(len(site)), fraction=d.val_fraction,
                                     seed=seed + part)
         out.append((name, len(train)))

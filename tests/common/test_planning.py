@@ -79,6 +79,37 @@ def test_simulated_sites_match_the_sites_own_split(
     assert dims > 0 and probe == 0
 
 
+def test_many_sites_are_partitioned_once(tmp_path: Path, tiny_bert: Path,
+                                         review_files: tuple[Path, Path],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedtune.client import site
+    from fedtune.common import data
+
+    src = tmp_path / "many.jsonl"
+    rows = review_files[0].read_text().splitlines()
+    src.write_text("\n".join(rows * (20_000 // len(rows) + 1)) + "\n")
+    calls: list[int] = []
+    real = data.partition
+
+    def counted(*args: object, **kwargs: object) -> list[list[int]]:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(data, "partition", counted)
+    cfg = config.from_dict(tiny_config(tiny_bert, src, review_files[1], federation={
+        "num_sites": 10_000, "min_train_nodes": 100}))
+    sizes = planning.simulated_sites(cfg)
+    assert len(sizes) == 10_000 and len(calls) == 1  # not once per site
+    # a simulated site's process (a Ray actor serving a new site each round) reads
+    # and partitions the file once, then slices it for every site it serves
+    site._source.cache_clear()
+    got = [site.site_data(cfg, {"partition-id": p, "num-partitions": 10_000})
+           for p in (0, 4_321, 9_999)]
+    assert len(calls) == 2 and site._source.cache_info().misses == 1
+    assert [(g.name, len(g.train)) for g in got] == [sizes[p] for p in
+                                                      (0, 4_321, 9_999)]
+
+
 def test_missing_data_file_is_the_same_named_error(tiny_bert: Path,
                                                    tmp_path: Path) -> None:
     cfg = config.from_dict(tiny_config(tiny_bert, tmp_path / "nope.jsonl",
