@@ -51,7 +51,13 @@ def private_errors(handler: Handler) -> Handler:
         except Exception as err:  # noqa: BLE001 - re-raised without its details
             logger.error("%s failed on this site: %s: %s", msg.metadata.message_type,
                          type(err).__name__, err)
-            raise SiteFailure(failure_text(err)) from None
+            text = failure_text(err)
+            part = context.node_config.get("partition-id")
+            if part is not None:  # a simulated site: its name, for the server's log
+                from fedtune.common.records import site_name  # torch: a failure only
+
+                text += f" [{site_name(int(part))}]"
+            raise SiteFailure(text) from None
 
     return guarded
 

@@ -494,6 +494,10 @@ class FederationConfig(_Section):
     the sites' updates; a round survives sites dropping out after key sharing while
     ``secagg_threshold`` remain. Updates are quantized within
     ``+-secagg_clipping_range``.
+
+    ``ray_address`` (simulation): empty starts a local Ray sized to this machine;
+    ``auto`` or ``HOST:PORT`` runs the sites on an existing Ray cluster, each
+    taking ``client_cpus`` and ``client_gpus`` of its resources.
     """
 
     SECTION = "federation"
@@ -519,6 +523,7 @@ class FederationConfig(_Section):
     run_dir: str = "runs"
     client_cpus: float = 1.0
     client_gpus: float = 0.0
+    ray_address: str = ""
     round_timeout: float = 3600.0
     max_update_norm: float = 0.0
     secure_aggregation: bool = False
@@ -562,6 +567,13 @@ class FederationConfig(_Section):
         if self.min_train_nodes > self.num_sites:
             out.append(f"min_train_nodes: {self.min_train_nodes} exceeds num_sites "
                        f"{self.num_sites}")
+        address = self.ray_address
+        if address and address != "auto" and not re.fullmatch(
+                r"[A-Za-z0-9.\-\[\]:]+:\d{1,5}", address):
+            out.append(f"ray_address: {address!r} is not a Ray cluster's address; "
+                       "write HOST:PORT of its head (the port `ray start --head` "
+                       "printed, 6379 by default), `auto` (the cluster this machine "
+                       "belongs to), or leave it empty for a local Ray")
         return out
 
     @property
@@ -850,6 +862,7 @@ def dump_yaml(cfg: RunConfig) -> str:
 RUN_PATH = "fedtune.run-path"  # run_config key: exact run directory (set by the CLI)
 RESUME = "fedtune.resume"  # run_config key: continue RUN_PATH from its saved state
 PAST_STOP = "fedtune.past-early-stop"  # run_config key: resume a run that stopped early
+SIMULATED = "fedtune.simulated"  # run_config key: sites are data.source partitions
 
 
 def to_run_config(cfg: RunConfig) -> dict[str, Scalar]:

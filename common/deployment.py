@@ -23,6 +23,10 @@ INSECURE_ENV = "FEDTUNE_INSECURE"  # set by `fedtune server --insecure` for the 
 # 0.1 s trims the wait before each round's ClientApp process starts.
 TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 TASK_POLL_SECONDS = "0.1"
+# a log record's attribute marking a per-site detail line: every deployed log
+# keeps it; a simulation's terminal leaves it to RUN_DIR/logs/run.log
+DETAIL_KEY = "fedtune_detail"
+DETAIL = {DETAIL_KEY: True}  # logger.info(..., extra=DETAIL)
 
 
 def split_address(address: str, *, what: str) -> tuple[str, int]:

@@ -210,7 +210,7 @@ def _shared_path(dataset: EncodedDataset, lora: dict[str, torch.Tensor],
     tokens and labels, the LoRA state (at fp16 precision, so a few ulps of server
     optimizer drift share the entry) and the device."""
     root = os.environ.get(SHARED_ENV)
-    if not root:
+    if not root or not os.path.isdir(root):  # a cluster's other machines: memory
         return None
     h = hashlib.sha256(f"{device.type}:{what}".encode())
     for item in dataset.items:

@@ -28,6 +28,12 @@ SAMPLE_RATE = "sample-rate"  # Poisson sampling rate of this round's DP-SGD
 TRAINABLE_PARAMS = "trainable-params"  # dimensions DP-SGD noised this round
 TRAIN_SECONDS = "train-seconds"
 PARTITION = "partition"  # simulation only: the site's partition index (no data)
+SITE_PREFIX = "p"  # a simulated site's name in the server's logs: p<partition>
+
+
+def site_name(partition: int) -> str:
+    """A simulated site's short name (``p3``), as logs, report and plots show it."""
+    return f"{SITE_PREFIX}{partition}"
 LORA_A_DIGEST = "lora-a-digest"  # FFA-LoRA: 48 bits of sha256 of the frozen A
 EVAL_LOSS = "eval-loss"
 ACCURACY = "accuracy"

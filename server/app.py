@@ -17,6 +17,7 @@ from fedtune.common.config import (
     PAST_STOP,
     RESUME,
     RUN_PATH,
+    SIMULATED,
     RunConfig,
     from_run_config,
 )
@@ -92,7 +93,7 @@ def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
         logger.info("run directory: %s", run_dir)
         rounds.wait_for_nodes(grid, fed.train_nodes, fed.round_timeout)
         preflight(grid, cfg, run_dir=run_dir, dims=planning.model_dims(cfg, model),
-                  timeout=fed.round_timeout)
+                  timeout=fed.round_timeout, simulated=bool(flat.get(SIMULATED)))
         if fed.secure_aggregation:
             from fedtune.server.secagg import run_secagg
 

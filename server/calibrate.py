@@ -1,16 +1,17 @@
 """The decision calibration after the last round (``train.calibrate_decisions``).
 
-The server asks every site for the class histogram it released under DP for its
-logit adjustment (post-processing, no further cost) and sums the federation's
-prior. It sends the final global adapter (the best round where one was selected)
-with candidate decision biases ``s * log(prior)``; each site replies with its
-validation split's counts under DP (:mod:`fedtune.client.calibrate`). The server
-sums them, estimates each candidate's per-class precision, recall and macro-F1
+The server asks every site that trained a round for the class histogram it
+released under DP for its logit adjustment (post-processing, no further cost) and
+sums the federation's prior. It sends the final global adapter (the best round
+where one was selected) with candidate decision biases ``s * log(prior)``; each
+site replies with its validation split's counts under DP
+(:mod:`fedtune.client.calibrate`). The server sums them, estimates each
+candidate's per-class precision, recall and macro-F1
 (:mod:`fedtune.common.calibration`) and keeps the best one: it goes into the
-adapter's ``fedtune_model.json`` (``fedtune predict``, ``evaluate`` and
-``export`` apply it) and into that round's line of ``metrics.jsonl``, with every
-candidate's held-out scores beside it for the report. The held-out set is scored
-for the record only: the choice is made on the sites' validation counts.
+adapter's ``fedtune_model.json`` (``fedtune predict``, ``evaluate`` and ``export``
+apply it) and into that round's line of ``metrics.jsonl``, with every candidate's
+held-out scores beside it for the report. The held-out set is scored for the
+record only: the choice is made on the sites' validation counts.
 """
 
 from __future__ import annotations
@@ -75,6 +76,17 @@ def federation_prior(grid: Grid, nodes: list[int], *, num_classes: int,
     return accounting.class_prior(total.tolist()) if n else None
 
 
+def trained_nodes(grid: Grid, run_dir: Path) -> list[int]:
+    """The connected sites that trained a round of this run (only they released a
+    class histogram; with 100 of 10,000 sites sampled a round, asking the others
+    would wake every virtual site); every connected site when the run recorded
+    none."""
+    connected = set(grid.get_node_ids())
+    replied = {int(n) for row in checkpoint.read_metrics(run_dir)
+               for n in row.get("nodes_replied") or ()}
+    return sorted(connected & replied if replied else connected)
+
+
 def calibrate(grid: Grid, *, cfg: RunConfig, run_dir: Path,
               evaluator: CentralEvaluator) -> dict[str, Any] | None:
     """Run the calibration (when the run calibrates); returns what it recorded."""
@@ -85,7 +97,7 @@ def calibrate(grid: Grid, *, cfg: RunConfig, run_dir: Path,
     if not cfg.calibrates:
         return None
     trained = resolve(run_dir)
-    nodes = sorted(grid.get_node_ids())
+    nodes = trained_nodes(grid, run_dir)
     k = len(cfg.data.labels)
     timeout = cfg.federation.round_timeout
     prior = federation_prior(grid, nodes, num_classes=k, timeout=timeout)

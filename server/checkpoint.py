@@ -40,6 +40,10 @@ from fedtune.common.errors import FedtuneError
 
 STATE = "state.npz"
 STATE_FORMAT = "fedtune-server-state/1"
+PLAN_FILE = "plan.json"  # every site's privacy-utility plan
+LOG_DIR = "logs"  # a simulation's logs: what its terminal does not show
+RUN_LOG = "run.log"  # every line of the driver: fedtune's details, Flower's INFO
+SITES_LOG = "sites.log"  # the site actors' output
 
 
 def new_run_dir(base: str | Path, name: str) -> Path:

@@ -51,7 +51,12 @@ def accept(replies: list[Message], expected: Expected, stats: RoundStats
         else:
             node = str(msg.metadata.src_node_id)
             stats.nodes_rejected[node] = reason
-            logger.warning("rejected the update of node %s: %s", node, reason)
+            part = msg.content.metric_records.get(records.METRICS, MetricRecord()
+                                                  ).get(records.PARTITION)
+            if isinstance(part, int | float):  # a simulated site: by its name
+                stats.site_by_node[node] = records.site_name(int(part))
+            logger.warning("rejected the update of %s: %s",
+                           stats.site_by_node.get(node) or f"node {node}", reason)
     return kept
 
 

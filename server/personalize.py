@@ -69,7 +69,7 @@ def personalize(grid: Grid, *, cfg: RunConfig, run_dir: Path) -> dict[str, Any] 
                              for k in quality_keys(cfg)},
             "epsilon": m.get(records.PERSONAL_EPSILON),
             "epsilon_run": m.get(records.EPSILON),
-            **({"site": f"p{int(m[records.PARTITION])}"}
+            **({"site": records.site_name(int(m[records.PARTITION]))}
                if records.PARTITION in m else {})}
     late = [str(n) for n in nodes if str(n) not in sites and str(n) not in failed]
     result = {"method": METHOD, "round": trained.round,

@@ -1,10 +1,12 @@
 """Before round 1: ask every site for its record count and plan its DP-SGD noise.
 
 The same planner as ``fedtune plan`` (:mod:`fedtune.common.planning`), fed with the
-sizes the sites report themselves (a deployment's operator knows no other way; a
-simulation's sites answer from their partitions). A site answers with its number
-of training records only - the figure it reports as ``num-examples`` every round
-anyway. The plan goes to the log (a WARNING when a site is expected to learn
+sizes the sites report themselves (a deployment's operator knows no other way). A
+site answers with its number of training records only - the figure it reports as
+``num-examples`` every round anyway. A simulation's sites are the partitions of
+``data.source``: the server splits the file as they do (``fedtune plan``'s figures,
+named ``partition k/N``) instead of waking every virtual site before round 1.
+The plan goes to the log (a WARNING when a site is expected to learn
 nothing) and to ``RUN_DIR/plan.json`` for the report.
 """
 
@@ -22,9 +24,9 @@ from flwr.serverapp import Grid
 
 from fedtune.common import planning, records
 from fedtune.common.config import RunConfig
+from fedtune.server.checkpoint import PLAN_FILE
 
 logger = logging.getLogger(__name__)
-PLAN_FILE = "plan.json"
 
 
 def site_sizes(grid: Grid, *, timeout: float) -> list[tuple[str, int]]:
@@ -47,10 +49,12 @@ def site_sizes(grid: Grid, *, timeout: float) -> list[tuple[str, int]]:
 
 
 def preflight(grid: Grid, cfg: RunConfig, *, run_dir: Path, dims: tuple[int, int],
-              timeout: float) -> list[planning.SitePlan]:
-    """Plan every answering site, log the table, warn on a bad verdict, and write
-    ``plan.json``."""
-    plans = planning.plan_sites(cfg, site_sizes(grid, timeout=timeout), dims=dims)
+              timeout: float, simulated: bool = False) -> list[planning.SitePlan]:
+    """Plan every answering site (``simulated``: every partition), log the table
+    (a summary at scale), warn on a bad verdict, and write ``plan.json``."""
+    sizes = (planning.simulated_sites(cfg) if simulated else
+             site_sizes(grid, timeout=timeout))
+    plans = planning.plan_sites(cfg, sizes, dims=dims)
     if not plans:
         logger.warning("no site reported its size: no privacy-utility plan")
         return plans

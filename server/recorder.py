@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from fedtune.common import answers, planning, records
 from fedtune.common.config import RunConfig
-from fedtune.common.deployment import INSECURE_ENV
+from fedtune.common.deployment import DETAIL, INSECURE_ENV
 from fedtune.common.model import adapter_state, save_adapter, set_adapter_state
 from fedtune.server import checkpoint
 from fedtune.server.evaluate import CentralEvaluator
@@ -146,8 +146,10 @@ class RoundRecorder:
     def close(self) -> None:
         self.bar.close()
         self.events.close()
-        failed = failed_sites((rnd, stats.failed_why) for rnd, stats in
-                              sorted(self.strategy.round_stats.items()))
+        rounds = sorted(self.strategy.round_stats.items())
+        failed = failed_sites(((rnd, stats.failed_why) for rnd, stats in rounds),
+                              {k: v for _, s in rounds for k, v in
+                               s.site_by_node.items()})
         if failed:  # the operator's console (`fedtune run` streams this log)
             logger.warning("sites that failed in this run: %s", failed)
 
@@ -194,24 +196,30 @@ class RoundRecorder:
             row.get("clients_replied", 0), row.get("clients_sampled", 0),
             row.get("bytes_received", 0) / 1e6, row.get("bytes_sent", 0) / 1e6,
             row["round_seconds"])
+        names = row.get("site_by_node") or {}
+
+        def site(node: str) -> str:  # a simulated site by partition, else its node
+            return names.get(node) or f"node {node}"
+
         if row.get("epsilon_by_node"):
-            logger.info("round %d epsilon by node: %s", row["round"], ", ".join(
-                f"{k}={v:.3f}" for k, v in row["epsilon_by_node"].items()))
+            logger.info("round %d epsilon by site: %s", row["round"], ", ".join(
+                f"{site(k)}={v:.3f}" for k, v in row["epsilon_by_node"].items()),
+                extra=DETAIL)
         if row.get("dp_by_node"):
-            logger.info("round %d DP-SGD by node (records, sigma, q, steps, rho): %s",
+            logger.info("round %d DP-SGD by site (records, sigma, q, steps, rho): %s",
                         row["round"], "; ".join(
-                            f"{k}: {int(v['records'])}, {v['sigma']:.3f}, "
+                            f"{site(k)}: {int(v['records'])}, {v['sigma']:.3f}, "
                             f"{v['sample_rate']:.4f}, {int(v['steps'])}, "
-                            f"{v['rho']:.3f}" for k, v in row["dp_by_node"].items()))
+                            f"{v['rho']:.3f}" for k, v in row["dp_by_node"].items()),
+                        extra=DETAIL)
         if row.get("eval_collapse"):
             logger.warning("round %d: the global model collapsed: %s", row["round"],
                            row["eval_collapse"])
         if row.get("nodes_failed"):
             why = row.get("nodes_failed_why") or {}
             logger.warning("round %d: %s", row["round"], "; ".join(
-                f"node {n} failed: {why[n]}" if n in why else
-                f"node {n} did not answer" for n in row["nodes_failed"]))
-
+                f"{site(n)} failed: {why[n]}" if n in why else
+                f"{site(n)} did not answer" for n in row["nodes_failed"]))
 
 def spread_words(ev: Mapping[str, Any], labels: Sequence[str]) -> dict[str, Any]:
     """The prediction spread in words: the most predicted label, and a sentence

@@ -259,8 +259,10 @@ def headline(run: Run) -> list[str]:
                    f"{key} on the sites' own held-out records "
                    f"{mean['global'][key]:.3f} global -> "
                    f"{mean['personalised'][key]:.3f} personalised")
-    failed = failed_sites((r["round"], r.get("nodes_failed_why") or {})
-                          for r in run.rows)
+    failed = failed_sites(((r["round"], r.get("nodes_failed_why") or {})
+                           for r in run.rows),
+                          {k: v for r in run.rows
+                           for k, v in (r.get("site_by_node") or {}).items()})
     if failed:
         out.append(f"failed sites: {failed}")
     by_node = last.get("epsilon_by_node") or {}
@@ -268,7 +270,24 @@ def headline(run: Run) -> list[str]:
         out.append(f"epsilon per site: {len(by_node)} sites, "
                    f"{min(by_node.values()):.3f} to {max(by_node.values()):.3f} "
                    f"(δ={cfg.privacy.target_delta:g})")
+    logs = log_files(run)
+    if logs:
+        out.append("logs (what the terminal did not show): " + ", ".join(
+            f"{p} ({LOG_WORDS[p.name]})" for p in logs))
     return out
+
+
+LOG_WORDS = {checkpoint.RUN_LOG: "every line of the run: each round's per-site "
+             "details, Flower's own", checkpoint.SITES_LOG: "the sites' output",
+             checkpoint.PLAN_FILE: "every site's plan"}
+
+
+def log_files(run: Run) -> list[Path]:
+    """The run's logs and full plan, where the run wrote them."""
+    logs = run.path / checkpoint.LOG_DIR
+    found = [logs / checkpoint.RUN_LOG, logs / checkpoint.SITES_LOG,
+             run.path / checkpoint.PLAN_FILE]
+    return [p for p in found if p.is_file()] if logs.is_dir() else []
 
 
 def _text_table(head: Sequence[str], body: Sequence[Sequence[str]]) -> str:
@@ -340,6 +359,17 @@ def _personal_html(run: Run) -> str:
             f"on the sites.</p>{_html_table(head, body)}")
 
 
+def _logs_html(run: Run) -> str:
+    """Links to the run's logs (absolute: the page may be written elsewhere)."""
+    logs = log_files(run)
+    if not logs:
+        return ""
+    items = "".join(f"<li><a href=\"{html.escape(p.resolve().as_uri())}\">"
+                    f"{html.escape(p.name)}</a>: {html.escape(LOG_WORDS[p.name])}"
+                    "</li>" for p in logs)
+    return f"<h2>Logs</h2><ul>{items}</ul>"
+
+
 def render_html(run: Run, pngs: Mapping[str, bytes]) -> str:
     """The self-contained page: facts, figures (data URIs) and both tables."""
     facts = "".join(
@@ -357,9 +387,10 @@ def render_html(run: Run, pngs: Mapping[str, bytes]) -> str:
             f"{_html_table(*round_table(run))}<h2>Per class (last round)</h2>"
             f"{_html_table(*class_table(run))}{_personal_html(run)}<h2>Per site</h2>"
             f"{_html_table(*site_table(run))}<p>Node ids are Flower's; the plots "
-            "label each by its last 6 digits. ε this run is the site's own "
-            "accountant over this run; the ledger total covers every run on the "
-            "site's data.</p></body></html>")
+            "label each by its last 6 digits (a simulated site: by its partition). "
+            "ε this run is the site's own accountant over this run; the ledger "
+            f"total covers every run on the site's data.</p>{_logs_html(run)}"
+            "</body></html>")
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None

@@ -28,6 +28,7 @@ from flwr.serverapp import Grid
 
 from fedtune.common import records
 from fedtune.common.config import RunConfig
+from fedtune.common.deployment import DETAIL
 from fedtune.common.errors import FedtuneError
 from fedtune.server import resume
 from fedtune.server.stats import all_declined
@@ -109,7 +110,7 @@ def run_rounds(grid: Grid, strategy: FedTuneStrategy, *, cfg: RunConfig,
         recorder(0, arrays)
     for rnd in range(resumed + 1, cfg.federation.num_rounds + 1):
         # Flower's own round marker: `fedtune status` reads progress from it
-        logger.info("[ROUND %d/%d]", rnd, cfg.federation.num_rounds)
+        logger.info("[ROUND %d/%d]", rnd, cfg.federation.num_rounds, extra=DETAIL)
         arrays = train_round(grid, strategy, server_round=rnd, arrays=arrays,
                              cfg=cfg, config=ConfigRecord(config))
         _evaluate(grid, strategy, server_round=rnd, arrays=arrays, cfg=cfg)

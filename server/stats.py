@@ -121,13 +121,17 @@ def failure_words(reason: str) -> str:
     return plain[:120]
 
 
-def failed_sites(rounds: Iterable[tuple[int, Mapping[str, str]]]) -> str:
+def failed_sites(rounds: Iterable[tuple[int, Mapping[str, str]]],
+                 names: Mapping[str, str] | None = None) -> str:
     """``node 7: DataError on the site (round 1, 2); ...`` from each round's
-    ``failed_why`` (empty: no site failed)."""
+    ``failed_why`` (empty: no site failed); ``names``: a simulated site's name
+    (``p3``) by node id, in place of its node."""
+    names = names or {}
     failed: dict[str, list[str]] = {}
     for rnd, why_by_node in rounds:
         for node, why in why_by_node.items():
-            failed.setdefault(f"node {node}: {why}", []).append(str(rnd))
+            who = names.get(node) or f"node {node}"
+            failed.setdefault(f"{who}: {why}", []).append(str(rnd))
     return "; ".join(f"{k} (round {', '.join(v)})" for k, v in failed.items())
 
 
@@ -138,13 +142,18 @@ def summarize_replies(replies: list[Message], stats: RoundStats) -> None:
         node = str(msg.metadata.src_node_id)
         if msg.has_error():
             stats.failed += 1
-            if DECLINED in (msg.error.reason or ""):
+            reason = msg.error.reason or ""
+            named = re.search(rf"\[({records.SITE_PREFIX}\d+)\]", reason)
+            if named:  # a simulated site names its partition in its error
+                stats.site_by_node[node] = named.group(1)
+            if DECLINED in reason:
                 stats.nodes_declined.append(node)
-                logger.warning("node %s declined the round: its privacy budget is "
-                               "exhausted", node)
+                logger.warning("%s declined the round: its privacy budget is "
+                               "exhausted", stats.site_by_node.get(node)
+                               or f"node {node}")
             else:
                 stats.nodes_failed.append(node)
-                stats.failed_why[node] = failure_words(msg.error.reason or "")
+                stats.failed_why[node] = failure_words(reason)
             continue
         stats.replied += 1
         stats.nodes_replied.append(node)
@@ -176,7 +185,7 @@ def record_site_metrics(stats: RoundStats, node: str, m: Mapping[str, Any]) -> N
     if records.TRAIN_SECONDS in m:
         stats.train_seconds.append(float(m[records.TRAIN_SECONDS]))
     if records.PARTITION in m:
-        stats.site_by_node[node] = f"p{int(m[records.PARTITION])}"
+        stats.site_by_node[node] = records.site_name(int(m[records.PARTITION]))
     dp_keys = (records.NOISE_MULTIPLIER, records.SAMPLE_RATE, records.DP_STEPS,
                records.TRAINABLE_PARAMS, records.NUM_EXAMPLES)
     if all(k in m for k in dp_keys):

@@ -100,10 +100,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     if args.resume:
         run_dir = simulate(cfg, run_dir=Path(args.resume), resume=True,
-                           data_checked=True, past_stop=args.past_early_stop)
+                           data_checked=True, past_stop=args.past_early_stop,
+                           verbose=args.verbose)
     else:
         run_dir = simulate(cfg, name=args.name or name, data_checked=True,
-                           run_dir=Path(args.run_dir) if args.run_dir else None)
+                           run_dir=Path(args.run_dir) if args.run_dir else None,
+                           verbose=args.verbose)
     print(f"run directory: {run_dir}")
     page, _ = write_report(run_dir)
     print("\n== summary ==\n" + "\n".join(headline(load_run(run_dir))))
@@ -149,7 +151,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     sites = ([(f"site {i}", n) for i, n in enumerate(args.records)] if args.records
              else planning.simulated_sites(cfg))
     plans = planning.plan_sites(cfg, sites, dims=planning.model_dims(cfg))
-    print(planning.format_plan(plans, cfg))
+    print(planning.format_plan(plans, cfg, full=args.all))
     return 0
 
 
@@ -416,7 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
                    version=f"fedtune {_version()} (flwr {_version('flwr')}, torch "
                    f"{_version('torch')}, opacus {_version('opacus')})")
     p.add_argument("-v", "--verbose", action="store_true",
-                   help="also show other libraries' INFO logs (e.g. alembic's)")
+                   help="also show other libraries' INFO logs (e.g. alembic's); "
+                   "simulate: also the sites' output, Flower's INFO and each "
+                   "round's per-site lines (always in RUN_DIR/logs/)")
     sub = p.add_subparsers(dest="command", required=True)
     items_help = ("[CONFIG.yaml] [section.key=value ...]; default config: the embedded "
                   "simulations/default.yaml")
@@ -450,6 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--records", type=int, nargs="+", metavar="N",
                     help="training records of each site (a deployment); default: "
                     "the simulation's partition of data.source")
+    pl.add_argument("--all", action="store_true",
+                    help="one row per site (above 20 sites the plan groups them "
+                    "by verdict)")
     pl.set_defaults(func=cmd_plan)
     sw = sub.add_parser("sweep", help="hyper-parameter search over simulations "
                         "(Optuna TPE + pruning; the YAML's sweep section)",

@@ -13,11 +13,19 @@ from typing import Any
 from flwr.clientapp.typing import Mod
 
 from fedtune.common import assets, data, features
-from fedtune.common.config import PAST_STOP, RESUME, RUN_PATH, RunConfig, to_run_config
+from fedtune.common.config import (
+    PAST_STOP,
+    RESUME,
+    RUN_PATH,
+    SIMULATED,
+    RunConfig,
+    to_run_config,
+)
 from fedtune.common.errors import FedtuneError
 from fedtune.common.model import check_top_layers, load_pretrained, load_tokenizer
 from fedtune.server import checkpoint
 from fedtune.server.selection import STOPPED
+from fedtune.simulations import console, engine
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +48,8 @@ def preflight(cfg: RunConfig, *, data_checked: bool = False) -> None:
 
 def simulate(cfg: RunConfig, *, name: str = "sim", run_dir: Path | None = None,
              resume: bool = False, client_mods: Sequence[Mod] = (),
-             data_checked: bool = False, past_stop: bool = False) -> Path:
+             data_checked: bool = False, past_stop: bool = False,
+             verbose: bool = False) -> Path:
     """Run a whole federation on this machine; returns the run directory.
 
     ``resume`` continues ``run_dir`` after its last completed round (``past_stop``:
@@ -48,7 +57,8 @@ def simulate(cfg: RunConfig, *, name: str = "sim", run_dir: Path | None = None,
     ``client_mods`` are extra Flower mods around every site's ClientApp (the tests
     use them to play faulty and malicious sites). ``data_checked``: the caller ran
     :func:`fedtune.common.data.check_simulation_data` already (the CLI does, before
-    it imports the engine).
+    it imports the engine). ``verbose``: the terminal also shows what goes to
+    ``RUN_DIR/logs/`` (the sites' output, Flower's INFO, per-site details).
     """
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -58,28 +68,26 @@ def simulate(cfg: RunConfig, *, name: str = "sim", run_dir: Path | None = None,
     from fedtune.server.app import make_server_app
 
     preflight(cfg, data_checked=data_checked)
-    run_dir = run_dir or checkpoint.new_run_dir(cfg.federation.run_dir, name)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    flat = {**to_run_config(cfg), RUN_PATH: str(run_dir.resolve()), RESUME: resume,
-            PAST_STOP: past_stop}
     fed = cfg.federation
-    backend: dict[str, Any] = {
-        "client_resources": {"num_cpus": fed.client_cpus, "num_gpus": fed.client_gpus},
-        "init_args": {"num_cpus": max(int(fed.client_cpus), os.cpu_count() or 1),
-                      "include_dashboard": False},
-    }
-    logger.info("simulating %d sites for %d rounds -> %s", fed.num_sites,
-                fed.num_rounds, run_dir)
-    # the actors (started by run_simulation, so they inherit the environment) share
-    # the frozen encoder's features of each site's records through this directory,
-    # removed with its derived data when the run ends
+    # the actors share the frozen encoder's features of each site's records through
+    # this directory (on this machine), removed with its derived data at the end
     shared = tempfile.mkdtemp(prefix="fedtune-features-")
     saved = os.environ.get(features.SHARED_ENV)
-    os.environ[features.SHARED_ENV] = shared
+    os.environ[features.SHARED_ENV] = shared  # this process: central evaluation
     try:
-        run_simulation(server_app=make_server_app(flat),
-                       client_app=make_client_app(flat, mods=client_mods),
-                       num_supernodes=fed.num_sites, backend_config=backend)
+        with engine.ray_engine(fed, env={features.SHARED_ENV: shared}):
+            run_dir = run_dir or checkpoint.new_run_dir(fed.run_dir, name)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            flat = {**to_run_config(cfg), RUN_PATH: str(run_dir.resolve()),
+                    RESUME: resume, PAST_STOP: past_stop, SIMULATED: True}
+            backend: dict[str, Any] = {"client_resources": {
+                "num_cpus": fed.client_cpus, "num_gpus": fed.client_gpus}}
+            with console.run_logs(run_dir, verbose=verbose) as logs:
+                logger.info("simulating %d sites for %d rounds -> %s (logs: %s)",
+                            fed.num_sites, fed.num_rounds, run_dir, logs)
+                run_simulation(server_app=make_server_app(flat),
+                               client_app=make_client_app(flat, mods=client_mods),
+                               num_supernodes=fed.num_sites, backend_config=backend)
     finally:
         shutil.rmtree(shared, ignore_errors=True)
         if saved is None:

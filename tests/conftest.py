@@ -5,11 +5,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 from pathlib import Path
 
 import pytest
 import torch
+
+# Every Ray the tests start stays on the loopback: Ray otherwise turns 127.0.0.1
+# into this machine's routable address (a cluster's other machines must reach
+# it); this setting, meant for single-machine Ray on macOS and Windows, keeps
+# heads, workers and drivers on 127.0.0.1. Set before any test imports Ray (it is
+# read at import), so the forkserver of tests/integration/runner.py has it too.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 WORDS = {
     "positive": ["good", "great", "helped", "better", "relief", "love"],

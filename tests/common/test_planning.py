@@ -198,3 +198,33 @@ def test_a_causal_lm_plan_uses_its_own_measured_thresholds() -> None:
     assert plans[0].verdict != "will learn nothing"
     text = planning.format_plan(plans, cfg)
     assert "thresholds for causal-lm, measured on one run: simulations/" in text
+
+
+def test_a_large_federations_plan_is_a_summary_by_verdict() -> None:
+    # Prepare: 1,000 sites (of 7 sizes: the noise search runs once per size),
+    # most large enough, 40 marginal, 10 hopeless
+    cfg = config.from_dict({"federation": {"num_sites": 1000}})
+    sites = ([(f"partition {i}/1000", 400 + 100 * (i % 5)) for i in range(950)]
+             + [(f"partition {950 + i}/1000", 170) for i in range(40)]
+             + [(f"partition {990 + i}/1000", 11) for i in range(10)])
+    plans = planning.plan_sites(cfg, sites, dims=(80_000, 8085))
+    # Execute
+    text = planning.format_plan(plans, cfg)
+    full = planning.format_plan(plans, cfg, full=True)
+    # Assert: a screen, not 1,000 rows; each verdict once, with its count, its
+    # worst and median site, and the worst's advice once
+    lines = text.splitlines()
+    assert len(lines) < 30
+    assert "1,000 sites, grouped by verdict (every site's row: RUN_DIR/plan.json, " \
+        "or `fedtune plan --all`)" in text
+    counts = {v: sum(p.verdict == v for p in plans) for v in planning.VERDICTS}
+    assert all(counts.values())
+    for verdict, n in counts.items():
+        assert sum(x.startswith(f"{verdict}: {n:,} sites,") for x in lines) == 1
+    assert sum(x.lstrip().startswith("->") for x in lines) == 2  # not the learners
+    worst = max(plans, key=lambda p: p.rho)
+    assert worst.site in text
+    assert "partition 500/1000" not in text
+    # ... and --all keeps one row per site
+    assert all(p.site in full for p in plans)
+    assert len(full.splitlines()) > 1000

@@ -116,7 +116,7 @@ def test_dp_recipe_end_to_end_plans_charges_and_reports(
     # Assert: the plan came before round 1 and was written down
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.index("privacy plan: epsilon 4") < proc.stderr.index(
-        "[ROUND 1/2]")
+        "round 1/2 |")
     plan = json.loads((run_dir / "plan.json").read_text())
     assert len(plan["sites"]) == 3 and plan["overall"] in (
         "expected to learn", "marginal", "will learn nothing")

@@ -75,7 +75,7 @@ def test_bad_updates_are_rejected_and_the_rest_aggregated(
         reasons = " | ".join(row["nodes_rejected"].values())
         assert "NaN or Inf" in reasons and "where the global adapter has" in reasons
         assert "exceeds federation.max_update_norm 50" in reasons
-    assert out.count("rejected the update of node") >= 6
+    assert out.count("rejected the update of p") >= 6  # by partition: p0, p1, p2
     # the failed sites of the reference run are named, with why, at its end
     assert out_ref.count("sites that failed in this run: node ") == 1
     assert "faulty site" in out_ref.split("sites that failed in this run:")[1]
@@ -227,5 +227,6 @@ def test_lora_aware_options_end_to_end(
         assert rows[-1]["bytes_sent"] < base["bytes_sent"]  # site 1 gets rank 2
         assert rows[-1]["bytes_received"] < base["bytes_received"]
     if fed["strategy"] == "fedprox":  # the sites' log lines, as Ray forwards them
-        # (it may drop a line at shutdown; the byte counts above prove both ranks)
-        assert "proximal mu 0.01)" in out
+        # to the run's logs (it may drop a line at shutdown; the byte counts above
+        # prove both ranks)
+        assert "proximal mu 0.01)" in (run_dir / "logs" / "sites.log").read_text()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import tiny_config
+from tests.conftest import make_reviews, tiny_config, write_jsonl
 from tests.integration import browser, runner
 
 pytestmark = pytest.mark.integration
@@ -196,3 +197,34 @@ def test_partial_participation_dirichlet_and_early_stopping(
     eps1, eps2 = rows[0]["epsilon_by_node"], rows[1]["epsilon_by_node"]
     assert all(0 < e <= 8.0 + 1e-6 for e in [*eps1.values(), *eps2.values()])
     assert all(eps2[n] > eps1[n] for n in eps1.keys() & eps2.keys())
+
+
+def test_a_hundred_site_console_stays_short(tmp_path: Path, tiny_bert: Path,
+                                            review_files: tuple[Path, Path]) -> None:
+    # Prepare: 100 sites of 30 records, 5 sampled a round, 2 rounds, DP on
+    train = write_jsonl(tmp_path / "train.jsonl", make_reviews(3000, 7))
+    raw = tiny_config(tiny_bert, train, review_files[1],
+                      federation={"num_sites": 100, "fraction_train": 0.05,
+                                  "min_train_nodes": 0})
+    # Execute
+    proc, run_dir = _simulate(tmp_path, raw)
+    # Assert: the plan as a summary, a line a round, the summary: <= 60 lines
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shown = (proc.stdout + proc.stderr).splitlines()
+    print("\n".join(shown))
+    assert len(shown) <= 60, len(shown)
+    text = "\n".join(shown)
+    assert "100 sites, grouped by verdict" in text
+    assert sum(" | train loss " in x for x in shown) == 2
+    assert "ClientAppActor" not in text and "configure_train" not in text
+    assert not re.search(r"node \d{6,}", text)  # no raw node ids
+    logs = run_dir / "logs"
+    assert f"logs (what the terminal did not show): {logs / 'run.log'}" in text
+    # ... and the run directory keeps what the terminal no longer shows
+    run_log = (logs / "run.log").read_text()
+    assert "configure_train: Sampled 5 nodes (out of 100)" in run_log
+    by_site = [x for x in run_log.splitlines() if "epsilon by site: " in x]
+    assert len(by_site) == 2 and re.search(r"by site: p\d+=", by_site[0])
+    assert "ClientAppActor" in (logs / "sites.log").read_text()
+    assert len(json.loads((run_dir / "plan.json").read_text())["sites"]) == 100
+    assert "sites.log" in (run_dir / "report" / "index.html").read_text()
