@@ -27,6 +27,7 @@ TASK_POLL_SECONDS = "0.1"
 # keeps it; a simulation's terminal leaves it to RUN_DIR/logs/run.log
 DETAIL_KEY = "fedtune_detail"
 DETAIL = {DETAIL_KEY: True}  # logger.info(..., extra=DETAIL)
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def split_address(address: str, *, what: str) -> tuple[str, int]:
@@ -111,8 +112,7 @@ def ensure_app_logging() -> None:
     ours = logging.getLogger("fedtune")
     if not ours.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
         ours.addHandler(handler)
         ours.setLevel(logging.INFO)
         ours.propagate = False

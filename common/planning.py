@@ -303,11 +303,11 @@ def format_plan(plans: Sequence[SitePlan], cfg: RunConfig, *,
     probe = cfg.probe_rounds
     header = (f"{'site':<22} {'records':>8} {'share':>6} {'q':>7} {'steps':>5} "
               f"{'sigma':>7} {'dims':>7} {'noise/C':>8} {'rho':>7}  verdict")
-    lines = [head, header]
     if len(plans) > SUMMARY_AT and not full:
         grouped = _grouped(plans, lambda p: _row(p, probe=probe, rounds=rounds))
         lines = [head, grouped[0], header, *grouped[1:]]
     else:
+        lines = [head, header]
         for p in plans:
             lines.append(_row(p, probe=probe, rounds=rounds))
             if p.advice:

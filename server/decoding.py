@@ -17,7 +17,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
 from fedtune.common import records, updates
 from fedtune.server import validation
-from fedtune.server.stats import RoundStats
+from fedtune.server.stats import RoundStats, site_label
 
 logger = logging.getLogger(__name__)
 Arrays = dict[str, np.ndarray]
@@ -56,7 +56,7 @@ def accept(replies: list[Message], expected: Expected, stats: RoundStats
             if isinstance(part, int | float):  # a simulated site: by its name
                 stats.site_by_node[node] = records.site_name(int(part))
             logger.warning("rejected the update of %s: %s",
-                           stats.site_by_node.get(node) or f"node {node}", reason)
+                           site_label(stats.site_by_node, node), reason)
     return kept
 
 

@@ -1,4 +1,4 @@
-"""Before round 1: ask every site for its record count and plan its DP-SGD noise.
+"""Before round 1: every site's record count, and its DP-SGD noise plan.
 
 The same planner as ``fedtune plan`` (:mod:`fedtune.common.planning`), fed with the
 sizes the sites report themselves (a deployment's operator knows no other way). A

@@ -29,7 +29,7 @@ from fedtune.server import checkpoint
 from fedtune.server.evaluate import CentralEvaluator
 from fedtune.server.events import EventLog
 from fedtune.server.selection import Selection
-from fedtune.server.stats import RoundStats, check_round, failed_sites
+from fedtune.server.stats import RoundStats, check_round, failed_sites, site_label
 
 logger = logging.getLogger(__name__)
 
@@ -198,8 +198,8 @@ class RoundRecorder:
             row["round_seconds"])
         names = row.get("site_by_node") or {}
 
-        def site(node: str) -> str:  # a simulated site by partition, else its node
-            return names.get(node) or f"node {node}"
+        def site(node: str) -> str:
+            return site_label(names, node)
 
         if row.get("epsilon_by_node"):
             logger.info("round %d epsilon by site: %s", row["round"], ", ".join(
@@ -220,6 +220,7 @@ class RoundRecorder:
             logger.warning("round %d: %s", row["round"], "; ".join(
                 f"{site(n)} failed: {why[n]}" if n in why else
                 f"{site(n)} did not answer" for n in row["nodes_failed"]))
+
 
 def spread_words(ev: Mapping[str, Any], labels: Sequence[str]) -> dict[str, Any]:
     """The prediction spread in words: the most predicted label, and a sentence

@@ -121,6 +121,12 @@ def failure_words(reason: str) -> str:
     return plain[:120]
 
 
+def site_label(names: Mapping[str, str], node: str) -> str:
+    """A site as the server's log names it: a simulated site by its partition
+    (``p3``, from ``names``: RoundStats.site_by_node), else ``node <id>``."""
+    return names.get(node) or f"node {node}"
+
+
 def failed_sites(rounds: Iterable[tuple[int, Mapping[str, str]]],
                  names: Mapping[str, str] | None = None) -> str:
     """``node 7: DataError on the site (round 1, 2); ...`` from each round's
@@ -130,8 +136,8 @@ def failed_sites(rounds: Iterable[tuple[int, Mapping[str, str]]],
     failed: dict[str, list[str]] = {}
     for rnd, why_by_node in rounds:
         for node, why in why_by_node.items():
-            who = names.get(node) or f"node {node}"
-            failed.setdefault(f"{who}: {why}", []).append(str(rnd))
+            failed.setdefault(f"{site_label(names, node)}: {why}", []).append(
+                str(rnd))
     return "; ".join(f"{k} (round {', '.join(v)})" for k, v in failed.items())
 
 
@@ -149,8 +155,7 @@ def summarize_replies(replies: list[Message], stats: RoundStats) -> None:
             if DECLINED in reason:
                 stats.nodes_declined.append(node)
                 logger.warning("%s declined the round: its privacy budget is "
-                               "exhausted", stats.site_by_node.get(node)
-                               or f"node {node}")
+                               "exhausted", site_label(stats.site_by_node, node))
             else:
                 stats.nodes_failed.append(node)
                 stats.failed_why[node] = failure_words(reason)

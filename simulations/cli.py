@@ -10,7 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 from fedtune.common import assets, config
-from fedtune.common.deployment import ensure_app_logging
+from fedtune.common.deployment import LOG_FORMAT, ensure_app_logging
 from fedtune.common.errors import FedtuneError
 from fedtune.simulations import cli_model
 
@@ -506,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     # shows it all.
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=LOG_FORMAT)
     ensure_app_logging()
     flwr = logging.getLogger("flwr")
     flwr.propagate = False  # Flower logs through its own handler

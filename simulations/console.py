@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
-from fedtune.common.deployment import DETAIL_KEY
+from fedtune.common.deployment import DETAIL_KEY, LOG_FORMAT
 from fedtune.server.checkpoint import LOG_DIR, RUN_LOG
 from fedtune.simulations import engine
 
@@ -50,8 +50,7 @@ def run_logs(run_dir: Path, *, verbose: bool) -> Iterator[Path]:
     logs = run_dir / LOG_DIR
     logs.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(logs / RUN_LOG, encoding="utf-8")
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
     terminal = _Terminal()
     targets = [logging.getLogger(n) for n in ("fedtune", "flwr")]
     levels = [t.level for t in targets]
@@ -63,14 +62,13 @@ def run_logs(run_dir: Path, *, verbose: bool) -> Iterator[Path]:
     if not verbose:
         for h in streams:
             h.addFilter(terminal)
-    with ExitStack() as stack:
-        try:
-            stack.enter_context(engine.sites_log(logs, verbose=verbose))
+    try:
+        with engine.sites_log(logs, verbose=verbose):
             yield logs
-        finally:
-            for t, level in zip(targets, levels, strict=True):
-                t.removeHandler(handler)
-                t.setLevel(level)
-            for h in streams:
-                h.removeFilter(terminal)
-            handler.close()
+    finally:
+        for t, level in zip(targets, levels, strict=True):
+            t.removeHandler(handler)
+            t.setLevel(level)
+        for h in streams:
+            h.removeFilter(terminal)
+        handler.close()
