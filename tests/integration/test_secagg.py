@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from fedtune.client.ledger import Budget, PrivacyLedger
 from fedtune.client.site import site_data
 from fedtune.common import config
+from fedtune.server.checkpoint import LOG_DIR, RUN_LOG
 from tests.conftest import tiny_config
 from tests.integration.test_simulation import _rounds, _simulate
 
@@ -42,7 +43,9 @@ def _both(tmp_path: Path, raw: dict) -> tuple[Path, Path, list[dict]]:
     (tmp_path / "plain").mkdir()
     sec, sec_dir = _simulate(tmp_path / "secagg", raw)
     assert sec.returncode == 0, sec.stderr[-3000:]
-    assert "Secure aggregation completed" in sec.stderr
+    # Flower's INFO lines go to the run's log, not the terminal
+    assert "Secure aggregation completed" not in sec.stderr
+    assert "Secure aggregation completed" in (sec_dir / LOG_DIR / RUN_LOG).read_text()
     raw["federation"]["secure_aggregation"] = False
     plain, plain_dir = _simulate(tmp_path / "plain", raw)
     assert plain.returncode == 0, plain.stderr[-3000:]
