@@ -8,6 +8,7 @@ metrics only.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -28,7 +29,7 @@ from flwr.common import (
 )
 from flwr.compat.common import recorddict_compat as compat
 
-from fedtune.client import calibrate, personalize, privacy, recipe, trainer
+from fedtune.client import calibrate, personalize, policy, privacy, recipe, trainer
 from fedtune.client.mods import private_errors, secagg_when_asked
 from fedtune.client.site import (
     SiteData,
@@ -72,8 +73,22 @@ class Setup:
     received: dict[str, np.ndarray]  # the global adapter at this site's rank
 
 
-def _setup(msg: Message, context: Context, defaults: Mapping[str, Any]) -> Setup:
+def _checked(context: Context, defaults: Mapping[str, Any], *,
+             personalize: bool = False) -> RunConfig:
+    """The run's config, declined here if it breaks the site's policy (before any
+    record is read: :mod:`fedtune.client.policy`)."""
     cfg = run_config(context, defaults)
+    try:
+        policy.enforce(policy.of_node(context.node_config), cfg,
+                       personalize=personalize)
+    except policy.PolicyDeclined as err:
+        logger.warning("run %d declined by this site's policy: %s", context.run_id,
+                       err)
+        raise
+    return cfg
+
+
+def _setup(msg: Message, context: Context, cfg: RunConfig) -> Setup:
     device = evaluation.resolve_device(str(context.node_config.get("device", "auto")))
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.federation.client_cpus)))
@@ -192,7 +207,7 @@ def make_client_app(defaults: Mapping[str, Any] | None = None, *,
     @app.train()
     @private_errors
     def train(msg: Message, context: Context) -> Message:
-        setup = _setup(msg, context, defaults)
+        setup = _setup(msg, context, _checked(context, defaults))
         cfg, site, model, device, pad = (setup.cfg, setup.site, setup.model,
                                          setup.device, setup.pad)
         conf: Mapping[str, Any] = ({} if _is_secagg(msg) else
@@ -209,7 +224,9 @@ def make_client_app(defaults: Mapping[str, Any] | None = None, *,
             prior=_floats(prior["counts"]) if prior is not None else None,
             book=book, resumed_at=int(conf.get(records.RESUMED_AT, 0)),
             run=str(context.run_id), message=msg.metadata.message_id,
-            seed=cfg.train.seed * 1000 + rnd)
+            seed=cfg.train.seed * 1000 + rnd,
+            check_noise=functools.partial(policy.check_noise,
+                                          policy.of_node(context.node_config)))
         _keep(context, guard)  # the histogram's release stands even if training fails
         set_lora_trainable(model, cfg.lora, trainable=not guard.head_only)
         mu = float(conf.get(records.PROXIMAL_MU, 0.0))  # FedProx
@@ -269,18 +286,19 @@ def make_client_app(defaults: Mapping[str, Any] | None = None, *,
                 {records.CLASS_COUNTS: _floats(prior["counts"])})}), reply_to=msg)
         if conf.get(records.QUERY) != records.SITE_SIZE:
             raise FedtuneError(f"unknown query {conf.get(records.QUERY)!r}")
-        site = site_data(run_config(context, defaults), context.node_config)
+        site = site_data(_checked(context, defaults), context.node_config)
         return Message(RecordDict({records.METRICS: MetricRecord(
             {records.NUM_EXAMPLES: len(site.train)})}), reply_to=msg)
 
     @app.evaluate()
     @private_errors
     def evaluate(msg: Message, context: Context) -> Message:
-        setup = _setup(msg, context, defaults)
-        cfg, site, model, device, pad = (setup.cfg, setup.site, setup.model,
-                                         setup.device, setup.pad)
         conf: Mapping[str, Any] = msg.content.config_records.get(records.CONFIG,
                                                                  ConfigRecord())
+        setup = _setup(msg, context, _checked(
+            context, defaults, personalize=bool(conf.get(records.PERSONALIZE))))
+        cfg, site, model, device, pad = (setup.cfg, setup.site, setup.model,
+                                         setup.device, setup.pad)
         if conf.get(records.PERSONALIZE):
             return _personalize(msg, context, setup, int(conf[records.SERVER_ROUND]),
                                 defaults)

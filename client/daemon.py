@@ -24,7 +24,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedtune.client import supervisor
+from fedtune.client import policy, supervisor
 from fedtune.client.forwarder import WORKER_SOCKET
 from fedtune.common import data, deployment, keys
 from fedtune.common.errors import DeploymentError
@@ -49,6 +49,8 @@ class ClientOptions:
     budget_delta: float = 1e-5
     lora_rank: int = 0  # 0: the run's lora.r; else this site's (smaller) rank
     worker: bool = True  # False: Flower's process per message, nothing kept warm
+    policy: Path | None = None  # the site's rules (client/policy.py)
+    allow_non_private: bool = False  # the only way to train without DP
 
 
 def check_device(name: str) -> str:
@@ -121,14 +123,21 @@ def supernode_command(opts: ClientOptions, *, socket: Path | None = None
                               "--budget-delta in (0, 1)")
     if opts.lora_rank < 0:
         raise DeploymentError("--lora-rank must be >= 1 (or 0: the run's lora.r)")
+    rules = site_policy(opts)
+    budget = opts.budget_epsilon or rules.budget_epsilon
     node_config = " ".join([
         f"data-path={_quote(str(opts.data_path.expanduser().resolve()))}",
         f"ledger-dir={_quote(str(ledger))}", f"device={_quote(device)}",
-        f"budget-epsilon={float(opts.budget_epsilon)!r}",
+        f"budget-epsilon={float(budget)!r}",
         f"budget-delta={float(opts.budget_delta)!r}",
         *([f"lora-rank={int(opts.lora_rank)}"] if opts.lora_rank else []),
-        *([f"{WORKER_SOCKET}={_quote(str(socket))}"] if socket else [])])
-    if opts.budget_epsilon == 0:
+        *([f"{WORKER_SOCKET}={_quote(str(socket))}"] if socket else []),
+        *([f"{policy.POLICY_PATH}={_quote(str(opts.policy.expanduser().resolve()))}"]
+          if opts.policy else []),
+        *([f"{policy.NON_PRIVATE}=true"] if opts.allow_non_private else [])])
+    logger.info("site policy%s: %s", f" ({opts.policy})" if opts.policy else
+                " (no --policy: the defaults)", rules.describe())
+    if budget == 0:
         logger.warning("no privacy budget set (--budget-epsilon): this site's spending "
                        "is recorded in %s but not limited", ledger)
     argv = [deployment.executable("flower-supernode"), "--superlink", opts.superlink,
@@ -153,6 +162,21 @@ def supernode_command(opts: ClientOptions, *, socket: Path | None = None
     return argv, deployment.flower_env(home=state / "flwr", extra=extra)
 
 
+def site_policy(opts: ClientOptions) -> policy.SitePolicy:
+    """The site's rules, checked now (an unknown key or a bad value stops the
+    daemon), with one total budget: ``--budget-epsilon`` or the policy's."""
+    rules = (policy.load(opts.policy, allow_non_private=opts.allow_non_private)
+             if opts.policy else
+             policy.SitePolicy(allow_non_private=opts.allow_non_private))
+    if rules.budget_epsilon and opts.budget_epsilon and \
+            rules.budget_epsilon != opts.budget_epsilon:
+        raise DeploymentError(
+            f"--budget-epsilon {opts.budget_epsilon:g} and the policy's "
+            f"budget_epsilon {rules.budget_epsilon:g} differ: set the site's total "
+            "budget in one place")
+    return rules
+
+
 def run_client(opts: ClientOptions) -> int:
     """Check everything, warn about insecure settings, then run the site worker and
     the SuperNode until a signal (or become the SuperNode, without a worker).
@@ -167,6 +191,12 @@ def run_client(opts: ClientOptions) -> int:
         socket = supervisor.socket_path(state)
         supervisor.clear_stale(socket)
     argv, env = supernode_command(opts, socket=socket)
+    if opts.allow_non_private:
+        logger.warning(
+            "NON-PRIVATE RUNS ALLOWED (--allow-non-private): a run with "
+            "privacy.enabled=false trains on this site's data WITHOUT differential "
+            "privacy, and its updates can reveal individual records. Remove the "
+            "flag unless the privacy officer has approved it.")
     if opts.insecure:
         logger.warning(
             "INSECURE CLIENT: TLS and node authentication are OFF (--insecure). This "

@@ -147,7 +147,9 @@ def open_round(cfg: RunConfig, *, num_examples: int, round_: int,
                saved: Mapping[str, Any] | None,
                prior: Sequence[float] | None, book: Book | None,
                resumed_at: int = 0, run: str = "", message: str = "",
-               seed: int = 0) -> RoundPrivacy:
+               seed: int = 0,
+               check_noise: Callable[[list[float]], None] | None = None
+               ) -> RoundPrivacy:
     """The site's privacy for one round, like Opacus' ``make_private`` for a whole
     round: plan the run's noise once (``saved`` is the state kept from earlier
     rounds, None at the first), refuse a round the ledger cannot afford or a
@@ -156,7 +158,9 @@ def open_round(cfg: RunConfig, *, num_examples: int, round_: int,
     with the object that charges what the round did.
 
     ``num_examples``: the site's training records; ``labels``: their class ids,
-    asked for only when the run releases a class histogram (classification).
+    asked for only when the run releases a class histogram (classification);
+    ``check_noise``: the site policy's look at the planned noise multipliers, before
+    anything is released or charged.
     """
     dp = cfg.privacy.enabled
     train_cfg = cfg.phase(round_, num_examples)  # a head round's own lr, steps
@@ -172,6 +176,8 @@ def open_round(cfg: RunConfig, *, num_examples: int, round_: int,
             # them as if the site took part in each (an upper bound).
             state.history += plan.history(sample_rate_=q, rounds=resumed_at - 1)
     sigma = state.sigma(round_)
+    if dp and check_noise is not None:
+        check_noise([state.noise_multiplier, state.probe_noise_multiplier])
     counting = cfg.releases_class_histogram
     release = counting and prior is None
     histogram = [recipe.histogram_segment(cfg)] if release and dp else []

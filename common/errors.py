@@ -41,6 +41,11 @@ class PrivacyError(FedtuneError, RuntimeError):
     """Differential-privacy setup or accounting failed."""
 
 
+# what a site's error reply starts with when its own policy declines the run
+# (client/policy.py); the server names the site and the rule
+SITE_POLICY = "SitePolicy"
+
+
 class PrivacyBudgetExhausted(PrivacyError):
     """Training this round would exceed the site's privacy budget."""
 

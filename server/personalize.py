@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from fedtune.common import records
 from fedtune.common.config import RunConfig
 from fedtune.server.export import resolve
-from fedtune.server.stats import failure_words
+from fedtune.server.stats import declined_words, failure_words
 
 logger = logging.getLogger(__name__)
 RESULT = "personalization.json"
@@ -58,7 +58,8 @@ def personalize(grid: Grid, *, cfg: RunConfig, run_dir: Path) -> dict[str, Any] 
                                        timeout=cfg.federation.round_timeout):
         node = str(reply.metadata.src_node_id)
         if reply.has_error():
-            failed[node] = failure_words(reply.error.reason or "")
+            reason = reply.error.reason or ""
+            failed[node] = declined_words(reason) or failure_words(reason)
             continue
         m: dict[str, Any] = dict(reply.content.metric_records.get(records.METRICS,
                                                                  MetricRecord()))

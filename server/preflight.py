@@ -24,6 +24,7 @@ from flwr.serverapp import Grid
 
 from fedtune.common import planning, records
 from fedtune.common.config import RunConfig
+from fedtune.server import stats
 from fedtune.server.checkpoint import PLAN_FILE
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,12 @@ def site_sizes(grid: Grid, *, timeout: float) -> list[tuple[str, int]]:
     for reply in grid.send_and_receive(messages, timeout=timeout):
         node = f"node {reply.metadata.src_node_id}"
         if reply.has_error():
-            logger.warning("%s did not report its size: %s", node, reply.error.reason)
+            why = stats.declined_words(reply.error.reason or "")
+            if why:
+                logger.warning("%s declines this run: %s", node, why)
+            else:
+                logger.warning("%s did not report its size: %s", node,
+                               reply.error.reason)
             continue
         metrics = reply.content.metric_records.get(records.METRICS, MetricRecord())
         if records.NUM_EXAMPLES in metrics:

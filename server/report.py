@@ -22,7 +22,7 @@ from fedtune.common import answers, config, planning
 from fedtune.common.errors import FedtuneError
 from fedtune.server import calibrate, checkpoint, personalize, plots
 from fedtune.server.selection import STOPPED
-from fedtune.server.stats import failed_sites
+from fedtune.server.stats import failed_sites, site_label
 
 Row = Mapping[str, Any]
 
@@ -137,13 +137,15 @@ def site_table(run: Run) -> tuple[list[str], list[list[str]]]:
 
     def node(n: str) -> dict[str, Any]:
         return nodes.setdefault(n, {"eps": None, "total": None, "ok": 0,
-                                    "declined": 0, "failed": 0, "rejected": []})
+                                    "declined": 0, "failed": 0, "rejected": [],
+                                    "why": ""})
 
     for r in run.rows:
         for n in r.get("nodes_replied") or []:
             node(n)["ok"] += 1
         for n in r.get("nodes_declined") or []:
             node(n)["declined"] += 1
+            node(n)["why"] = (r.get("nodes_declined_why") or {}).get(n, "")
         for n in set(r.get("nodes_failed") or []) - set(r.get("nodes_declined") or []):
             node(n)["failed"] += 1
         for n, why in (r.get("nodes_rejected") or {}).items():
@@ -170,7 +172,8 @@ def site_table(run: Run) -> tuple[list[str], list[list[str]]]:
              _f(dp.get(n, {}).get("steps"), ".0f"), _f(dp.get(n, {}).get("rho"), ".3f"),
              _f(weight.get(n), ".3f"), _f(s["eps"], ".3f"),
              f"{100 * s['eps'] / target:.0f} %" if target and s["eps"] else "-",
-             _f(s["total"], ".3f"), str(s["ok"]), str(s["declined"]),
+             _f(s["total"], ".3f"), str(s["ok"]),
+             f"{s['declined']} ({s['why']})" if s["why"] else str(s["declined"]),
              str(s["failed"]), "; ".join(s["rejected"]) or "-"]
             for n, s in sorted(nodes.items(),
                                key=lambda kv: plots.site_order(kv[0], sites))]
@@ -201,6 +204,15 @@ def headline(run: Run) -> list[str]:
     else:
         out.append("WARNING: DP is OFF (privacy.enabled=false): the updates of this "
                    "run are not differentially private")
+    refused = {n: why for r in run.rows
+               for n, why in (r.get("nodes_declined_why") or {}).items()
+               if why.startswith("site policy")}
+    if refused:
+        names = {n: m for r in run.rows
+                 for n, m in (r.get("site_by_node") or {}).items()}
+        out.append("WARNING: declined by their own site policy: " + "; ".join(
+            f"{site_label(names, n)}: {why}"
+            for n, why in sorted(refused.items())))
     if last.get("eval_collapse"):
         out.append(f"WARNING: COLLAPSED in round {last['round']}: the global model "
                    f"{last['eval_collapse']}; under DP this means the noise drowned "

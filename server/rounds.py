@@ -74,7 +74,7 @@ def train_round(grid: Grid, strategy: FedTuneStrategy, *, server_round: int,
             return new
         stats = strategy.round_stats[server_round]
         if stats.every_site_declined:
-            raise all_declined(server_round, stats.sampled)
+            raise all_declined(server_round, stats)
         summary = stats.summary()
         logger.warning(
             "round %d attempt %d: %d of %d needed updates accepted (%s late, %d "

@@ -18,7 +18,7 @@ from typing import Any
 from flwr.app import Message, MetricRecord
 
 from fedtune.common import planning, records
-from fedtune.common.errors import FedtuneError
+from fedtune.common.errors import SITE_POLICY, FedtuneError
 
 logger = logging.getLogger(__name__)
 DECLINED = "PrivacyBudgetExhausted"  # in a site's error reply: it declined the round
@@ -42,6 +42,7 @@ class RoundStats:
     nodes_failed: list[str] = field(default_factory=list)
     failed_why: dict[str, str] = field(default_factory=dict)
     nodes_declined: list[str] = field(default_factory=list)
+    declined_why: dict[str, str] = field(default_factory=dict)
     nodes_rejected: dict[str, str] = field(default_factory=dict)
     epsilon_total_by_node: dict[str, float] = field(default_factory=dict)
     accepted: int = 0
@@ -71,6 +72,7 @@ class RoundStats:
             "nodes_failed_why": dict(self.failed_why),
             "clients_declined": len(self.nodes_declined),
             "nodes_declined": list(self.nodes_declined),
+            "nodes_declined_why": dict(self.declined_why),
             "epsilon_total_by_node": dict(self.epsilon_total_by_node),
             "clients_rejected": len(self.nodes_rejected),
             "nodes_rejected": dict(self.nodes_rejected),
@@ -97,11 +99,27 @@ class RoundStats:
         return math.sqrt(sum((w / total * rho) ** 2 for w, rho in rated))
 
 
-def all_declined(server_round: int, sites: int) -> FedtuneError:
+def all_declined(server_round: int, stats: RoundStats) -> FedtuneError:
     """The error that stops a run whose round every site declined."""
-    return FedtuneError(f"round {server_round}: every site declined ({sites}): their "
-                        "privacy budgets are exhausted for this data. The run stops; "
+    why = "; ".join(sorted(set(stats.declined_why.values()))) or BUDGET_WORDS
+    return FedtuneError(f"round {server_round}: every site declined "
+                        f"({stats.sampled}): {why} (for this data). The run stops; "
                         "checkpoints of earlier rounds are kept.")
+
+
+BUDGET_WORDS = "its privacy budget is exhausted"
+
+
+def declined_words(reason: str) -> str | None:
+    """Why a site declined, from its error reply: its policy's rule (``site policy
+    rule max_epsilon_per_run: ...``) or its exhausted budget; None: it failed."""
+    found = re.search(rf"{SITE_POLICY} on the site: (rule .*)", reason)
+    if found:
+        rule = found.group(1).split("\n")[0]
+        return "site policy " + re.sub(r"""['"]?>*\s*$""", "", rule)
+    if DECLINED in reason:
+        return BUDGET_WORDS
+    return None
 
 
 WRAPPERS = ("ClientAppException", "RayTaskError", "RayActorError")
@@ -152,10 +170,12 @@ def summarize_replies(replies: list[Message], stats: RoundStats) -> None:
             named = re.search(rf"\[({records.SITE_PREFIX}\d+)\]", reason)
             if named:  # a simulated site names its partition in its error
                 stats.site_by_node[node] = named.group(1)
-            if DECLINED in reason:
+            why = declined_words(reason)
+            if why is not None:
                 stats.nodes_declined.append(node)
-                logger.warning("%s declined the round: its privacy budget is "
-                               "exhausted", site_label(stats.site_by_node, node))
+                stats.declined_why[node] = why
+                logger.warning("%s declined the round: %s",
+                               site_label(stats.site_by_node, node), why)
             else:
                 stats.nodes_failed.append(node)
                 stats.failed_why[node] = failure_words(reason)
@@ -208,7 +228,7 @@ def check_round(server_round: int, stats: RoundStats | None) -> RoundStats:
         return stats
     failed = stats.failed if stats else 0
     if stats and stats.every_site_declined:
-        raise all_declined(server_round, stats.sampled)
+        raise all_declined(server_round, stats)
     raise FedtuneError(
         f"round {server_round}: no site returned an update ({failed} failed); the "
         "sites' errors are logged above (look for 'Received error in reply'). Fix "

@@ -203,7 +203,9 @@ def cmd_client(args: argparse.Namespace) -> int:
         state_dir=Path(args.state_dir), clientappio_address=args.clientappio_address,
         insecure=args.insecure, budget_epsilon=args.budget_epsilon,
         budget_delta=args.budget_delta, lora_rank=args.lora_rank,
-        worker=not args.no_worker))
+        worker=not args.no_worker,
+        policy=Path(args.policy) if args.policy else None,
+        allow_non_private=args.allow_non_private))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -333,6 +335,13 @@ def _deploy_parsers(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--budget-epsilon", type=float, default=0.0,
                    help="this site's total epsilon per dataset, over all runs "
                    "(0: record, do not limit)")
+    c.add_argument("--policy", help="this site's rules (YAML; deploy/README.md): the "
+                   "largest epsilon per run, the total budget, the allowed models and "
+                   "tasks, the least noise, the largest clipping bound, "
+                   "personalised adapters; DP is required with or without it")
+    c.add_argument("--allow-non-private", action="store_true",
+                   help="let runs train WITHOUT differential privacy on this site "
+                   "(the only way to; loud)")
     c.add_argument("--budget-delta", type=float, default=1e-5,
                    help="delta of the budget (default %(default)s)")
     c.add_argument("--lora-rank", type=int, default=0,

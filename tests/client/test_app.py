@@ -110,7 +110,7 @@ def test_dp_off_is_loud_and_reports_no_epsilon(tiny_bert: Path,
     _, flat, msg = _setup(tiny_bert, review_files, privacy={"enabled": False})
     with caplog.at_level(logging.WARNING):
         reply = make_client_app(flat)(msg, _context({"data-path": str(
-            review_files[0])}))
+            review_files[0]), "allow-non-private": "true"}))
     assert records.EPSILON not in reply.content[records.METRICS]
     assert any("DP is OFF" in r.message for r in caplog.records)
     assert reply.content[records.METRICS][records.NUM_EXAMPLES] == 108
