@@ -165,6 +165,7 @@ def train_local(model: nn.Module, train_set: Dataset[Batch], val_set: Dataset[Ba
         num_training_steps=total)
     steps, loss_sum, loss_n, best, stale = 0, 0.0, 0, math.inf, 0
     best_state = None
+    before, top_lr = adapter_state(model), 0.0  # the once-a-round check that it moved
     bar = _progress(total, "local steps")
     try:
         while steps < total:
@@ -174,9 +175,10 @@ def train_local(model: nn.Module, train_set: Dataset[Batch], val_set: Dataset[Ba
                 loss = train_step(net, opt, to_device(batch, device), task=task, dp=dp,
                                   cfg=train_cfg, device=device, params=params,
                                   class_weights=class_weights, logit_bias=logit_bias)
+                lr = float(opt.param_groups[0]["lr"])
+                top_lr = max(top_lr, lr)
                 if anchor:
-                    proximal_step(params, anchor, mu=proximal_mu,
-                                  lr=float(opt.param_groups[0]["lr"]))
+                    proximal_step(params, anchor, mu=proximal_mu, lr=lr)
                 sched.step()
                 steps += 1
                 bar.update(1)
@@ -198,6 +200,8 @@ def train_local(model: nn.Module, train_set: Dataset[Batch], val_set: Dataset[Ba
         bar.close()
         if dp:
             net._close()  # type: ignore[operator]  # remove Opacus hooks
+    if top_lr > 0:
+        check_moved(before, adapter_state(model), steps=steps, dp=dp, device=device)
     if best_state is not None:
         set_adapter_state(model, best_state)
     val_loss = (evaluate(scored, val_set, task=task, device=device, pad_id=pad_id,
@@ -207,6 +211,27 @@ def train_local(model: nn.Module, train_set: Dataset[Batch], val_set: Dataset[Ba
                        train_loss=loss_sum / max(loss_n, 1), val_loss=val_loss,
                        steps=steps, seconds=time.perf_counter() - start,
                        sample_rate=rate if dp else 0.0)
+
+
+class NoOpStep(RuntimeError):
+    """The optimizer's steps left the adapter where it was: a silent failure."""
+
+
+def check_moved(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], *,
+                steps: int, dp: bool, device: torch.device) -> None:
+    """Fail loudly when a round's steps (at a learning rate above 0) left every
+    adapter tensor unchanged: with some Opacus/peft combinations the optimizer
+    updates copies of the parameters, not the model's (Opacus #820, peft #3409),
+    while the loss and epsilon look normal. Under DP every step adds noise, so
+    an unmoved adapter is never a legitimate result."""
+    if any(not torch.equal(before[k], after[k]) for k in after):
+        return
+    raise NoOpStep(
+        f"{steps} {'DP-SGD ' if dp else ''}optimizer step(s) on {device} left every "
+        "adapter tensor unchanged: the optimizer is not updating the model's own "
+        "parameters (a known failure of some Opacus/peft versions on CUDA: Opacus "
+        "#820, peft #3409). Nothing of this round is sent; check the installed "
+        "opacus and peft against pyproject.toml, or try --device cpu")
 
 
 def _all_trained(model: nn.Module, top: TopLayers) -> None:

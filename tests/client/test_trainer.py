@@ -148,6 +148,45 @@ def test_dp_training_on_cuda_bf16(tiny_bert: Path) -> None:
     assert res.steps == 5 and math.isfinite(res.train_loss)
 
 
+DEVICES = [CPU, pytest.param(torch.device("cuda"), marks=[pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])]
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=["cpu", "cuda"])
+def test_one_dp_step_moves_every_lora_tensor(tiny_bert: Path, device: torch.device
+                                            ) -> None:
+    # the silent failure this guards against (Opacus #820, peft #3409): the loss
+    # and epsilon look normal while the model's LoRA weights stay where they were
+    train_set, val_set = _sets(tiny_bert)
+    model = _model(tiny_bert)
+    before = M.adapter_state(model)
+    res = trainer.train_local(
+        model, train_set, val_set, task="classification",
+        train_cfg=TrainConfig(max_steps=1, batch_size=16, learning_rate=1e-2,
+                              warmup_ratio=0.0),
+        privacy_cfg=PrivacyConfig(max_grad_norm=1.0), noise_multiplier=1.0,
+        device=device, pad_id=0, seed=0)
+    after = M.adapter_state(model)
+    lora = [k for k in before if "lora_" in k]
+    assert res.steps == 1 and lora
+    # B starts at zero and A gets its gradient through B: after one step B moved
+    assert all(not torch.equal(before[k], after[k]) for k in lora if "lora_B" in k)
+
+
+def test_a_step_that_moves_nothing_fails_the_round(
+        tiny_bert: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    train_set, val_set = _sets(tiny_bert)
+    model = _model(tiny_bert)
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, closure=None: None)
+    with pytest.raises(trainer.NoOpStep, match="3 DP-SGD optimizer step.s. on cpu "
+                       "left every adapter tensor unchanged"):
+        trainer.train_local(
+            model, train_set, val_set, task="classification",
+            train_cfg=TrainConfig(max_steps=3, batch_size=16, learning_rate=1e-2),
+            privacy_cfg=PrivacyConfig(max_grad_norm=1.0), noise_multiplier=1.0,
+            device=CPU, pad_id=0, seed=0)
+
+
 def test_sgd_optimizer_is_configurable_and_learns(tiny_bert: Path) -> None:
     train_set, val_set = _sets(tiny_bert)
     model = _model(tiny_bert)
