@@ -152,3 +152,36 @@ def test_weights_replaced_on_disk_are_loaded_again(tiny_bert: Path,
                           weights.stat().st_mtime_ns + 10**9))
     assert M.load_pretrained(cfg) is not first and M.base_loads() == loads + 1
     assert M.stamp(str(local)) != M.stamp(str(tiny_bert))
+
+
+@pytest.mark.parametrize("offline", [True, False], ids=["HF_HUB_OFFLINE", "no-answer"])
+def test_a_hub_id_without_a_hub_fails_fast_in_one_line(
+        monkeypatch: pytest.MonkeyPatch, offline: bool) -> None:
+    # a hospital's machine without internet: no minute of hub retries first
+    import socket
+    import time
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:  # a hub endpoint where nothing answers
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", constants.HF_HUB_OFFLINE)
+    M.hub_reachable.cache_clear()
+    start = time.monotonic()
+    try:
+        with pytest.raises(ModelError) as info:
+            M.load_pretrained(ModelConfig(name_or_path="org/model"))
+    finally:
+        M.hub_reachable.cache_clear()
+    assert time.monotonic() - start < 10
+    words = ("off (HF_HUB_OFFLINE)" if offline else "unreachable from this machine")
+    assert f"'org/model' is no local path, and the Hugging Face hub is {words}" in \
+        str(info.value)
+    assert "\n" not in str(info.value)
