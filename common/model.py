@@ -424,8 +424,22 @@ def save_adapter(model: nn.Module, directory: str | Path, *,
     out = Path(directory)
     peft_model: Any = _unwrap(model)
     peft_model.save_pretrained(str(out), save_embedding_layers=False)
-    (out / FEDTUNE_META).write_text(json.dumps(meta or {}, indent=2) + "\n")
+    meta = {**(meta or {}), ADAPTER_SHA256: file_sha256(out / ADAPTER_FILE)}
+    (out / FEDTUNE_META).write_text(json.dumps(meta, indent=2) + "\n")
     return out
+
+
+ADAPTER_FILE = "adapter_model.safetensors"  # peft's name for the adapter's tensors
+ADAPTER_SHA256 = "adapter_sha256"  # in fedtune_model.json: the file as saved
+
+
+def file_sha256(path: Path) -> str:
+    """The file's sha256, as ``sha256sum`` prints it."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def load_adapter(cfg: ModelConfig, directory: str | Path, *, num_labels: int = 0

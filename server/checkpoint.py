@@ -68,6 +68,56 @@ def checkpoint_dir(run_dir: Path, server_round: int) -> Path:
     return run_dir / "checkpoints" / f"round-{server_round:04d}"
 
 
+def damage(adapter_dir: Path) -> str:
+    """Why a saved adapter cannot be trusted ("" when it is whole): its tensors
+    file is missing or differs from the sha256 recorded when it was saved."""
+    from fedtune.common.model import (  # torch: only where an adapter is read
+        ADAPTER_FILE,
+        ADAPTER_SHA256,
+        FEDTUNE_META,
+        file_sha256,
+    )
+
+    path = adapter_dir / ADAPTER_FILE
+    if not path.is_file():
+        return f"{ADAPTER_FILE} is missing"
+    try:
+        meta = json.loads((adapter_dir / FEDTUNE_META).read_text())
+    except (OSError, ValueError):
+        meta = {}
+    recorded = meta.get(ADAPTER_SHA256) if isinstance(meta, dict) else None
+    if recorded is None:
+        return ""  # saved before checksums: only loading it can tell
+    now = file_sha256(path)
+    if now != recorded:
+        return (f"its sha256 {now[:12]}... differs from the {recorded[:12]}... "
+                "recorded when it was saved (truncated or overwritten on disk)")
+    return ""
+
+
+def whole_rounds(run_dir: Path) -> list[int]:
+    """The saved rounds whose adapters still check out."""
+    ckpts = run_dir / "checkpoints"
+    rounds = sorted(int(d.name.removeprefix("round-")) for d in ckpts.glob("round-*")
+                    if d.is_dir() and d.name.removeprefix("round-").isdigit()
+                    ) if ckpts.is_dir() else []
+    return [r for r in rounds if not damage(checkpoint_dir(run_dir, r))]
+
+
+def corrupt_checkpoint(run_dir: Path | None, adapter_dir: Path, server_round: int,
+                       why: str) -> FedtuneError:
+    """One line: the file, the round, and the saved rounds that still load."""
+    where = (f"{adapter_dir / 'adapter_model.safetensors'}: round {server_round}'s "
+             f"checkpoint is corrupt ({why})")
+    if run_dir is None:
+        return FedtuneError(f"{where}; export it again from its run directory")
+    whole = [r for r in whole_rounds(run_dir) if r != server_round]
+    return FedtuneError(
+        f"{where}; the saved rounds that still load: "
+        + (", ".join(map(str, whole)) + f" (pass --round {whole[-1]})" if whole
+           else "none"))
+
+
 def publish(run_dir: Path, server_round: int, *, name: str = "final") -> None:
     """Point ``RUN_DIR/final`` (or ``best``) at a round's checkpoint."""
     final = run_dir / name

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from fedtune.common import assets, config, standalone
 from fedtune.common.errors import FedtuneError, ModelError
 from fedtune.common.model import (
+    ADAPTER_FILE,
     FEDTUNE_META,
     RUN_CONFIG,
     build_model,
@@ -42,7 +43,6 @@ from fedtune.server import checkpoint
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_FILE = "adapter_model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -60,13 +60,26 @@ class Trained:
         path = self.adapter / FEDTUNE_META
         return dict(json.loads(path.read_text())) if path.is_file() else {}
 
+    def check(self) -> None:
+        """The adapter is the file that was saved (its recorded sha256), else one
+        line naming the file, the round and the saved rounds that still load."""
+        why = checkpoint.damage(self.adapter)
+        if why:
+            raise checkpoint.corrupt_checkpoint(
+                None if self.source == self.adapter else self.source, self.adapter,
+                self.round, why)
+
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The adapter's tensors; an unreadable file is a ModelError."""
+        """The adapter's tensors, checked; an unreadable file names the rounds
+        that still load."""
+        self.check()
         try:
             return load_file(str(self.adapter / ADAPTER_FILE))
-        except (OSError, RuntimeError) as err:
-            raise ModelError(f"{self.adapter / ADAPTER_FILE}: unreadable adapter "
-                             f"({err})") from err
+        except Exception as err:  # noqa: BLE001 - safetensors' error has no base we share
+            why = f"unreadable: {' '.join(str(err).split())[:120]}"
+            raise checkpoint.corrupt_checkpoint(
+                None if self.source == self.adapter else self.source, self.adapter,
+                self.round, why) from None
 
 
 def _round_of(path: Path) -> int:
@@ -91,8 +104,10 @@ def resolve(source: str | Path, which: str | None = None) -> Trained:
     if (path / RUN_CONFIG).is_file() and (path / ADAPTER_FILE).is_file():
         export_dir = Trained(cfg=config.load(path / RUN_CONFIG), round=0,
                              adapter=path, source=path)
-        return dataclasses.replace(export_dir,
-                                   round=int(export_dir.meta.get("round", 0)))
+        export_dir = dataclasses.replace(export_dir,
+                                         round=int(export_dir.meta.get("round", 0)))
+        export_dir.check()
+        return export_dir
     if not (path / "config.yaml").is_file():
         raise FedtuneError(f"{path}: not a fedtune run directory (no config.yaml) nor "
                            "an adapter export (no fedtune_config.yaml); pass the "
@@ -130,6 +145,7 @@ def resolve(source: str | Path, which: str | None = None) -> Trained:
     trained = Trained(cfg=config.load(path / "config.yaml"), round=rnd,
                       adapter=checkpoint.checkpoint_dir(path, rnd), source=path)
     _check_meta(trained)
+    trained.check()
     return trained
 
 

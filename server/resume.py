@@ -58,6 +58,10 @@ def resume(run_dir: Path, *, strategy: Resumable, cfg: RunConfig
     """Restore the saved state; returns the last completed round and the adapter."""
     saved = checkpoint.load_state(run_dir)
     checkpoint.check_resumable(saved.config, cfg, run_dir)
+    last = checkpoint.checkpoint_dir(run_dir, saved.round)
+    why = checkpoint.damage(last) if last.is_dir() else ""
+    if why:  # RUN_DIR/final points at it: refuse before anything is rewritten
+        raise checkpoint.corrupt_checkpoint(run_dir, last, saved.round, why)
     strategy.restore(saved.strategy_arrays, saved.strategy_scalars)
     version, internal, gauss = saved.python_rng
     random.setstate((version, tuple(internal), gauss))

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fedtune.common.errors import FedtuneError
 from tests.conftest import tiny_config
 from tests.integration import runner
 
@@ -289,3 +290,40 @@ def test_compare_refuses_runs_on_other_test_sets(stopped_run: Path,
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert re.search(message, proc.stderr), (message, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1  # one line, no traceback
+
+
+def test_a_corrupt_checkpoint_fails_in_one_line_naming_what_still_loads(
+        stopped_run: Path, tmp_path: Path) -> None:
+    # Prepare: round 2's adapter truncated on disk (the final round)
+    run = tmp_path / "run"
+    shutil.copytree(stopped_run, run, symlinks=True)
+    damaged = run / "checkpoints" / "round-0002" / "adapter_model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:10])
+    data = tmp_path / "in.jsonl"
+    data.write_text(json.dumps({"review": "good great", "rating": "positive"}) + "\n")
+    expected = (re.escape(f"{damaged}: round 2's checkpoint is corrupt (its sha256 ")
+                + r"\w{12}\.\.\. differs from the \w{12}\.\.\. recorded when it was "
+                r"saved \(truncated or overwritten on disk\)\); the saved rounds "
+                r"that still load: 1 \(pass --round 1\)")
+    # Execute + Assert: predict, export and evaluate, each in one line
+    for argv in (["predict", str(run), "--round", "final", "--input", str(data)],
+                 ["export", str(run), "--round", "2", "--out", str(tmp_path / "x")],
+                 ["evaluate", str(run), "--round", "2", "--data", str(data)]):
+        proc = runner.run(argv)
+        assert proc.returncode == 2, (argv, proc.stderr[-2000:])
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and re.search(expected, lines[0]), (argv, lines)
+    assert not (tmp_path / "x").exists()
+    # the round that is whole still serves
+    ok = runner.run(["predict", str(run), "--round", "1", "--input", str(data),
+                     "--quiet"])
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    # resume refuses before it rewrites anything
+    from fedtune.common import config as fconfig
+    from fedtune.server import resume
+
+    before = sorted(p.name for p in run.rglob("*"))
+    with pytest.raises(FedtuneError, match=expected):
+        resume.resume(run, strategy=None,  # type: ignore[arg-type]  # not reached
+                      cfg=fconfig.load(run / "config.yaml"))
+    assert sorted(p.name for p in run.rglob("*")) == before
