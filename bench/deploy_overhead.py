@@ -120,7 +120,8 @@ def thin_start(repeats: int) -> dict:
     return {"wall_s": statistics.median(walls), "repeats": repeats}
 
 
-def _cluster(root: Path, sites: dict[str, Path], *, worker: bool) -> Cluster:
+def _cluster(root: Path, sites: dict[str, Path], *, worker: bool,
+             site_device: str = "cpu") -> Cluster:
     c = Cluster(root)
     c.fedtune("keys", "ca", "--out", str(c.certs))
     c.fedtune("keys", "server", "--ca", str(c.certs), "--san", "127.0.0.1")
@@ -132,7 +133,8 @@ def _cluster(root: Path, sites: dict[str, Path], *, worker: bool) -> Cluster:
     for name, data in sites.items():
         c.fedtune("keys", "register", str(c.keys / f"{name}.pub"), "--deployment",
                   "test")
-        c.start_node(name, data, extra=() if worker else ("--no-worker",))
+        c.start_node(name, data, extra=("--device", site_device,
+                                        *(() if worker else ("--no-worker",))))
     wait_for(lambda: c.online() == len(sites), timeout=120, what="the nodes")
     return c
 
@@ -148,9 +150,11 @@ def _run(c: Cluster, cfg: Path, root: Path, tag: str, *items: str
     return metrics(run_dir)[1:], proc.stdout + proc.stderr
 
 
-def deployed_rounds(cfg: Path, data: Path, rounds: int, *, worker: bool) -> dict:
+def deployed_rounds(cfg: Path, data: Path, rounds: int, *, worker: bool,
+                    site_device: str = "cpu") -> dict:
+    """``rounds`` of a real server and one site (``--device site_device``)."""
     root = Path(tempfile.mkdtemp(prefix="fedtune-bench-"))
-    c = _cluster(root, {"h1": data}, worker=worker)
+    c = _cluster(root, {"h1": data}, worker=worker, site_device=site_device)
     try:
         rows, server_log = _run(c, cfg, root, "overhead",
                                 f"federation.num_rounds={rounds}")
