@@ -75,6 +75,22 @@ class Cluster:
         wait_for(lambda: self.log("server").count("Uvicorn running on https") > started,
                  timeout=60, what="the SuperLink to listen")
 
+    def provision(self, names: list[str]) -> None:
+        """A CA, the server's certificate, a key per node; the SuperLink started,
+        the deployment ``test`` named, and each node registered (labelled)."""
+        for args in (["ca", "--out", str(self.certs)],
+                     ["server", "--ca", str(self.certs), "--san", "127.0.0.1"],
+                     *[["node", n, "--out", str(self.keys)] for n in names]):
+            assert self.fedtune("keys", *args).returncode == 0
+        self.start_server()
+        added = self.fedtune("deployment", "add", "test", "--control", self.control,
+                             "--ca-cert", str(self.certs / "ca.crt"))
+        assert added.returncode == 0, added.stderr
+        for n in names:
+            reg = self.fedtune("keys", "register", str(self.keys / f"{n}.pub"),
+                               "--deployment", "test", "--label", n)
+            assert reg.returncode == 0, reg.stderr
+
     def start_node(self, name: str, data: Path, *, key: str | None = None,
                    ca: Path | None = None, extra: tuple[str, ...] = ()
                    ) -> subprocess.Popen[bytes]:

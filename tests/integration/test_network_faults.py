@@ -36,18 +36,8 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster,
     host, port = c.fleet.rsplit(":", 1)
     proxy = FaultProxy((host, int(port)))
     try:
-        for args in (["ca", "--out", str(c.certs)],
-                     ["server", "--ca", str(c.certs), "--san", "127.0.0.1"],
-                     *[["node", n, "--out", str(c.keys)] for n in ("h1", "h2")]):
-            assert c.fedtune("keys", *args).returncode == 0
-        c.start_server()
-        added = c.fedtune("deployment", "add", "test", "--control", c.control,
-                          "--ca-cert", str(c.certs / "ca.crt"))
-        assert added.returncode == 0, added.stderr
+        c.provision(["h1", "h2"])
         for i, n in enumerate(("h1", "h2")):
-            reg = c.fedtune("keys", "register", str(c.keys / f"{n}.pub"),
-                            "--deployment", "test", "--label", n)
-            assert reg.returncode == 0, reg.stderr
             data = write_jsonl(c.root / f"{n}.jsonl", make_reviews(40, 30 + i))
             # h1 reaches the SuperLink through the proxy only
             c.start_node(n, data, extra=("--superlink", proxy.address)

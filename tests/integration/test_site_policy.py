@@ -52,18 +52,7 @@ def sites(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path
     policies = _policies(tiny_bert)
     names = [*policies, "open"]
     try:
-        for args in (["ca", "--out", str(c.certs)],
-                     ["server", "--ca", str(c.certs), "--san", "127.0.0.1"],
-                     *[["node", n, "--out", str(c.keys)] for n in names]):
-            assert c.fedtune("keys", *args).returncode == 0
-        c.start_server()
-        added = c.fedtune("deployment", "add", "test", "--control", c.control,
-                          "--ca-cert", str(c.certs / "ca.crt"))
-        assert added.returncode == 0, added.stderr
-        for n in names:
-            reg = c.fedtune("keys", "register", str(c.keys / f"{n}.pub"),
-                            "--deployment", "test", "--label", n)
-            assert reg.returncode == 0, reg.stderr
+        c.provision(names)
         for i, n in enumerate(names):
             data = write_jsonl(c.root / f"{n}.jsonl", make_reviews(40, 20 + i))
             extra: tuple[str, ...] = ("--allow-non-private",)
