@@ -30,7 +30,6 @@ site.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import math
 from collections.abc import Mapping
@@ -203,14 +202,8 @@ def of_node(node_config: Mapping[str, Any]) -> SitePolicy | None:
 
 @functools.lru_cache(maxsize=8)
 def _digests(files: tuple[tuple[str, int, int], ...], root: str) -> frozenset[str]:
-    out = set()
-    for name, _, _ in files:
-        h = hashlib.sha256()
-        with open(Path(root) / name, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        out.add(h.hexdigest())
-    return frozenset(out)
+    """Once per version of the files (``files``: name, size, mtime)."""
+    return frozenset(assets.file_sha256(Path(root) / name) for name, _, _ in files)
 
 
 def weight_digests(name_or_path: str) -> frozenset[str]:

