@@ -200,6 +200,30 @@ def parity(cfg: Path, data: list[Path], rounds: int) -> dict:
     return out
 
 
+def site_files(work: Path, count: int) -> list[Path]:
+    """``count`` sites of 64 shipped drug reviews each."""
+    from fedtune.common import assets
+
+    reviews = Path(assets.resolve("fedtune:drug-reviews")).read_text().splitlines()
+    out = []
+    for i in range(count):
+        out.append(work / f"site{i}.jsonl")
+        out[-1].write_text("\n".join(reviews[64 * i:64 * (i + 1)]) + "\n")
+    return out
+
+
+def one_step_scenario(work: Path) -> Path:
+    """The drug-reviews scenario at one DP step a round, one site, 64 test records:
+    a round's cost is then mostly what the deployment adds."""
+    scenario = yaml.safe_load((ROOT / "simulations" / "drug-reviews.yaml").read_text())
+    scenario["train"].update({"max_steps": 1, "local_epochs": 1})
+    scenario["federation"].update({"num_sites": 1, "min_train_nodes": 1})
+    scenario["data"]["max_test_samples"] = 64
+    cfg = work / "bench.yaml"
+    cfg.write_text(yaml.safe_dump(scenario))
+    return cfg
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5)
@@ -212,19 +236,8 @@ def main() -> None:
     if args.quick:
         args.rounds, args.repeats = 2, 1
     work = Path(tempfile.mkdtemp(prefix="fedtune-bench-data-"))
-    from fedtune.common import assets
-
-    reviews = Path(assets.resolve("fedtune:drug-reviews")).read_text().splitlines()
-    data = []
-    for i in range(3):
-        data.append(work / f"site{i}.jsonl")
-        data[-1].write_text("\n".join(reviews[64 * i:64 * (i + 1)]) + "\n")
-    scenario = yaml.safe_load((ROOT / "simulations" / "drug-reviews.yaml").read_text())
-    scenario["train"].update({"max_steps": 1, "local_epochs": 1})
-    scenario["federation"].update({"num_sites": 1, "min_train_nodes": 1})
-    scenario["data"]["max_test_samples"] = 64
-    cfg = work / "bench.yaml"
-    cfg.write_text(yaml.safe_dump(scenario))
+    data = site_files(work, 3)
+    cfg = one_step_scenario(work)
     result = {
         "device": device(),
         "python": platform.python_version(),

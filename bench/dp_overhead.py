@@ -91,9 +91,12 @@ class Step:
 
 
 def time_step(raw: dict[str, Any], *, mode: str | None, batch: dict[str, torch.Tensor],
-              steps: int, dev: torch.device) -> float:
-    """Median seconds of one step, after one warm-up step."""
+              steps: int, dev: torch.device, precision: str = "") -> float:
+    """Median seconds of one step, after one warm-up step (``precision``: the
+    train config's, e.g. bf16; empty: the default)."""
     step = Step(raw, mode=mode, dev=dev)
+    if precision:
+        step.train_cfg = replace(step.train_cfg, precision=precision)
     try:
         step(batch)
         times = []

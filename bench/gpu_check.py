@@ -23,25 +23,22 @@ Writes ``bench/results/gpu_check[-cpu].json`` and ends with one summary line
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from deploy_overhead import deployed_rounds  # noqa: E402
-from dp_overhead import Step, _batch  # noqa: E402
-from harness import MODELS, RESULTS, device, simulate, sync, write  # noqa: E402
+from deploy_overhead import deployed_rounds, one_step_scenario, site_files  # noqa: E402
+from dp_overhead import _batch, time_step  # noqa: E402
+from harness import MODELS, RESULTS, device, simulate, write  # noqa: E402
 
 
 def step_times(dev: torch.device, *, steps: int, length: int, batch: int
@@ -55,22 +52,8 @@ def step_times(dev: torch.device, *, steps: int, length: int, batch: int
         data = _batch(raw["model"]["task"], size=batch, length=length,
                       vocab=min(len(tok), 30000), dev=dev)
         for precision in ("fp32", "bf16"):
-            times = {}
-            for mode in (None, "hooks"):
-                step = Step(raw, mode=mode, dev=dev)
-                step.train_cfg = replace(step.train_cfg, precision=precision)
-                try:
-                    step(data)  # warm-up
-                    spent = []
-                    for _ in range(steps):
-                        sync(dev)
-                        t0 = time.perf_counter()
-                        step(data)
-                        sync(dev)
-                        spent.append(time.perf_counter() - t0)
-                    times[mode] = statistics.median(spent)
-                finally:
-                    step.close()
+            times = {mode: time_step(raw, mode=mode, batch=data, steps=steps, dev=dev,
+                                     precision=precision) for mode in (None, "hooks")}
             rows.append({"model": name, "precision": precision, "batch": batch,
                          "seq_len": length, "no_dp_step_s": times[None],
                          "dp_step_s": times["hooks"],
@@ -129,19 +112,10 @@ def simulation(gpus: float) -> dict[str, Any]:
 
 
 def worker(site_device: str) -> dict[str, Any]:
-    from fedtune.common import assets
-
     work = Path(tempfile.mkdtemp(prefix="fedtune-gpucheck-"))
-    reviews = Path(assets.resolve("fedtune:drug-reviews")).read_text().splitlines()
-    site = work / "site.jsonl"
-    site.write_text("\n".join(reviews[:64]) + "\n")
-    scenario = yaml.safe_load((ROOT / "simulations" / "drug-reviews.yaml").read_text())
-    scenario["train"].update({"max_steps": 1, "local_epochs": 1})
-    scenario["federation"].update({"num_sites": 1, "min_train_nodes": 1})
-    scenario["data"]["max_test_samples"] = 64
-    cfg = work / "run.yaml"
-    cfg.write_text(yaml.safe_dump(scenario))
-    out = deployed_rounds(cfg, site, 3, worker=True, site_device=site_device)
+    (site,) = site_files(work, 1)
+    out = deployed_rounds(one_step_scenario(work), site, 3, worker=True,
+                          site_device=site_device)
     return {"device": site_device, "rounds": len(out["rounds"]),
             "model_loads": out["model_loads"],
             "median_round_s": out["median_round_s"],
