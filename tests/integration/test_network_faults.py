@@ -110,20 +110,16 @@ def test_a_clean_run_and_300_ms_each_way(net: tuple[Cluster, FaultProxy],
     c, proxy = net
     rows, _ = _run(c, "clean", review_files, tiny_bert)
     assert all(_h1_replied(rows)), rows
-    proxy.latency = 0.3
-    try:
-        rows, _ = _run(c, "latency-300ms", review_files, tiny_bert,
-                       timeout=SLOW_LINK_TIMEOUT)
-    finally:
-        proxy.latency = 0.0
-    assert all(_h1_replied(rows)), rows
-    proxy.bandwidth = 256 * 1024  # 256 KiB/s each way
-    try:
-        rows, _ = _run(c, "256KiBps", review_files, tiny_bert,
-                       timeout=SLOW_LINK_TIMEOUT)
-    finally:
-        proxy.bandwidth = 0.0
-    assert all(_h1_replied(rows)), rows
+    # 300 ms each way, then 256 KiB/s each way
+    for name, knob, value in (("latency-300ms", "latency", 0.3),
+                              ("256KiBps", "bandwidth", 256 * 1024)):
+        setattr(proxy, knob, value)
+        try:
+            rows, _ = _run(c, name, review_files, tiny_bert,
+                           timeout=SLOW_LINK_TIMEOUT)
+        finally:
+            setattr(proxy, knob, 0.0)
+        assert all(_h1_replied(rows)), (name, rows)
     print(f"\nround seconds: {_times}")
 
 
