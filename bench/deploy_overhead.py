@@ -25,7 +25,7 @@ What is left of the overhead with the worker is Flower's own fixed waits
 pull finds no message and 0.5 s between checks for a reply; the SuperExec's task
 poll, ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, which fedtune sets to 0.1 s) plus the
 thin process's start; fedtune's ServerApp polls replies every 0.25 s instead of
-Flower's 3 s (:mod:`fedtune.server.polling`).
+Flower's 3 s (:mod:`fedtune.server.runtime.polling`).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ site.site_data(cfg, {{"data-path": {data!r}}})
 t2 = time.perf_counter()
 print(t1 - t0, t2 - t1)
 """
-THIN = "import fedtune.client.forwarder"
+THIN = "import fedtune.client.node.forwarder"
 STAMP = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})"
 SERVED = re.compile(STAMP + r" INFO fedtune\.client\.worker: train task of run \d+ "
                     r"served in ([0-9.]+) s")

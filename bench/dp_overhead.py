@@ -129,7 +129,7 @@ def probe_ew(raw: dict[str, Any], *, batch: dict[str, torch.Tensor],
     forward pass shows why (its module takes one positional input)."""
     from opacus.grad_sample import wrap_model
 
-    from fedtune.common.evaluation import per_sample_loss
+    from fedtune.common.loops import per_sample_loss
 
     step = Step(raw, mode=None, dev=dev)
     gsm = wrap_model(step.model, "ew", batch_first=True, loss_reduction="mean")

@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from fedtune.common import data, metrics, standalone
-    from fedtune.server.export import export, resolve
+    from fedtune.server.runtime.trained import resolve
+    from fedtune.server.tools.export import export
 
     trained = resolve(args.run_dir, args.round)
     cfg = trained.cfg

@@ -84,14 +84,14 @@ def tuned_baseline(cfg: Any, extra: list[str]) -> dict[str, Any]:
     """Plain non-private LoRA fine-tuning on the pooled records, best of a grid."""
     from fedtune.client import trainer
     from fedtune.client.site import site_data
-    from fedtune.common import evaluation
+    from fedtune.common import loops
     from fedtune.common.model import adapter_state, build_model, load_tokenizer
-    from fedtune.server.evaluate import CentralEvaluator
+    from fedtune.server.runtime.central_eval import CentralEvaluator
 
     t0 = time.perf_counter()
     site = site_data(cfg, {"partition-id": 0, "num-partitions": 1})
     pad = int(load_tokenizer(cfg.model.name_or_path).pad_token_id)
-    dev = evaluation.resolve_device("auto")
+    dev = loops.resolve_device("auto")
     epochs = 1 if extra else 3
     best: dict[str, Any] = {"macro_f1": -1.0}
     curve = []

@@ -38,7 +38,7 @@ from fedtune.client.site import (
     site_ledger,
     site_rank,
 )
-from fedtune.common import evaluation, records, updates
+from fedtune.common import loops, records, updates
 from fedtune.common.config import RunConfig, from_run_config
 from fedtune.common.errors import FedtuneError
 from fedtune.common.model import (
@@ -89,7 +89,7 @@ def _checked(context: Context, defaults: Mapping[str, Any], *,
 
 
 def _setup(msg: Message, context: Context, cfg: RunConfig) -> Setup:
-    device = evaluation.resolve_device(str(context.node_config.get("device", "auto")))
+    device = loops.resolve_device(str(context.node_config.get("device", "auto")))
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.federation.client_cpus)))
     site = site_data(cfg, context.node_config)
@@ -311,6 +311,3 @@ def make_client_app(defaults: Mapping[str, Any] | None = None, *,
                        reply_to=msg)
 
     return app
-
-
-app = make_client_app()

@@ -23,8 +23,8 @@ from fedtune.client.privacy import Book, PrivacyState
 from fedtune.client.site import SiteData
 from fedtune.common import calibration, records
 from fedtune.common.config import RunConfig
-from fedtune.common.evaluation import class_logits
 from fedtune.common.features import HeadOnly, head_features
+from fedtune.common.loops import class_logits
 from fedtune.common.model import classifier_head
 
 logger = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """What every fedtune ClientApp wraps its handlers in, with no torch import: the
 error reduction (the server learns a failure's class name only) and the SecAgg+
 routing. The full app (:mod:`fedtune.client.app`) and the thin forwarder
-(:mod:`fedtune.client.forwarder`) both use them.
+(:mod:`fedtune.client.node.forwarder`) both use them.
 """
 
 from __future__ import annotations

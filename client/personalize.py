@@ -27,7 +27,7 @@ import torch
 from fedtune.client import trainer
 from fedtune.client.privacy import Book, PrivacyState
 from fedtune.client.site import SiteData
-from fedtune.common import evaluation, records
+from fedtune.common import loops, records
 from fedtune.common.accounting import (
     calibrate_noise,
     epsilon_spent,
@@ -52,7 +52,7 @@ def scores(cfg: RunConfig, model: torch.nn.Module, dataset: EncodedDataset, *,
            device: torch.device, pad: int) -> dict[str, float]:
     """The fixed keys a site reports about an adapter on its own records (per-class
     figures would vary with the classes a site holds)."""
-    res = evaluation.evaluate(model, dataset, task=cfg.model.task, device=device,
+    res = loops.evaluate(model, dataset, task=cfg.model.task, device=device,
                               batch_size=cfg.train.eval_batch_size, pad_id=pad,
                               labels=list(cfg.data.labels))
     keys = ((records.ACCURACY, records.MACRO_F1)

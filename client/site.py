@@ -1,6 +1,7 @@
 """What a site holds between messages: its data, its model and its ledger.
 
-A simulation's Ray actors and a deployed site's worker (:mod:`fedtune.client.worker`)
+A simulation's Ray actors and a deployed site's worker
+(:mod:`fedtune.client.node.worker`)
 keep these across rounds: the tokenized data (read again when the file changes on
 disk), one model resident on its device (reset to its seeded initial adapter for
 every message; rebuilt when the weights change on disk) and the privacy ledger.

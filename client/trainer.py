@@ -27,14 +27,14 @@ from fedtune.client import dpsgd
 from fedtune.common.accounting import sample_rate as poisson_rate
 from fedtune.common.config import PrivacyConfig, TrainConfig
 from fedtune.common.data import collate
-from fedtune.common.evaluation import (
+from fedtune.common.features import HeadOnly, head_features, hidden_inputs
+from fedtune.common.loops import (
     Batch,
     autocast,
     evaluate,
     per_sample_loss,
     to_device,
 )
-from fedtune.common.features import HeadOnly, head_features, hidden_inputs
 from fedtune.common.model import adapter_state, classifier_head, set_adapter_state
 from fedtune.common.toplayers import TopLayers
 

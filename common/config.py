@@ -865,12 +865,17 @@ PAST_STOP = "fedtune.past-early-stop"  # run_config key: resume a run that stopp
 SIMULATED = "fedtune.simulated"  # run_config key: sites are data.source partitions
 
 
+def run_config_key(section: str, field: str) -> str:
+    """The flat run_config key of ``section.field`` (``federation.round-timeout``)."""
+    return f"{section}.{field.replace('_', '-')}"
+
+
 def to_run_config(cfg: RunConfig) -> dict[str, Scalar]:
     """Flatten to Flower's run_config: ``section.kebab-key`` -> scalar."""
     flat: dict[str, Scalar] = {}
     for section, values in to_dict(cfg).items():
         for key, value in values.items():
-            name = f"{section}.{key.replace('_', '-')}"
+            name = run_config_key(section, key)
             flat[name] = json.dumps(value) if isinstance(value, list) else value
     return flat
 

@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from fedtune.common.data import EncodedDataset, collate
-from fedtune.common.evaluation import forward, to_device
+from fedtune.common.loops import forward, to_device
 from fedtune.common.model import adapter_state, classifier_head, is_lora
 from fedtune.common.toplayers import Captured, TopLayers, layer_input_hook, layer_of
 

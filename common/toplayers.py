@@ -89,7 +89,7 @@ def _base(model: nn.Module) -> tuple[Any, Any, bool]:
 class TopLayers(nn.Module):
     """The top ``k`` layers of a classifier (then its pooling and head) or of a
     causal LM (then its norm and LM head), fed the cached hidden states entering
-    layer ``L - k``; :func:`fedtune.common.evaluation.class_logits` and
+    layer ``L - k``; :func:`fedtune.common.loops.class_logits` and
     ``per_sample_loss`` call it with the batch's ``hidden`` and ``attention_mask``.
     """
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from fedtune.common import assets, config
 from fedtune.common.deployment import LOG_FORMAT, ensure_app_logging
 from fedtune.common.errors import FedtuneError
+from fedtune.server import rundir
 from fedtune.simulations import cli_model
 
 logger = logging.getLogger("fedtune")
@@ -71,13 +72,13 @@ def _resumed(args: argparse.Namespace) -> config.RunConfig:
         raise FedtuneError(f"--resume takes no config or overrides ("
                            f"{' '.join(args.items)}): a run continues with the "
                            "config it started with")
-    path = Path(args.resume) / "config.yaml"
+    path = Path(args.resume) / rundir.CONFIG
     if not path.is_file():
         raise FedtuneError(f"{path}: not found; --resume needs a fedtune run "
                            "directory (it holds config.yaml and state.npz)")
     cfg = config.load(path)
-    from fedtune.server.checkpoint import read_metrics
-    from fedtune.server.selection import Selection
+    from fedtune.server.runtime.checkpoint import read_metrics
+    from fedtune.server.runtime.selection import Selection
 
     Selection.for_run(cfg).replay(read_metrics(args.resume),
                                   past_stop=args.past_early_stop)
@@ -95,7 +96,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     started = time.monotonic()
     cfg, name = (_resumed(args), "") if args.resume else _load(args.items)
     _check_data(cfg)
-    from fedtune.server.report import headline, load_run, write_report
+    from fedtune.server.tools.report import headline, load_run, write_report
     from fedtune.simulations.driver import simulate
 
     if args.resume:
@@ -115,7 +116,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from fedtune.server.report import write_report
+    from fedtune.server.tools.report import write_report
 
     page, text = write_report(args.run_dir, args.out)
     print(text)
@@ -182,7 +183,7 @@ def cmd_assets(args: argparse.Namespace) -> int:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from fedtune.server.daemon import ServerOptions, run_server
+    from fedtune.server.operations.daemon import ServerOptions, run_server
 
     run_server(ServerOptions(
         certs=Path(args.certs) if args.certs else None,
@@ -193,7 +194,7 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 
 def cmd_client(args: argparse.Namespace) -> int:
-    from fedtune.client.daemon import ClientOptions, run_client
+    from fedtune.client.node.daemon import ClientOptions, run_client
 
     return run_client(ClientOptions(
         superlink=args.superlink, data_path=Path(args.data),
@@ -209,7 +210,7 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedtune.server import control
+    from fedtune.server.operations import control
 
     if args.resume:
         cfg = _resumed(args)
@@ -229,14 +230,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from fedtune.server import control
+    from fedtune.server.operations import control
 
     print(control.status_text(args.deployment))
     return 0
 
 
 def cmd_deployment(args: argparse.Namespace) -> int:
-    from fedtune.server import control
+    from fedtune.server.operations import control
 
     if args.action == "add":
         control.add_deployment(args.name, control=args.control,
@@ -264,7 +265,7 @@ def cmd_privacy(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from fedtune.server.audit import run_audit
+    from fedtune.server.tools.audit import run_audit
     from fedtune.simulations.driver import simulate
 
     cfg, name = _load(args.items)
@@ -297,13 +298,13 @@ def cmd_keys(args: argparse.Namespace) -> int:
         for path in keys.create_node_key(out or Path("keys"), args.name):
             print(path)
     elif args.action == "register":
-        from fedtune.server import control
+        from fedtune.server.operations import control
 
         node_id = control.register_node(Path(args.public_key), name=args.deployment,
                                          label=args.label)
         print(f"registered node {node_id}")
     else:
-        from fedtune.server import control
+        from fedtune.server.operations import control
 
         control.unregister_node(args.node_id, name=args.deployment)
         print(f"unregistered node {args.node_id}")

@@ -1,7 +1,7 @@
 """The ``fedtune`` commands that use a trained model: ``export``, ``predict``,
 ``evaluate`` and ``compare`` (dispatch only; the work is in
-:mod:`fedtune.server.export`, :mod:`fedtune.server.predict` and
-:mod:`fedtune.server.compare`). None of them writes into the run directory."""
+:mod:`fedtune.server.tools.export`, :mod:`fedtune.server.tools.predict` and
+:mod:`fedtune.server.tools.compare`). None of them writes into the run directory."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ ROUND_HELP = ("which round: best (the default; final when the run recorded no "
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from fedtune.server.export import export
+    from fedtune.server.tools.export import export
 
     done = export(args.run_dir, out=args.out, which=args.round, merge=args.merge,
                   quantize=args.quantize or "")
@@ -28,7 +28,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from fedtune.server.predict import predict_file
+    from fedtune.server.tools.predict import predict_file
 
     out: Any = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
     try:
@@ -44,8 +44,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from fedtune.server import plots
-    from fedtune.server.predict import evaluate_file, report_lines
+    from fedtune.server.tools import plots
+    from fedtune.server.tools.predict import evaluate_file, report_lines
 
     result = evaluate_file(args.run_dir, args.data, which=args.round,
                            device=args.device, batch_size=args.batch_size)
@@ -67,7 +67,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from fedtune.server.compare import compare, lines
+    from fedtune.server.tools.compare import compare, lines
 
     result = compare(args.run_dirs, resamples=args.resamples, device=args.device)
     print("\n".join(lines(result)))

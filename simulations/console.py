@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from fedtune.common.deployment import DETAIL_KEY, LOG_FORMAT
-from fedtune.server.checkpoint import LOG_DIR, RUN_LOG
+from fedtune.server.rundir import LOG_DIR, RUN_LOG
 from fedtune.simulations import engine
 
 # Flower's notices that a fedtune simulation makes deliberately (fedtune evaluates

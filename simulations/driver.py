@@ -23,8 +23,9 @@ from fedtune.common.config import (
 )
 from fedtune.common.errors import FedtuneError
 from fedtune.common.model import check_top_layers, load_pretrained, load_tokenizer
-from fedtune.server import checkpoint
-from fedtune.server.selection import STOPPED
+from fedtune.server import rundir
+from fedtune.server.runtime import checkpoint
+from fedtune.server.runtime.selection import STOPPED
 from fedtune.simulations import console, engine
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def simulate(cfg: RunConfig, *, name: str = "sim", run_dir: Path | None = None,
     from flwr.simulation import run_simulation
 
     from fedtune.client.app import make_client_app
-    from fedtune.server.app import make_server_app
+    from fedtune.server.runtime.app import make_server_app
 
     preflight(cfg, data_checked=data_checked)
     fed = cfg.federation
@@ -76,7 +77,7 @@ def simulate(cfg: RunConfig, *, name: str = "sim", run_dir: Path | None = None,
     os.environ[features.SHARED_ENV] = shared  # this process: central evaluation
     try:
         with engine.ray_engine(fed, env={features.SHARED_ENV: shared}):
-            run_dir = run_dir or checkpoint.new_run_dir(fed.run_dir, name)
+            run_dir = run_dir or rundir.new_run_dir(fed.run_dir, name)
             run_dir.mkdir(parents=True, exist_ok=True)
             flat = {**to_run_config(cfg), RUN_PATH: str(run_dir.resolve()),
                     RESUME: resume, PAST_STOP: past_stop, SIMULATED: True}

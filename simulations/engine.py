@@ -33,7 +33,7 @@ from typing import Any
 
 from fedtune.common.config import FederationConfig
 from fedtune.common.errors import FedtuneError
-from fedtune.server.checkpoint import SITES_LOG
+from fedtune.server.rundir import SITES_LOG
 
 logger = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 5.0  # seconds for the TCP check of HOST:PORT

@@ -43,7 +43,7 @@ import yaml
 
 from fedtune.common import config
 from fedtune.common.errors import ConfigError, FedtuneError
-from fedtune.server import checkpoint
+from fedtune.server.runtime import checkpoint
 
 logger = logging.getLogger(__name__)
 SPEC_KEYS = {"low", "high", "log", "choices"}

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedtune.client.daemon import ClientOptions, supernode_command
+from fedtune.client.node.daemon import ClientOptions, supernode_command
 from fedtune.common import keys
 from fedtune.common.errors import FedtuneError
 from fedtune.simulations.cli import main

@@ -13,12 +13,12 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedtune.client import policy, privacy, site
 from fedtune.client.app import make_client_app
-from fedtune.client.daemon import ClientOptions, site_policy, supernode_command
 from fedtune.client.ledger import Budget, PrivacyLedger
+from fedtune.client.node.daemon import ClientOptions, site_policy, supernode_command
 from fedtune.common import config, records
 from fedtune.common.errors import DeploymentError
 from fedtune.common.model import adapter_state, build_model
-from fedtune.server import stats
+from fedtune.server.runtime import stats
 from tests.conftest import tiny_config
 
 

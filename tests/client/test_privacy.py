@@ -8,7 +8,7 @@ from opacus.accountants import RDPAccountant
 
 from fedtune.client import dpsgd, privacy, recipe
 from fedtune.client.ledger import Budget, PrivacyLedger
-from fedtune.common import accounting, config, data, evaluation, records
+from fedtune.common import accounting, config, data, loops, records
 from fedtune.common import model as M
 from fedtune.common.config import LoraConfig, ModelConfig, PrivacyConfig
 from fedtune.common.errors import PrivacyBudgetExhausted, PrivacyError
@@ -36,7 +36,7 @@ def _one_sample_grads(model: torch.nn.Module, params: list[torch.nn.Parameter],
     for i in range(len(batch["labels"])):
         model.zero_grad()
         one = {k: v[i:i + 1] for k, v in batch.items()}
-        evaluation.per_sample_loss(model, one, task="classification").sum().backward()
+        loops.per_sample_loss(model, one, task="classification").sum().backward()
         out.append(_flat_grads(params).clone())
     model.zero_grad()
     return out
@@ -66,7 +66,7 @@ def test_per_sample_clipping_matches_manual_computation(tiny_bert: Path,
     gsm, dp_opt = dpsgd.make_private(
         model, opt, cfg=PrivacyConfig(max_grad_norm=clip, grad_sample_mode=mode),
         noise_multiplier=0.0, expected_batch_size=bsz)
-    evaluation.per_sample_loss(gsm, batch, task="classification").mean().backward()
+    loops.per_sample_loss(gsm, batch, task="classification").mean().backward()
     per_sample = torch.cat([p.grad_sample.reshape(bsz, -1) for p in params], dim=1)
     dp_opt.pre_step()
     got = _flat_grads(params)
@@ -161,12 +161,12 @@ def test_record_weights_apply_after_clipping(tiny_bert: Path) -> None:
         model, opt, cfg=PrivacyConfig(max_grad_norm=clip), noise_multiplier=0.0,
         expected_batch_size=bsz)
     # Execute
-    evaluation.per_sample_loss(gsm, batch, task="classification").mean().backward()
+    loops.per_sample_loss(gsm, batch, task="classification").mean().backward()
     dp_opt.sample_weights = weights
     dp_opt.pre_step()
     got = _flat_grads(params)
     dp_opt.zero_grad()
-    evaluation.per_sample_loss(gsm, batch, task="classification").mean().backward()
+    loops.per_sample_loss(gsm, batch, task="classification").mean().backward()
     dp_opt.sample_weights = torch.tensor([1.0, 1.5, 0.0, 0.0])
     with pytest.raises(PrivacyError, match=r"record weights must lie in \[0, 1\]"):
         dp_opt.pre_step()

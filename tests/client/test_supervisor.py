@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.client import channel, supervisor
+from fedtune.client.node import channel, supervisor
 from fedtune.common.errors import DeploymentError
 
 
@@ -69,7 +69,7 @@ def test_the_socket_directory_is_private(tmp_path: Path) -> None:
 SCRIPT = """
 import logging, sys
 from pathlib import Path
-from fedtune.client import supervisor
+from fedtune.client.node import supervisor
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 supervisor.HEALTHY_AFTER = 0.0  # restart at once, whatever the worker's age
 sup = supervisor.Supervisor(
@@ -123,7 +123,7 @@ def test_a_supernode_that_stops_stops_the_daemon(tmp_path: Path) -> None:
 KILLED = """
 import sys
 from pathlib import Path
-from fedtune.client import supervisor
+from fedtune.client.node import supervisor
 child = ("import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); "
          "time.sleep(600)")
 root = Path(sys.argv[1])

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from fedtune.client import trainer
-from fedtune.common import data, evaluation
+from fedtune.common import data, loops
 from fedtune.common import model as M
 from fedtune.common.config import (
     DataConfig,
@@ -40,14 +40,14 @@ def _model(tiny_bert: Path) -> torch.nn.Module:
 def test_non_private_training_learns(tiny_bert: Path) -> None:
     train_set, val_set = _sets(tiny_bert)
     model = _model(tiny_bert)
-    before = evaluation.evaluate(model, val_set, task="classification", batch_size=32,
+    before = loops.evaluate(model, val_set, task="classification", batch_size=32,
                               device=CPU, pad_id=0)
     res = trainer.train_local(
         model, train_set, val_set, task="classification",
         train_cfg=TrainConfig(local_epochs=8, batch_size=8, learning_rate=2e-2),
         privacy_cfg=PrivacyConfig(enabled=False), noise_multiplier=0.0, device=CPU,
         pad_id=0, seed=0)
-    after = evaluation.evaluate(model, val_set, task="classification", batch_size=32,
+    after = loops.evaluate(model, val_set, task="classification", batch_size=32,
                              device=CPU, pad_id=0, labels=["negative", "neutral",
                                                            "positive"])
     assert res.steps == 8 * 9 and res.num_examples == 72 and res.sample_rate == 0.0
@@ -92,7 +92,7 @@ def test_causal_lm_loss_is_per_sequence_over_response_tokens(tiny_llama: Path
     batch = {"input_ids": torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 0, 0]]),
              "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
              "loss_mask": torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 0, 0.]])}
-    got = evaluation.per_sample_loss(model, batch, task="causal-lm")
+    got = loops.per_sample_loss(model, batch, task="causal-lm")
     logits = model(input_ids=batch["input_ids"],
                    attention_mask=batch["attention_mask"]).logits
     # sample 0 predicts tokens 2,3,4 from positions 1,2,3; sample 1 tokens 1,2
@@ -112,25 +112,25 @@ def test_causal_lm_dp_training_and_perplexity(tiny_llama: Path, sft_file: Path
         model, ds, data.EncodedDataset([]), task="causal-lm",
         train_cfg=TrainConfig(max_steps=4, batch_size=4), privacy_cfg=PrivacyConfig(),
         noise_multiplier=0.5, device=CPU, pad_id=int(tok.pad_token_id), seed=0)
-    ev = evaluation.evaluate(model, ds, task="causal-lm", batch_size=8, device=CPU,
+    ev = loops.evaluate(model, ds, task="causal-lm", batch_size=8, device=CPU,
                           pad_id=int(tok.pad_token_id))
     assert res.steps == 4 and math.isnan(res.val_loss)
     assert ev["perplexity"] == pytest.approx(math.exp(ev["loss"]))
 
 
 def test_device_and_precision_choices() -> None:
-    assert evaluation.resolve_device("cpu").type == "cpu"
+    assert loops.resolve_device("cpu").type == "cpu"
     if not torch.cuda.is_available():
-        assert evaluation.resolve_device("auto").type == "cpu"
+        assert loops.resolve_device("auto").type == "cpu"
         with pytest.raises(ConfigError, match="CUDA is not available"):
-            evaluation.resolve_device("cuda")
+            loops.resolve_device("cuda")
     with pytest.raises(ConfigError, match="fp16 needs loss scaling"):
-        evaluation.autocast(CPU, "fp16", dp=True)
-    assert evaluation.autocast(CPU, "auto", dp=True) is not None
+        loops.autocast(CPU, "fp16", dp=True)
+    assert loops.autocast(CPU, "auto", dp=True) is not None
 
 
 def test_empty_dataset_evaluates_to_nothing(tiny_bert: Path) -> None:
-    assert evaluation.evaluate(_model(tiny_bert), data.EncodedDataset([]),
+    assert loops.evaluate(_model(tiny_bert), data.EncodedDataset([]),
                             task="classification", batch_size=4, device=CPU,
                             pad_id=0) == {}
 
@@ -194,12 +194,12 @@ def test_sgd_optimizer_is_configurable_and_learns(tiny_bert: Path) -> None:
                       local_epochs=8, batch_size=8)
     opt = trainer.make_optimizer(list(model.parameters()), cfg)
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.5
-    before = evaluation.evaluate(model, val_set, task="classification", batch_size=32,
+    before = loops.evaluate(model, val_set, task="classification", batch_size=32,
                               device=CPU, pad_id=0)["loss"]
     trainer.train_local(model, train_set, val_set, task="classification",
                         train_cfg=cfg, privacy_cfg=PrivacyConfig(enabled=False),
                         noise_multiplier=0.0, device=CPU, pad_id=0, seed=0)
-    after = evaluation.evaluate(model, val_set, task="classification", batch_size=32,
+    after = loops.evaluate(model, val_set, task="classification", batch_size=32,
                              device=CPU, pad_id=0)["loss"]
     assert after < before - 0.1
 
@@ -273,7 +273,7 @@ def test_features_are_shared_between_a_simulations_processes(
     M.set_lora_trainable(model, LoraConfig(r=4), trainable=False)
     model.eval()
     with torch.no_grad():
-        plain = [evaluation.class_logits(model, data.collate([x], pad_id=0))[0]
+        plain = [loops.class_logits(model, data.collate([x], pad_id=0))[0]
                  for x in train_set.items[:5]]
     monkeypatch.setattr(features, "_FEATURES", type(features._FEATURES)())
     monkeypatch.setenv(features.SHARED_ENV, str(tmp_path))
@@ -305,6 +305,6 @@ def test_features_are_shared_between_a_simulations_processes(
         train_cfg=TrainConfig(local_epochs=1, batch_size=16, learning_rate=1e-9),
         privacy_cfg=PrivacyConfig(enabled=False), noise_multiplier=0.0, device=CPU,
         pad_id=0, seed=0, head_only=True)
-    full = evaluation.evaluate(model, val_set, task="classification", batch_size=32,
+    full = loops.evaluate(model, val_set, task="classification", batch_size=32,
                                device=CPU, pad_id=0)["loss"]
     assert res.val_loss == pytest.approx(full, rel=1e-4)

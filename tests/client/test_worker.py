@@ -18,7 +18,8 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common import serde
 
-from fedtune.client import channel, forwarder, mods
+from fedtune.client import mods
+from fedtune.client.node import channel, forwarder
 from fedtune.common import config, records
 from fedtune.common.errors import DeploymentError
 from fedtune.common.model import adapter_state, build_model
@@ -28,14 +29,14 @@ pytestmark = pytest.mark.usefixtures("flower_identity")
 
 
 class Worker:
-    """A ``python -m fedtune.client.worker`` process and its socket."""
+    """A ``python -m fedtune.client.node.worker`` process and its socket."""
 
     def __init__(self, root: Path) -> None:
         self.socket = root / "state" / "worker" / channel.SOCKET_NAME
         self.log = root / "worker.log"
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "fedtune.client.worker", "--socket",
+                [sys.executable, "-m", "fedtune.client.node.worker", "--socket",
                  str(self.socket)], stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True)
         deadline = time.monotonic() + 120
@@ -45,7 +46,7 @@ class Worker:
             time.sleep(0.2)
 
     def ping(self) -> dict:
-        header, _ = channel.request(self.socket, {"op": forwarder.PING}, wait=5,
+        header, _ = channel.request(self.socket, {"op": channel.PING}, wait=5,
                                     timeout=30)
         assert header["ok"] and header["pid"] == self.proc.pid
         return dict(header["stats"])
@@ -156,7 +157,7 @@ def test_garbage_gets_an_error_reply_and_the_worker_keeps_serving(
         assert header["ok"] is False and "on the site" in header["error"]
     garbled = serde.message_to_proto(Message(RecordDict(), dst_node_id=1,
                                              message_type="train"))
-    header, _ = channel.request(worker.socket, {"op": forwarder.TASK},
+    header, _ = channel.request(worker.socket, {"op": channel.TASK},
                                 garbled.SerializeToString(), b"not a context",
                                 wait=5, timeout=30)
     assert header["ok"] is False and "DecodeError" in header["error"]
@@ -176,7 +177,7 @@ def test_two_tasks_at_once_are_served_one_after_the_other(
     headers: list[dict] = []
 
     def send(blobs: tuple[bytes, bytes]) -> None:
-        headers.append(channel.request(worker.socket, {"op": forwarder.TASK}, *blobs,
+        headers.append(channel.request(worker.socket, {"op": channel.TASK}, *blobs,
                                        wait=5, timeout=120)[0])
 
     threads = [threading.Thread(target=send, args=(f,)) for f in frames]
@@ -209,7 +210,7 @@ def test_a_worker_killed_mid_task_fails_the_task_at_once(
     data = write_jsonl(tmp_path / "site.jsonl", make_reviews(40, 7))
     msg, ctx = _task(tiny_bert, review_files, data, tmp_path / "ledger",
                      local_epochs=50, max_steps=0)
-    ctx.node_config[forwarder.WORKER_SOCKET] = str(w.socket)
+    ctx.node_config[channel.WORKER_SOCKET] = str(w.socket)
     outcome: list[BaseException] = []
 
     def run() -> None:
@@ -239,7 +240,7 @@ def test_a_worker_killed_mid_task_fails_the_task_at_once(
 
 def test_the_forwarder_imports_neither_torch_nor_transformers() -> None:
     code = ("import sys, time; t = time.perf_counter(); "
-            "import fedtune.client.forwarder; "
+            "import fedtune.client.node.forwarder; "
             "print(time.perf_counter() - t, 'torch' in sys.modules, "
             "'transformers' in sys.modules, 'peft' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True,

@@ -246,8 +246,9 @@ def test_pyproject_flower_config_equals_typed_defaults() -> None:
     root = Path(__file__).resolve().parents[2]
     flower = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["flwr"]
     assert flower["app"]["config"] == config.to_run_config(config.RunConfig())
-    assert flower["app"]["components"] == {"serverapp": "fedtune.server.app:app",
-                                           "clientapp": "fedtune.client.forwarder:app"}
+    assert flower["app"]["components"] == {
+        "serverapp": "fedtune.server.runtime.app:app",
+        "clientapp": "fedtune.client.node.forwarder:app"}
 
 
 def test_exponent_without_dot_is_a_number() -> None:

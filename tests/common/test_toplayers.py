@@ -12,7 +12,7 @@ from opacus import GradSampleModule
 from torch import nn
 
 from fedtune.client import trainer
-from fedtune.common import data, evaluation, features, toplayers
+from fedtune.common import data, features, loops, toplayers
 from fedtune.common import model as M
 from fedtune.common.config import (
     DataConfig,
@@ -57,7 +57,7 @@ def _grad_samples(net: nn.Module, batch: dict[str, torch.Tensor], task: str,
     """Opacus' per-record gradients (what DP-SGD clips) of ``net`` on ``batch``."""
     gsm = GradSampleModule(net)
     try:
-        loss = evaluation.per_sample_loss(gsm, batch, task=task).sum()
+        loss = loops.per_sample_loss(gsm, batch, task=task).sum()
         loss.backward()
         out = {names[id(p)]: p.grad_sample.detach().clone()  # type: ignore[attr-defined]
                for p in net.parameters() if p.requires_grad}

@@ -27,7 +27,7 @@ from pathlib import Path
 
 PRELOAD = ["torch", "transformers", "peft", "opacus", "ray", "flwr.simulation",
            "fedtune.simulations.cli", "fedtune.simulations.driver",
-           "fedtune.client.app", "fedtune.server.app"]
+           "fedtune.client.app", "fedtune.server.runtime.app"]
 
 _CTX = mp.get_context("forkserver")
 _CTX.set_forkserver_preload(PRELOAD)

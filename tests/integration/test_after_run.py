@@ -185,7 +185,7 @@ def test_export_predict_evaluate_leave_the_run_untouched(
     assert (tmp_path / "eval" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
     assert "precision" in evaluated.stdout and "macro-F1" in evaluated.stdout
     # scoring keeps no autograd graph (a 13k-record file once ran out of memory)
-    from fedtune.server.predict import Predictor
+    from fedtune.server.tools.predict import Predictor
 
     probs = Predictor.open(stopped_run, device="cpu").probabilities(texts)
     assert probs.shape == (3, 3) and not probs.requires_grad
@@ -320,7 +320,7 @@ def test_a_corrupt_checkpoint_fails_in_one_line_naming_what_still_loads(
     assert ok.returncode == 0, ok.stderr[-2000:]
     # resume refuses before it rewrites anything
     from fedtune.common import config as fconfig
-    from fedtune.server import resume
+    from fedtune.server.runtime import resume
 
     before = sorted(p.name for p in run.rglob("*"))
     with pytest.raises(FedtuneError, match=expected):

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedtune.client import channel, forwarder
-from fedtune.server import checkpoint
+from fedtune.client.node import channel
+from fedtune.server import rundir
+from fedtune.server.runtime import checkpoint
 from tests.conftest import make_reviews, tiny_config, write_jsonl
 from tests.integration.cluster import Cluster, metrics, wait_for
 
@@ -155,7 +156,7 @@ def _ledger(cluster: Cluster, name: str) -> dict:
 def worker_stats(cluster: Cluster, name: str) -> dict:
     """What a site's worker reports over its socket (tasks, loads, pid)."""
     header, _ = channel.request(cluster.root / name / "state" / "worker" /
-                                channel.SOCKET_NAME, {"op": forwarder.PING},
+                                channel.SOCKET_NAME, {"op": channel.PING},
                                 wait=10, timeout=30)
     return {**header["stats"], "pid": header["pid"]}
 
@@ -300,7 +301,7 @@ def test_run_resumes_after_the_superlink_is_killed(
     assert proc.returncode == 0, proc.stderr
     # Execute: SIGKILL the SuperLink (and the ServerApp under it) once a round is
     # saved, restart it, resume the run directory
-    wait_for(lambda: (run_dir / checkpoint.STATE).is_file(), timeout=240,
+    wait_for(lambda: (run_dir / rundir.STATE).is_file(), timeout=240,
              what="round 1 to be saved")
     cluster.kill("server")
     saved = checkpoint.load_state(run_dir).round

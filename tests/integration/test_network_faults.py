@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedtune.server import checkpoint
+from fedtune.server.runtime import checkpoint
 from tests.conftest import make_reviews, tiny_config, write_jsonl
 from tests.integration.cluster import Cluster, metrics, wait_for
 from tests.integration.faultproxy import FaultProxy

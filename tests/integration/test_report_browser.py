@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.server import report
+from fedtune.server.tools import report
 from tests.integration import browser
 from tests.server.test_report import troubled_run  # noqa: F401  (fixture)
 

@@ -15,7 +15,9 @@ import pytest
 import yaml
 from safetensors.numpy import load_file
 
-from fedtune.server import checkpoint, report
+from fedtune.server import rundir
+from fedtune.server.runtime import checkpoint
+from fedtune.server.tools import report
 from tests.conftest import tiny_config
 from tests.integration import faulty, runner
 
@@ -142,7 +144,7 @@ def test_resume_after_sigkill_equals_the_uninterrupted_run(
     deadline, saved = time.monotonic() + 300, 0
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            if (run_dir / checkpoint.STATE).is_file():
+            if (run_dir / rundir.STATE).is_file():
                 saved = checkpoint.load_state(run_dir).round
                 if saved >= 2:
                     break

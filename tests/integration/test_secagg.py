@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from fedtune.client.ledger import Budget, PrivacyLedger
 from fedtune.client.site import site_data
 from fedtune.common import config
-from fedtune.server.checkpoint import LOG_DIR, RUN_LOG
+from fedtune.server.rundir import LOG_DIR, RUN_LOG
 from tests.conftest import tiny_config
 from tests.integration.test_simulation import _rounds, _simulate
 

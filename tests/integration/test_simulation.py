@@ -133,7 +133,7 @@ def test_causal_lm_simulation(tmp_path: Path, tiny_llama: Path, sft_file: Path
     import torch
     from transformers import AutoModelForCausalLM
 
-    from fedtune.server.export import load_model, resolve
+    from fedtune.server.runtime.trained import load_model, resolve
 
     proc = runner.run(["export", str(run_dir), "--merge", "--out",
                        str(tmp_path / "merged")])

@@ -11,8 +11,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedtune.common import records
 from fedtune.common.config import FederationConfig
-from fedtune.server.registry import build_strategy
-from fedtune.server.strategy import FedTuneStrategy
+from fedtune.server.runtime.registry import build_strategy
+from fedtune.server.runtime.strategy import FedTuneStrategy
 from tests.server.test_strategy import _reply
 
 QUERY_KW = {"dst_node_id": 1, "message_type": "train"}

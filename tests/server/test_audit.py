@@ -9,7 +9,7 @@ import pytest
 
 from fedtune.common import config
 from fedtune.common.errors import ConfigError
-from fedtune.server.audit import make_canaries, run_audit
+from fedtune.server.tools.audit import make_canaries, run_audit
 from tests.conftest import make_reviews, tiny_config
 
 

@@ -12,8 +12,8 @@ from opacus.accountants import RDPAccountant
 
 from fedtune.common import records
 from fedtune.common.config import FederationConfig, PrivacyConfig
-from fedtune.server.central_dp import CentralDPAvg, client_epsilon
-from fedtune.server.registry import build_strategy
+from fedtune.server.runtime.central_dp import CentralDPAvg, client_epsilon
+from fedtune.server.runtime.registry import build_strategy
 from tests.server.test_strategy import _reply
 
 

@@ -8,7 +8,8 @@ import pytest
 
 from fedtune.common import keys
 from fedtune.common.errors import DeploymentError, KeyMaterialError
-from fedtune.server.daemon import RUNS_DIR_ENV, ServerOptions, superlink_command
+from fedtune.server.operations.daemon import ServerOptions, superlink_command
+from fedtune.server.rundir import RUNS_DIR_ENV
 from fedtune.simulations.cli import main
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from flwr.serverapp import Grid
 
-from fedtune.server import polling
+from fedtune.server.runtime import polling
 
 
 class SlowGrid(Grid):

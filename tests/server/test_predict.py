@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fedtune.common.errors import DataError
-from fedtune.server.predict import read_inputs
+from fedtune.server.tools.predict import read_inputs
 
 
 def test_text_lines_jsonl_and_stdin(tmp_path: Path) -> None:

@@ -14,7 +14,8 @@ import pytest
 
 from fedtune.common import config
 from fedtune.common.errors import FedtuneError
-from fedtune.server import events, plots, report
+from fedtune.server.runtime import events
+from fedtune.server.tools import plots, report
 from fedtune.simulations.cli import main
 from tests.conftest import REVIEW_DATA
 
@@ -214,7 +215,7 @@ def test_collapse_noise_ratio_and_classes_are_reported(tmp_path: Path) -> None:
 
 
 def test_collapse_words_count_the_classes_at_f1_zero() -> None:
-    from fedtune.server.recorder import spread_words
+    from fedtune.server.runtime.recorder import spread_words
 
     ev = {"top_prediction": 2.0, "top_prediction_share": 0.997, "collapsed": 1.0,
           "f1-negative": 0.0, "f1-neutral": 0.0, "f1-positive": 0.79}
@@ -243,7 +244,7 @@ def test_sites_are_named_by_partition_beside_the_node_id(tmp_path: Path) -> None
 
 def test_a_simulated_site_reports_its_partition_index() -> None:
     from fedtune.common import records
-    from fedtune.server.stats import RoundStats, record_site_metrics
+    from fedtune.server.runtime.stats import RoundStats, record_site_metrics
 
     stats = RoundStats()
     record_site_metrics(stats, "42", {records.PARTITION: 3, records.TRAIN_SECONDS: 1})
@@ -252,7 +253,7 @@ def test_a_simulated_site_reports_its_partition_index() -> None:
 
 
 def test_a_failed_site_is_named_with_the_class_of_its_error() -> None:
-    from fedtune.server.stats import failure_words
+    from fedtune.server.runtime.stats import failure_words
 
     sent = ("<class 'fedtune.client.mods.SiteFailure'>:<'DataError on the site "
             "(details stay in the site's own log)'>")
@@ -278,7 +279,7 @@ def test_the_rounds_bar_shows_in_a_terminal_that_reports_no_size() -> None:
     import pty
 
     # Prepare: a pseudo-terminal of 0 x 0, as some consoles give
-    code = ("from fedtune.server.recorder import progress_bar\n"
+    code = ("from fedtune.server.runtime.recorder import progress_bar\n"
             "bar = progress_bar(2)\nbar.update(1)\nbar.close()\n")
     out = bytearray()
 

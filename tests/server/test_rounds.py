@@ -12,8 +12,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message
 
 from fedtune.common import config, records
 from fedtune.common.errors import FedtuneError
-from fedtune.server import checkpoint, rounds
-from fedtune.server.registry import build_strategy
+from fedtune.server import rundir
+from fedtune.server.runtime import checkpoint, rounds
+from fedtune.server.runtime.registry import build_strategy
 from tests.server.test_aggregators import FakeGrid
 from tests.server.test_strategy import _reply
 
@@ -93,7 +94,7 @@ def test_state_round_trips_exactly_and_rewind_drops_later_rounds(tmp_path: Path
     for rnd in (0, 1, 2, 3):
         checkpoint.append_metrics(tmp_path, {"round": rnd})
         if rnd:
-            ckpt = checkpoint.checkpoint_dir(tmp_path, rnd)
+            ckpt = rundir.checkpoint_dir(tmp_path, rnd)
             ckpt.mkdir(parents=True)
             (ckpt / "adapter_model.safetensors").write_bytes(b"x")
     checkpoint.save_state(tmp_path, _state(cfg, 2))
@@ -114,7 +115,7 @@ def test_state_round_trips_exactly_and_rewind_drops_later_rounds(tmp_path: Path
 def test_damaged_missing_or_foreign_state_is_named(tmp_path: Path) -> None:
     with pytest.raises(FedtuneError, match="no resume state"):
         checkpoint.load_state(tmp_path)
-    (tmp_path / checkpoint.STATE).write_bytes(b"not a zip")
+    (tmp_path / rundir.STATE).write_bytes(b"not a zip")
     with pytest.raises(FedtuneError, match="damaged resume state"):
         checkpoint.load_state(tmp_path)
     checkpoint.save_state(tmp_path, _state(config.RunConfig(), 1))
@@ -141,7 +142,7 @@ def test_run_resume_submits_the_run_directory_and_the_flag(tmp_path: Path) -> No
     import tomllib
 
     from fedtune.common.config import RESUME, RUN_PATH
-    from fedtune.server import control
+    from fedtune.server.operations import control
 
     app = control.write_app(config.RunConfig(), tmp_path / "app",
                              run_path=tmp_path / "run", resume=True)

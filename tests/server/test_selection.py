@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fedtune.common.errors import FedtuneError
-from fedtune.server.selection import STOPPED, Selection
+from fedtune.server.runtime.selection import STOPPED, Selection
 
 
 def _rows(values: list[float], key: str = "eval_macro_f1") -> list[dict]:

@@ -8,8 +8,8 @@ from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from fedtune.common import records
 from fedtune.common.config import FederationConfig
 from fedtune.common.errors import ConfigError
-from fedtune.server.registry import build_strategy
-from fedtune.server.strategy import FedTuneAvg, FedTuneAvgM
+from fedtune.server.runtime.registry import build_strategy
+from fedtune.server.runtime.strategy import FedTuneAvg, FedTuneAvgM
 
 
 def _reply(query: Message, state: dict[str, torch.Tensor], n: int,

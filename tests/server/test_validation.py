@@ -11,8 +11,8 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedtune.common import records
 from fedtune.common.config import FederationConfig
-from fedtune.server import validation
-from fedtune.server.registry import build_strategy
+from fedtune.server.runtime import validation
+from fedtune.server.runtime.registry import build_strategy
 from tests.server.test_strategy import _reply
 
 GLOBAL = {"a": np.zeros((2, 2), np.float32), "b": np.zeros(3, np.float32)}

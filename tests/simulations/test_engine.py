@@ -107,8 +107,8 @@ def test_the_terminal_keeps_rounds_and_warnings_not_details() -> None:
         r.__dict__.update(extra)
         return r
 
-    assert keep(rec("fedtune.server.recorder", logging.INFO, "round 1/2 | ..."))
-    assert not keep(rec("fedtune.server.recorder", logging.INFO, "by site",
+    assert keep(rec("fedtune.server.runtime.recorder", logging.INFO, "round 1/2 | ..."))
+    assert not keep(rec("fedtune.server.runtime.recorder", logging.INFO, "by site",
                         **DETAIL))
     assert not keep(rec("flwr", logging.INFO, "configure_train: Sampled 5 nodes"))
     assert keep(rec("flwr", logging.WARNING, "something the user must see"))

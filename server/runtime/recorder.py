@@ -25,11 +25,17 @@ from fedtune.common import answers, planning, records
 from fedtune.common.config import RunConfig
 from fedtune.common.deployment import DETAIL, INSECURE_ENV
 from fedtune.common.model import adapter_state, save_adapter, set_adapter_state
-from fedtune.server import checkpoint
-from fedtune.server.evaluate import CentralEvaluator
-from fedtune.server.events import EventLog
-from fedtune.server.selection import Selection
-from fedtune.server.stats import RoundStats, check_round, failed_sites, site_label
+from fedtune.server import rundir
+from fedtune.server.runtime import checkpoint
+from fedtune.server.runtime.central_eval import CentralEvaluator
+from fedtune.server.runtime.events import EventLog
+from fedtune.server.runtime.selection import Selection
+from fedtune.server.runtime.stats import (
+    RoundStats,
+    check_round,
+    failed_sites,
+    site_label,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +144,7 @@ class RoundRecorder:
         if sel is None:
             return
         if sel.update(server_round, row):
-            checkpoint.publish(self.run_dir, server_round, name="best")
+            checkpoint.publish(self.run_dir, server_round, name=rundir.BEST)
         row.update(sel.fields())
         if sel.should_stop:
             logger.warning("round %d: stopping early: %s", server_round, sel.reason())
@@ -154,7 +160,7 @@ class RoundRecorder:
             logger.warning("sites that failed in this run: %s", failed)
 
     def _checkpoint(self, server_round: int, state: dict[str, Any]) -> None:
-        final = checkpoint.checkpoint_dir(self.run_dir, server_round)
+        final = rundir.checkpoint_dir(self.run_dir, server_round)
         tmp = final.with_name(final.name + ".tmp")
         for stale in (tmp, final):  # a crashed attempt's leftovers
             if stale.is_dir():

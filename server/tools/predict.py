@@ -25,9 +25,9 @@ from tqdm.auto import tqdm
 from fedtune.common import data, metrics, standalone
 from fedtune.common.config import RunConfig
 from fedtune.common.errors import DataError
-from fedtune.common.evaluation import evaluate, resolve_device
-from fedtune.common.model import load_tokenizer
-from fedtune.server import export
+from fedtune.common.loops import evaluate, resolve_device
+from fedtune.common.model import ADAPTER_FILE, load_tokenizer
+from fedtune.server.runtime import trained as saved
 
 Record = dict[str, Any]
 
@@ -86,16 +86,16 @@ class Predictor:
         path = Path(source)
         dev = resolve_device(device)
         if (path / standalone.META).is_file() and not (
-                path / export.ADAPTER_FILE).is_file():
+                path / ADAPTER_FILE).is_file():
             merged = standalone.load(path)
             return cls(task=merged.task, labels=getattr(merged, "labels", []),
                        column=column or str(merged.meta.get("input_column") or (
                            "text" if merged.task == "classification" else "prompt")),
                        batch_size=batch_size or 32, cfg=None, model=merged,
                        tokenizer=merged.tokenizer, device=torch.device("cpu"))
-        trained = export.resolve(path, which)
+        trained = saved.resolve(path, which)
         cfg = trained.cfg
-        model = export.load_model(trained, dev)
+        model = saved.load_model(trained, dev)
         tok = load_tokenizer(cfg.model.name_or_path, cfg.model.gguf_file)
         bias = trained.meta.get("decision_bias")
         return cls(task=cfg.model.task, labels=list(cfg.data.labels),

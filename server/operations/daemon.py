@@ -14,9 +14,9 @@ from pathlib import Path
 
 from fedtune.common import deployment, keys
 from fedtune.common.errors import DeploymentError
+from fedtune.server import rundir
 
 logger = logging.getLogger(__name__)
-RUNS_DIR_ENV = "FEDTUNE_RUNS_DIR"  # where the ServerApp writes run directories
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,7 +65,7 @@ def superlink_command(opts: ServerOptions) -> tuple[list[str], dict[str, str]]:
             "--host", c_host, "--port", str(c_port),
             "--database", str(state / "superlink.db"),
             "--disable-runtime-dependency-installation"]
-    extra = {RUNS_DIR_ENV: str(deployment.writable_dir(state / "runs",
+    extra = {rundir.RUNS_DIR_ENV: str(deployment.writable_dir(state / "runs",
                                                        what="runs directory"))}
     if opts.insecure:
         argv.append("--insecure")
@@ -99,5 +99,5 @@ def run_server(opts: ServerOptions) -> None:
             "join the federation. Use this only on a trusted test network.",
             opts.fleet_address)
     logger.info("SuperLink state: %s; run directories: %s", opts.state_dir,
-                env[RUNS_DIR_ENV])
+                env[rundir.RUNS_DIR_ENV])
     deployment.exec_flower(argv, env)

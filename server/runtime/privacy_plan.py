@@ -24,8 +24,8 @@ from flwr.serverapp import Grid
 
 from fedtune.common import planning, records
 from fedtune.common.config import RunConfig
-from fedtune.server import stats
-from fedtune.server.checkpoint import PLAN_FILE
+from fedtune.server.rundir import PLAN_FILE
+from fedtune.server.runtime import stats
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 
 from fedtune.common.config import RunConfig
-from fedtune.server import checkpoint
+from fedtune.server import rundir
+from fedtune.server.runtime import checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def resume(run_dir: Path, *, strategy: Resumable, cfg: RunConfig
     """Restore the saved state; returns the last completed round and the adapter."""
     saved = checkpoint.load_state(run_dir)
     checkpoint.check_resumable(saved.config, cfg, run_dir)
-    last = checkpoint.checkpoint_dir(run_dir, saved.round)
+    last = rundir.checkpoint_dir(run_dir, saved.round)
     why = checkpoint.damage(last) if last.is_dir() else ""
     if why:  # RUN_DIR/final points at it: refuse before anything is rewritten
         raise checkpoint.corrupt_checkpoint(run_dir, last, saved.round, why)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from fedtune.common import answers, data, evaluation, metrics
+from fedtune.common import answers, data, loops, metrics
 from fedtune.common.config import RunConfig
 from fedtune.common.features import HeadOnly, head_features, hidden_inputs
 from fedtune.common.model import classifier_head, load_tokenizer, set_adapter_state
@@ -110,7 +110,7 @@ class CentralEvaluator:
             dataset = hidden_inputs(self.model, self.dataset, layer=scored.first,
                                     device=self.device, pad_id=self.pad_id,
                                     batch_size=self.cfg.train.eval_batch_size)
-        out = evaluation.evaluate(
+        out = loops.evaluate(
             scored, dataset, task=self.cfg.model.task, device=self.device,
             batch_size=self.cfg.train.eval_batch_size, pad_id=self.pad_id,
             labels=list(self.cfg.data.labels), precision=self.cfg.train.precision,
@@ -130,7 +130,7 @@ class CentralEvaluator:
         if self.retention_set is None or not len(self.retention_set):
             return {}
         set_adapter_state(self.model, state)
-        out = evaluation.evaluate(
+        out = loops.evaluate(
             self.model, self.retention_set, task="causal-lm", device=self.device,
             batch_size=self.cfg.train.eval_batch_size, pad_id=self.pad_id,
             precision=self.cfg.train.precision)

@@ -9,7 +9,8 @@ mixin overrides the two training hooks and leaves the aggregation math to Flower
   at the value every site starts from), and records the bytes sent;
 - ``aggregate_train`` counts the bytes received, decodes compressed deltas and pads
   lower-rank updates (:mod:`fedtune.common.updates`), rejects malformed or
-  implausible updates (:mod:`fedtune.server.validation`), orders the accepted ones
+  implausible updates (:mod:`fedtune.server.runtime.validation`),
+  orders the accepted ones
   by content (so the floating-point sums do not depend on arrival order), and
   returns nothing when fewer than ``min_replies`` were accepted (the round loop
   retries). It keeps the per-round facts for the run directory in
@@ -49,8 +50,8 @@ from flwr.serverapp.strategy import (
 
 from fedtune.common import records, updates
 from fedtune.common.model import is_lora
-from fedtune.server import decoding, resume
-from fedtune.server.stats import RoundStats, count_bytes, summarize_replies
+from fedtune.server.runtime import decoding, resume
+from fedtune.server.runtime.stats import RoundStats, count_bytes, summarize_replies
 
 logger = logging.getLogger(__name__)
 SITE_WEIGHT = "aggregation-weight"  # set on the server (federation.weighting)

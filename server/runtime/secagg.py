@@ -33,8 +33,8 @@ from flwr.serverapp import Grid
 
 from fedtune.common import records
 from fedtune.common.config import RunConfig
-from fedtune.server.recorder import RoundRecorder
-from fedtune.server.stats import RoundStats, record_site_metrics
+from fedtune.server.runtime.recorder import RoundRecorder
+from fedtune.server.runtime.stats import RoundStats, record_site_metrics
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,8 @@
 
 Each reply's update is decoded in place (compressed deltas, lower LoRA ranks padded
 to the global's, :mod:`fedtune.common.updates`) and checked
-(:mod:`fedtune.server.validation`); a reply that must not be averaged is dropped and
+(:mod:`fedtune.server.runtime.validation`);
+a reply that must not be averaged is dropped and
 its reason recorded with the node id. The strategy calls :func:`accept` first in
 ``aggregate_train``.
 """
@@ -16,8 +17,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
 from fedtune.common import records, updates
-from fedtune.server import validation
-from fedtune.server.stats import RoundStats, site_label
+from fedtune.server.runtime import validation
+from fedtune.server.runtime.stats import RoundStats, site_label
 
 logger = logging.getLogger(__name__)
 Arrays = dict[str, np.ndarray]

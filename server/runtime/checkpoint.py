@@ -1,15 +1,6 @@
-"""The run directory: resolved config, per-round adapter checkpoints, metrics.jsonl.
+"""Writing the run directory (:mod:`fedtune.server.rundir` names its files): the
+resolved config, per-round adapter checkpoints, ``metrics.jsonl``, the resume state.
 
-```
-RUN_DIR/
-  config.yaml                    resolved run config
-  metrics.jsonl                  one JSON object per round
-  checkpoints/round-0001/        PEFT format: adapter_config.json +
-                                 adapter_model.safetensors (+ fedtune_model.json)
-  final -> checkpoints/round-N   (a copy where symlinks are unavailable)
-  best -> checkpoints/round-K    the best round by federation.selection_metric
-  state.npz                      resume state after the last completed round
-```
 Files are written to a temporary name and renamed, so a crash never leaves a
 half-written checkpoint or metrics line behind.
 
@@ -26,7 +17,6 @@ import io
 import json
 import os
 import shutil
-import time
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,51 +28,15 @@ import numpy as np
 from fedtune.common import assets
 from fedtune.common.config import RunConfig, dump_yaml, to_dict
 from fedtune.common.errors import FedtuneError
+from fedtune.server import rundir
 
-STATE = "state.npz"
 STATE_FORMAT = "fedtune-server-state/1"
-PLAN_FILE = "plan.json"  # every site's privacy-utility plan
-LOG_DIR = "logs"  # a simulation's logs: what its terminal does not show
-RUN_LOG = "run.log"  # every line of the driver: fedtune's details, Flower's INFO
-SITES_LOG = "sites.log"  # the site actors' output
-
-
-def new_run_dir(base: str | Path, name: str) -> Path:
-    """Create ``base/<name>-<UTC timestamp>`` (never reusing an existing one)."""
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    path = Path(base) / f"{name}-{stamp}"
-    n = 1
-    while path.exists():
-        n += 1
-        path = Path(base) / f"{name}-{stamp}-{n}"
-    path.mkdir(parents=True)
-    return path
 
 
 def write_config(run_dir: Path, cfg: RunConfig) -> Path:
-    out = run_dir / "config.yaml"
+    out = run_dir / rundir.CONFIG
     _atomic_write(out, dump_yaml(cfg))
     return out
-
-
-def checkpoint_dir(run_dir: Path, server_round: int) -> Path:
-    return run_dir / "checkpoints" / f"round-{server_round:04d}"
-
-
-def round_of(path: Path) -> int:
-    """The round a ``checkpoints/round-NNNN`` directory holds."""
-    tail = path.name.removeprefix("round-")
-    if not tail.isdigit():
-        raise FedtuneError(f"{path}: not a round checkpoint (checkpoints/round-NNNN)")
-    return int(tail)
-
-
-def saved_rounds(run_dir: Path) -> list[int]:
-    """The rounds with a checkpoint directory, in order."""
-    ckpts = run_dir / "checkpoints"
-    return sorted(round_of(d) for d in ckpts.glob("round-*")
-                  if d.is_dir() and d.name.removeprefix("round-").isdigit()
-                  ) if ckpts.is_dir() else []
 
 
 def damage(adapter_dir: Path) -> str:
@@ -113,7 +67,8 @@ def damage(adapter_dir: Path) -> str:
 
 def whole_rounds(run_dir: Path) -> list[int]:
     """The saved rounds whose adapters still check out."""
-    return [r for r in saved_rounds(run_dir) if not damage(checkpoint_dir(run_dir, r))]
+    return [r for r in rundir.saved_rounds(run_dir)
+            if not damage(rundir.checkpoint_dir(run_dir, r))]
 
 
 def corrupt_checkpoint(run_dir: Path | None, adapter_dir: Path, server_round: int,
@@ -132,10 +87,10 @@ def corrupt_checkpoint(run_dir: Path | None, adapter_dir: Path, server_round: in
            else "none"))
 
 
-def publish(run_dir: Path, server_round: int, *, name: str = "final") -> None:
+def publish(run_dir: Path, server_round: int, *, name: str = rundir.FINAL) -> None:
     """Point ``RUN_DIR/final`` (or ``best``) at a round's checkpoint."""
     final = run_dir / name
-    target = checkpoint_dir(run_dir, server_round)
+    target = rundir.checkpoint_dir(run_dir, server_round)
     tmp = run_dir / f".{name}.tmp"
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink() if tmp.is_symlink() else shutil.rmtree(tmp)
@@ -150,7 +105,7 @@ def publish(run_dir: Path, server_round: int, *, name: str = "final") -> None:
 
 def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
     """Append one round's line to ``metrics.jsonl`` (flushed and fsynced)."""
-    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+    with open(run_dir / rundir.METRICS, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(row, allow_nan=False, default=float) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
@@ -159,7 +114,7 @@ def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
 def amend_metrics(run_dir: Path, server_round: int, fields: dict[str, Any]) -> None:
     """Add ``fields`` to round ``server_round``'s line of ``metrics.jsonl`` (its
     last one), rewriting the file atomically; every other line stays as it was."""
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / rundir.METRICS
     lines = path.read_text(encoding="utf-8").splitlines()
     for i in range(len(lines) - 1, -1, -1):
         if lines[i].strip() and json.loads(lines[i]).get("round") == server_round:
@@ -179,7 +134,7 @@ def amend_metrics(run_dir: Path, server_round: int, fields: dict[str, Any]) -> N
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The rows of ``metrics.jsonl`` ([] when there is none); a damaged line is a
     FedtuneError naming ``metrics.jsonl:N``."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / rundir.METRICS
     if not path.is_file():
         return []
     rows = []
@@ -226,8 +181,8 @@ def save_state(run_dir: Path, state: ServerState) -> Path:
                **{f"strategy/{k}": v for k, v in state.strategy_arrays.items()}}
     buf = io.BytesIO()
     np.savez(buf, **payload)  # type: ignore[arg-type]  # numpy's stub is too narrow
-    out = run_dir / STATE
-    tmp = run_dir / (STATE + ".tmp")
+    out = run_dir / rundir.STATE
+    tmp = run_dir / (rundir.STATE + ".tmp")
     with open(tmp, "wb") as fh:
         fh.write(buf.getvalue())
         fh.flush()
@@ -243,7 +198,7 @@ def save_state(run_dir: Path, state: ServerState) -> Path:
 
 def load_state(run_dir: Path) -> ServerState:
     """Read ``state.npz``; a missing or damaged file names the problem."""
-    path = run_dir / STATE
+    path = run_dir / rundir.STATE
     if not path.is_file():
         raise FedtuneError(f"{path}: no resume state. Is {run_dir} a fedtune run "
                            "directory that completed at least one round?")
@@ -275,21 +230,18 @@ def rewind(run_dir: Path, last_round: int) -> None:
     """Forget what a crashed run wrote after ``last_round``: metrics lines and
     checkpoints of later rounds (they are redone on resume)."""
     rows = [r for r in read_metrics(run_dir) if int(r.get("round", 0)) <= last_round]
-    _atomic_write(run_dir / "metrics.jsonl",
+    _atomic_write(run_dir / rundir.METRICS,
                   "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
-    ckpts = run_dir / "checkpoints"
-    for d in ckpts.glob("round-*") if ckpts.is_dir() else []:
-        tail = d.name.removeprefix("round-").removesuffix(".tmp")
-        if d.name.endswith(".tmp") or (tail.isdigit() and int(tail) > last_round):
-            shutil.rmtree(d)
+    for d in rundir.unfinished_rounds(run_dir, after=last_round):
+        shutil.rmtree(d)
     if last_round > 0:
         publish(run_dir, last_round)
     best = next((int(r["best_round"]) for r in reversed(rows)
                  if r.get("best_round")), 0)
     if best:
         publish(run_dir, best, name="best")
-    elif (run_dir / "best").is_symlink():
-        (run_dir / "best").unlink()
+    elif (run_dir / rundir.BEST).is_symlink():
+        (run_dir / rundir.BEST).unlink()
 
 
 def check_resumable(saved: Mapping[str, Any], cfg: RunConfig, run_dir: Path) -> None:

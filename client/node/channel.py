@@ -29,6 +29,9 @@ MAX_FRAME = 1 << 30  # an adapter payload is megabytes; refuse a garbled length
 MAX_FRAMES = 4
 _LENGTH = struct.Struct(">Q")
 SOCKET_NAME = "site.sock"
+WORKER_SOCKET = "worker-socket"  # node_config key set by `fedtune client`
+TASK = "task"  # op: run one Flower message through the ClientApp
+PING = "ping"  # op: is the worker up, and what has it served
 PATH_MAX = 100  # sun_path holds 108 bytes on Linux, 104 on macOS
 
 

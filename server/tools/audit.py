@@ -22,11 +22,12 @@ from typing import Any
 
 import torch
 
-from fedtune.common import data, evaluation, metrics
+from fedtune.common import data, loops, metrics
 from fedtune.common.config import RunConfig, from_dict, to_dict
 from fedtune.common.errors import ConfigError
 from fedtune.common.model import load_adapter, load_tokenizer
-from fedtune.server import checkpoint
+from fedtune.server import rundir
+from fedtune.server.runtime import checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def per_example_losses(model: torch.nn.Module, records: list[dict[str, Any]],
     out: list[float] = []
     with torch.no_grad():
         for batch in loader:
-            out += evaluation.per_sample_loss(model, batch,
+            out += loops.per_sample_loss(model, batch,
                                               task=cfg.model.task).tolist()
     return out
 
@@ -94,7 +95,7 @@ def run_audit(cfg: RunConfig, *, out_dir: Path, train: Train, canaries: int = 10
     raw = to_dict(cfg)
     run_cfg = from_dict({**raw, "data": {**raw["data"], "source": str(augmented)}})
     run_dir = train(run_cfg, out_dir / "run")
-    model = load_adapter(cfg.model, run_dir / "final",
+    model = load_adapter(cfg.model, run_dir / rundir.FINAL,
                          num_labels=len(cfg.data.labels))
     rows = checkpoint.read_metrics(run_dir)
     members, nonmembers = site_records[:max_records], test[:max_records]

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
-from fedtune.client import channel
+from fedtune.client.node import channel
 from fedtune.common.errors import DeploymentError
 
 logger = logging.getLogger(__name__)
@@ -199,5 +199,5 @@ class Supervisor:
 
 def worker_command(socket: Path) -> list[str]:
     """The worker's command line (this Python, so the same environment)."""
-    return [sys.executable, "-m", "fedtune.client.worker", "--socket", str(socket),
+    return [sys.executable, "-m", "fedtune.client.node.worker", "--socket", str(socket),
             "--parent", str(os.getpid())]

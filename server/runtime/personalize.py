@@ -19,11 +19,11 @@ from flwr.serverapp import Grid
 
 from fedtune.common import records
 from fedtune.common.config import RunConfig
-from fedtune.server.export import resolve
-from fedtune.server.stats import declined_words, failure_words
+from fedtune.server import rundir
+from fedtune.server.runtime.stats import declined_words, failure_words
+from fedtune.server.runtime.trained import resolve
 
 logger = logging.getLogger(__name__)
-RESULT = "personalization.json"
 METHOD = ("local fine-tuning of the best global adapter (FedAvg + FT) under DP-SGD, "
           "scored on each site's own held-out split")
 
@@ -78,8 +78,8 @@ def personalize(grid: Grid, *, cfg: RunConfig, run_dir: Path) -> dict[str, Any] 
               "epsilon": cfg.privacy.personalize_epsilon if cfg.privacy.enabled
               else None, "sites": sites, "failed": failed, "late": late,
               "mean": _means(sites, quality_keys(cfg))}
-    (run_dir / RESULT).write_text(json.dumps(result, indent=2, allow_nan=False,
-                                             default=_finite) + "\n")
+    (run_dir / rundir.PERSONALISATION).write_text(json.dumps(
+        result, indent=2, allow_nan=False, default=_finite) + "\n")
     for line in table_lines(result):
         logger.info("%s", line)
     for node, why in failed.items():

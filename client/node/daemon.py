@@ -6,12 +6,13 @@ holds it), the device exists, the CA certificate is a certificate and the node k
 an EC key Flower accepts.
 
 Then the daemon starts two children and supervises them
-(:mod:`fedtune.client.supervisor`): the persistent site worker
-(:mod:`fedtune.client.worker`), which loads torch, the model, the tokenized data and
+(:mod:`fedtune.client.node.supervisor`): the persistent site worker
+(:mod:`fedtune.client.node.worker`),
+which loads torch, the model, the tokenized data and
 the ledger once, and ``flower-supernode``, which keeps running across runs and
 retries the connection for as long as the SuperLink is away. Flower starts a fresh
 ClientApp process for every message; fedtune's is a thin forwarder to the worker
-(:mod:`fedtune.client.forwarder`). With ``--no-worker`` every message loads
+(:mod:`fedtune.client.node.forwarder`). With ``--no-worker`` every message loads
 everything again in its own process (Flower's default, slower; for comparison or a
 site that cannot keep the model in memory), and the daemon becomes the SuperNode.
 Only the path of the data file reaches Flower (as node_config); the records are read
@@ -24,8 +25,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedtune.client import policy, supervisor
-from fedtune.client.forwarder import WORKER_SOCKET
+from fedtune.client import policy
+from fedtune.client.node import channel, supervisor
 from fedtune.common import data, deployment, keys
 from fedtune.common.errors import DeploymentError
 
@@ -131,7 +132,7 @@ def supernode_command(opts: ClientOptions, *, socket: Path | None = None
         f"budget-epsilon={float(budget)!r}",
         f"budget-delta={float(opts.budget_delta)!r}",
         *([f"lora-rank={int(opts.lora_rank)}"] if opts.lora_rank else []),
-        *([f"{WORKER_SOCKET}={_quote(str(socket))}"] if socket else []),
+        *([f"{channel.WORKER_SOCKET}={_quote(str(socket))}"] if socket else []),
         *([f"{policy.POLICY_PATH}={_quote(str(opts.policy.expanduser().resolve()))}"]
           if opts.policy else []),
         *([f"{policy.NON_PRIVATE}=true"] if opts.allow_non_private else [])])

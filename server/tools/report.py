@@ -20,9 +20,11 @@ from typing import Any
 
 from fedtune.common import answers, config, planning
 from fedtune.common.errors import FedtuneError
-from fedtune.server import calibrate, checkpoint, personalize, plots
-from fedtune.server.selection import STOPPED
-from fedtune.server.stats import failed_sites, site_label
+from fedtune.server import rundir
+from fedtune.server.runtime import calibrate, checkpoint, personalize
+from fedtune.server.runtime.selection import STOPPED
+from fedtune.server.runtime.stats import failed_sites, site_label
+from fedtune.server.tools import plots
 
 Row = Mapping[str, Any]
 
@@ -42,7 +44,7 @@ def load_run(run_dir: str | Path) -> Run:
     """Read a run directory; a missing or damaged file is a FedtuneError that says
     what to pass instead."""
     path = Path(run_dir)
-    metrics, cfg_file = path / "metrics.jsonl", path / "config.yaml"
+    metrics, cfg_file = path / rundir.METRICS, path / rundir.CONFIG
     for f in (cfg_file, metrics):
         if not f.is_file():
             raise FedtuneError(f"{f}: not found; `fedtune report` takes a run "
@@ -50,7 +52,7 @@ def load_run(run_dir: str | Path) -> Run:
                                "run` (it holds config.yaml and metrics.jsonl)")
     rows = checkpoint.read_metrics(path)
     initial = next((r for r in rows if r["round"] == 0), None)
-    personal_file = path / personalize.RESULT
+    personal_file = path / rundir.PERSONALISATION
     return Run(path=path, cfg=config.load(cfg_file), initial=initial,
                rows=sorted((r for r in rows if r["round"] > 0),
                            key=lambda r: r["round"]),
@@ -289,16 +291,16 @@ def headline(run: Run) -> list[str]:
     return out
 
 
-LOG_WORDS = {checkpoint.RUN_LOG: "every line of the run: each round's per-site "
-             "details, Flower's own", checkpoint.SITES_LOG: "the sites' output",
-             checkpoint.PLAN_FILE: "every site's plan"}
+LOG_WORDS = {rundir.RUN_LOG: "every line of the run: each round's per-site "
+             "details, Flower's own", rundir.SITES_LOG: "the sites' output",
+             rundir.PLAN_FILE: "every site's plan"}
 
 
 def log_files(run: Run) -> list[Path]:
     """The run's logs and full plan, where the run wrote them."""
-    logs = run.path / checkpoint.LOG_DIR
-    found = [logs / checkpoint.RUN_LOG, logs / checkpoint.SITES_LOG,
-             run.path / checkpoint.PLAN_FILE]
+    logs = run.path / rundir.LOG_DIR
+    found = [logs / rundir.RUN_LOG, logs / rundir.SITES_LOG,
+             run.path / rundir.PLAN_FILE]
     return [p for p in found if p.is_file()] if logs.is_dir() else []
 
 
@@ -413,11 +415,11 @@ def write_report(run_dir: str | Path, out: str | Path | None = None
     if not run.rows and run.initial is None:
         raise FedtuneError(f"{run.path}/metrics.jsonl has no rounds yet; run the "
                            "report again once round 0 is recorded")
-    target = Path(out) if out else run.path / "report"
+    target = Path(out) if out else run.path / rundir.REPORT_DIR
     target.mkdir(parents=True, exist_ok=True)
     pngs = {name: make(run) for name, (_, make) in FIGURES.items()}
     for name, png in pngs.items():
         (target / f"{name}.png").write_bytes(png)
-    page = target / "index.html"
+    page = target / rundir.REPORT_PAGE
     page.write_text(render_html(run, pngs), encoding="utf-8")
     return page, text_summary(run)

@@ -1,17 +1,18 @@
 """The persistent site worker: torch, the model, the tokenized data and the ledger,
 loaded once and kept warm across rounds and runs.
 
-``fedtune client`` starts it (``python -m fedtune.client.worker --socket PATH``) and
+``fedtune client`` starts it (``python -m fedtune.client.node.worker --socket PATH``)
+and
 restarts it if it dies. It listens on a Unix-domain socket (mode 0600 in a 0700
 directory; connections from another user are refused) and runs each task Flower's
-thin per-message ClientApp (:mod:`fedtune.client.forwarder`) hands it through
+thin per-message ClientApp (:mod:`fedtune.client.node.forwarder`) hands it through
 exactly the ClientApp code a simulation runs: training, evaluation, privacy
 planning and ledger charging are today's, not a copy. Tasks run one at a time (two
 runs arriving at once are serialised here; the ledger's file lock still decides
 what may be spent). A request it cannot parse gets an error reply, and it goes on
 serving.
 
-Requests (see :mod:`fedtune.client.channel` for the framing):
+Requests (see :mod:`fedtune.client.node.channel` for the framing):
 
 - ``{"op": "task"}`` + Flower's Message and Context protobufs -> ``{"ok": true}`` +
   the reply's RecordDict and the context's new state, or ``{"ok": false, "error":
@@ -41,10 +42,11 @@ from flwr.proto.message_pb2 import Context as ProtoContext
 from flwr.proto.message_pb2 import Message as ProtoMessage
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedtune.client import channel, forwarder, mods
+from fedtune.client import mods
+from fedtune.client.node import channel
 from fedtune.common.deployment import ensure_app_logging
 
-logger = logging.getLogger("fedtune.client.worker")
+logger = logging.getLogger("fedtune.client.node.worker")
 
 
 class Worker:
@@ -118,11 +120,11 @@ class _Handler(socketserver.BaseRequestHandler):
         try:
             header, blobs = channel.recv(conn)
             op = header.get("op")
-            if op == forwarder.PING:
+            if op == channel.PING:
                 stats = self.server.worker.stats()
                 reply: tuple[dict[str, Any], list[bytes]] = (
                     {"ok": True, "pid": os.getpid(), "stats": stats}, [])
-            elif op == forwarder.TASK:
+            elif op == channel.TASK:
                 reply = self.server.worker.run(header, blobs)
             else:
                 raise channel.ChannelError(f"unknown request {op!r}")
@@ -187,7 +189,7 @@ def serve(path: Path, *, parent: int = 0) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fedtune.client.worker",
+    parser = argparse.ArgumentParser(prog="python -m fedtune.client.node.worker",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--socket", required=True, type=Path)
     parser.add_argument("--parent", type=int, default=0,

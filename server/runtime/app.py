@@ -23,20 +23,20 @@ from fedtune.common.config import (
 )
 from fedtune.common.deployment import ensure_app_logging
 from fedtune.common.errors import FedtuneError
-from fedtune.common.evaluation import resolve_device
+from fedtune.common.loops import resolve_device
 from fedtune.common.model import (
     build_model,
     exchanged_state,
     frozen_a_digest,
 )
-from fedtune.server import checkpoint, polling, resume, rounds
-from fedtune.server.calibrate import calibrate
-from fedtune.server.daemon import RUNS_DIR_ENV
-from fedtune.server.evaluate import CentralEvaluator
-from fedtune.server.personalize import personalize
-from fedtune.server.preflight import preflight
-from fedtune.server.recorder import RoundRecorder
-from fedtune.server.registry import build_strategy
+from fedtune.server import rundir
+from fedtune.server.runtime import checkpoint, polling, resume, rounds
+from fedtune.server.runtime.calibrate import calibrate
+from fedtune.server.runtime.central_eval import CentralEvaluator
+from fedtune.server.runtime.personalize import personalize
+from fedtune.server.runtime.privacy_plan import preflight
+from fedtune.server.runtime.recorder import RoundRecorder
+from fedtune.server.runtime.registry import build_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +45,9 @@ def _run_dir(flat: Mapping[str, Any], cfg: RunConfig, run_id: int) -> Path:
     """The CLI's exact path, else the server's runs directory, else the config's."""
     if flat.get(RUN_PATH):
         return Path(str(flat[RUN_PATH]))
-    if os.environ.get(RUNS_DIR_ENV):
-        return checkpoint.new_run_dir(os.environ[RUNS_DIR_ENV], f"run-{run_id}")
-    return checkpoint.new_run_dir(cfg.federation.run_dir, "run")
+    if os.environ.get(rundir.RUNS_DIR_ENV):
+        return rundir.new_run_dir(os.environ[rundir.RUNS_DIR_ENV], f"run-{run_id}")
+    return rundir.new_run_dir(cfg.federation.run_dir, "run")
 
 
 def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
@@ -95,7 +95,7 @@ def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
         preflight(grid, cfg, run_dir=run_dir, dims=planning.model_dims(cfg, model),
                   timeout=fed.round_timeout, simulated=bool(flat.get(SIMULATED)))
         if fed.secure_aggregation:
-            from fedtune.server.secagg import run_secagg
+            from fedtune.server.runtime.secagg import run_secagg
 
             if resuming:  # (SecAgg+ with central DP is refused by the config)
                 raise FedtuneError("federation.secure_aggregation runs cannot be "

@@ -31,10 +31,10 @@ from flwr.serverapp import Grid
 from fedtune.common import accounting, calibration, records
 from fedtune.common.config import RunConfig
 from fedtune.common.model import FEDTUNE_META, adapter_state
-from fedtune.server import checkpoint
-from fedtune.server.evaluate import CentralEvaluator
-from fedtune.server.export import resolve
-from fedtune.server.stats import failure_words
+from fedtune.server.runtime import checkpoint
+from fedtune.server.runtime.central_eval import CentralEvaluator
+from fedtune.server.runtime.stats import failure_words
+from fedtune.server.runtime.trained import resolve
 
 logger = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ then the optional federated evaluation and the recorder) and:
 - retries a round that got fewer than ``federation.min_replies`` accepted updates
   (``round_retries`` times), then stops with a message; a round that every site
   declined for its privacy budget stops the run at once;
-- saves ``state.npz`` after every round (:mod:`fedtune.server.checkpoint`);
+- saves ``state.npz`` after every round (:mod:`fedtune.server.runtime.checkpoint`);
 - stops after a round that ends the run early (the recorder's ``stop_early``:
-  ``federation.early_stopping_patience``, :mod:`fedtune.server.selection`).
+  ``federation.early_stopping_patience``, :mod:`fedtune.server.runtime.selection`).
 """
 
 from __future__ import annotations
@@ -30,15 +30,16 @@ from fedtune.common import records
 from fedtune.common.config import RunConfig
 from fedtune.common.deployment import DETAIL
 from fedtune.common.errors import FedtuneError
-from fedtune.server import resume
-from fedtune.server.stats import all_declined
-from fedtune.server.strategy import FedTuneStrategy
+from fedtune.server.runtime import resume
+from fedtune.server.runtime.stats import all_declined
+from fedtune.server.runtime.strategy import FedTuneStrategy
 
 logger = logging.getLogger(__name__)
 
 
 class Recorder(Protocol):
-    """What records each round (:class:`fedtune.server.recorder.RoundRecorder`)."""
+    """What records each round
+    (:class:`fedtune.server.runtime.recorder.RoundRecorder`)."""
 
     def __call__(self, server_round: int, arrays: ArrayRecord
                  ) -> MetricRecord | None: ...

@@ -2,7 +2,8 @@
 
 Flower 1.39's SuperNode runs each message in a fresh ``flwr-clientapp`` process that
 exits after one task. This app imports neither torch nor transformers: it hands the
-message and its context to the persistent site worker (:mod:`fedtune.client.worker`)
+message and its context to the persistent site worker
+(:mod:`fedtune.client.node.worker`)
 that ``fedtune client`` keeps warm, over the Unix socket the daemon names in the
 node_config (``worker-socket``), and returns the worker's reply. SecAgg+ rounds are
 masked here, by Flower's ``secaggplus_mod``, around the worker's training.
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,28 +28,25 @@ from flwr.common import serde
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedtune.client import channel
 from fedtune.client.mods import (
     SiteFailure,
     private_errors,
     secagg_when_asked,
 )
+from fedtune.client.node import channel
+from fedtune.common.config import FederationConfig, run_config_key
 
 logger = logging.getLogger(__name__)
-WORKER_SOCKET = "worker-socket"  # node_config key set by `fedtune client`
-ROUND_TIMEOUT = "federation.round-timeout"  # the run's bound on one round
+ROUND_TIMEOUT = run_config_key("federation", "round_timeout")  # bound on one round
+DEFAULT_ROUND_TIMEOUT = FederationConfig.round_timeout
 WORKER_WAIT = 120.0  # seconds to wait for a (re)starting worker to listen
-TASK = "task"
-PING = "ping"
-
-Handler = Callable[[Message, Context], Message]
 
 
 def task_timeout(context: Context) -> float:
     """How long one task may take: the run's round timeout (plus a margin, so the
     server's own bound fires first and names the late site)."""
-    value = context.run_config.get(ROUND_TIMEOUT, 3600.0)
-    seconds = float(value) if isinstance(value, int | float) else 3600.0
+    value = context.run_config.get(ROUND_TIMEOUT, DEFAULT_ROUND_TIMEOUT)
+    seconds = float(value) if isinstance(value, int | float) else DEFAULT_ROUND_TIMEOUT
     return max(seconds, 1.0) + 30.0
 
 
@@ -57,7 +54,7 @@ def forward(path: Path, msg: Message, context: Context) -> Message:
     """Run ``msg`` on the worker at ``path``; its reply, with the context's state
     updated as the worker left it."""
     header, blobs = channel.request(
-        path, {"op": TASK, "task_id": _task_id()},
+        path, {"op": channel.TASK, "task_id": _task_id()},
         serde.message_to_proto(msg).SerializeToString(),
         serde.context_to_proto(context).SerializeToString(),
         wait=min(WORKER_WAIT, task_timeout(context)), timeout=task_timeout(context))
@@ -89,7 +86,7 @@ def _in_process() -> ClientApp:
 @private_errors
 def handle(msg: Message, context: Context) -> Message:
     """Forward to the site worker, or run in this process when there is none."""
-    path: Any = context.node_config.get(WORKER_SOCKET)
+    path: Any = context.node_config.get(channel.WORKER_SOCKET)
     if not path:
         return _in_process()(msg, context)
     return forward(Path(str(path)), msg, context)

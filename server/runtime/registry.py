@@ -10,8 +10,8 @@ from collections.abc import Callable
 from typing import Any
 
 from fedtune.common.config import FederationConfig, PrivacyConfig
-from fedtune.server.central_dp import CentralDPAvg
-from fedtune.server.strategy import (
+from fedtune.server.runtime.central_dp import CentralDPAvg
+from fedtune.server.runtime.strategy import (
     FedTuneAdagrad,
     FedTuneAdam,
     FedTuneAvg,

@@ -158,8 +158,8 @@ def write_app(cfg: RunConfig, dest: Path, *, run_path: Path | None,
                        "dependencies": []},
            "tool": {"flwr": {"app": {
                "publisher": "fedtune",
-               "components": {"serverapp": "fedtune.server.app:app",
-                              "clientapp": "fedtune.client.forwarder:app"},
+               "components": {"serverapp": "fedtune.server.runtime.app:app",
+                              "clientapp": "fedtune.client.node.forwarder:app"},
                "config": flat}}}}
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "pyproject.toml").write_text(tomli_w.dumps(doc))

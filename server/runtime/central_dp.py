@@ -30,7 +30,7 @@ from flwr.supercore.differential_privacy import (
 
 from fedtune.common import records
 from fedtune.common.accounting import epsilon_spent
-from fedtune.server.strategy import FedTuneAvg
+from fedtune.server.runtime.strategy import FedTuneAvg
 
 logger = logging.getLogger(__name__)
 

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fedtune.server import rundir
+
 logger = logging.getLogger(__name__)
 
 # metrics.jsonl key -> TensorBoard tag (scalars; dict-valued keys are per node)
@@ -46,8 +48,8 @@ class EventLog:
         except ImportError:  # the optional extra is not installed
             self.writer = None
             return
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-        logger.info("TensorBoard event files: %s", run_dir / "tensorboard")
+        self.writer = SummaryWriter(log_dir=str(run_dir / rundir.TENSORBOARD))
+        logger.info("TensorBoard event files: %s", run_dir / rundir.TENSORBOARD)
 
     def write(self, row: Mapping[str, Any]) -> None:
         if self.writer is None:
