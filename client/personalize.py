@@ -87,7 +87,7 @@ def fine_tune(cfg: RunConfig, *, site: SiteData, model: torch.nn.Module,
     measured = head_only and not cfg.train.personalize_learning_rate
     train_cfg = dataclasses.replace(
         phase, local_epochs=cfg.train.personalize_epochs, max_steps=0,
-        early_stopping_patience=0,
+        epoch_patience=0,
         learning_rate=cfg.train.personalize_learning_rate or (
             HEAD_LEARNING_RATE if head_only else phase.learning_rate),
         # the head's personalisation rate was measured with AdamW

@@ -184,7 +184,7 @@ def train_local(model: nn.Module, train_set: Dataset[Batch], val_set: Dataset[Ba
                 bar.update(1)
                 if loss is not None:
                     loss_sum, loss_n = loss_sum + loss, loss_n + 1
-            if train_cfg.early_stopping_patience and len(val_set):  # type: ignore[arg-type]  # Sized
+            if train_cfg.epoch_patience and len(val_set):  # type: ignore[arg-type]  # Sized
                 val = evaluate(scored, val_set, task=task, device=device,
                                pad_id=pad_id, batch_size=train_cfg.eval_batch_size
                                )["loss"]
@@ -192,7 +192,7 @@ def train_local(model: nn.Module, train_set: Dataset[Batch], val_set: Dataset[Ba
                     best, stale, best_state = val, 0, adapter_state(model)
                 else:
                     stale += 1
-                    if stale >= train_cfg.early_stopping_patience:
+                    if stale >= train_cfg.epoch_patience:
                         logger.info("early stopping after %d steps (val loss %.4f)",
                                     steps, best)
                         break

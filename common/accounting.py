@@ -89,7 +89,7 @@ def calibrate_noise(*, target_epsilon: float, target_delta: float, sample_rate: 
 @functools.lru_cache(maxsize=1024)
 def _calibrate(target_epsilon: float, target_delta: float, sample_rate: float,
                steps: int, accountant: str, prefix: tuple[Segment, ...]) -> float:
-    """:func:`calibrate_noise`, cached: a site plans the same noise in its preflight
+    """:func:`calibrate_noise`, cached: a site plans the same noise in its privacy plan
     and in every round (one search costs ~1.4 s of Opacus' bisection on a CPU)."""
     if prefix:
         return _bisect_noise(prefix, target_epsilon=target_epsilon,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import re
 import typing
@@ -25,6 +26,8 @@ import yaml
 
 from fedtune.common import recipes
 from fedtune.common.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 Scalar = bool | int | float | str
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
@@ -336,7 +339,7 @@ class TrainConfig(_Section):
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0
     max_grad_norm: float = 1.0
-    early_stopping_patience: int = 0
+    epoch_patience: int = 0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     seed: int = 0
     recipe: Literal["auto", "head", "head+lora", "lora"] = "auto"
@@ -354,7 +357,7 @@ class TrainConfig(_Section):
         out = _positive(self, "local_epochs", "eval_batch_size",
                         "learning_rate", "max_grad_norm")
         out += _non_negative(self, "max_steps", "weight_decay", "batch_size",
-                             "early_stopping_patience",
+                             "epoch_patience",
                              "linear_probe_learning_rate", "linear_probe_epochs",
                              "logit_adjustment", "personalize_epochs",
                              "personalize_learning_rate")
@@ -487,7 +490,7 @@ class FederationConfig(_Section):
 
     ``selection_metric`` picks the best round (``best -> checkpoints/round-K``) by
     the central evaluation: ``auto`` is macro-F1 for classification and the eval
-    loss for a causal LM. ``early_stopping_patience`` (0: off) ends the run after
+    loss for a causal LM. ``round_patience`` (0: off) ends the run after
     that many rounds in a row without an improvement above ``min_delta``.
 
     ``secure_aggregation`` runs Flower's SecAgg+: the server sees only the sum of
@@ -531,7 +534,7 @@ class FederationConfig(_Section):
     secagg_clipping_range: float = 8.0
     selection_metric: Literal["auto", "loss", "perplexity", "macro-f1",
                               "accuracy"] = "auto"
-    early_stopping_patience: int = 0
+    round_patience: int = 0
     min_delta: float = 0.0
 
     def _check(self) -> list[str]:
@@ -560,7 +563,7 @@ class FederationConfig(_Section):
             out.append(f"secagg_threshold: must be in [2, {self.train_nodes}] (the "
                        f"sites a round trains), got {self.secagg_threshold!r}")
         out += _non_negative(self, "client_gpus", "max_update_norm",
-                             "early_stopping_patience", "min_delta")
+                             "round_patience", "min_delta")
         for name in ("fraction_train", "fraction_evaluate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 out.append(f"{name}: must be in [0, 1], got {getattr(self, name)!r}")
@@ -680,6 +683,10 @@ SECTIONS: dict[str, type[_Section]] = {
 }
 
 
+RENAMED = {  # (section, old key) -> new key; the old key is read for one release
+    ("train", "early_stopping_patience"): "epoch_patience",
+    ("federation", "early_stopping_patience"): "round_patience",
+}
 SWEEP = "sweep"  # the search space of `fedtune sweep`; no part of a run's config
 
 
@@ -697,6 +704,7 @@ def from_dict(raw: Mapping[str, Any] | None) -> RunConfig:
     problems = [f"{k}: unknown section (known: {', '.join(SECTIONS)}, and sweep "
                 "for fedtune sweep)" for k in raw if k not in SECTIONS and k != SWEEP]
     built: dict[str, Any] = {}
+    used_old: dict[str, str] = {}  # "section.new" -> "section.old" the user wrote
     for name, cls in SECTIONS.items():
         values = raw.get(name)
         values = {} if values is None else values
@@ -705,6 +713,7 @@ def from_dict(raw: Mapping[str, Any] | None) -> RunConfig:
             continue
         known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]  # (same)
         values = {str(k).replace("-", "_"): v for k, v in values.items()}
+        problems += _renamed(name, values, used_old)
         if name == "data" and "source" in values and "test_source" not in values:
             # the built-in test set belongs to the built-in data only
             values["test_source"] = ""
@@ -719,8 +728,35 @@ def from_dict(raw: Mapping[str, Any] | None) -> RunConfig:
         built, _ = recipes.resolve(built)
         problems += _cross_checks(built)
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError([_as_written(p, used_old) for p in problems])
     return RunConfig(**built)
+
+
+def _renamed(section: str, values: dict[str, Any], used_old: dict[str, str]
+             ) -> list[str]:
+    """Read a renamed key under its new name (in place), with a deprecation
+    warning naming the new key; both names at once is a problem."""
+    out = []
+    for (sec, old), new in RENAMED.items():
+        if sec != section or old not in values:
+            continue
+        if new in values:
+            out.append(f"{sec}.{old}: renamed {sec}.{new}, which is also set; keep "
+                       f"only {sec}.{new}")
+            continue
+        logger.warning("%s.%s is deprecated and will be removed in the next "
+                       "release: write %s.%s (same meaning)", sec, old, sec, new)
+        values[new] = values.pop(old)
+        used_old[f"{sec}.{new}"] = f"{sec}.{old}"
+    return out
+
+
+def _as_written(problem: str, used_old: Mapping[str, str]) -> str:
+    """A problem about a renamed key names the key the user wrote."""
+    for new, old in used_old.items():
+        if problem.startswith(new + ":"):
+            return f"{old}:{problem[len(new) + 1:]} (renamed {new})"
+    return problem
 
 
 def _cross_checks(sec: Mapping[str, Any]) -> list[str]:
@@ -785,8 +821,8 @@ def _cross_checks(sec: Mapping[str, Any]) -> list[str]:
                    f"model.task {model.task!r}; use loss, or "
                    + ("macro-f1 / accuracy" if model.task == "classification"
                       else "perplexity"))
-    if fed.early_stopping_patience and not sec["data"].test_source:
-        out.append("federation.early_stopping_patience: needs the central "
+    if fed.round_patience and not sec["data"].test_source:
+        out.append("federation.round_patience: needs the central "
                    "evaluation set data.test_source (the rounds are compared on it)")
     if fed.secure_aggregation and priv.central_dp:
         out.append("privacy.central_dp: cannot be combined with federation.secure_"

@@ -31,7 +31,7 @@ from fedtune.simulations import console, engine
 logger = logging.getLogger(__name__)
 
 
-def preflight(cfg: RunConfig, *, data_checked: bool = False) -> None:
+def check_inputs(cfg: RunConfig, *, data_checked: bool = False) -> None:
     """Everything a run needs that can be checked before the engine starts, in
     seconds: every simulated site's data and the test set (the training code's
     readers and errors), then the model, loaded once here so that the ServerApp
@@ -68,7 +68,7 @@ def simulate(cfg: RunConfig, *, name: str = "sim", run_dir: Path | None = None,
     from fedtune.client.app import make_client_app
     from fedtune.server.runtime.app import make_server_app
 
-    preflight(cfg, data_checked=data_checked)
+    check_inputs(cfg, data_checked=data_checked)
     fed = cfg.federation
     # the actors share the frozen encoder's features of each site's records through
     # this directory (on this machine), removed with its derived data at the end

@@ -34,7 +34,7 @@ from fedtune.server.runtime import checkpoint, polling, resume, rounds
 from fedtune.server.runtime.calibrate import calibrate
 from fedtune.server.runtime.central_eval import CentralEvaluator
 from fedtune.server.runtime.personalize import personalize
-from fedtune.server.runtime.privacy_plan import preflight
+from fedtune.server.runtime.privacy_plan import plan_privacy
 from fedtune.server.runtime.recorder import RoundRecorder
 from fedtune.server.runtime.registry import build_strategy
 
@@ -92,8 +92,8 @@ def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
                                  evaluator=evaluator, model=model)
         logger.info("run directory: %s", run_dir)
         rounds.wait_for_nodes(grid, fed.train_nodes, fed.round_timeout)
-        preflight(grid, cfg, run_dir=run_dir, dims=planning.model_dims(cfg, model),
-                  timeout=fed.round_timeout, simulated=bool(flat.get(SIMULATED)))
+        plan_privacy(grid, cfg, run_dir=run_dir, dims=planning.model_dims(cfg, model),
+                     timeout=fed.round_timeout, simulated=bool(flat.get(SIMULATED)))
         if fed.secure_aggregation:
             from fedtune.server.runtime.secagg import run_secagg
 

@@ -54,7 +54,7 @@ def site_sizes(grid: Grid, *, timeout: float) -> list[tuple[str, int]]:
     return sizes
 
 
-def preflight(grid: Grid, cfg: RunConfig, *, run_dir: Path, dims: tuple[int, int],
+def plan_privacy(grid: Grid, cfg: RunConfig, *, run_dir: Path, dims: tuple[int, int],
               timeout: float, simulated: bool = False) -> list[planning.SitePlan]:
     """Plan every answering site (``simulated``: every partition), log the table
     (a summary at scale), warn on a bad verdict, and write ``plan.json``."""

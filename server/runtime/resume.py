@@ -70,3 +70,26 @@ def resume(run_dir: Path, *, strategy: Resumable, cfg: RunConfig
     logger.info("resuming %s after round %d of %d", run_dir, saved.round,
                 cfg.federation.num_rounds)
     return saved.round, ArrayRecord({k: Array(v) for k, v in saved.arrays.items()})
+
+
+def resumed_config(run_dir: str | Path, *, items: list[str],
+                   past_stop: bool) -> RunConfig:
+    """The config a run directory was started with (``--resume``); a run that
+    stopped early is refused here, before any engine starts, unless
+    ``past_stop`` (``--past-early-stop``)."""
+    from fedtune.common import config
+    from fedtune.common.errors import FedtuneError
+    from fedtune.server.runtime.selection import Selection
+
+    if items:
+        raise FedtuneError(f"--resume takes no config or overrides ("
+                           f"{' '.join(items)}): a run continues with the "
+                           "config it started with")
+    path = Path(run_dir) / rundir.CONFIG
+    if not path.is_file():
+        raise FedtuneError(f"{path}: not found; --resume needs a fedtune run "
+                           f"directory (it holds {rundir.CONFIG} and {rundir.STATE})")
+    cfg = config.load(path)
+    Selection.for_run(cfg).replay(checkpoint.read_metrics(run_dir),
+                                  past_stop=past_stop)
+    return cfg

@@ -13,7 +13,7 @@ then the optional federated evaluation and the recorder) and:
   declined for its privacy budget stops the run at once;
 - saves ``state.npz`` after every round (:mod:`fedtune.server.runtime.checkpoint`);
 - stops after a round that ends the run early (the recorder's ``stop_early``:
-  ``federation.early_stopping_patience``, :mod:`fedtune.server.runtime.selection`).
+  ``federation.round_patience``, :mod:`fedtune.server.runtime.selection`).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 After every round the recorder hands the round's central evaluation to a
 :class:`Selection`; it keeps the best round so far (``best -> checkpoints/round-K``
-beside ``final``) and says when ``federation.early_stopping_patience`` rounds in a
+beside ``final``) and says when ``federation.round_patience`` rounds in a
 row failed to improve the metric by more than ``federation.min_delta``. Round 0
 (the adapter before training) is no candidate: it has no checkpoint.
 
@@ -60,7 +60,7 @@ class Selection:
     def for_run(cls, cfg: RunConfig) -> Selection:
         fed = cfg.federation
         return cls(metric=cfg.selection_metric,
-                   patience=fed.early_stopping_patience, min_delta=fed.min_delta)
+                   patience=fed.round_patience, min_delta=fed.min_delta)
 
     @property
     def key(self) -> str:
@@ -105,7 +105,7 @@ class Selection:
 
     def reason(self) -> str:
         return (f"no {self.metric} improvement above min_delta {self.min_delta:g} in "
-                f"{self.stale} round(s) (federation.early_stopping_patience="
+                f"{self.stale} round(s) (federation.round_patience="
                 f"{self.patience}); best round {self.best_round} "
                 f"({self.metric} {self.best_value:.4g})")
 

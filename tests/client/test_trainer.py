@@ -79,7 +79,7 @@ def test_early_stopping_restores_best(tiny_bert: Path) -> None:
     res = trainer.train_local(
         model, train_set, val_set, task="classification",
         train_cfg=TrainConfig(local_epochs=30, batch_size=8, learning_rate=0.3,
-                              early_stopping_patience=1),
+                              epoch_patience=1),
         privacy_cfg=PrivacyConfig(enabled=False), noise_multiplier=0.0, device=CPU,
         pad_id=0, seed=0)
     assert res.steps < 30 * 9

@@ -278,3 +278,25 @@ def test_a_saved_causal_lm_config_with_earlier_head_defaults_still_loads() -> No
         "linear_probe_learning_rate": 0.1, "linear_probe_epochs": 10,
         "linear_probe_optimizer": "adamw"}})
     assert cfg.probe_rounds == 0
+
+
+@pytest.mark.parametrize(("section", "new"), [("train", "epoch_patience"),
+                                              ("federation", "round_patience")])
+def test_a_renamed_key_still_reads_for_one_release_with_a_warning(
+        section: str, new: str, caplog: pytest.LogCaptureFixture) -> None:
+    extra = {"data": {"test_source": "fedtune:icd10-chapters-test"}} \
+        if section == "federation" else {}
+    with caplog.at_level("WARNING", logger="fedtune.common.config"):
+        cfg = config.from_dict({section: {"early_stopping_patience": 3}, **extra})
+    assert getattr(getattr(cfg, section), new) == 3
+    assert f"{section}.early_stopping_patience is deprecated" in caplog.text
+    assert f"write {section}.{new}" in caplog.text
+    with pytest.raises(config.ConfigError, match=rf"{section}.early_stopping_patience: "
+                       rf"renamed {section}.{new}, which is also set"):
+        config.from_dict({section: {"early_stopping_patience": 3, new: 2}, **extra})
+    with pytest.raises(config.ConfigError, match=rf"{section}.early_stopping_patience: "
+                       rf"must be >= 0.*\(renamed {section}.{new}\)"):
+        config.from_dict({section: {"early_stopping_patience": -1}})
+    flat = config.to_run_config(cfg)
+    assert f"{section}.{new.replace('_', '-')}" in flat
+    assert not any("early-stopping" in k for k in flat)

@@ -153,7 +153,7 @@ def test_causal_lm_simulation(tmp_path: Path, tiny_llama: Path, sft_file: Path
 def test_embedded_default_model_and_data(tmp_path: Path) -> None:
     """The README's main job, shrunk: real MiniLM + ICD-10 hospitals, DP on (the
     default's 10 head-only rounds become the run's 1)."""
-    from fedtune.simulations.cli import default_scenario
+    from fedtune.common.cliargs import default_scenario
 
     raw = yaml.safe_load(default_scenario().read_text())
     proc, run_dir = _simulate(

@@ -1,15 +1,25 @@
-"""The ``fedtune`` commands that use a trained model: ``export``, ``predict``,
-``evaluate`` and ``compare`` (dispatch only; the work is in
-:mod:`fedtune.server.tools.export`, :mod:`fedtune.server.tools.predict` and
-:mod:`fedtune.server.tools.compare`). None of them writes into the run directory."""
+"""The ``fedtune`` commands run after a run, on its directory: ``report`` (text
+summary + HTML page), ``export``, ``predict``, ``evaluate`` (score a labelled
+file), ``compare`` (runs side by side) and ``audit`` (train with planted
+canaries, then attack: the privacy the accountant promises, checked). None of
+them writes into the run directory but ``report``'s page. The dispatcher
+(:mod:`fedtune.simulations.cli`) wires them; ``audit`` is handed the simulation
+to train with (:func:`add_parsers`' ``train``), since the server does not know
+the simulation engine."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from fedtune.common import cliargs
+from fedtune.common.config import RunConfig
+
+Train = Callable[[RunConfig, Path], Path]  # (config, run directory) -> run directory
 
 ROUND_HELP = ("which round: best (the default; final when the run recorded no "
               "best round), final, or a round number")
@@ -77,7 +87,55 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parsers(sub: Any) -> None:
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedtune.server.tools.report import write_report
+
+    page, text = write_report(args.run_dir, args.out)
+    print(text)
+    print(f"report: {page}")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from fedtune.server.tools.audit import run_audit
+
+    cfg, name = cliargs.load(args.items)
+    out = Path(args.out or f"audits/{name}-{'dp' if cfg.privacy.enabled else 'nodp'}")
+    r = run_audit(cfg, out_dir=out, canaries=args.canaries,
+                  train=args.train)
+    eps = r["accountant_epsilon"]
+    print(f"membership inference on the final adapter ({out / 'audit.json'}):")
+    print(f"  accountant epsilon     {'inf (DP off)' if eps is None else f'{eps:.3f}'}"
+          f" at delta {r['delta']:g}")
+    print(f"  canaries   AUC {r['auc_canaries']:.3f}  empirical epsilon >= "
+          f"{r['empirical_epsilon_canaries']:.3f}  ({r['canaries_in']} in / "
+          f"{r['canaries_out']} out)")
+    print(f"  records    AUC {r['auc_records']:.3f}  empirical epsilon >= "
+          f"{r['empirical_epsilon_records']:.3f}  ({r['members']} members / "
+          f"{r['nonmembers']} held out)")
+    return 0
+
+
+def add_report_parser(sub: Any) -> None:
+    r = sub.add_parser("report", help="a run's report: text summary + HTML page "
+                       "with plots")
+    r.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (it holds "
+                   "config.yaml and metrics.jsonl)")
+    r.add_argument("--out", help="directory for index.html and the PNGs "
+                   "(default RUN_DIR/report)")
+    r.set_defaults(func=cmd_report)
+
+
+def add_parsers(sub: Any, *, train: Train) -> None:
+    """``audit``, ``compare``, ``export``, ``predict``, ``evaluate``."""
+    au = sub.add_parser("audit", help="train a federation with planted canaries, then "
+                        "attack it (membership inference): the privacy the "
+                        "accountant promises, checked empirically")
+    au.add_argument("items", nargs="*", help="[CONFIG.yaml] [section.key=value ...]")
+    au.add_argument("--canaries", type=int, default=100,
+                    help="canaries planted (and as many held out)")
+    au.add_argument("--out", help="output directory (default audits/NAME-dp|nodp)")
+    au.set_defaults(func=cmd_audit, train=train)
     co = sub.add_parser("compare", help="runs side by side, with a paired bootstrap "
                         "interval of their macro-F1 difference on the common test set")
     co.add_argument("run_dirs", metavar="RUN_DIR", nargs="+")
