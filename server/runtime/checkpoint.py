@@ -223,7 +223,8 @@ def load_state(run_dir: Path) -> ServerState:
 
 def config_dict(cfg: RunConfig) -> dict[str, Any]:
     """The config as it is stored in the state (JSON types)."""
-    return json.loads(json.dumps(to_dict(cfg)))
+    stored: dict[str, Any] = json.loads(json.dumps(to_dict(cfg)))
+    return stored
 
 
 def rewind(run_dir: Path, last_round: int) -> None:

@@ -61,7 +61,7 @@ SUMMARY_KEYS = ("loss", "accuracy", "macro-f1", "perplexity", "retention_perplex
                 "answer_exact")
 
 
-def progress_bar(rounds: int) -> tqdm:  # type: ignore[type-arg]  # tqdm is generic
+def progress_bar(rounds: int) -> tqdm:
     """The rounds bar, sized by :func:`shutil.get_terminal_size`: a terminal that
     reports 0 x 0 (some consoles, ``docker exec`` without a size) made tqdm hide
     the bar, which then showed only when the output was piped."""

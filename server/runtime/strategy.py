@@ -62,7 +62,7 @@ def site_weight(num_examples: float, weighting: str) -> float:
     root of it, or 1 (``uniform``)."""
     if weighting == "uniform":
         return 1.0
-    return float(num_examples) ** (0.5 if weighting == "sqrt" else 1.0)
+    return float(float(num_examples) ** (0.5 if weighting == "sqrt" else 1.0))
 
 
 def _content_key(msg: Message) -> str:
@@ -168,13 +168,17 @@ class FedTuneStrategy:
     def _combine(self, server_round: int, good: list[Message]
                  ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The Flower strategy's aggregation of the accepted updates."""
-        return super().aggregate_train(server_round, good)  # type: ignore[misc]  # mixin
+        combined: tuple[ArrayRecord | None, MetricRecord | None] = \
+            super().aggregate_train(server_round, good)  # type: ignore[misc]  # mixin
+        return combined
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
-        metrics = super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]  # mixin
+        metrics: MetricRecord | None = super().aggregate_evaluate(  # type: ignore[misc]  # mixin
+            server_round, replies)
         if metrics is not None:
-            self.eval_metrics[server_round] = dict(metrics)
+            self.eval_metrics[server_round] = {  # aggregated metrics are scalars
+                k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
         return metrics
 
     def state(self) -> tuple[dict[str, np.ndarray], dict[str, float]]:
