@@ -72,9 +72,9 @@ def run(setting: str, eps: float, scenario: Path, work: Path, extra: list[str],
 
 def pooled(cfg: Any) -> list[str]:
     """Overrides that put every record of the federation at one site."""
-    from fedtune.common import planning
+    from fedtune.common import sites
 
-    total = sum(n for _, n in planning.simulated_sites(cfg))
+    total = sum(n for _, n in sites.simulated_sites(cfg))
     cap = math.ceil(total / (1 - cfg.data.val_fraction)) + 1
     return ["federation.num_sites=1", "federation.min_train_nodes=1",
             "federation.min_replies=1", f"data.max_samples_per_site={cap}"]

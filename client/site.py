@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from fedtune.client import ledger, privacy
-from fedtune.common import data
+from fedtune.common import data, sites
 from fedtune.common.config import RunConfig
 from fedtune.common.data import EncodedDataset
 from fedtune.common.errors import DataError, FedtuneError
@@ -56,7 +56,7 @@ def _source(cfg: RunConfig, source: str, num_parts: int, stamp: tuple[int, ...]
     them instead of reading and partitioning the whole file again."""
     recs = data.read_records(source, required=data.required_columns(cfg.model.task,
                                                                     cfg.data))
-    parts = data.partitions(recs, cfg.data, task=cfg.model.task, num_parts=num_parts,
+    parts = sites.partitions(recs, cfg.data, task=cfg.model.task, num_parts=num_parts,
                             seed=cfg.train.seed, source=source) if num_parts else None
     return recs, parts
 
@@ -67,11 +67,10 @@ def _site_data(cfg: RunConfig, source: str, part: int, num_parts: int,
     """Read, split and tokenize once per file version (``stamp``: a changed file on
     disk is read again)."""
     recs, parts = _source(cfg, source, num_parts, stamp)
-    recs, name = data.site_records(
+    recs, name = sites.site_records(
         recs, cfg.data, task=cfg.model.task, part=part, num_parts=num_parts,
         seed=cfg.train.seed, source=source, parts=parts)
-    tr, va = data.split_validation(range(len(recs)), fraction=cfg.data.val_fraction,
-                                   seed=cfg.train.seed + part)
+    tr, va = sites.site_split(len(recs), cfg, part=part)
     tok = load_tokenizer(cfg.model.name_or_path, cfg.model.gguf_file)
     fitted = data.fit_length(recs, tok, task=cfg.model.task, cfg=cfg.data,
                              source=name)  # one token limit for train and val

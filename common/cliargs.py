@@ -70,7 +70,7 @@ def load(items: list[str]) -> tuple[config.RunConfig, str]:
 
 def check_data(cfg: config.RunConfig) -> None:
     """Warn about what the simulation's data files will do to the run."""
-    from fedtune.common import data  # before the engine's imports: seconds
+    from fedtune.common import sites  # before the engine's imports: seconds
 
-    for warning in data.check_simulation_data(cfg):
+    for warning in sites.check_simulation_data(cfg):
         logger.warning("%s", warning)

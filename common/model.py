@@ -33,7 +33,7 @@ from peft import (
 )
 from torch import nn
 
-from fedtune.common import assets, updates
+from fedtune.common import assets, hub, updates
 from fedtune.common.config import LoraConfig, ModelConfig
 from fedtune.common.errors import ModelError
 from fedtune.common.standalone import mean_pool
@@ -84,83 +84,6 @@ def _gguf_cache(path: str, gguf_file: str) -> Path:
     return assets.cache_dir() / "models" / key[:16]
 
 
-HUB_CONTACT_SECONDS = 3.0  # the first contact with the hub, before any retry loop
-_OFFLINE_VALUES = ("1", "on", "yes", "true")
-
-
-@functools.lru_cache(maxsize=1)
-def hub_reachable() -> bool:
-    """One TCP contact with the hub (``HF_ENDPOINT``, default huggingface.co:443)
-    within :data:`HUB_CONTACT_SECONDS`, name resolution included; False where
-    ``HF_HUB_OFFLINE`` says so. Once per process."""
-    import os
-    import socket
-    import threading
-    from urllib.parse import urlparse
-
-    if _offline_env():
-        return False
-    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    host, port = url.hostname or "huggingface.co", url.port or (
-        80 if url.scheme == "http" else 443)
-    ok: list[bool] = []
-
-    def contact() -> None:
-        try:
-            with socket.create_connection((host, port), timeout=HUB_CONTACT_SECONDS):
-                ok.append(True)
-        except OSError:
-            pass
-
-    probe = threading.Thread(target=contact, daemon=True)  # bounds DNS, too
-    probe.start()
-    probe.join(HUB_CONTACT_SECONDS)
-    return bool(ok)
-
-
-def _offline_env() -> bool:
-    """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set."""
-    import os
-
-    return any(os.environ.get(k, "").lower() in _OFFLINE_VALUES
-               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def _hub_words(path: str) -> str:
-    """Why a name that is no local path cannot be fetched, or "" when it may be."""
-    if Path(path).expanduser().exists():
-        return ""
-    if path.startswith(("/", "./", "../", "~")) or path.count("/") > 1:
-        return f"{path!r} is no local path (no such file or directory)"
-    if hub_reachable():
-        return ""
-    return (f"{path!r} is no local path, and the Hugging Face hub is "
-            + ("off (HF_HUB_OFFLINE)" if _offline_env() else
-               f"unreachable from this machine (no answer in {HUB_CONTACT_SECONDS:g} "
-               "s)") + "; only this machine's hub cache was searched")
-
-
-def _from_pretrained(loader: Any, path: str, **kwargs: Any) -> Any:
-    unreachable = _hub_words(path)
-    if unreachable:  # a cached hub model still loads; no minute of retries first
-        kwargs["local_files_only"] = True
-        from huggingface_hub import constants
-
-        # what HF_HUB_OFFLINE=1 would have set at import: transformers' own
-        # lookups (e.g. an adapter_config.json beside the model) retry otherwise
-        constants.HF_HUB_OFFLINE = True
-    try:
-        return loader.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, ImportError) as err:
-        reason = unreachable or " ".join(str(err).split())[:500].rstrip(".")
-        raise ModelError(
-            f"cannot load {path!r} with {loader.__name__}: {reason}. Name a local "
-            "directory holding config.json + weights (or a .gguf with "
-            "model.gguf_file), a hub id this machine can reach, or an embedded "
-            f"default ({', '.join(assets.PREFIX + n for n in assets.MODELS)})"
-        ) from err
-
-
 def stamp(name_or_path: str, gguf_file: str = "") -> tuple[tuple[str, int, int], ...]:
     """(file, size, mtime) of a local model's top-level files: a long-lived process
     keys its caches on it, so weights replaced on disk are loaded again. () for a
@@ -193,9 +116,9 @@ def _load_pretrained(name_or_path: str, task: str, gguf_file: str, dtype: str,
     if gguf_file:
         cached = _gguf_cache(path, gguf_file)
         if (cached / "config.json").is_file():
-            return _from_pretrained(loader, str(cached), dtype=_DTYPES[dtype])
+            return hub.from_pretrained(loader, str(cached), dtype=_DTYPES[dtype])
         logger.info("dequantizing %s (one-time, cached in %s)", gguf_file, cached)
-        model = _from_pretrained(loader, path, gguf_file=gguf_file,
+        model = hub.from_pretrained(loader, path, gguf_file=gguf_file,
                                  dtype=torch.float32)
         model.hf_quantizer = None
         model.is_quantized = False
@@ -204,7 +127,7 @@ def _load_pretrained(name_or_path: str, task: str, gguf_file: str, dtype: str,
         model.save_pretrained(cached)
         load_tokenizer(name_or_path, gguf_file).save_pretrained(cached)
         return model.to(_DTYPES[dtype])
-    return _from_pretrained(loader, path, dtype=_DTYPES[dtype])
+    return hub.from_pretrained(loader, path, dtype=_DTYPES[dtype])
 
 
 def base_loads() -> int:
@@ -227,7 +150,7 @@ def _load_tokenizer(name_or_path: str, gguf_file: str,
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     if gguf_file and (_gguf_cache(path, gguf_file) / "tokenizer_config.json").is_file():
         path, kwargs = str(_gguf_cache(path, gguf_file)), {}
-    tok = _from_pretrained(AutoTokenizer, path, **kwargs)
+    tok = hub.from_pretrained(AutoTokenizer, path, **kwargs)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

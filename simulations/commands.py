@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedtune.common import cliargs
+from fedtune.common import cliargs, sites
 from fedtune.common.errors import FedtuneError
 
 
@@ -44,13 +44,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from fedtune.common import planning
+    from fedtune.common import plan_text, planning
 
     cfg, _ = cliargs.load(args.items)
-    sites = ([(f"site {i}", n) for i, n in enumerate(args.records)] if args.records
-             else planning.simulated_sites(cfg))
-    plans = planning.plan_sites(cfg, sites, dims=planning.model_dims(cfg))
-    print(planning.format_plan(plans, cfg, full=args.all))
+    sizes = ([(f"site {i}", n) for i, n in enumerate(args.records)] if args.records
+             else sites.simulated_sites(cfg))
+    plans = planning.plan_sites(cfg, sizes, dims=planning.model_dims(cfg))
+    print(plan_text.format_plan(plans, cfg, full=args.all))
     return 0
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from flwr.clientapp.typing import Mod
 
-from fedtune.common import assets, data, features
+from fedtune.common import assets, features, sites
 from fedtune.common.config import (
     PAST_STOP,
     RESUME,
@@ -41,7 +41,7 @@ def check_inputs(cfg: RunConfig, *, data_checked: bool = False) -> None:
         if ref:
             assets.resolve(ref)
     if not data_checked:
-        for warning in data.check_simulation_data(cfg):
+        for warning in sites.check_simulation_data(cfg):
             logger.warning("%s", warning)
     load_tokenizer(cfg.model.name_or_path, cfg.model.gguf_file)
     check_top_layers(load_pretrained(cfg.model).config, cfg.lora.top_layers)

@@ -22,7 +22,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 
-from fedtune.common import planning, records
+from fedtune.common import plan_text, planning, records, sites
 from fedtune.common.config import RunConfig
 from fedtune.server.rundir import PLAN_FILE
 from fedtune.server.runtime import stats
@@ -58,13 +58,13 @@ def plan_privacy(grid: Grid, cfg: RunConfig, *, run_dir: Path, dims: tuple[int, 
               timeout: float, simulated: bool = False) -> list[planning.SitePlan]:
     """Plan every answering site (``simulated``: every partition), log the table
     (a summary at scale), warn on a bad verdict, and write ``plan.json``."""
-    sizes = (planning.simulated_sites(cfg) if simulated else
+    sizes = (sites.simulated_sites(cfg) if simulated else
              site_sizes(grid, timeout=timeout))
     plans = planning.plan_sites(cfg, sizes, dims=dims)
     if not plans:
         logger.warning("no site reported its size: no privacy-utility plan")
         return plans
-    table = planning.format_plan(plans, cfg)
+    table = plan_text.format_plan(plans, cfg)
     verdict = planning.overall(plans, cfg)
     if verdict in planning.VERDICTS[1:]:
         logger.warning("%s\nWARNING: %s - see the advice above (fedtune plan "

@@ -23,7 +23,7 @@ from typing import Any
 from fedtune.common import data, metrics
 from fedtune.common.errors import FedtuneError
 from fedtune.server.tools.predict import Predictor
-from fedtune.server.tools.report import Run, best_round, load_run
+from fedtune.server.tools.runs import Run, best_round, load_run
 
 
 @dataclass(frozen=True)

@@ -11,68 +11,26 @@ from __future__ import annotations
 
 import base64
 import html
-import json
-import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedtune.common import answers, config, planning
+from fedtune.common import answers, planning
 from fedtune.common.errors import FedtuneError
 from fedtune.server import rundir
-from fedtune.server.runtime import calibrate, checkpoint, personalize
+from fedtune.server.runtime import calibrate, personalize
 from fedtune.server.runtime.selection import STOPPED
 from fedtune.server.runtime.stats import failed_sites, site_label
 from fedtune.server.tools import plots
-
-Row = Mapping[str, Any]
-
-
-@dataclass(frozen=True)
-class Run:
-    """A run directory's config and per-round metrics."""
-
-    path: Path
-    cfg: config.RunConfig
-    initial: Row | None  # round 0: the adapter before training
-    rows: list[Row]  # rounds 1.. in order
-    personal: Row | None = None  # the personalisation round (personalization.json)
-
-
-def load_run(run_dir: str | Path) -> Run:
-    """Read a run directory; a missing or damaged file is a FedtuneError that says
-    what to pass instead."""
-    path = Path(run_dir)
-    metrics, cfg_file = path / rundir.METRICS, path / rundir.CONFIG
-    for f in (cfg_file, metrics):
-        if not f.is_file():
-            raise FedtuneError(f"{f}: not found; `fedtune report` takes a run "
-                               "directory written by `fedtune simulate` or `fedtune "
-                               "run` (it holds config.yaml and metrics.jsonl)")
-    rows = checkpoint.read_metrics(path)
-    initial = next((r for r in rows if r["round"] == 0), None)
-    personal_file = path / rundir.PERSONALISATION
-    return Run(path=path, cfg=config.load(cfg_file), initial=initial,
-               rows=sorted((r for r in rows if r["round"] > 0),
-                           key=lambda r: r["round"]),
-               personal=json.loads(personal_file.read_text())
-               if personal_file.is_file() else None)
-
-
-def _f(value: Any, fmt: str = ".4f") -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    return format(value, fmt)
-
-
-def _mb(value: Any) -> str:
-    return "-" if value is None else f"{value / 1e6:.2f}"
-
-
-def best_round(run: Run) -> int:
-    """The run's best round so far (0: none recorded)."""
-    return int(run.rows[-1].get("best_round") or 0) if run.rows else 0
+from fedtune.server.tools.runs import (
+    Row,
+    Run,
+    best_round,
+    calibration,
+    fig,
+    load_run,
+    mb,
+)
 
 
 def round_table(run: Run) -> tuple[list[str], list[list[str]]]:
@@ -85,22 +43,22 @@ def round_table(run: Run) -> tuple[list[str], list[list[str]]]:
     body = []
     best = best_round(run)
     for r in ([run.initial] if run.initial else []) + run.rows:
-        q = ([_f(r.get("eval_accuracy"), ".3f"), _f(r.get("eval_macro_f1"), ".3f")
+        q = ([fig(r.get("eval_accuracy"), ".3f"), fig(r.get("eval_macro_f1"), ".3f")
               + (" COLLAPSED" if r.get("eval_collapse") else "")]
-             if classification else [_f(r.get("eval_perplexity"), ".2f"),
+             if classification else [fig(r.get("eval_perplexity"), ".2f"),
                                      answers.words(r) or "-"])
         if r["round"] == 0:
-            body.append(["0 (start)", _f(r.get("eval_loss")), *q] + ["-"] * 11)
+            body.append(["0 (start)", fig(r.get("eval_loss")), *q] + ["-"] * 11)
             continue
         mark = " (best)" if r["round"] == best else ""
         c = plots.participation_counts(r)
-        body.append([f"{r['round']}{mark}", _f(r.get("eval_loss")), *q,
+        body.append([f"{r['round']}{mark}", fig(r.get("eval_loss")), *q,
                      f"{c['accepted']}/{r.get('clients_sampled', 0)}",
                      str(c["rejected"]), str(c["declined"]), str(c["failed"]),
-                     str(c["late"]), _mb(r.get("bytes_received")),
-                     _mb(r.get("bytes_sent")), _f(r.get("round_seconds"), ".1f"),
-                     _f(r.get("client_train_seconds_sum"), ".1f"),
-                     _f(r.get("epsilon_max"), ".3f"), _f(r.get("rho_max"), ".3f")])
+                     str(c["late"]), mb(r.get("bytes_received")),
+                     mb(r.get("bytes_sent")), fig(r.get("round_seconds"), ".1f"),
+                     fig(r.get("client_train_seconds_sum"), ".1f"),
+                     fig(r.get("epsilon_max"), ".3f"), fig(r.get("rho_max"), ".3f")])
     return head, body
 
 
@@ -119,17 +77,11 @@ def class_table(run: Run) -> tuple[list[str], list[list[str]]]:
         key = label.replace("-", "_")
         if f"eval_recall_{key}" not in last and f"eval_f1_{key}" not in last:
             continue  # absent from the test set
-        body.append([label, *(_f(last.get(f"eval_{m}_{key}"), ".3f")
+        body.append([label, *(fig(last.get(f"eval_{m}_{key}"), ".3f")
                               for m in ("precision", "recall", "f1")),
-                     *((_f(tuned.get(f"{m}-{label}"), ".3f")
+                     *((fig(tuned.get(f"{m}-{label}"), ".3f")
                         for m in ("precision", "recall", "f1")) if cal else ())])
     return head, body
-
-
-def calibration(run: Run) -> Mapping[str, Any] | None:
-    """The decision calibration the run recorded (on its best or final round)."""
-    return next((r["calibration"] for r in reversed(run.rows)
-                 if r.get("calibration")), None)
 
 
 def site_table(run: Run) -> tuple[list[str], list[list[str]]]:
@@ -168,13 +120,14 @@ def site_table(run: Run) -> tuple[list[str], list[list[str]]]:
             "noise ρ", "weight", "ε this run", "of target", "ledger total",
             "accepted", "declined", "failed", "rejected (why)"]
     body = [[f"{sites[n]} ({n})" if n in sites else n,
-             _f(dp.get(n, {}).get("records"), ".0f"),
-             _f(dp.get(n, {}).get("sigma"), ".3f"),
-             _f(dp.get(n, {}).get("sample_rate"), ".4f"),
-             _f(dp.get(n, {}).get("steps"), ".0f"), _f(dp.get(n, {}).get("rho"), ".3f"),
-             _f(weight.get(n), ".3f"), _f(s["eps"], ".3f"),
+             fig(dp.get(n, {}).get("records"), ".0f"),
+             fig(dp.get(n, {}).get("sigma"), ".3f"),
+             fig(dp.get(n, {}).get("sample_rate"), ".4f"),
+             fig(dp.get(n, {}).get("steps"), ".0f"),
+             fig(dp.get(n, {}).get("rho"), ".3f"),
+             fig(weight.get(n), ".3f"), fig(s["eps"], ".3f"),
              f"{100 * s['eps'] / target:.0f} %" if target and s["eps"] else "-",
-             _f(s["total"], ".3f"), str(s["ok"]),
+             fig(s["total"], ".3f"), str(s["ok"]),
              f"{s['declined']} ({s['why']})" if s["why"] else str(s["declined"]),
              str(s["failed"]), "; ".join(s["rejected"]) or "-"]
             for n, s in sorted(nodes.items(),
@@ -196,13 +149,13 @@ def headline(run: Run) -> list[str]:
               " (unfinished: `fedtune simulate --resume RUN_DIR` continues it)")]
     if last.get("best_round"):
         out.append(f"best round: {last['best_round']} by {last['selection_metric']} "
-                   f"({_f(last.get('best_value'))}; RUN_DIR/best), chosen on the "
+                   f"({fig(last.get('best_value'))}; RUN_DIR/best), chosen on the "
                    "central evaluation set, so its figure there is optimistic")
     if cfg.privacy.enabled:
         out.append("privacy: DP-SGD on every site, target "
                    f"ε={cfg.privacy.target_epsilon:g} "
                    f"δ={cfg.privacy.target_delta:g} per site over the run; spent: "
-                   f"max ε {_f(last.get('epsilon_max'), '.3f')}")
+                   f"max ε {fig(last.get('epsilon_max'), '.3f')}")
     else:
         out.append("WARNING: DP is OFF (privacy.enabled=false): the updates of this "
                    "run are not differentially private")
@@ -229,14 +182,14 @@ def headline(run: Run) -> list[str]:
                    f"({words} on its own{federation}; ρ = σ·√dims / (batch·√steps), "
                    "the noise over the signal of a site's round)")
     if last:
-        quality = (f"accuracy {_f(last.get('eval_accuracy'), '.3f')}, macro-F1 "
-                   f"{_f(last.get('eval_macro_f1'), '.3f')}"
+        quality = (f"accuracy {fig(last.get('eval_accuracy'), '.3f')}, macro-F1 "
+                   f"{fig(last.get('eval_macro_f1'), '.3f')}"
                    if cfg.model.task == "classification" else
-                   f"perplexity {_f(last.get('eval_perplexity'), '.2f')}")
+                   f"perplexity {fig(last.get('eval_perplexity'), '.2f')}")
         total = sum((r.get("bytes_received") or 0) + (r.get("bytes_sent") or 0)
                     for r in run.rows)
         out.append(f"final (round {last['round']}): eval loss "
-                   f"{_f(last.get('eval_loss'))}, {quality}; {total / 1e6:.1f} MB "
+                   f"{fig(last.get('eval_loss'))}, {quality}; {total / 1e6:.1f} MB "
                    "exchanged in all")
     cal = calibration(run)
     if cal:
@@ -245,9 +198,9 @@ def headline(run: Run) -> list[str]:
                    f"of {cal['sites']} sites under DP): strength {cal['strength']:g}"
                    f" of the logit adjustment τ={cal['logit_adjustment']:g}, "
                    f"decisions at τ={cal['effective_adjustment']:g}: accuracy "
-                   f"{_f(ev.get('accuracy'), '.3f')}, macro-F1 "
-                   f"{_f(ev.get('macro-f1'), '.3f')} (balanced, strength 0: "
-                   f"{_f(balanced.get('macro-f1'), '.3f')})")
+                   f"{fig(ev.get('accuracy'), '.3f')}, macro-F1 "
+                   f"{fig(ev.get('macro-f1'), '.3f')} (balanced, strength 0: "
+                   f"{fig(balanced.get('macro-f1'), '.3f')})")
     base = run.initial or {}
     if base.get("retention_perplexity") is not None and last.get(
             "retention_perplexity") is not None:
@@ -261,8 +214,8 @@ def headline(run: Run) -> list[str]:
     if base.get("baseline_majority_macro_f1") is not None:
         out.append("majority-class baseline (always the held-out set's most frequent "
                    "class): accuracy "
-                   f"{_f(base.get('baseline_majority_accuracy'), '.3f')}, macro-F1 "
-                   f"{_f(base.get('baseline_majority_macro_f1'), '.3f')}")
+                   f"{fig(base.get('baseline_majority_accuracy'), '.3f')}, macro-F1 "
+                   f"{fig(base.get('baseline_majority_macro_f1'), '.3f')}")
     personal = run.personal or {}
     mean = personal.get("mean") or {}
     if mean:
@@ -367,7 +320,7 @@ def _personal_html(run: Run) -> str:
     head = ["site", "records", *(f"{k} global → personalised" for k in keys), "ε"]
     body = [[f"{s.get('site', '')} {node}".strip(), str(s["records"]),
              *(f"{s['global'][k]:.4f} → {s['personalised'][k]:.4f}" for k in keys),
-             _f(s.get("epsilon"), ".3f")] for node, s in sorted(sites.items())]
+             fig(s.get("epsilon"), ".3f")] for node, s in sorted(sites.items())]
     return (f"<h2>Personalisation</h2><p>{html.escape(run.personal['method'])}, "
             f"from round {run.personal['round']}; the personalised adapters stay "
             f"on the sites.</p>{_html_table(head, body)}")

@@ -7,26 +7,26 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedtune.common import data
+from fedtune.common import data, sites
 from fedtune.common.config import DataConfig
 from fedtune.common.errors import DataError
 from tests.conftest import REVIEW_DATA, make_reviews, write_jsonl
 
 
 def test_iid_partition_sizes_and_determinism() -> None:
-    parts = data.iid_partition(103, num_parts=4, seed=1)
+    parts = sites.iid_partition(103, num_parts=4, seed=1)
     assert sorted(len(p) for p in parts) == [25, 26, 26, 26]
     assert sorted(i for p in parts for i in p) == list(range(103))
-    assert parts == data.iid_partition(103, num_parts=4, seed=1)
-    assert parts != data.iid_partition(103, num_parts=4, seed=2)
+    assert parts == sites.iid_partition(103, num_parts=4, seed=1)
+    assert parts != sites.iid_partition(103, num_parts=4, seed=2)
 
 
 def test_dirichlet_partition_skews_labels() -> None:
     labels = [i % 3 for i in range(600)]
-    skewed = data.dirichlet_partition(labels, num_parts=5, alpha=0.1, seed=0)
-    mild = data.dirichlet_partition(labels, num_parts=5, alpha=100.0, seed=0)
+    skewed = sites.dirichlet_partition(labels, num_parts=5, alpha=0.1, seed=0)
+    mild = sites.dirichlet_partition(labels, num_parts=5, alpha=100.0, seed=0)
     assert sorted(i for p in skewed for i in p) == list(range(600))
-    assert skewed == data.dirichlet_partition(labels, num_parts=5, alpha=0.1, seed=0)
+    assert skewed == sites.dirichlet_partition(labels, num_parts=5, alpha=0.1, seed=0)
 
     def top_share(parts: list[list[int]]) -> float:
         shares = [max(Counter(labels[i] for i in p).values()) / len(p) for p in parts]
@@ -38,41 +38,41 @@ def test_dirichlet_partition_skews_labels() -> None:
 
 def test_dirichlet_partition_reports_impossible_split() -> None:
     with pytest.raises(DataError, match="raise data.dirichlet_alpha"):
-        data.dirichlet_partition([0, 1, 0], num_parts=3, alpha=0.01, seed=0,
+        sites.dirichlet_partition([0, 1, 0], num_parts=3, alpha=0.01, seed=0,
                                  min_size=2)
 
 
 def test_column_partition_keeps_groups_together() -> None:
     values = ["a"] * 50 + ["b"] * 30 + ["c"] * 20 + ["d"] * 10 + ["e"] * 5
-    parts = data.column_partition(values, num_parts=3)
+    parts = sites.column_partition(values, num_parts=3)
     # largest first onto the emptiest part: a | b+e | c+d
     assert sorted(len(p) for p in parts) == [30, 35, 50]
     for p in parts:
         for g in {values[i] for i in p}:
             assert {i for i, v in enumerate(values) if v == g} <= set(p)
     with pytest.raises(DataError, match="only 5 distinct values"):
-        data.column_partition(values, num_parts=6)
+        sites.column_partition(values, num_parts=6)
 
 
 def test_partition_dispatch(tmp_path: Path) -> None:
     recs = make_reviews(60, 0)
     cfg = DataConfig(partition="column", partition_column="condition")
-    parts = data.partition(recs, cfg, num_parts=3, seed=0)
+    parts = sites.partition(recs, cfg, num_parts=3, seed=0)
     assert sum(len(p) for p in parts) == 60
     with pytest.raises(DataError, match="not a column of the data"):
-        data.partition(recs, DataConfig(partition="column",
+        sites.partition(recs, DataConfig(partition="column",
                                         partition_column="hospital"),
                        num_parts=3, seed=0)
     with pytest.raises(DataError, match="needs labels"):
-        data.partition(recs, DataConfig(partition="dirichlet"), num_parts=3, seed=0)
+        sites.partition(recs, DataConfig(partition="dirichlet"), num_parts=3, seed=0)
     with pytest.raises(DataError, match="cannot fill 80 sites"):
-        data.partition(recs, DataConfig(partition="iid"), num_parts=80, seed=0)
+        sites.partition(recs, DataConfig(partition="iid"), num_parts=80, seed=0)
 
 
 def test_split_validation() -> None:
-    tr, va = data.split_validation(range(50), fraction=0.1, seed=0)
+    tr, va = sites.split_validation(range(50), fraction=0.1, seed=0)
     assert len(va) == 5 and not set(tr) & set(va) and len(tr) + len(va) == 50
-    assert data.split_validation(range(3), fraction=0.2, seed=0) == ([0, 1, 2], [])
+    assert sites.split_validation(range(3), fraction=0.2, seed=0) == ([0, 1, 2], [])
 
 
 def test_read_formats(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from peft import PeftModel
 
+from fedtune.common import hub
 from fedtune.common import model as M
 from fedtune.common.config import LoraConfig, ModelConfig
 from fedtune.common.errors import ModelError
@@ -173,13 +174,13 @@ def test_a_hub_id_without_a_hub_fails_fast_in_one_line(
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", constants.HF_HUB_OFFLINE)
-    M.hub_reachable.cache_clear()
+    hub.hub_reachable.cache_clear()
     start = time.monotonic()
     try:
         with pytest.raises(ModelError) as info:
             M.load_pretrained(ModelConfig(name_or_path="org/model"))
     finally:
-        M.hub_reachable.cache_clear()
+        hub.hub_reachable.cache_clear()
     assert time.monotonic() - start < 10
     words = ("off (HF_HUB_OFFLINE)" if offline else "unreachable from this machine")
     assert f"'org/model' is no local path, and the Hugging Face hub is {words}" in \

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.common import config, planning
+from fedtune.common import config, plan_text, planning, sites
 from fedtune.common.errors import DataError
 from tests.conftest import tiny_config
 
@@ -51,7 +51,7 @@ def test_head_only_rounds_plan_their_own_dimensions() -> None:
               for s, d, t in ((plan.probe_sigma, 8_000, plan.probe_steps),
                               (plan.sigma, 80_000, plan.steps))]
     assert plan.rho == pytest.approx(max(ratios))
-    text = planning.format_plan([plan], cfg)
+    text = plan_text.format_plan([plan], cfg)
     assert "8000/80000" in text and f"{plan.probe_sigma:.2f}/{plan.sigma:.2f}" in text
     assert text.splitlines()[-1] == f"overall: {plan.verdict}"
     # the plan says what recipe the run trains, and what overriding it costs
@@ -64,7 +64,7 @@ def test_dp_off_has_no_noise() -> None:
     cfg = config.from_dict({"privacy": {"enabled": False}})
     plan = planning.plan_site(cfg, site="s", records=100, dims=1_000)
     assert plan.verdict == "DP off" and plan.sigma == 0.0
-    assert "DP is OFF" in planning.format_plan([plan], cfg)
+    assert "DP is OFF" in plan_text.format_plan([plan], cfg)
 
 
 def test_simulated_sites_match_the_sites_own_split(
@@ -72,7 +72,7 @@ def test_simulated_sites_match_the_sites_own_split(
     from fedtune.client.site import site_data
 
     cfg = config.from_dict(tiny_config(tiny_bert, *review_files))
-    sizes = planning.simulated_sites(cfg)
+    sizes = sites.simulated_sites(cfg)
     assert sizes == [(f"partition {p}/3", len(site_data(cfg, {
         "partition-id": p, "num-partitions": 3}).train)) for p in range(3)]
     dims, probe = planning.model_dims(cfg)
@@ -83,22 +83,20 @@ def test_many_sites_are_partitioned_once(tmp_path: Path, tiny_bert: Path,
                                          review_files: tuple[Path, Path],
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     from fedtune.client import site
-    from fedtune.common import data
-
     src = tmp_path / "many.jsonl"
     rows = review_files[0].read_text().splitlines()
     src.write_text("\n".join(rows * (20_000 // len(rows) + 1)) + "\n")
     calls: list[int] = []
-    real = data.partition
+    real = sites.partition
 
     def counted(*args: object, **kwargs: object) -> list[list[int]]:
         calls.append(1)
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(data, "partition", counted)
+    monkeypatch.setattr(sites, "partition", counted)
     cfg = config.from_dict(tiny_config(tiny_bert, src, review_files[1], federation={
         "num_sites": 10_000, "min_train_nodes": 100}))
-    sizes = planning.simulated_sites(cfg)
+    sizes = sites.simulated_sites(cfg)
     assert len(sizes) == 10_000 and len(calls) == 1  # not once per site
     # a simulated site's process (a Ray actor serving a new site each round) reads
     # and partitions the file once, then slices it for every site it serves
@@ -115,7 +113,7 @@ def test_missing_data_file_is_the_same_named_error(tiny_bert: Path,
     cfg = config.from_dict(tiny_config(tiny_bert, tmp_path / "nope.jsonl",
                                        tmp_path / "test.jsonl"))
     with pytest.raises(DataError, match="nope.jsonl: data file not found"):
-        planning.simulated_sites(cfg)
+        sites.simulated_sites(cfg)
 
 
 @pytest.mark.parametrize("sections", [
@@ -150,7 +148,7 @@ def test_one_tiny_site_is_named_but_the_federation_learns() -> None:
     sites = [(f"site {i}", 2_000) for i in range(9)] + [("tiny", 11)]
     # Execute
     plans = planning.plan_sites(cfg, sites, dims=(80_000, 770))
-    text = planning.format_plan(plans, cfg)
+    text = plan_text.format_plan(plans, cfg)
     # Assert: the tiny site alone learns nothing, holds ~0.06 % of the aggregate,
     # and the federation's verdict follows the aggregate
     tiny = plans[-1]
@@ -171,7 +169,7 @@ def test_a_head_only_plan_quotes_the_heads_dimensions() -> None:
     cfg = config.from_dict({})
     plan = planning.plan_site(cfg, site="s", records=11, dims=74_498,
                               probe_dims=770)
-    text = planning.format_plan([plan], cfg)
+    text = plan_text.format_plan([plan], cfg)
     # Assert: the advice is about the 770 head dimensions the rounds train, and
     # names the key that would shrink them; the LoRA dimensions appear nowhere
     assert plan.verdict != "expected to learn"
@@ -196,7 +194,7 @@ def test_a_causal_lm_plan_uses_its_own_measured_thresholds() -> None:
     assert planning.verdict(rho, "classification") == "will learn nothing"
     assert plans[0].verdict == planning.verdict(rho, "causal-lm")
     assert plans[0].verdict != "will learn nothing"
-    text = planning.format_plan(plans, cfg)
+    text = plan_text.format_plan(plans, cfg)
     assert "thresholds for causal-lm, measured on one run: simulations/" in text
 
 
@@ -209,8 +207,8 @@ def test_a_large_federations_plan_is_a_summary_by_verdict() -> None:
              + [(f"partition {990 + i}/1000", 11) for i in range(10)])
     plans = planning.plan_sites(cfg, sites, dims=(80_000, 8085))
     # Execute
-    text = planning.format_plan(plans, cfg)
-    full = planning.format_plan(plans, cfg, full=True)
+    text = plan_text.format_plan(plans, cfg)
+    full = plan_text.format_plan(plans, cfg, full=True)
     # Assert: a screen, not 1,000 rows; each verdict once, with its count, its
     # worst and median site, and the worst's advice once
     lines = text.splitlines()

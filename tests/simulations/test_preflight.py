@@ -98,11 +98,11 @@ def test_config_runs_the_same_preflight(tmp_path: Path, tiny_bert: Path,
 
 def test_more_partition_values_than_sites_is_a_warning(
         tmp_path: Path, tiny_bert: Path, review_files: tuple[Path, Path]) -> None:
-    from fedtune.common import config, data
+    from fedtune.common import config, sites
 
     raw = tiny_config(tiny_bert, *review_files, data={"partition": "column"},
                       federation={"num_sites": 4, "min_train_nodes": 4})
-    warnings = data.check_simulation_data(config.from_dict(raw))
+    warnings = sites.check_simulation_data(config.from_dict(raw))
     assert warnings == ["data.partition_column 'condition' has 6 values for 4 "
                         "sites: each site holds the records of several values "
                         "(federation.num_sites=6 gives one value per site)"]
