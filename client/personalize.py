@@ -94,7 +94,7 @@ def fine_tune(cfg: RunConfig, *, site: SiteData, model: torch.nn.Module,
         optimizer="adamw" if measured else phase.optimizer)
     dp = cfg.privacy.enabled
     q = sample_rate(batch_size=train_cfg.batch_size, num_examples=len(site.train))
-    steps = steps_per_round(sample_rate_=q, epochs=train_cfg.local_epochs,
+    steps = steps_per_round(q=q, epochs=train_cfg.local_epochs,
                             max_steps=0)
     sigma = calibrate_noise(
         target_epsilon=cfg.privacy.personalize_epsilon,
@@ -118,7 +118,7 @@ def fine_tune(cfg: RunConfig, *, site: SiteData, model: torch.nn.Module,
                                  records.DP_STEPS: res.steps,
                                  records.TRAIN_SECONDS: res.seconds}
     if dp:
-        state.charge(sample_rate_=q, steps=res.steps, sigma=sigma)
+        state.charge(q=q, steps=res.steps, sigma=sigma)
         total = state.epsilon(cfg.privacy)
         if book and res.steps > 0:
             total = book.ledger.charge((sigma, q, res.steps), book.budget, run=run,

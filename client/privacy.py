@@ -25,9 +25,8 @@ from fedtune.common.accounting import (
     NoisePlan,
     Segment,
     epsilon_spent,
+    round_sampling,
     run_plan,
-    sample_rate,
-    steps_per_round,
 )
 from fedtune.common.config import PrivacyConfig, RunConfig, TrainConfig
 from fedtune.common.errors import PrivacyBudgetExhausted
@@ -59,11 +58,11 @@ class PrivacyState:
         self.probe_noise_multiplier, self.probe_rounds = (plan.probe_sigma,
                                                           plan.probe_rounds)
 
-    def charge(self, *, sample_rate_: float, steps: int,
+    def charge(self, *, q: float, steps: int,
                sigma: float | None = None) -> None:
         if steps > 0:
             self.history.append((self.noise_multiplier if sigma is None else sigma,
-                                 sample_rate_, steps))
+                                 q, steps))
 
     def epsilon(self, cfg: PrivacyConfig) -> float:
         return epsilon_spent(self.history, delta=cfg.target_delta,
@@ -124,7 +123,7 @@ class RoundPrivacy:
         cfg = self.cfg.privacy
         if not cfg.enabled:
             return {}
-        self.state.charge(sample_rate_=self.sample_rate, steps=steps,
+        self.state.charge(q=self.sample_rate, steps=steps,
                           sigma=self.noise_multiplier)
         eps = self.state.epsilon(cfg)
         total = eps
@@ -164,9 +163,7 @@ def open_round(cfg: RunConfig, *, num_examples: int, round_: int,
     """
     dp = cfg.privacy.enabled
     train_cfg = cfg.phase(round_, num_examples)  # a head round's own lr, steps
-    q = sample_rate(batch_size=train_cfg.batch_size, num_examples=num_examples)
-    planned = steps_per_round(sample_rate_=q, epochs=train_cfg.local_epochs,
-                              max_steps=train_cfg.max_steps)
+    q, planned = round_sampling(cfg, num_examples=num_examples, round_=round_)
     state = PrivacyState.from_config(dict(saved) if saved is not None else None)
     if dp and state.noise_multiplier == 0.0:
         _, plan = run_plan(cfg, num_examples=num_examples)
@@ -174,7 +171,7 @@ def open_round(cfg: RunConfig, *, num_examples: int, round_: int,
         if saved is None and resumed_at > 1:
             # A resumed run: this process never saw rounds 1..resumed_at-1. Count
             # them as if the site took part in each (an upper bound).
-            state.history += plan.history(sample_rate_=q, rounds=resumed_at - 1)
+            state.history += plan.history(q=q, rounds=resumed_at - 1)
     sigma = state.sigma(round_)
     if dp and check_noise is not None:
         check_noise([state.noise_multiplier, state.probe_noise_multiplier])

@@ -142,11 +142,11 @@ def sample_rate(*, batch_size: int, num_examples: int) -> float:
     return min(1.0, batch_size / max(1, num_examples))
 
 
-def steps_per_round(*, sample_rate_: float, epochs: int, max_steps: int) -> int:
+def steps_per_round(*, q: float, epochs: int, max_steps: int) -> int:
     """Optimizer steps one local round takes (what the trainer will do)."""
     if max_steps > 0:
         return max_steps
-    return epochs * max(1, int(1 / sample_rate_))
+    return epochs * max(1, int(1 / q))
 
 
 @dataclass(frozen=True)
@@ -175,7 +175,7 @@ class NoisePlan:
         """The DP-SGD steps round ``round_`` takes."""
         return self.probe_steps if round_ <= self.probe_rounds else self.tune_steps
 
-    def history(self, *, sample_rate_: float, rounds: int, ended: bool = False
+    def history(self, *, q: float, rounds: int, ended: bool = False
                 ) -> list[Segment]:
         """The releases of the first ``rounds`` rounds, as planned (``ended``: and
         the decision calibration after the last one)."""
@@ -184,35 +184,44 @@ class NoisePlan:
             out.append((self.calibration_sigma, 1.0, 1))
         probe = min(rounds, self.probe_rounds)
         if probe:
-            out.append((self.probe_sigma, sample_rate_, self.probe_steps * probe))
+            out.append((self.probe_sigma, q, self.probe_steps * probe))
         if rounds > probe:
-            out.append((self.tune_sigma, sample_rate_,
+            out.append((self.tune_sigma, q,
                         self.tune_steps * (rounds - probe)))
         return out
+
+
+def round_sampling(cfg: RunConfig, *, num_examples: int, round_: int
+                   ) -> tuple[float, int]:
+    """(Poisson sampling rate, optimizer steps) of round ``round_`` at a site of
+    ``num_examples`` training records: what its trainer will do, and what its
+    plan and its ledger count."""
+    t = cfg.phase(round_, num_examples)
+    q = sample_rate(batch_size=t.batch_size, num_examples=num_examples)
+    return q, steps_per_round(q=q, epochs=t.local_epochs, max_steps=t.max_steps)
 
 
 def run_plan(cfg: RunConfig, *, num_examples: int, count: bool | None = None
              ) -> tuple[float, NoisePlan]:
     """(sampling rate, noise plan) of a site with ``num_examples`` training records
     under the run's config: its sampling rate and each phase's steps per round."""
-    phases = [cfg.phase(r, num_examples) for r in (1, cfg.probe_rounds + 1)]
-    q = sample_rate(batch_size=phases[0].batch_size, num_examples=num_examples)
-    probe, tune = (steps_per_round(sample_rate_=q, epochs=t.local_epochs,
-                                   max_steps=t.max_steps) for t in phases)
+    q, probe = round_sampling(cfg, num_examples=num_examples, round_=1)
+    _, tune = round_sampling(cfg, num_examples=num_examples,
+                             round_=cfg.probe_rounds + 1)
     return q, plan_schedule(
-        cfg.privacy, sample_rate_=q, steps_per_round_=tune,
+        cfg.privacy, q=q, round_steps=tune,
         num_rounds=cfg.federation.num_rounds,
         probe_rounds=cfg.probe_rounds, probe_steps_per_round=probe,
         count=cfg.releases_class_histogram if count is None else count,
         calibration=cfg.calibrates)
 
 
-def plan_schedule(cfg: PrivacyConfig, *, sample_rate_: float, steps_per_round_: int,
+def plan_schedule(cfg: PrivacyConfig, *, q: float, round_steps: int,
                   num_rounds: int, probe_rounds: int = 0, count: bool = False,
                   probe_steps_per_round: int = 0, calibration: bool = False
                   ) -> NoisePlan:
     """Noise for a run of ``num_rounds`` rounds whose first ``probe_rounds`` train
-    the head only (``probe_steps_per_round`` steps each; 0: ``steps_per_round_``),
+    the head only (``probe_steps_per_round`` steps each; 0: ``round_steps``),
     after a class-histogram release when ``count`` and before the decision
     calibration's release when ``calibration``.
 
@@ -222,7 +231,7 @@ def plan_schedule(cfg: PrivacyConfig, *, sample_rate_: float, steps_per_round_: 
     serves every round. A fixed ``cfg.noise_multiplier`` is used as it is.
     """
     probe_rounds = min(probe_rounds, num_rounds)
-    probe_steps = probe_steps_per_round or steps_per_round_
+    probe_steps = probe_steps_per_round or round_steps
     tune_rounds = num_rounds - probe_rounds
     count_sigma = cfg.count_noise_multiplier if count else 0.0
     prefix: list[Segment] = [(count_sigma, 1.0, 1)] if count else []
@@ -232,23 +241,23 @@ def plan_schedule(cfg: PrivacyConfig, *, sample_rate_: float, steps_per_round_: 
 
     def plan(probe: float, tune: float) -> NoisePlan:
         return NoisePlan(count_sigma, probe, tune, probe_rounds, probe_steps,
-                         steps_per_round_, calibration_sigma)
+                         round_steps, calibration_sigma)
 
     if cfg.noise_multiplier > 0:
         return plan(cfg.noise_multiplier, cfg.noise_multiplier)
     calibrate = functools.partial(
-        calibrate_noise, target_delta=cfg.target_delta, sample_rate=sample_rate_,
+        calibrate_noise, target_delta=cfg.target_delta, sample_rate=q,
         accountant=cfg.accountant)
     if cfg.linear_probe_budget and probe_rounds and tune_rounds:
         probe = calibrate(target_epsilon=cfg.linear_probe_budget * cfg.target_epsilon,
                           steps=probe_steps * probe_rounds, prefix=prefix)
-        prefix.append((probe, sample_rate_, probe_steps * probe_rounds))
+        prefix.append((probe, q, probe_steps * probe_rounds))
         tune = calibrate(target_epsilon=cfg.target_epsilon, prefix=prefix,
-                         steps=steps_per_round_ * tune_rounds)
+                         steps=round_steps * tune_rounds)
         return plan(probe, tune)
     sigma = calibrate(
         target_epsilon=cfg.target_epsilon, prefix=prefix,
-        steps=probe_steps * probe_rounds + steps_per_round_ * tune_rounds)
+        steps=probe_steps * probe_rounds + round_steps * tune_rounds)
     return plan(sigma, sigma)
 
 
@@ -269,15 +278,3 @@ def class_weights(prior: Sequence[float], *, mode: str) -> list[float]:
     power = 1.0 if mode == "balanced" else 0.5
     low = min(prior)
     return [(low / p) ** power for p in prior]
-
-
-def plan_noise(cfg: PrivacyConfig, *, sample_rate_: float, steps_per_round_: int,
-               num_rounds: int) -> float:
-    """The configured noise multiplier, or one calibrated so that taking part in
-    every planned round spends exactly the target epsilon."""
-    if cfg.noise_multiplier > 0:
-        return cfg.noise_multiplier
-    return calibrate_noise(target_epsilon=cfg.target_epsilon,
-                           target_delta=cfg.target_delta, sample_rate=sample_rate_,
-                           steps=steps_per_round_ * num_rounds,
-                           accountant=cfg.accountant)

@@ -23,12 +23,27 @@ Batch = dict[str, torch.Tensor]  # one record, or a collated batch of them
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; otherwise the named device."""
+    """``auto`` -> CUDA when available, else CPU; otherwise the named device
+    (``cpu``, ``cuda``, ``cuda:N``, ``mps``), which must be present here: the one
+    device check of the site worker, the server and ``fedtune client``."""
     if name in ("", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r} but CUDA is not available here; use cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device {name!r} is not a device; use auto, cpu, cuda or "
+                          "cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r}: no CUDA device is visible here (CUDA "
+                              "is not available); use cpu or fix the driver")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name!r}: only {torch.cuda.device_count()} "
+                              "CUDA device(s) here")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device 'mps': MPS is not available here")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device {name!r}: use auto, cpu, cuda[:N] or mps")
     return dev
 
 

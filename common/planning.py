@@ -190,7 +190,7 @@ def _epsilon_to_learn(cfg: RunConfig, *, records: int, dims: int, probe_dims: in
         with warnings.catch_warnings():  # an optimum at the last RDP order
             warnings.simplefilter("ignore")
             return accounting.epsilon_spent(
-                at.history(sample_rate_=q, rounds=cfg.federation.num_rounds,
+                at.history(q=q, rounds=cfg.federation.num_rounds,
                            ended=True),
                 delta=priv.target_delta, accountant=priv.accountant)
 
@@ -297,7 +297,7 @@ def head_length(cfg: RunConfig, records: float | None) -> str:
     rule = r.head_steps(n)
     t = cfg.phase(1, n)
     steps = accounting.steps_per_round(
-        sample_rate_=accounting.sample_rate(batch_size=t.batch_size, num_examples=n),
+        q=accounting.sample_rate(batch_size=t.batch_size, num_examples=n),
         epochs=t.local_epochs, max_steps=t.max_steps)
     at = f" at the median site's {n:,} records"
     if steps == rule and t.batch_size == r.BATCH:

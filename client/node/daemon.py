@@ -28,7 +28,7 @@ from pathlib import Path
 from fedtune.client import policy
 from fedtune.client.node import channel, supervisor
 from fedtune.common import data, deployment, keys
-from fedtune.common.errors import DeploymentError
+from fedtune.common.errors import ConfigError, DeploymentError
 
 logger = logging.getLogger(__name__)
 
@@ -55,27 +55,16 @@ class ClientOptions:
 
 
 def check_device(name: str) -> str:
-    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``, present on this machine."""
-    import torch
-
+    """``--device``, present on this machine (:func:`fedtune.common.loops.
+    resolve_device`'s check, the one the worker makes again when it loads)."""
     if name in ("auto", "cpu"):
-        return name
+        return name  # present everywhere: no torch import for the check
+    from fedtune.common import loops
+
     try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise DeploymentError(f"--device {name!r} is not a device; use auto, cpu, "
-                              "cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeploymentError(f"--device {name}: no CUDA device is visible here; "
-                                  "use --device cpu or fix the driver")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DeploymentError(f"--device {name}: only {torch.cuda.device_count()} "
-                                  "CUDA device(s) here")
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise DeploymentError("--device mps: MPS is not available here")
-    elif dev.type not in ("cuda", "mps"):
-        raise DeploymentError(f"--device {name!r}: use auto, cpu, cuda[:N] or mps")
+        loops.resolve_device(name)
+    except ConfigError as err:
+        raise DeploymentError(f"--{err}") from None
     return name
 
 
@@ -104,10 +93,18 @@ def _quote(value: str) -> str:
     return f'"{value}"'
 
 
-def supernode_command(opts: ClientOptions, *, socket: Path | None = None
+def site_dirs(opts: ClientOptions) -> tuple[Path, Path]:
+    """The ledger and state directories, created and checked writable."""
+    return (deployment.writable_dir(opts.ledger_dir.expanduser(), what="--ledger-dir"),
+            deployment.writable_dir(opts.state_dir.expanduser(), what="--state-dir"))
+
+
+def supernode_command(opts: ClientOptions, *, socket: Path | None = None,
+                      dirs: tuple[Path, Path] | None = None
                       ) -> tuple[list[str], dict[str, str]]:
     """The checked ``flower-supernode`` command line and its environment;
-    ``socket``: where the site worker listens (the ClientApps forward to it)."""
+    ``socket``: where the site worker listens (the ClientApps forward to it);
+    ``dirs``: :func:`site_dirs`, where the caller has checked them already."""
     deployment.split_address(opts.superlink, what="--superlink")
     io_host, io_port = deployment.split_address(opts.clientappio_address,
                                                 what="--clientappio-address")
@@ -115,10 +112,8 @@ def supernode_command(opts: ClientOptions, *, socket: Path | None = None
         raise DeploymentError("--clientappio-address must be a loopback address: "
                               "it hands this site's tasks to local ClientApps")
     count = check_data(opts.data_path)
-    ledger = deployment.writable_dir(opts.ledger_dir.expanduser(),
-                                     what="--ledger-dir")
+    ledger, state = dirs or site_dirs(opts)
     device = check_device(opts.device)
-    state = deployment.writable_dir(opts.state_dir.expanduser(), what="--state-dir")
     if opts.budget_epsilon < 0 or not 0 < opts.budget_delta < 1:
         raise DeploymentError("--budget-epsilon must be >= 0 (0: no limit) and "
                               "--budget-delta in (0, 1)")
@@ -182,16 +177,13 @@ def run_client(opts: ClientOptions) -> int:
     """Check everything, warn about insecure settings, then run the site worker and
     the SuperNode until a signal (or become the SuperNode, without a worker).
     Returns the daemon's exit status."""
-    ledger = deployment.writable_dir(opts.ledger_dir.expanduser(),
-                                     what="--ledger-dir")
+    ledger, state = dirs = site_dirs(opts)
     lock = supervisor.lock_ledger(ledger)
     socket = None
     if opts.worker:
-        state = deployment.writable_dir(opts.state_dir.expanduser(),
-                                        what="--state-dir")
         socket = supervisor.socket_path(state)
         supervisor.clear_stale(socket)
-    argv, env = supernode_command(opts, socket=socket)
+    argv, env = supernode_command(opts, socket=socket, dirs=dirs)
     if opts.allow_non_private:
         logger.warning(
             "NON-PRIVATE RUNS ALLOWED (--allow-non-private): a run with "

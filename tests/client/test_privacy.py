@@ -106,7 +106,7 @@ def test_epsilon_grows_with_rounds_and_matches_opacus() -> None:
     eps = []
     for _ in range(rounds):
         # Execute: one round charged, vs Opacus stepping the same steps in-process
-        state.charge(sample_rate_=q, steps=steps)
+        state.charge(q=q, steps=steps)
         for _ in range(steps):
             reference.step(noise_multiplier=sigma, sample_rate=q)
         eps.append(state.epsilon(cfg))
@@ -120,14 +120,14 @@ def test_epsilon_grows_with_rounds_and_matches_opacus() -> None:
 def test_calibrated_noise_spends_the_target_over_the_planned_rounds() -> None:
     cfg = PrivacyConfig(target_epsilon=3.0, target_delta=1e-5)
     q = accounting.sample_rate(batch_size=16, num_examples=400)
-    per_round = accounting.steps_per_round(sample_rate_=q, epochs=2, max_steps=0)
+    per_round = accounting.steps_per_round(q=q, epochs=2, max_steps=0)
     assert per_round == 50
-    sigma = accounting.plan_noise(cfg, sample_rate_=q, steps_per_round_=per_round,
-                               num_rounds=4)
+    sigma = accounting.plan_schedule(cfg, q=q, round_steps=per_round,
+                                     num_rounds=4).tune_sigma
     spent = accounting.epsilon_spent([(sigma, q, per_round * 4)], delta=1e-5)
     assert 2.9 < spent <= 3.0
-    assert accounting.plan_noise(PrivacyConfig(noise_multiplier=0.7), sample_rate_=q,
-                              steps_per_round_=1, num_rounds=1) == 0.7
+    assert accounting.plan_schedule(PrivacyConfig(noise_multiplier=0.7), q=q,
+                                    round_steps=1, num_rounds=1).tune_sigma == 0.7
 
 
 def test_privacy_errors() -> None:

@@ -13,7 +13,7 @@ Q, STEPS, ROUNDS = 0.1, 10, 4
 
 def _spent(plan: accounting.NoisePlan, rounds: int = ROUNDS) -> float:
     return accounting.epsilon_spent(
-        plan.history(sample_rate_=Q, rounds=rounds),
+        plan.history(q=Q, rounds=rounds),
         delta=1e-5)
 
 
@@ -21,9 +21,9 @@ def test_one_noise_level_spends_the_target_with_the_histogram() -> None:
     # Prepare
     cfg = PrivacyConfig(target_epsilon=3.0)
     # Execute
-    plain = accounting.plan_schedule(cfg, sample_rate_=Q, steps_per_round_=STEPS,
+    plain = accounting.plan_schedule(cfg, q=Q, round_steps=STEPS,
                                      num_rounds=ROUNDS)
-    counted = accounting.plan_schedule(cfg, sample_rate_=Q, steps_per_round_=STEPS,
+    counted = accounting.plan_schedule(cfg, q=Q, round_steps=STEPS,
                                        num_rounds=ROUNDS, count=True)
     # Assert: both land on the target; the histogram costs a little more noise
     assert _spent(plain) == pytest.approx(3.0, abs=0.01) and _spent(plain) <= 3.0
@@ -36,7 +36,7 @@ def test_linear_probe_budget_split_is_exact() -> None:
     # Prepare: 30 % of epsilon 8 for the first round (head only)
     cfg = PrivacyConfig(target_epsilon=8.0, linear_probe_budget=0.3)
     # Execute
-    plan = accounting.plan_schedule(cfg, sample_rate_=Q, steps_per_round_=STEPS,
+    plan = accounting.plan_schedule(cfg, q=Q, round_steps=STEPS,
                                     num_rounds=ROUNDS, probe_rounds=1, count=True)
     # Assert: phase one spends 2.4 (histogram included), all of it spends 8
     assert _spent(plan, rounds=1) == pytest.approx(2.4, abs=0.01)
@@ -46,7 +46,7 @@ def test_linear_probe_budget_split_is_exact() -> None:
 
 def test_fixed_noise_is_used_as_it_is() -> None:
     plan = accounting.plan_schedule(PrivacyConfig(noise_multiplier=1.3),
-                                    sample_rate_=Q, steps_per_round_=STEPS,
+                                    q=Q, round_steps=STEPS,
                                     num_rounds=ROUNDS, probe_rounds=2)
     assert plan.probe_sigma == plan.tune_sigma == 1.3 and plan.count_sigma == 0.0
 
@@ -54,7 +54,7 @@ def test_fixed_noise_is_used_as_it_is() -> None:
 def test_a_histogram_that_spends_the_budget_is_refused() -> None:
     cfg = PrivacyConfig(target_epsilon=0.5, count_noise_multiplier=1.0)
     with pytest.raises(PrivacyError, match="already spend epsilon >= 0.5") as err:
-        accounting.plan_schedule(cfg, sample_rate_=Q, steps_per_round_=STEPS,
+        accounting.plan_schedule(cfg, q=Q, round_steps=STEPS,
                                  num_rounds=ROUNDS, count=True)
     assert "privacy.count_noise_multiplier" in str(err.value)  # names the fix
 
@@ -64,7 +64,7 @@ def test_the_calibration_release_follows_the_budget(eps: float) -> None:
     # Prepare: the recipe's releases (histogram + decision calibration), default noise
     cfg = PrivacyConfig(target_epsilon=eps)
     # Execute
-    plan = accounting.plan_schedule(cfg, sample_rate_=Q, steps_per_round_=STEPS,
+    plan = accounting.plan_schedule(cfg, q=Q, round_steps=STEPS,
                                     num_rounds=ROUNDS, count=True, calibration=True)
     # Assert: 2 (as measured) from epsilon 8 up, 2 * 8 / eps below; a small budget
     # still leaves room for training, and the whole run lands on the target
@@ -73,7 +73,7 @@ def test_the_calibration_release_follows_the_budget(eps: float) -> None:
                                          (plan.calibration_sigma, 1.0, 1)], delta=1e-5)
     assert releases < 0.75 * eps
     whole = accounting.epsilon_spent(
-        plan.history(sample_rate_=Q, rounds=ROUNDS, ended=True), delta=1e-5)
+        plan.history(q=Q, rounds=ROUNDS, ended=True), delta=1e-5)
     assert whole == pytest.approx(eps, abs=0.02) and whole <= eps + 1e-6
 
 
@@ -81,7 +81,7 @@ def test_an_explicit_calibration_noise_is_used_as_it_is() -> None:
     cfg = PrivacyConfig(target_epsilon=1.0, calibration_noise_multiplier=3.0)
     assert cfg.calibration_sigma == 3.0
     with pytest.raises(PrivacyError, match="calibration_noise_multiplier"):
-        accounting.plan_schedule(cfg, sample_rate_=Q, steps_per_round_=STEPS,
+        accounting.plan_schedule(cfg, q=Q, round_steps=STEPS,
                                  num_rounds=ROUNDS, count=True, calibration=True)
 
 
@@ -99,12 +99,12 @@ def test_head_only_rounds_may_take_their_own_steps() -> None:
     # Prepare: 2 head-only rounds of 50 steps, then 2 rounds of 10
     cfg = PrivacyConfig(target_epsilon=4.0)
     # Execute
-    plan = accounting.plan_schedule(cfg, sample_rate_=Q, steps_per_round_=STEPS,
+    plan = accounting.plan_schedule(cfg, q=Q, round_steps=STEPS,
                                     num_rounds=ROUNDS, probe_rounds=2,
                                     probe_steps_per_round=50)
     # Assert: one sigma over 2 * 50 + 2 * 10 steps, spending the target
     assert [plan.steps(r) for r in (1, 2, 3, 4)] == [50, 50, 10, 10]
-    assert plan.history(sample_rate_=Q, rounds=3) == [
+    assert plan.history(q=Q, rounds=3) == [
         (plan.probe_sigma, Q, 100), (plan.tune_sigma, Q, 10)]
     assert _spent(plan) == pytest.approx(4.0, abs=0.01) and _spent(plan) <= 4.0
 
