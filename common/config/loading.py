@@ -76,20 +76,22 @@ def from_dict(raw: Mapping[str, Any] | None) -> RunConfig:
 def _renamed(section: str, values: dict[str, Any], used_old: dict[str, str]
              ) -> list[str]:
     """Read a renamed key under its new name (in place), with a deprecation
-    warning naming the new key; both names at once is a problem."""
-    out = []
+    warning naming the new key. Where both names are set, the old one wins:
+    fedtune writes only the new name (a run's config.yaml, ``fedtune config``), so
+    an old key is the user's own, written over such a config; the warning names
+    the value dropped."""
     for (sec, old), new in RENAMED.items():
         if sec != section or old not in values:
             continue
-        if new in values:
-            out.append(f"{sec}.{old}: renamed {sec}.{new}, which is also set; keep "
-                       f"only {sec}.{new}")
-            continue
         logger.warning("%s.%s is deprecated and will be removed in the next "
                        "release: write %s.%s (same meaning)", sec, old, sec, new)
+        if new in values and values[new] != values[old]:
+            logger.warning("%s.%s=%r and %s.%s=%r are both set: the old key, the "
+                           "one a person wrote, is used", sec, old, values[old],
+                           sec, new, values[new])
         values[new] = values.pop(old)
         used_old[f"{sec}.{new}"] = f"{sec}.{old}"
-    return out
+    return []
 
 
 def _as_written(problem: str, used_old: Mapping[str, str]) -> str:

@@ -278,7 +278,7 @@ def test_compare_refuses_runs_on_other_test_sets(stopped_run: Path,
                                                  tmp_path: Path) -> None:
     fewer = _copy_run(stopped_run, tmp_path / "fewer", data={"max_test_samples": 5})
     blind = _copy_run(stopped_run, tmp_path / "blind", data={"test_source": ""},
-                      federation={"early_stopping_patience": 0})
+                      federation={"round_patience": 0})
     for argv, message in (
             ([str(stopped_run), str(fewer)],
              rf"{re.escape(str(fewer))} was scored on .*\(5 records, sha256 \w+\), "
