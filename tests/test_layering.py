@@ -17,6 +17,7 @@ the code's imports (lazy imports inside functions count too):
 from __future__ import annotations
 
 import ast
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,7 @@ def _name(path: Path) -> str:
     return ".".join(("fedtune", *(parts[:-1] if parts[-1] == "__init__" else parts)))
 
 
+@functools.cache  # the tree does not change during a test run
 def _graph() -> dict[str, set[str]]:
     return {_name(f): _imports(f)
             for p in PACKAGES for f in sorted((ROOT / p).rglob("*.py"))}

@@ -18,9 +18,11 @@ from typing import Protocol
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from fedtune.common.config import RunConfig
+from fedtune.common.config import RunConfig, load
+from fedtune.common.errors import FedtuneError
 from fedtune.server import rundir
 from fedtune.server.runtime import checkpoint
+from fedtune.server.runtime.selection import Selection
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +79,6 @@ def resumed_config(run_dir: str | Path, *, items: list[str],
     """The config a run directory was started with (``--resume``); a run that
     stopped early is refused here, before any engine starts, unless
     ``past_stop`` (``--past-early-stop``)."""
-    from fedtune.common import config
-    from fedtune.common.errors import FedtuneError
-    from fedtune.server.runtime.selection import Selection
-
     if items:
         raise FedtuneError(f"--resume takes no config or overrides ("
                            f"{' '.join(items)}): a run continues with the "
@@ -89,7 +87,7 @@ def resumed_config(run_dir: str | Path, *, items: list[str],
     if not path.is_file():
         raise FedtuneError(f"{path}: not found; --resume needs a fedtune run "
                            f"directory (it holds {rundir.CONFIG} and {rundir.STATE})")
-    cfg = config.load(path)
+    cfg = load(path)
     Selection.for_run(cfg).replay(checkpoint.read_metrics(run_dir),
                                   past_stop=past_stop)
     return cfg
