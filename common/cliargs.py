@@ -63,9 +63,11 @@ def split(items: list[str]) -> tuple[str | None, list[str]]:
 def load(items: list[str]) -> tuple[config.RunConfig, str]:
     """The run config ``items`` name (the default scenario when they name no
     file), and its name (the file's stem)."""
+    from fedtune.common.data import with_labels
+
     path, overrides = split(items)
     path = path or str(default_scenario())
-    return config.load(path, overrides), Path(path).stem
+    return with_labels(config.load(path, overrides)), Path(path).stem
 
 
 def check_data(cfg: config.RunConfig) -> None:

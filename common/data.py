@@ -27,8 +27,10 @@ from fedtune.common.config import (
     AUTO_LENGTH_CAP,
     AUTO_LENGTH_PERCENTILE,
     DataConfig,
+    RunConfig,
+    describe_problems,
 )
-from fedtune.common.errors import DataError
+from fedtune.common.errors import ConfigError, DataError
 
 Record = dict[str, Any]
 logger = logging.getLogger(__name__)
@@ -56,7 +58,8 @@ def read_records(source: str, *, required: Sequence[str]) -> list[Record]:
         if suffix in (".jsonl", ".json"):
             records = _read_jsonl(path)
         elif suffix in (".csv", ".tsv"):
-            with open(path, newline="", encoding="utf-8") as fh:
+            # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark
+            with open(path, newline="", encoding="utf-8-sig") as fh:
                 records = list(csv.DictReader(fh, delimiter="\t" if suffix == ".tsv"
                                               else ","))
         else:
@@ -83,7 +86,7 @@ def read_records(source: str, *, required: Sequence[str]) -> list[Record]:
 
 
 def _read_jsonl(path: Path) -> list[Record]:
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8-sig") as fh:
         return jsonl_records(fh, where=str(path))
 
 
@@ -114,6 +117,34 @@ def label_ids(records: Sequence[Record], *, column: str, labels: Sequence[str],
             f"the run declares data.labels={list(labels)}. Add them there or fix "
             "the data")
     return [index[str(r[column])] for r in records]
+
+
+def with_labels(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with ``data.labels`` read from its training file where the config
+    left them empty (it named its own ``data.source`` but no labels): the distinct
+    values of ``data.label_column``, sorted, and logged. A causal LM, or labels
+    given: ``cfg`` itself."""
+    data = cfg.data
+    if not cfg.classifies or data.labels:
+        return cfg
+    try:
+        records = read_records(data.source, required=[data.label_column])
+    except DataError as err:
+        raise ConfigError(f"data.labels: not set, and cannot be read from the "
+                          f"training data ({err}); list the run's labels under "
+                          "data.labels") from err
+    labels = tuple(sorted({str(r[data.label_column]) for r in records}))
+    if len(labels) < 2:
+        raise ConfigError(f"data.labels: {data.source} holds {len(labels)} distinct "
+                          f"label(s) {list(labels)} in column {data.label_column!r}; "
+                          "classification needs at least 2 (check data.label_column)")
+    problems = describe_problems(labels, data.label_descriptions)
+    if problems:
+        raise ConfigError([f"data.{p} (labels read from {data.source}: "
+                           f"{list(labels)})" for p in problems])
+    logger.info("data.labels: not set; read %d from %s (column %r, sorted): %s",
+                len(labels), data.source, data.label_column, ", ".join(labels))
+    return dataclasses.replace(cfg, data=dataclasses.replace(data, labels=labels))
 
 
 # --- partitioning (pure) ----------------------------------------------------------

@@ -51,6 +51,7 @@ from fedtune.common.config.training import (
     DataConfig,
     Strategy,
     TrainConfig,
+    describe_problems,
 )
 from fedtune.common.errors import ConfigError
 
@@ -76,6 +77,7 @@ __all__ = [
     "Scalar",
     "Strategy",
     "TrainConfig",
+    "describe_problems",
     "dump_yaml",
     "from_dict",
     "from_run_config",

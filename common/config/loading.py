@@ -54,10 +54,15 @@ def from_dict(raw: Mapping[str, Any] | None) -> RunConfig:
             continue
         known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]  # (same)
         values = {str(k).replace("-", "_"): v for k, v in values.items()}
-        problems += _renamed(name, values, used_old)
+        _renamed(name, values, used_old)
         if name == "data" and "source" in values and "test_source" not in values:
             # the built-in test set belongs to the built-in data only
             values["test_source"] = ""
+        if name == "data" and "source" in values and "labels" not in values and \
+                _task(raw) == "classification":
+            # the built-in labels belong to the built-in data only: the run's are
+            # read from its training file (fedtune.common.data.with_labels)
+            values["labels"] = ()
         unknown = sorted(set(values) - known)
         problems += [f"{name}.{k}: unknown key (known: {', '.join(sorted(known))})"
                      for k in unknown]
@@ -73,8 +78,15 @@ def from_dict(raw: Mapping[str, Any] | None) -> RunConfig:
     return RunConfig(**built)
 
 
+def _task(raw: Mapping[str, Any]) -> str:
+    """The task a raw config names (the default: classification)."""
+    model = raw.get("model")
+    return str(model.get("task", "classification")) if isinstance(model, Mapping) \
+        else "classification"
+
+
 def _renamed(section: str, values: dict[str, Any], used_old: dict[str, str]
-             ) -> list[str]:
+             ) -> None:
     """Read a renamed key under its new name (in place), with a deprecation
     warning naming the new key. Where both names are set, the old one wins:
     fedtune writes only the new name (a run's config.yaml, ``fedtune config``), so
@@ -91,7 +103,6 @@ def _renamed(section: str, values: dict[str, Any], used_old: dict[str, str]
                            sec, new, values[new])
         values[new] = values.pop(old)
         used_old[f"{sec}.{new}"] = f"{sec}.{old}"
-    return []
 
 
 def _as_written(problem: str, used_old: Mapping[str, str]) -> str:

@@ -22,14 +22,26 @@ class ModelConfig(_Section):
     task: Literal["classification", "causal-lm"] = "classification"
     gguf_file: str = ""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    # Classification head's initial weights. "zero" starts every class at the same
-    # logit, so the first noisy DP steps do not have to undo a random head.
-    head_init: Literal["random", "zero"] = "zero"
+    # Classification head's initial weights. "labels" (the default): each class's
+    # row is the encoder's embedding of its label description (data.label_
+    # descriptions, else the label's name), so round 0 already predicts the nearest
+    # label, at no privacy cost (label names are public; fedtune.common.priors).
+    # "zero" starts every class at the same logit; "random" as torch draws it.
+    head_init: Literal["labels", "random", "zero"] = "labels"
+    # "labels": the logit a record whose features point the way of a label's
+    # embedding gets; 0 (the default): by the median site's records, measured
+    # (fedtune.common.priors.scale_for): a large prior steadies small sites, a
+    # small one leaves large sites free to learn.
+    head_init_scale: float = 0.0
     # 0: a linear head on the pooled features; N: linear(N) + GELU + linear.
     head_hidden: int = 0
 
     def _check(self) -> list[str]:
-        out = _non_negative(self, "head_hidden")
+        out = _non_negative(self, "head_hidden", "head_init_scale")
+        if self.head_init == "labels" and self.head_hidden:
+            out.append("head_init: 'labels' sets a linear head's rows from the label "
+                       "embeddings; with model.head_hidden > 0 use head_init: zero "
+                       "or random")
         if not self.name_or_path.strip():
             out.append("name_or_path: must name a local directory or a hub model id")
         return out

@@ -129,6 +129,28 @@ ICD10_CHAPTERS = (
     "symptoms", "injury", "external-causes", "health-factors")
 
 
+def describe_problems(labels: tuple[str, ...], descriptions: tuple[str, ...]
+                      ) -> list[str]:
+    """What is wrong with ``data.label_descriptions`` against ``data.labels``
+    (labels not yet known, to be read from the data: only the descriptions)."""
+    if not descriptions:
+        return []
+    out = []
+    if labels and len(descriptions) != len(labels):
+        out.append(f"label_descriptions: {len(descriptions)} given for "
+                   f"{len(labels)} data.labels; give one per label, in data.labels' "
+                   "order (or none: the label names)")
+    blank = [i for i, d in enumerate(descriptions) if not str(d).strip()]
+    if blank:
+        out.append(f"label_descriptions: empty at position(s) {blank}; describe "
+                   "every label (data.labels), or give none")
+    seen = [d for i, d in enumerate(descriptions) if d in descriptions[:i]]
+    if seen:
+        out.append(f"label_descriptions: {sorted(set(seen))} given twice; each "
+                   "label (data.labels) needs words of its own")
+    return out
+
+
 @dataclass(frozen=True)
 class DataConfig(_Section):
     """Where the data is and how simulation splits it into sites.
@@ -147,6 +169,16 @@ class DataConfig(_Section):
     whether fine-tuning damaged what the base model could do; the first
     ``max_retention_samples`` records (0: all).
 
+    ``labels``: the classes, in the order of the head's outputs. A config that
+    names its own ``source`` but no ``labels`` takes the training file's distinct
+    labels, sorted (:func:`fedtune.common.data.with_labels`), logged and written
+    to the run's config.
+
+    ``label_descriptions`` (classification): public words for each label, one per
+    label in ``labels``' order, e.g. an ICD-10 chapter's title; the head starts
+    from their embeddings (``model.head_init: labels``). Empty: the label names
+    themselves ("blood-immune" reads as "blood immune").
+
     ``answer_pattern`` (causal LM): a regular expression whose named groups read
     an answer's fields; the server also scores greedy answers to the held-out
     prompts by exact match, whole and per field, every round
@@ -161,6 +193,7 @@ class DataConfig(_Section):
     prompt_column: str = "prompt"
     response_column: str = "response"
     labels: tuple[str, ...] = ICD10_CHAPTERS
+    label_descriptions: tuple[str, ...] = ()
     max_length: int = 0  # 0: follow the data (fedtune.common.data.fit_length)
     partition: Literal["iid", "dirichlet", "column"] = "dirichlet"
     partition_column: str = "condition"
@@ -199,6 +232,7 @@ class DataConfig(_Section):
             out.append(f"val_fraction: must be in [0, 0.5), got {self.val_fraction!r}")
         if len(set(self.labels)) != len(self.labels):
             out.append(f"labels: must be distinct, got {self.labels!r}")
+        out += describe_problems(self.labels, self.label_descriptions)
         if self.partition == "column" and not self.partition_column:
             out.append("partition_column: required when partition is 'column'")
         return out

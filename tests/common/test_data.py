@@ -162,3 +162,40 @@ def test_embedded_drug_reviews_are_clean_jsonl() -> None:
     assert len(test) == 379
     sft = data.read_records("fedtune:drug-review-sft", required=["prompt", "response"])
     assert json.dumps(sft[0]) and sft[0]["response"].startswith("The review is")
+
+
+def test_a_csv_saved_with_a_byte_order_mark_reads(tmp_path: Path) -> None:
+    path = tmp_path / "excel.csv"
+    path.write_bytes("\ufefftext,label\nfirst,a\nsecond,b\n".encode())
+    records = data.read_records(str(path), required=["text", "label"])
+    assert [r["text"] for r in records] == ["first", "second"]
+    lines = tmp_path / "bom.jsonl"
+    lines.write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "x", "label": "a"}
+                                                   ).encode() + b"\n")
+    assert data.read_records(str(lines), required=["text"])[0]["label"] == "a"
+
+
+def test_labels_are_read_from_the_training_file_when_not_given(tmp_path: Path
+                                                               ) -> None:
+    from fedtune.common.config import ConfigError, from_dict
+
+    path = write_jsonl(tmp_path / "own.jsonl", [
+        {"text": "t", "kind": k} for k in ("zeta", "alpha", "zeta", "mid")])
+    own = from_dict({"data": {"source": str(path), "label_column": "kind"}})
+    assert own.data.labels == ()
+    assert data.with_labels(own).data.labels == ("alpha", "mid", "zeta")
+    given = from_dict({"data": {"source": str(path), "label_column": "kind",
+                                "labels": ["zeta", "alpha", "mid"]}})
+    assert data.with_labels(given) is given
+    with pytest.raises(ConfigError, match="3 given for 2"):  # descriptions counted
+        data.with_labels(from_dict({"data": {  # against the labels read
+            "source": str(write_jsonl(tmp_path / "two.jsonl", [
+                {"text": "t", "kind": k} for k in ("a", "b")])),
+            "label_column": "kind", "label_descriptions": ["x", "y", "z"]}}))
+    with pytest.raises(ConfigError, match="data.labels: not set, and cannot be read"):
+        data.with_labels(from_dict({"data": {"source": str(tmp_path / "gone.jsonl"),
+                                             "label_column": "kind"}}))
+    with pytest.raises(ConfigError, match="holds 1 distinct label"):
+        data.with_labels(from_dict({"data": {"source": str(write_jsonl(
+            tmp_path / "one.jsonl", [{"text": "t", "kind": "a"}])),
+            "label_column": "kind"}}))
