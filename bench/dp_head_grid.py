@@ -75,20 +75,27 @@ GRIDS: dict[str, dict[str, list[Any]]] = {
     # that rule, as fedtune.common.recipes.head_steps applies it (steps -1)
     "auto-rule": {"site_records": [150, 500, 0], "steps": [-1], "opt": ["sgd"],
                   "lr": [1.0], "rounds": [10]},
+    # model.head_init labels: the head starts from the label descriptions'
+    # embeddings at this scale (0: at zero), by site size, with the shipped head
+    # (fedtune.common.recipes.PRIOR_SCALE_MAP is read off it)
+    "prior": {"site_records": [150, 300, 500, 0],
+              "prior": [0.0, 5.0, 10.0, 20.0, 40.0, 60.0, 80.0, 120.0],
+              "steps": [-1], "opt": ["sgd"], "lr": [1.0], "rounds": [10]},
 }
 DEFAULTS: dict[str, Any] = {"epsilon": 8.0, "lr": 0.1, "epochs": 10, "batch": 512,
                             "tau": 1.0, "count_sigma": 20.0, "norm": 0.0,
                             "hidden": 0, "adambc_gamma": 0.0, "rounds": 5,
                             "ema": 0.0, "tail": 0.0, "opt": "adamw",
-                            "site_records": 0, "steps": 0}
+                            "site_records": 0, "steps": 0, "prior": 0.0}
 
 
 def features() -> tuple[list[tuple[torch.Tensor, torch.Tensor]],
-                        tuple[torch.Tensor, torch.Tensor], Any]:
+                        tuple[torch.Tensor, torch.Tensor], Any, torch.Tensor]:
     """Pooled encoder features of every site's training records and of the test
-    set, computed with fedtune's own site split and model."""
+    set, computed with fedtune's own site split and model; and the label prior's
+    head rows at scale 1 (:func:`fedtune.common.priors.prior_weights`)."""
     from fedtune.client.site import site_data
-    from fedtune.common import config, data
+    from fedtune.common import config, data, priors
     from fedtune.common.model import build_base, load_tokenizer
 
     cfg = config.load(MAIN)
@@ -117,7 +124,14 @@ def features() -> tuple[list[tuple[torch.Tensor, torch.Tensor]],
     test = data.encode_for_task(recs[: cfg.data.max_test_samples], tok,
                                 task="classification", cfg=cfg.data,
                                 source=cfg.data.test_source)
-    return sites, pooled(test), cfg
+    texts = priors.label_texts(cfg.data)
+    enc = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        got: list[torch.Tensor] = []
+        model.head.register_forward_hook(lambda _m, a, _o: got.append(a[0]))
+        model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        model.head._forward_hooks.clear()
+    return sites, pooled(test), cfg, priors.prior_weights(got[0], scale=1.0)
 
 
 @functools.cache
@@ -235,8 +249,10 @@ def site_round(head: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
 
 def replay(sites: list[tuple[torch.Tensor, torch.Tensor]],
            test: tuple[torch.Tensor, torch.Tensor], p: dict[str, Any], *, k: int,
-           seed: int) -> list[float]:
-    """The federation's rounds; macro-F1 on the test set after each."""
+           seed: int, prior: torch.Tensor | None = None) -> list[float]:
+    """The federation's rounds; macro-F1 on the test set after each (and before
+    the first where ``p['prior']`` starts the head from ``prior`` at that
+    scale)."""
     from fedtune.common import metrics
 
     gen = torch.Generator().manual_seed(seed)
@@ -251,7 +267,14 @@ def replay(sites: list[tuple[torch.Tensor, torch.Tensor]],
     glob = new_head(xt.shape[1], k, p["hidden"])
     served = new_head(xt.shape[1], k, p["hidden"])  # the EMA of the global heads
     curve = []
-    for _ in range(p["rounds"]):
+    if p["prior"] and prior is not None:  # model.head_init labels (linear head)
+        with torch.no_grad():
+            glob.weight.copy_(p["prior"] * prior)
+            served.load_state_dict(glob.state_dict())
+            zero_shot = metrics.macro_f1(test[1].tolist(),
+                                         glob(xt).argmax(1).tolist(), num_classes=k)
+        curve.append(zero_shot)
+    for rnd in range(p["rounds"]):
         states, weights = [], []
         for x, y in local:
             head = new_head(xt.shape[1], k, p["hidden"])
@@ -262,7 +285,7 @@ def replay(sites: list[tuple[torch.Tensor, torch.Tensor]],
         glob.load_state_dict({name: sum(w * s[name] for w, s in
                                         zip(weights, states, strict=True))
                               / sum(weights) for name in states[0]})
-        beta = p["ema"] if len(curve) else 0.0  # round 1: the EMA starts there
+        beta = p["ema"] if rnd else 0.0  # round 1: the EMA starts there
         served.load_state_dict({name: beta * v + (1 - beta) * glob.state_dict()[name]
                                 for name, v in served.state_dict().items()})
         with torch.no_grad():
@@ -279,7 +302,7 @@ def main() -> None:
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
     t0 = time.perf_counter()
-    sites, test, cfg = features()
+    sites, test, cfg, prior = features()
     k = len(cfg.data.labels)
     print(f"features of {sum(len(y) for _, y in sites)} site records and "
           f"{len(test[1])} test records in {time.perf_counter() - t0:.0f} s",
@@ -291,14 +314,15 @@ def main() -> None:
             point = {**DEFAULTS, **dict(zip(grid, values, strict=True))}
             finals, curves = [], []
             for seed in range(args.seeds):
-                curve = replay(sites, test, point, k=k, seed=seed)
+                curve = replay(sites, test, point, k=k, seed=seed, prior=prior)
                 finals.append(curve[-1])
-                curves.append(curve)
+                curves.append(curve[-point["rounds"]:])
+                zero = curve[0] if len(curve) > point["rounds"] else None
             rows.append({"grid": name, **{key: point[key] for key in grid},
                          "point": point, "macro_f1": statistics.fmean(finals),
                          "macro_f1_sd": statistics.stdev(finals)
                          if len(finals) > 1 else None,
-                         "macro_f1_seeds": finals,
+                         "macro_f1_seeds": finals, "zero_shot": zero,
                          "macro_f1_by_round": [statistics.fmean(c) for c in
                                                zip(*curves, strict=True)]})
             print(f"{name} {dict(zip(grid, values, strict=True))}: macro-F1 "

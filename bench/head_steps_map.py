@@ -57,7 +57,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
-    sites, test, cfg = features()
+    sites, test, cfg, _ = features()
     k = len(cfg.data.labels)
     rows: list[dict[str, Any]] = []
     for fed in federations(sites).values():

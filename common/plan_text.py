@@ -100,6 +100,8 @@ def format_plan(plans: Sequence[SitePlan], cfg: RunConfig, *,
     lines += [f"recipe: {line}" for line in recipes.overrides(cfg, median)]
     if cfg.probe_rounds:
         lines.append(f"recipe: {head_length(cfg, median)}")
+    if cfg.classifies:
+        lines.append(f"recipe: {recipes.head_start(cfg, median)}")
     if priv.enabled and plans:
         alone = [p for p in plans if p.verdict == VERDICTS[2]]
         if alone and len(alone) < len(plans):

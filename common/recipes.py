@@ -18,6 +18,7 @@ Pure: no torch, no Flower.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -50,6 +51,10 @@ STEPS_MAP: dict[int, dict[int, float]] = {
 # batch 128 at the pick's steps against batch 512, by records per site
 BATCH_128_COST = {150: 0.0002, 500: 0.0114, 1350: 0.0127, 5400: 0.0260}
 PROBE_BUDGET = 0.5  # head+lora's share of epsilon for the head rounds
+PRIOR_SOURCE = "bench/results/dp_head_grid-prior.json"
+# model.head_init labels: the prior's best scale (the replayed macro-F1 at epsilon
+# 8, 10 rounds, mean of 5 noise draws; fedtune.common.priors) by records per site
+PRIOR_SCALE_MAP: dict[int, float] = {150: 60.0, 300: 40.0, 500: 10.0, 1350: 5.0}
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,40 @@ def head_steps(num_examples: int) -> int:
     """DP steps per head round at a site of ``num_examples`` training records."""
     low, high = HEAD_STEPS
     return min(high, max(low, round(math.sqrt(max(1, num_examples)))))
+
+
+def prior_scale(records: float) -> float:
+    """The label prior's scale for a federation whose median site holds
+    ``records`` training records: :data:`PRIOR_SCALE_MAP`, interpolated in
+    log(records), held at its ends."""
+    sizes = sorted(PRIOR_SCALE_MAP)
+    if records <= sizes[0]:
+        return PRIOR_SCALE_MAP[sizes[0]]
+    if records >= sizes[-1]:
+        return PRIOR_SCALE_MAP[sizes[-1]]
+    i = bisect.bisect_right(sizes, records)
+    lo, hi = sizes[i - 1], sizes[i]
+    t = (math.log(records) - math.log(lo)) / (math.log(hi) - math.log(lo))
+    return PRIOR_SCALE_MAP[lo] + t * (PRIOR_SCALE_MAP[hi] - PRIOR_SCALE_MAP[lo])
+
+
+def head_start(cfg: Any, records: float | None) -> str:
+    """The plan's words on where the head starts."""
+    init = cfg.model.head_init
+    if init != "labels":
+        return (f"the head starts at {'zero' if init == 'zero' else 'random'} "
+                "(model.head_init): round 0 predicts nothing useful")
+    words = ("the label descriptions" if cfg.data.label_descriptions
+             else "the label names")
+    if cfg.model.head_init_scale:
+        scale = f"scale {cfg.model.head_init_scale:g} (model.head_init_scale)"
+    elif records:
+        scale = (f"scale {prior_scale(records):.3g} for the median site's "
+                 f"{records:,.0f} records ({PRIOR_SOURCE})")
+    else:
+        scale = "its scale set by the median site's records"
+    return (f"the head starts from the encoder's embeddings of {words}, {scale}: "
+            "round 0 already predicts (zero-shot), at no privacy cost")
 
 
 def best_in_map() -> dict[int, str]:

@@ -12,7 +12,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedtune.common import planning, records
+from fedtune.common import planning, priors, records
 from fedtune.common.config import (
     PAST_STOP,
     RESUME,
@@ -74,7 +74,6 @@ def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
                            "send non-private adapter updates")
         model = build_model(cfg.model, cfg.lora, num_labels=len(cfg.data.labels),
                             seed=cfg.train.seed)
-        initial = records.to_record(exchanged_state(model, cfg.lora))
         evaluator = CentralEvaluator(cfg, model, resolve_device("auto"))
         fed = cfg.federation
         strategy = build_strategy(
@@ -92,8 +91,14 @@ def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
                                  evaluator=evaluator, model=model)
         logger.info("run directory: %s", run_dir)
         rounds.wait_for_nodes(grid, fed.train_nodes, fed.round_timeout)
-        plan_privacy(grid, cfg, run_dir=run_dir, dims=planning.model_dims(cfg, model),
-                     timeout=fed.round_timeout, simulated=bool(flat.get(SIMULATED)))
+        plans = plan_privacy(grid, cfg, run_dir=run_dir,
+                             dims=planning.model_dims(cfg, model),
+                             timeout=fed.round_timeout,
+                             simulated=bool(flat.get(SIMULATED)))
+        if not resuming:
+            recorder.initial_extra = priors.start_head(
+                model, cfg, site_records=[p.records for p in plans])
+        initial = records.to_record(exchanged_state(model, cfg.lora))
         if fed.secure_aggregation:
             from fedtune.server.runtime.secagg import run_secagg
 

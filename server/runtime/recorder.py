@@ -82,6 +82,7 @@ class RoundRecorder:
         self.events = EventLog(run_dir)
         # the best round and early stopping, on the central evaluation
         self.selection = Selection.for_run(cfg) if evaluator.size else None
+        self.initial_extra: dict[str, Any] = {}  # round 0's: where the head starts
         self.meta = {"task": cfg.model.task, "base_model": cfg.model.name_or_path,
                      "gguf_file": cfg.model.gguf_file, "labels": list(cfg.data.labels),
                      "head": ("masked mean pooling + " + (
@@ -104,6 +105,7 @@ class RoundRecorder:
         if server_round == 0:
             row.update({f"baseline_{k}": v for k, v in
                         self.evaluator.majority_baseline().items()})
+            row.update(self.initial_extra)
             if ev or retained:
                 logger.info("round 0 (before training): %s (%.0f s)", ", ".join(
                     f"{k} {v:.4g}" for k, v in {**ev, **retained}.items()

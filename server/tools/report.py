@@ -202,6 +202,11 @@ def headline(run: Run) -> list[str]:
                    f"{fig(ev.get('macro-f1'), '.3f')} (balanced, strength 0: "
                    f"{fig(balanced.get('macro-f1'), '.3f')})")
     base = run.initial or {}
+    if base.get("head_init") == "labels" and base.get("eval_macro_f1") is not None:
+        out.append(f"zero-shot (round 0: the head from the label "
+                   f"{base.get('head_init_from', 'names')}' embeddings, no privacy "
+                   f"spent): accuracy {fig(base.get('eval_accuracy'), '.3f')}, "
+                   f"macro-F1 {fig(base.get('eval_macro_f1'), '.3f')}")
     if base.get("retention_perplexity") is not None and last.get(
             "retention_perplexity") is not None:
         before, after = base["retention_perplexity"], last["retention_perplexity"]

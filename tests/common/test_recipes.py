@@ -85,3 +85,31 @@ def test_a_causal_lm_trains_lora_and_a_bad_recipe_is_refused() -> None:
     assert recipes.overrides(cfg)[0].startswith("a causal LM has no classification")
     with pytest.raises(ConfigError, match="train.recipe"):
         from_dict({"train": {"recipe": "lp-ft"}})
+
+
+def test_the_maps_are_the_bench_results() -> None:
+    """MAP and STEPS_MAP hold the committed bench JSON's figures (no hand copy
+    drifting from what was measured); auto's pick at each size is within
+    max(0.01, sd) of that size's best row."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    rows = json.loads((root / recipes.SOURCE).read_text())["rows"]
+    names = {"head": "head", "head+top2": "head+lora", "head+all": "head+all"}
+    measured: dict[int, dict[str, tuple[float, float]]] = {}
+    for r in rows:
+        measured.setdefault(r["records_per_site"], {})[names[r["recipe"]]] = (
+            r["macro_f1_mean"], r["macro_f1_sd"])
+    assert {n: {k: round(v[0], 4) for k, v in row.items()}
+            for n, row in measured.items()} == recipes.MAP
+    for size, pick in recipes.best_in_map().items():
+        best = max(measured[size].values())
+        assert measured[size][pick][0] >= best[0] - max(0.01, best[1])
+    steps = json.loads((root / recipes.STEPS_SOURCE).read_text())["rows"]
+    table: dict[int, dict[int, float]] = {}
+    for r in steps:
+        if r["batch"] == 512:
+            table.setdefault(r["records_per_site"], {})[r["steps_per_round"]] = round(
+                r["macro_f1_mean"], 4)
+    assert table == recipes.STEPS_MAP
