@@ -161,7 +161,13 @@ def test_embedded_default_model_and_data(tmp_path: Path) -> None:
         "federation.min-train-nodes=2", "data.max-samples-per-site=24",
         "data.max-test-samples=48", "train.local-epochs=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    last = _rounds(run_dir)[-1]
+    zero, last = _rounds(run_dir)[0], _rounds(run_dir)[-1]
+    # round 0 is the zero-shot model: the head from the chapters' titles, before
+    # any record is read (0.358 on the default's 2,000 held-out records)
+    assert zero["head_init"] == "labels" and zero["head_init_from"] == "descriptions"
+    assert zero["head_init_scale"] == 60.0  # the map's smallest size: 21 records
+    assert zero["eval_macro_f1"] > 0.2 and "epsilon_max" not in zero
+    assert "zero-shot (round 0: the head from the label descriptions' " in proc.stdout
     # a head-only round exchanges the 21-class head only (the frozen LoRA r=8 q/v,
     # 327,252 bytes with it, stays where it is)
     assert last["adapter_payload_bytes"] == (384 * 21 + 21) * 4 == 32_340
