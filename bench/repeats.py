@@ -9,8 +9,13 @@ the same), and reports the served model's macro-F1 (the best round with its
 calibrated decision bias) as mean and sd, with R = mean / the tuned centralized
 non-private macro-F1 of ``privacy_utility.json`` (committed). Arms:
 
-- ``default``: the built-in recipe as shipped (10 rounds; its head rounds: SGD at
-  1.0, batch 512, sqrt(records) steps per round, 37 at 1,350 records);
+- ``default``: the built-in recipe as shipped (10 rounds; the head starts from
+  the label descriptions' embeddings; its head rounds: SGD at 1.0, batch 512,
+  sqrt(records) steps per round, 37 at 1,350 records);
+- ``zero-head``: the same with the head starting at zero (``model.head_init:
+  zero``), the default before the label prior;
+- ``sites-150``, ``sites-150-zero-head``: both at 150 records per site (the
+  recipe map's smallest row);
 - ``twenty-epochs``: the same with 20 epochs per head round (40 steps), the
   default before ``train.recipe: auto`` chose the steps by site size;
 - ``five-rounds``: that over 5 rounds (default.yaml before);
@@ -41,8 +46,12 @@ from harness import MAIN, RESULTS, device, simulate, table, write
 
 TWENTY = ["train.linear_probe_epochs=20"]  # the head rounds' length before auto's
 FIVE = ["federation.num_rounds=5", *TWENTY]  # default.yaml's rounds before
+SMALL = ["data.max_samples_per_site=150"]  # the recipe map's smallest row
 ARMS: dict[str, list[str]] = {
     "default": [],
+    "zero-head": ["model.head_init=zero"],  # the default before the label prior
+    "sites-150": SMALL,
+    "sites-150-zero-head": [*SMALL, "model.head_init=zero"],
     "twenty-epochs": TWENTY,
     "five-rounds": FIVE,
     "server-momentum": [*FIVE, "federation.strategy=fedavgm",
@@ -83,7 +92,10 @@ def summary(runs: list[dict[str, Any]], base: float | None) -> list[dict[str, An
     for arm in dict.fromkeys(r["arm"] for r in runs):
         f1 = [r["macro_f1"] for r in runs if r["arm"] == arm]
         mean = statistics.fmean(f1)
+        zero = [r["round0_macro_f1"] for r in runs if r["arm"] == arm
+                and r.get("round0_macro_f1") is not None]
         out.append({"arm": arm, "overrides": ARMS.get(arm, []), "n": len(f1),
+                    "round0_macro_f1": statistics.fmean(zero) if zero else None,
                     "mean": mean, "sd": statistics.stdev(f1) if len(f1) > 1 else None,
                     "min": min(f1), "max": max(f1),
                     "ratio": mean / base if base else None})
@@ -110,7 +122,10 @@ def main() -> None:
                 run_dir = (Path(args.keep) / f"{arm}-{i + 1}" if args.keep
                            else Path(tmp) / "run")
                 rows, wall = simulate(run_dir, ARMS[arm], scenario=MAIN)
+                zero = json.loads((run_dir / "metrics.jsonl").read_text(
+                    ).splitlines()[0])  # round 0: before training
             runs.append({"arm": arm, "run": i + 1, "macro_f1": served_f1(rows),
+                         "round0_macro_f1": zero.get("eval_macro_f1"),
                          "final_round_macro_f1": rows[-1].get("eval_macro_f1"),
                          "epsilon": rows[-1].get("epsilon_max"), "wall_s": wall})
             print(f"{arm} run {i + 1}: macro-F1 {runs[-1]['macro_f1']:.4f} "
