@@ -89,16 +89,18 @@ DEFAULTS: dict[str, Any] = {"epsilon": 8.0, "lr": 0.1, "epochs": 10, "batch": 51
                             "site_records": 0, "steps": 0, "prior": 0.0}
 
 
-def features() -> tuple[list[tuple[torch.Tensor, torch.Tensor]],
-                        tuple[torch.Tensor, torch.Tensor], Any, torch.Tensor]:
+def features(encoder: str = "") -> tuple[list[tuple[torch.Tensor, torch.Tensor]],
+                                         tuple[torch.Tensor, torch.Tensor], Any,
+                                         torch.Tensor]:
     """Pooled encoder features of every site's training records and of the test
-    set, computed with fedtune's own site split and model; and the label prior's
-    head rows at scale 1 (:func:`fedtune.common.priors.prior_weights`)."""
+    set, computed with fedtune's own site split and model (``encoder``: another
+    ``model.name_or_path`` than the default's); and the label prior's head rows at
+    scale 1 (:func:`fedtune.common.priors.prior_weights`)."""
     from fedtune.client.site import site_data
     from fedtune.common import config, data, priors
     from fedtune.common.model import build_base, load_tokenizer
 
-    cfg = config.load(MAIN)
+    cfg = config.load(MAIN, [f"model.name_or_path={encoder}"] if encoder else [])
     tok = load_tokenizer(cfg.model.name_or_path)
     model = build_base(cfg.model, num_labels=len(cfg.data.labels)).eval()
     n = cfg.federation.num_sites
