@@ -225,7 +225,8 @@ def test_head_only_rounds_train_the_head_on_cached_features(tiny_bert: Path,
     train_set, val_set = _sets(tiny_bert)
     cfg = TrainConfig(local_epochs=2, batch_size=8, learning_rate=5e-2, optimizer="sgd",
                       momentum=0.0, warmup_ratio=0.0)
-    head = ModelConfig(name_or_path=str(tiny_bert), head_hidden=hidden)
+    head = ModelConfig(name_or_path=str(tiny_bert), head_hidden=hidden,
+                       head_init="zero" if hidden else "labels")
     models = [M.build_model(head, LoraConfig(r=4), num_labels=3) for _ in range(2)]
     for m in models:
         M.set_lora_trainable(m, LoraConfig(r=4), trainable=False)

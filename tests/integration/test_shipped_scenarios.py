@@ -35,10 +35,12 @@ def test_default_main_job_learns_under_dp_within_ten_minutes(tmp_path: Path
     first, last = rows[0], rows[-1]
     assert last["clients_replied"] == 8
     assert 7.5 < last["epsilon_max"] <= 8.0 + 1e-6  # calibrated to the whole run
-    # private learning, not the class prior: every class is predicted, macro-F1
-    # far above the majority class's (0.02) and the untrained start's
-    assert first["eval_collapsed"] == 1.0 and not last["eval_collapsed"]
-    assert last["eval_macro_f1"] > 0.5 and last["eval_classes_never_predicted"] == 0
+    # round 0 is the zero-shot model (the head from the chapters' titles, no
+    # privacy spent: 0.358); private learning then adds to it, every class is
+    # predicted, macro-F1 far above the majority class's (0.02)
+    assert first["head_init"] == "labels" and first["eval_macro_f1"] > 0.3
+    assert last["eval_macro_f1"] > max(0.5, first["eval_macro_f1"] + 0.15)
+    assert not last["eval_collapsed"] and last["eval_classes_never_predicted"] == 0
     assert "overall: expected to learn" in log and last["rho_max"] < 0.5
     assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
 
