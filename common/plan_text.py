@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from fedtune.common import recipes
+from fedtune.common import planning, recipes
 from fedtune.common.config import RunConfig
 from fedtune.common.planning import (
     THRESHOLDS,
@@ -101,7 +101,9 @@ def format_plan(plans: Sequence[SitePlan], cfg: RunConfig, *,
     if cfg.probe_rounds:
         lines.append(f"recipe: {head_length(cfg, median)}")
     if cfg.classifies:
-        lines.append(f"recipe: {recipes.head_start(cfg, median)}")
+        typical = planning.typical_site([p.records for p in plans],
+                                        cfg.federation.weighting)
+        lines.append(f"recipe: {recipes.head_start(cfg, typical)}")
     if priv.enabled and plans:
         alone = [p for p in plans if p.verdict == VERDICTS[2]]
         if alone and len(alone) < len(plans):

@@ -222,6 +222,17 @@ def shares(records: Sequence[int], weighting: str) -> list[float]:
     return [w / total for w in raw]
 
 
+def typical_site(records: Sequence[int], weighting: str) -> float | None:
+    """The records of the site a unit of the aggregate's weight sits on: each
+    site's records weighted by its share (``federation.weighting``; by records,
+    sum(n^2) / sum(n)). Sites of one size: that size. Where a few large sites
+    hold most records, theirs, not the median's: they steer the average. None
+    without sites."""
+    if not records:
+        return None
+    return sum(w * n for w, n in zip(shares(records, weighting), records, strict=True))
+
+
 def aggregate_rho(plans: Sequence[SitePlan], cfg: RunConfig) -> float:
     """The round noise ratio of the aggregate, ``sqrt(sum (w_i rho_i)^2)``: the
     sites' noise is independent and averages out by their shares ``w_i``, while

@@ -12,8 +12,9 @@ exactly (at the label embeddings' mean norm). It only decides how firmly trainin
 starts from the prior, not round 0's decisions. Measured on the ICD-10 task
 (``bench/dp_head_grid.py --grid prior``): a large prior steadies a federation of
 small sites, whose DP steps are mostly noise, and holds back sites that learn well
-on their own, so ``model.head_init_scale: 0`` takes it from the median site's
-records (:func:`fedtune.common.recipes.prior_scale`, the measured map).
+on their own, so ``model.head_init_scale: 0`` takes it from the records of the
+federation's typical site, weighted as the average weighs the sites
+(:func:`fedtune.common.recipes.prior_scale`, the measured map).
 
 Pure torch (no Flower, no Opacus): the server sets the initial head with it.
 """
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedtune.common import recipes
+from fedtune.common import planning, recipes
 from fedtune.common.config import DataConfig, RunConfig
 from fedtune.common.model import classifier_head, load_tokenizer
 
@@ -93,16 +94,17 @@ def start_head(model: nn.Module, cfg: RunConfig, *, site_records: Sequence[int]
                ) -> dict[str, Any]:
     """The run's initial head: with ``model.head_init: labels`` set (in place) to
     the label prior, its scale ``model.head_init_scale`` or, at 0, the measured
-    one for the median of ``site_records`` (the plan's training records per site;
-    none reported: the map's largest size, the lightest prior). Returns what round
-    0's metrics record about it."""
+    one for the federation's typical site (:func:`fedtune.common.planning.
+    typical_site` of ``site_records``, the plan's training records per site; none
+    reported: the map's largest size, the lightest prior). Returns what round 0's
+    metrics record about it."""
     if not cfg.classifies:
         return {}
     if cfg.model.head_init != "labels":
         return {"head_init": cfg.model.head_init}
-    sizes = sorted(site_records)
-    median = sizes[len(sizes) // 2] if sizes else max(recipes.PRIOR_SCALE_MAP)
-    scale = cfg.model.head_init_scale or recipes.prior_scale(median)
+    typical = planning.typical_site(site_records, cfg.federation.weighting)
+    records = typical if typical is not None else max(recipes.PRIOR_SCALE_MAP)
+    scale = cfg.model.head_init_scale or recipes.prior_scale(records)
     init_head(model, load_tokenizer(cfg.model.name_or_path, cfg.model.gguf_file),
               label_texts(cfg.data), scale=scale,
               device=next(model.parameters()).device)
@@ -110,5 +112,5 @@ def start_head(model: nn.Module, cfg: RunConfig, *, site_records: Sequence[int]
     logger.info("the head starts from the label %s' embeddings (scale %.3g%s): "
                 "round 0 is the zero-shot model, no privacy spent", words, scale,
                 "" if cfg.model.head_init_scale else
-                f", for the median site's {median:,} records")
+                f", for the typical site's {records:,.0f} records")
     return {"head_init": "labels", "head_init_from": words, "head_init_scale": scale}

@@ -75,9 +75,9 @@ def head_steps(num_examples: int) -> int:
 
 
 def prior_scale(records: float) -> float:
-    """The label prior's scale for a federation whose median site holds
-    ``records`` training records: :data:`PRIOR_SCALE_MAP`, interpolated in
-    log(records), held at its ends."""
+    """The label prior's scale for a federation whose typical site (weighted as
+    the average weighs the sites) holds ``records`` training records:
+    :data:`PRIOR_SCALE_MAP`, interpolated in log(records), held at its ends."""
     sizes = sorted(PRIOR_SCALE_MAP)
     if records <= sizes[0]:
         return PRIOR_SCALE_MAP[sizes[0]]
@@ -100,10 +100,10 @@ def head_start(cfg: Any, records: float | None) -> str:
     if cfg.model.head_init_scale:
         scale = f"scale {cfg.model.head_init_scale:g} (model.head_init_scale)"
     elif records:
-        scale = (f"scale {prior_scale(records):.3g} for the median site's "
+        scale = (f"scale {prior_scale(records):.3g} for the typical site's "
                  f"{records:,.0f} records ({PRIOR_SOURCE})")
     else:
-        scale = "its scale set by the median site's records"
+        scale = "its scale set by the typical site's records"
     return (f"the head starts from the encoder's embeddings of {words}, {scale}: "
             "round 0 already predicts (zero-shot), at no privacy cost")
 

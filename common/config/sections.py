@@ -29,8 +29,9 @@ class ModelConfig(_Section):
     # "zero" starts every class at the same logit; "random" as torch draws it.
     head_init: Literal["labels", "random", "zero"] = "labels"
     # "labels": the logit a record whose features point the way of a label's
-    # embedding gets; 0 (the default): by the median site's records, measured
-    # (fedtune.common.priors.scale_for): a large prior steadies small sites, a
+    # embedding gets; 0 (the default): by the typical site's records (weighted as
+    # the average weighs the sites), measured
+    # (fedtune.common.recipes.prior_scale): a large prior steadies small sites, a
     # small one leaves large sites free to learn.
     head_init_scale: float = 0.0
     # 0: a linear head on the pooled features; N: linear(N) + GELU + linear.

@@ -66,18 +66,24 @@ def test_init_head_refuses_a_two_layer_head_and_a_wrong_count(tiny_bert: Path
                          device=torch.device("cpu"))
 
 
-def test_start_head_takes_the_scale_from_the_median_site(tiny_bert: Path) -> None:
+def test_start_head_takes_the_scale_from_the_typical_site(tiny_bert: Path) -> None:
     raw = {"model": {"name_or_path": str(tiny_bert)},
            "data": {"labels": ["positive", "negative", "neutral"]}}
     model = _model(tiny_bert)
+    # sites weighted as FedAvg weighs them (by records): the typical site holds
+    # sum(n^2) / sum(n) = 1,058 records, not the median's 400
     meta = priors.start_head(model, from_dict(raw), site_records=[150, 400, 1350])
+    typical = (150 ** 2 + 400 ** 2 + 1350 ** 2) / (150 + 400 + 1350)
     assert meta == {"head_init": "labels", "head_init_from": "names",
-                    "head_init_scale": pytest.approx(recipes.prior_scale(400))}
+                    "head_init_scale": pytest.approx(recipes.prior_scale(typical))}
     emb = priors.label_embeddings(model, M.load_tokenizer(str(tiny_bert)),
                                   ["positive", "negative", "neutral"],
                                   device=torch.device("cpu"))
     assert torch.allclose(M.classifier_head(model)[1].weight, priors.prior_weights(
         emb, scale=meta["head_init_scale"]), atol=1e-6)
+    uniform = from_dict({**raw, "federation": {"weighting": "uniform"}})
+    assert priors.start_head(model, uniform, site_records=[150, 400, 1350])[
+        "head_init_scale"] == pytest.approx(recipes.prior_scale(1900 / 3))
     fixed = from_dict({**raw, "model": {**raw["model"], "head_init_scale": 3.0}})
     assert priors.start_head(model, fixed, site_records=[])["head_init_scale"] == 3.0
     zero = from_dict({**raw, "model": {**raw["model"], "head_init": "zero"}})
