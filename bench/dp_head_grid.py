@@ -99,6 +99,7 @@ def features(encoder: str = "") -> tuple[list[tuple[torch.Tensor, torch.Tensor]]
     from fedtune.client.site import site_data
     from fedtune.common import config, data, priors
     from fedtune.common.model import build_base, load_tokenizer
+    from fedtune.common.standalone import mean_pool
 
     cfg = config.load(MAIN, [f"model.name_or_path={encoder}"] if encoder else [])
     tok = load_tokenizer(cfg.model.name_or_path)
@@ -126,14 +127,10 @@ def features(encoder: str = "") -> tuple[list[tuple[torch.Tensor, torch.Tensor]]
     test = data.encode_for_task(recs[: cfg.data.max_test_samples], tok,
                                 task="classification", cfg=cfg.data,
                                 source=cfg.data.test_source)
-    texts = priors.label_texts(cfg.data)
-    enc = tok(texts, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        got: list[torch.Tensor] = []
-        model.head.register_forward_hook(lambda _m, a, _o: got.append(a[0]))
-        model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-        model.head._forward_hooks.clear()
-    return sites, pooled(test), cfg, priors.prior_weights(got[0], scale=1.0)
+    enc = tok(priors.label_texts(cfg.data), padding=True, return_tensors="pt")
+    with torch.no_grad():  # the head's input for each label text, as a record's
+        labels = mean_pool(model.encoder, enc["input_ids"], enc["attention_mask"])
+    return sites, pooled(test), cfg, priors.prior_weights(labels, scale=1.0)
 
 
 @functools.cache

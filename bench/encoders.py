@@ -32,7 +32,7 @@ import torch
 from dp_head_grid import DEFAULTS, features, replay
 from harness import RESULTS, device, table, write
 
-from fedtune.common import metrics, recipes
+from fedtune.common import metrics, planning, recipes
 
 DECAYS = (0.0, 1e-4, 1e-3, 1e-2)
 RECIPE = {"opt": "sgd", "lr": 1.0, "steps": -1, "rounds": 10}
@@ -82,7 +82,9 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         records = sum(len(y) for _, y in sites) + len(test[1])
         k = len(cfg.data.labels)
-        scale = recipes.prior_scale(min(len(y) for _, y in sites))
+        # the server's rule: the scale for the federation's typical site
+        typical = planning.typical_site([len(y) for _, y in sites], "examples")
+        scale = recipes.prior_scale(typical or 0)
         point = {**DEFAULTS, **RECIPE, "prior": scale}
         dp = [replay(sites, test, point, k=k, seed=s, prior=prior)
               for s in range(args.seeds)]

@@ -34,6 +34,7 @@ from fedtune.common.model import classifier_head, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
+
 def label_texts(data: DataConfig) -> list[str]:
     """The words each class starts from: its description, else its name with
     ``-`` and ``_`` read as spaces."""
