@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -185,8 +186,13 @@ def test_late_site_is_ignored_and_a_short_round_stops_the_run(
     assert [(r["clients_replied"], r["clients_late"]) for r in _rows(run_dir)] == \
         [(2, 1), (2, 1)]
     # ... and with 3 needed, round 1 is tried twice, then the run stops clearly
+    # (how many of the other two made the 25 s depends on the machine's load: CI
+    # once saw fewer than two; the slow site is late every time)
     assert rc_stop != 0
-    assert "round 1 attempt 1: 2 of 3 needed updates accepted (1 late" in out_stop
+    tried = re.search(r"round 1 attempt 1: (\d) of 3 needed updates accepted "
+                      r"\((\d+) late", out_stop)
+    assert tried, out_stop[-3000:]
+    assert int(tried[1]) < 3 and int(tried[2]) >= 1, tried[0]
     assert "fewer than federation.min_replies=3 accepted updates" in out_stop
     assert _rows(stop_dir) == []
 
