@@ -1,5 +1,6 @@
-"""Which DP recipe wins at which site size: head only against head then LoRA
-(top k layers, cached below, or every layer), on ICD-10 at epsilon 8.
+"""Which DP recipe wins at which site size: the head alone against the head then an
+adapter (LoRA on the top 1 or 2 layers, bias-only, LayerNorm-only, IA3), on
+ICD-10 at epsilon 8, under today's head recipe.
 
     python bench/recipe_map.py [--sizes 150,1350,5000] [--recipes head,...]
                                [--runs 2] [--out DIR]
@@ -7,14 +8,21 @@
 Each cell is ``--runs`` simulations of ``simulations/default.yaml`` (fresh DP
 noise each, the same data split) with ``data.max_samples_per_site`` set to the
 size: 8 sites at 150 and 1,350 records, 2 sites at 5,000 (46 k training records
-hold 8 x 5,000, but 2 cores do not train 40 k records of LoRA per round in a
+hold 8 x 5,000, but 2 cores do not train 40 k records of an adapter per round in a
 bench; fewer sites, same records per site, and the plan's per-site signal is
-what the size changes). Recipes (5 rounds each):
+what the size changes). Recipes (10 rounds each):
 
-- ``head``: the built-in default, every round the head on cached features;
-- ``head+top2``: rounds 1-3 the head, rounds 4-5 LoRA on the top 2 of 6 layers
-  (``lora.top_layers: 2``, the frozen 4 cached), half of epsilon to each phase;
-- ``head+all``: the same with LoRA on every layer (no cache).
+- ``head``: the built-in default, every round the head on cached features (SGD,
+  the label prior);
+- ``head+ADAPTER``: rounds 1-7 the head, rounds 8-10 the head and the adapter
+  (``train.recipe: head+lora``), half of epsilon to each phase, the adapter on
+  the top layers (``lora.top_layers``; the frozen ones below cached):
+  ``lora1``/``lora2`` LoRA (r 8, AdamW 5e-3) on the top 1/2 layers; ``bitfit2``,
+  ``layernorm2``, ``ia3-2`` (``lora.method``) on the top 2 layers at AdamW 2e-2
+  (vectors: fewer, larger steps);
+- variants of an adapter row (``ROW@VARIANT``): ``full`` full batches (q = 1:
+  ``train.batch_size`` = the site's records, both phases, 4 steps a round),
+  ``eps25``/``eps75`` a quarter / three quarters of epsilon to the head rounds.
 
 The figure is the macro-F1 of the model as served: the best round with its
 calibrated decision bias (the recipe's last step), on the 2,000 held-out records.
@@ -36,17 +44,30 @@ from typing import Any
 
 from harness import MAIN, RESULTS, device, simulate, table, write
 
-# the head rounds as they were measured (AdamW at 0.1 for 10 epochs, the default
-# then; the built-in default now steps with SGD, which bench/repeats.py measures)
-HEAD = ["train.linear_probe_optimizer=adamw", "train.linear_probe_learning_rate=0.1",
-        "train.linear_probe_epochs=10"]
-LORA_PHASE = [*HEAD, "train.linear_probe_rounds=3", "privacy.linear_probe_budget=0.5"]
+ADAPT = ["train.recipe=head+lora", "privacy.linear_probe_budget=0.5"]
+VECTORS = "train.learning_rate=0.02"
 RECIPES: dict[str, list[str]] = {
-    "head": HEAD,
-    "head+top2": [*LORA_PHASE, "lora.top_layers=2"],
-    "head+all": LORA_PHASE,
+    "head": [],
+    "head+lora1": [*ADAPT, "lora.top_layers=1"],
+    "head+lora2": [*ADAPT, "lora.top_layers=2"],
+    "head+bitfit2": [*ADAPT, "lora.top_layers=2", "lora.method=bitfit", VECTORS],
+    "head+layernorm2": [*ADAPT, "lora.top_layers=2", "lora.method=layernorm",
+                        VECTORS],
+    "head+ia3-2": [*ADAPT, "lora.top_layers=2", "lora.method=ia3", VECTORS],
+}
+VARIANTS: dict[str, list[str]] = {
+    "full": ["train.batch_size={size}", "train.local_epochs=4"],
+    "eps25": ["privacy.linear_probe_budget=0.25"],
+    "eps75": ["privacy.linear_probe_budget=0.75"],
 }
 SITES = {150: 8, 1350: 8, 5000: 2}
+
+
+def overrides(recipe: str, size: int) -> list[str]:
+    """A row's (or ``ROW@VARIANT``'s) overrides at ``size`` records per site."""
+    row, _, variant = recipe.partition("@")
+    extra = [o.format(size=size) for o in VARIANTS[variant]] if variant else []
+    return [*RECIPES[row], *extra]
 
 
 def _auto(size: int, sites: int) -> str:
@@ -57,7 +78,7 @@ def _auto(size: int, sites: int) -> str:
 
     cfg = from_dict({"data": {"max_samples_per_site": size},
                      "federation": {"num_sites": sites}})
-    return {"head": "head", "head+lora": "head+top2", "lora": "lora"}[
+    return {"head": "head", "head+lora": "head+lora2", "lora": "lora"}[
         recipes.trained(cfg)]
 
 
@@ -65,7 +86,7 @@ def one_run(size: int, recipe: str, work: Path) -> dict[str, Any]:
     sites = SITES.get(size, 8)
     rows, wall = simulate(work, [f"data.max_samples_per_site={size}",
                                  f"federation.num_sites={sites}",
-                                 *RECIPES[recipe]], scenario=MAIN)
+                                 *overrides(recipe, size)], scenario=MAIN)
     last = rows[-1]
     cal = next((r["calibration"] for r in rows if r.get("calibration")), None)
     served = (cal or {}).get("eval", {}).get("macro-f1")
@@ -81,8 +102,8 @@ def cells(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (size, recipe): mean and sd of the final macro-F1 over runs."""
     out = []
     keys = sorted({(r["records_per_site"], r["recipe"]) for r in results},
-                  key=lambda k: (k[0], list(RECIPES).index(k[1])
-                                 if k[1] in RECIPES else 99))
+                  key=lambda k: (k[0], list(RECIPES).index(k[1].split("@")[0])
+                                 if k[1].split("@")[0] in RECIPES else 99, k[1]))
     for size, recipe in keys:
         runs = [r for r in results if (r["records_per_site"], r["recipe"]) ==
                 (size, recipe)]

@@ -47,7 +47,7 @@ from fedtune.common.model import (
     frozen_a_digest,
     load_tokenizer,
     set_adapter_state,
-    set_lora_trainable,
+    set_adapter_trainable,
     trainable_parameters,
 )
 
@@ -228,7 +228,7 @@ def make_client_app(defaults: Mapping[str, Any] | None = None, *,
             check_noise=functools.partial(policy.check_noise,
                                           policy.of_node(context.node_config)))
         _keep(context, guard)  # the histogram's release stands even if training fails
-        set_lora_trainable(model, cfg.lora, trainable=not guard.head_only)
+        set_adapter_trainable(model, cfg.lora, trainable=not guard.head_only)
         mu = float(conf.get(records.PROXIMAL_MU, 0.0))  # FedProx
         res = trainer.train_local(
             model, site.train, site.val, task=cfg.model.task,

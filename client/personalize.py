@@ -37,7 +37,7 @@ from fedtune.common.accounting import (
 from fedtune.common.config import RUN_PATH, RunConfig, dump_yaml
 from fedtune.common.data import EncodedDataset
 from fedtune.common.errors import PrivacyBudgetExhausted
-from fedtune.common.model import RUN_CONFIG, save_adapter, set_lora_trainable
+from fedtune.common.model import RUN_CONFIG, save_adapter, set_adapter_trainable
 
 logger = logging.getLogger(__name__)
 PERSONAL_DIR = "personalised"
@@ -107,7 +107,7 @@ def fine_tune(cfg: RunConfig, *, site: SiteData, model: torch.nn.Module,
                                      "privacy budget: non-private personalisation "
                                      "would spend an unbounded epsilon")
     before = scores(cfg, model, site.val, device=device, pad=pad)
-    set_lora_trainable(model, cfg.lora, trainable=not head_only)
+    set_adapter_trainable(model, cfg.lora, trainable=not head_only)
     res = trainer.train_local(
         model, site.train, EncodedDataset([]), task=cfg.model.task,
         train_cfg=train_cfg, privacy_cfg=cfg.privacy, noise_multiplier=sigma,

@@ -30,7 +30,7 @@ from fedtune.common.model import (
     build_model,
     load_tokenizer,
     set_adapter_state,
-    set_lora_trainable,
+    set_adapter_trainable,
     stamp,
 )
 
@@ -158,7 +158,7 @@ def resident_model(cfg: RunConfig, *, rank: int, device: torch.device
     if _RESIDENT and _RESIDENT[0].key == key:
         held = _RESIDENT[0]
         set_adapter_state(held.model, held.initial)
-        set_lora_trainable(held.model, cfg.lora, trainable=True)
+        set_adapter_trainable(held.model, cfg.lora, trainable=True)
         for param in held.model.parameters():
             param.grad = None
             for attr in _OPACUS_ATTRS:

@@ -31,9 +31,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from fedtune.common.adapters import is_adapter
 from fedtune.common.data import EncodedDataset, collate
 from fedtune.common.loops import forward, to_device
-from fedtune.common.model import adapter_state, classifier_head, is_lora
+from fedtune.common.model import adapter_state, classifier_head
 from fedtune.common.toplayers import Captured, TopLayers, layer_input_hook, layer_of
 
 FEATURES = "features"  # a cached record's key (the collated batch's too)
@@ -110,7 +111,7 @@ def head_features(model: nn.Module, dataset: EncodedDataset, *, device: torch.de
     on the top k layers only): computed by those layers from the cached hidden
     states entering them (:func:`hidden_inputs`), not by the whole encoder."""
     wrapper, _ = classifier_head(model)
-    lora = {k: v for k, v in adapter_state(model).items() if is_lora(k)}
+    lora = {k: v for k, v in adapter_state(model).items() if is_adapter(k)}
 
     def compute() -> list[torch.Tensor]:
         net, source = model, dataset
@@ -144,7 +145,7 @@ def hidden_inputs(model: nn.Module, dataset: EncodedDataset, *, layer: int,
     :class:`fedtune.common.toplayers.TopLayers`. Cached per data set, layer and
     the LoRA tensors below ``layer`` (none under ``lora.top_layers``)."""
     lora = {k: v for k, v in adapter_state(model).items()
-            if is_lora(k) and (layer_of(k) or 0) < layer}
+            if is_adapter(k) and (layer_of(k) or 0) < layer}
 
     def compute() -> list[torch.Tensor]:
         rows: list[torch.Tensor] = []

@@ -20,6 +20,7 @@ import functools
 import hashlib
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,8 @@ from peft import (
 )
 from torch import nn
 
-from fedtune.common import assets, hub, updates
+from fedtune.common import adapters, assets, hub, updates
+from fedtune.common.adapters import is_adapter
 from fedtune.common.config import LoraConfig, ModelConfig
 from fedtune.common.errors import ModelError
 from fedtune.common.standalone import mean_pool
@@ -241,6 +243,8 @@ def build_model(cfg: ModelConfig, lora: LoraConfig, *, num_labels: int = 0,
     base: Any = build_base(cfg, num_labels=num_labels, seed=seed)
     config = base.encoder.config if cfg.task == "classification" else base.config
     check_top_layers(config, lora.top_layers)
+    if lora.method != "lora":
+        return _build_other(base, config, cfg, lora, seed=seed)
     r = rank or lora.r
     peft_cfg = PeftLoraConfig(
         r=r, lora_alpha=lora.alpha if r == lora.r else lora.alpha * r / lora.r,  # type: ignore[arg-type]  # peft says int; a lower rank's alpha is fractional
@@ -265,12 +269,40 @@ def build_model(cfg: ModelConfig, lora: LoraConfig, *, num_labels: int = 0,
     return model
 
 
-def set_lora_trainable(model: nn.Module, lora: LoraConfig, *, trainable: bool
-                       ) -> None:
-    """Freeze (linear-probe rounds: only the head trains) or unfreeze the LoRA
+def _build_other(base: Any, config: Any, cfg: ModelConfig, lora: LoraConfig, *,
+                 seed: int) -> PeftModel:
+    """``base`` wrapped with a non-LoRA adapter (:mod:`fedtune.common.adapters`)."""
+    layers = lora_layers(config, lora.top_layers) or list(range(num_layers(config)))
+    peft_cfg = adapters.peft_config(
+        lora.method, model_type=config.model_type, layers=layers,
+        configured=lora.target_modules,
+        head=HEAD if cfg.task == "classification" else None,
+        task_type="CAUSAL_LM" if cfg.task == "causal-lm" else None,
+        base_name=cfg.name_or_path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            with warnings.catch_warnings():  # LN tuning: peft's "unsupported layer
+                # type" warning for the norms it copies (Opacus' tests cover them)
+                warnings.filterwarnings("ignore", message="Unsupported layer type")
+                model = get_peft_model(base, peft_cfg)
+        except (ValueError, TypeError) as err:
+            names = adapters.targets(lora.method, config.model_type,
+                                     lora.target_modules)
+            raise ModelError(f"lora.method: {lora.method} found no module to adapt "
+                             f"in model_type {config.model_type!r} (targets "
+                             f"{names}; peft: {str(err).split(':')[0]}); check "
+                             "lora.target_modules") from err
+    adapters.check_hosted(model, lora.method, config.model_type)
+    return model
+
+
+def set_adapter_trainable(model: nn.Module, lora: LoraConfig, *, trainable: bool
+                          ) -> None:
+    """Freeze (linear-probe rounds: only the head trains) or unfreeze the adapter
     tensors; FFA-LoRA's A stays frozen either way."""
     for name, param in model.named_parameters():
-        if ".lora_B." in name or (".lora_A." in name and not lora.ffa):
+        if is_adapter(name) and not (".lora_A." in name and lora.ffa):
             param.requires_grad_(trainable)
 
 
@@ -288,18 +320,13 @@ def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def is_lora(name: str) -> bool:
-    """Whether an adapter tensor is a LoRA A/B (else: the classification head)."""
-    return ".lora_A." in name or ".lora_B." in name
-
-
 def exchanged_state(model: nn.Module, lora: LoraConfig, *, head_only: bool = False
                     ) -> dict[str, torch.Tensor]:
     """What crosses the wire: the adapter state, without the frozen A under FFA;
     ``head_only`` (a head-only round): the head alone, LoRA being frozen."""
     state = adapter_state(model)
     if head_only:
-        return {k: v for k, v in state.items() if not is_lora(k)}
+        return {k: v for k, v in state.items() if not is_adapter(k)}
     if lora.ffa:
         state = {k: v for k, v in state.items() if ".lora_A." not in k}
     return state

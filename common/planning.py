@@ -261,7 +261,7 @@ def model_dims(cfg: RunConfig, net: Any = None) -> tuple[int, int]:
     built for this config, left as it was found)."""
     from fedtune.common.model import (
         build_model,
-        set_lora_trainable,
+        set_adapter_trainable,
         trainable_parameters,
     )
 
@@ -271,9 +271,9 @@ def model_dims(cfg: RunConfig, net: Any = None) -> tuple[int, int]:
     dims = trainable_parameters(net)
     if not cfg.probe_rounds:
         return dims, 0
-    set_lora_trainable(net, cfg.lora, trainable=False)
+    set_adapter_trainable(net, cfg.lora, trainable=False)
     probe = trainable_parameters(net)
-    set_lora_trainable(net, cfg.lora, trainable=True)
+    set_adapter_trainable(net, cfg.lora, trainable=True)
     return dims, probe
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from flwr.clientapp.typing import Mod
 
-from fedtune.common import assets, features, sites
+from fedtune.common import adapters, assets, features, sites
 from fedtune.common.config import (
     PAST_STOP,
     RESUME,
@@ -44,7 +44,9 @@ def check_inputs(cfg: RunConfig, *, data_checked: bool = False) -> None:
         for warning in sites.check_simulation_data(cfg):
             logger.warning("%s", warning)
     load_tokenizer(cfg.model.name_or_path, cfg.model.gguf_file)
-    check_top_layers(load_pretrained(cfg.model).config, cfg.lora.top_layers)
+    pretrained = load_pretrained(cfg.model)
+    check_top_layers(pretrained.config, cfg.lora.top_layers)
+    adapters.check_model(pretrained, cfg.lora)
 
 
 def simulate(cfg: RunConfig, *, name: str = "sim", run_dir: Path | None = None,

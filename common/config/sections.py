@@ -64,9 +64,14 @@ class LoraConfig(_Section):
     ``top_layers`` (k > 0): LoRA on the top k transformer layers only; the hidden
     states entering them are computed once per record and cached, so a LoRA step
     runs k layers (:mod:`fedtune.common.toplayers`). 0: every layer.
+    ``method``: the adapter this section shapes (:mod:`fedtune.common.adapters`):
+    ``lora`` (the default), ``bitfit`` (bias-only), ``layernorm`` (LayerNorm-only)
+    or ``ia3``; ``top_layers`` and ``target_modules`` apply to each, ``r``,
+    ``alpha``, ``dropout``, ``ffa`` and ranks to LoRA only.
     """
 
     SECTION = "lora"
+    method: Literal["lora", "bitfit", "layernorm", "ia3"] = "lora"
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
@@ -92,6 +97,9 @@ class LoraConfig(_Section):
         if bad:
             out.append(f"site_ranks: each must be in [1, r={self.r}] (r is the global "
                        f"rank), got {bad}")
+        if self.method != "lora" and (self.ffa or self.mixed_ranks):
+            out.append(f"ffa and site_ranks shape LoRA's A and B; lora.method "
+                       f"{self.method} has neither: drop them or use method: lora")
         if self.ffa and self.mixed_ranks:
             out.append("ffa and site_ranks cannot be combined: FFA-LoRA freezes A at "
                        "one shared rank-r value; use one or the other")

@@ -49,7 +49,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedtune.common import records, updates
-from fedtune.common.model import is_lora
+from fedtune.common.adapters import is_adapter
 from fedtune.server.runtime import decoding, resume
 from fedtune.server.runtime.stats import RoundStats, count_bytes, summarize_replies
 
@@ -103,7 +103,7 @@ class FedTuneStrategy:
         self.expected.current = {k: v.numpy() for k, v in arrays.items()}
         head_only = server_round <= self.head_rounds
         self.expected.frozen = frozenset(
-            k for k in self.current if head_only and is_lora(k))
+            k for k in self.current if head_only and is_adapter(k))
         sent = 0
         for i, msg in enumerate(messages):
             rank = self.expected.node_ranks.get(msg.metadata.dst_node_id)

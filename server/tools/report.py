@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedtune.common import answers, planning
+from fedtune.common import adapters, answers, planning
 from fedtune.common.errors import FedtuneError
 from fedtune.server import rundir
 from fedtune.server.runtime import calibrate, personalize
@@ -140,8 +140,8 @@ def headline(run: Run) -> list[str]:
     cfg, last = run.cfg, (run.rows[-1] if run.rows else {})
     fed = cfg.federation
     out = [f"run: {run.path}",
-           f"model: {cfg.model.name_or_path} ({cfg.model.task}), LoRA r={cfg.lora.r}"
-           f"{', FFA' if cfg.lora.ffa else ''}; strategy {fed.strategy}, "
+           f"model: {cfg.model.name_or_path} ({cfg.model.task}), trains "
+           f"{adapters.describe(cfg)}; strategy {fed.strategy}, "
            f"compression {fed.compression}",
            f"rounds: {len(run.rows)} of {fed.num_rounds} done"
            + ("" if len(run.rows) >= fed.num_rounds else

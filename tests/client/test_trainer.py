@@ -229,7 +229,7 @@ def test_head_only_rounds_train_the_head_on_cached_features(tiny_bert: Path,
                        head_init="zero" if hidden else "labels")
     models = [M.build_model(head, LoraConfig(r=4), num_labels=3) for _ in range(2)]
     for m in models:
-        M.set_lora_trainable(m, LoraConfig(r=4), trainable=False)
+        M.set_adapter_trainable(m, LoraConfig(r=4), trainable=False)
     before = M.adapter_state(models[0])
     # Execute: the full model vs the head on cached pooled features, same batches
     for m, head_only in zip(models, (False, True), strict=True):
@@ -253,7 +253,7 @@ def test_dp_head_only_round_with_logit_adjustment_and_weights(tiny_bert: Path
                                                              ) -> None:
     train_set, val_set = _sets(tiny_bert)
     model = _model(tiny_bert)
-    M.set_lora_trainable(model, LoraConfig(r=4), trainable=False)
+    M.set_adapter_trainable(model, LoraConfig(r=4), trainable=False)
     res = trainer.train_local(
         model, train_set, val_set, task="classification",
         train_cfg=TrainConfig(local_epochs=2, batch_size=16, learning_rate=5e-2),
@@ -271,7 +271,7 @@ def test_features_are_shared_between_a_simulations_processes(
 
     train_set, val_set = _sets(tiny_bert)
     model = _model(tiny_bert)
-    M.set_lora_trainable(model, LoraConfig(r=4), trainable=False)
+    M.set_adapter_trainable(model, LoraConfig(r=4), trainable=False)
     model.eval()
     with torch.no_grad():
         plain = [loops.class_logits(model, data.collate([x], pad_id=0))[0]

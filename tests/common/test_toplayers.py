@@ -12,7 +12,7 @@ from opacus import GradSampleModule
 from torch import nn
 
 from fedtune.client import trainer
-from fedtune.common import data, features, loops, toplayers
+from fedtune.common import adapters, data, features, loops, toplayers
 from fedtune.common import model as M
 from fedtune.common.config import (
     DataConfig,
@@ -70,7 +70,7 @@ def _grad_samples(net: nn.Module, batch: dict[str, torch.Tensor], task: str,
 
 def test_lora_sits_on_the_top_layers_only(tiny_bert: Path) -> None:
     model = _classifier(tiny_bert, 1)
-    lora = [n for n, _ in model.named_parameters() if M.is_lora(n)]
+    lora = [n for n, _ in model.named_parameters() if adapters.is_adapter(n)]
     assert lora and all(toplayers.layer_of(n) == 1 for n in lora)  # 2 layers: the top
 
 
@@ -102,7 +102,7 @@ def test_cached_top_layers_give_the_full_models_per_record_gradients(
                                     pad_id=0, batch_size=5)
     cut = _grad_samples(top, collate(list(cached.items)), task, names)
     # Assert: every trainable tensor, every record, within 1e-5
-    assert full.keys() == cut.keys() and any(M.is_lora(k) for k in full)
+    assert full.keys() == cut.keys() and any(adapters.is_adapter(k) for k in full)
     for name in full:
         assert full[name].shape[0] == len(ds)
         torch.testing.assert_close(cut[name], full[name], rtol=1e-5, atol=1e-5,
@@ -114,7 +114,7 @@ def test_dp_training_on_cached_layers_moves_lora_and_reuses_the_cache(
         tiny_bert: Path) -> None:
     train_set, val_set = _records(tiny_bert, 64), _records(tiny_bert, 16)
     model = _classifier(tiny_bert, 1)
-    before = {k: v for k, v in M.adapter_state(model).items() if M.is_lora(k)}
+    before = {k: v for k, v in M.adapter_state(model).items() if adapters.is_adapter(k)}
     counts = features.cache_counts()
     res = trainer.train_local(
         model, train_set, val_set, task="classification",

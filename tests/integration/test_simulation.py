@@ -88,11 +88,11 @@ def test_head_then_top_layer_lora(tmp_path: Path, tiny_bert: Path,
     assert rows[2]["adapter_payload_bytes"] > rows[1]["adapter_payload_bytes"]
     from safetensors.torch import load_file
 
-    from fedtune.common.model import is_lora
+    from fedtune.common.adapters import is_adapter
     from fedtune.common.toplayers import layer_of
 
     final = load_file(run_dir / "final" / "adapter_model.safetensors")
-    lora = [k for k in final if is_lora(k)]
+    lora = [k for k in final if is_adapter(k)]
     assert lora and {layer_of(k) for k in lora} == {1}
     assert any(float(final[k].abs().max()) > 0 for k in lora if "lora_B" in k)
     (tmp_path / "texts.txt").write_text("good great relief\n")

@@ -47,12 +47,16 @@ def _bad_files(root: Path) -> dict[str, tuple[Path, dict, str]]:
         "too-many-top-layers": (
             good, {"lora": {"top_layers": 3}},
             "lora.top_layers: 3 is more than the model's 2 layers; use 1..2"),
+        "adapter-the-model-cannot-host": (
+            good, {"lora": {"method": "ia3", "target_modules": ["gate"]}},
+            "lora.method: ia3 found no module to adapt in model_type 'bert' "
+            "(targets ['gate'])"),
     }
 
 
 CASES = ["missing-file", "malformed-jsonl", "csv-without-label", "unknown-label",
          "empty-file", "too-few-partition-values", "test-set-wrong-columns",
-         "too-many-top-layers"]
+         "too-many-top-layers", "adapter-the-model-cannot-host"]
 
 
 @pytest.mark.parametrize("case", CASES)
