@@ -6,8 +6,11 @@
 Scenarios: ``minimal-icd10`` is a YAML naming only the data and the sites (the
 shipped ICD-10 data, its columns and 21 labels, Dirichlet 1.0, 8 sites of 1,500
 records: what a new user writes), everything else fedtune's built-in defaults;
-``imbalanced`` is ``simulations/imbalanced.yaml`` (musculoskeletal against the
-rest, 13 % minority, 10 unequal label-skewed sites of 13-2,517 records).
+``imbalanced`` is ``simulations/imbalanced.yaml`` (circumstance against disease,
+12 % minority, 10 unequal label-skewed sites), ``imbalanced-musculoskeletal`` its
+harder sibling (musculoskeletal against the rest, 13 % minority, 10 sites of 10,000
+records at Dirichlet 0.3, 10 rounds, where decisions at tau 1 overshoot); any other name is
+``simulations/NAME.yaml``.
 
 Arms: ``recipe`` is the built-in default (logit adjustment tau 1 in training, then
 the decision calibration on the sites' validation counts under DP). Its run also
@@ -49,13 +52,15 @@ ARMS = {"recipe": [], "train-tau0": ["train.logit_adjustment=0",
 
 
 def _scenario(name: str, work: Path) -> Path:
-    if name == "imbalanced":
-        return ROOT / "simulations" / "imbalanced.yaml"
     if name == "minimal-icd10":
         path = work / "minimal-icd10.yaml"
         path.write_text(yaml.safe_dump(MINIMAL_ICD10))
         return path
-    raise SystemExit(f"unknown scenario {name!r}: minimal-icd10 or imbalanced")
+    shipped = ROOT / "simulations" / f"{name}.yaml"
+    if not shipped.is_file():
+        raise SystemExit(f"unknown scenario {name!r}: minimal-icd10 or a shipped "
+                         "one (simulations/NAME.yaml)")
+    return shipped
 
 
 def _per_class(ev: dict[str, Any], labels: list[str], prefix: str = ""

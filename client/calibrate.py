@@ -70,11 +70,13 @@ def release(cfg: RunConfig, *, model: torch.nn.Module, site: SiteData,
     if dp and book:
         book.ledger.check(seg, book.budget)  # refuses before anything is computed
     logits, labels = val_logits(cfg, model, site, device=device, pad=pad)
-    exact = calibration.counts(logits, labels, biases)
+    exact = calibration.released(logits, labels, biases)
     seed = secrets.randbits(62) if cfg.privacy.secure_noise else (
         cfg.train.seed * 1000 + round_ + 7)
+    k = biases.shape[1]
     out = calibration.noisy(exact, z=seg[0] if dp else 0.0,
-                            rng=np.random.default_rng(seed))
+                            rng=np.random.default_rng(seed),
+                            candidates=len(biases), num_classes=k)
     metrics: dict[str, Any] = {records.NUM_EXAMPLES: len(site.val),
                                records.CALIBRATION_COUNTS: [float(v) for v in
                                                             out.ravel()]}
@@ -87,8 +89,8 @@ def release(cfg: RunConfig, *, model: torch.nn.Module, site: SiteData,
         eps = state.epsilon(cfg.privacy)
         metrics.update({records.EPSILON: eps,
                         records.EPSILON_TOTAL: eps if total is None else total})
-    logger.info("calibration: %s released counts of %d validation records for %d "
+    logger.info("calibration: %s released the %s of %d validation records for %d "
                 "decision biases (noise %g x sensitivity %.2f)", site.name,
-                len(site.val), len(biases), seg[0] if dp else 0.0,
-                calibration.sensitivity(len(biases)))
+                "histogram" if k == 2 else "counts", len(site.val), len(biases),
+                seg[0] if dp else 0.0, calibration.sensitivity(len(biases), k))
     return metrics, state

@@ -118,7 +118,8 @@ def calibrate(grid: Grid, *, cfg: RunConfig, run_dir: Path,
     got, failed = _ask(grid, nodes, content=RecordDict({
         records.ARRAYS: records.to_record(tensors), records.CONFIG: conf}),
         kind=MessageType.EVALUATE, timeout=timeout)
-    total = np.zeros((1 + 2 * len(strengths), k), np.float64)
+    shape = (2, len(strengths) + 1) if k == 2 else (1 + 2 * len(strengths), k)
+    total = np.zeros(shape, np.float64)
     used, val_records, spent = 0, 0, []
     for node, m in got.items():
         flat = m.get(records.CALIBRATION_COUNTS)
@@ -136,14 +137,20 @@ def calibrate(grid: Grid, *, cfg: RunConfig, run_dir: Path,
         logger.warning("calibration skipped: no site returned its counts; the "
                        "decisions stay balanced (strength 0)")
         return None
-    found = calibration.estimates(total, strengths)
-    # the summed counts' noise: each site's z * sensitivity, independent
+    counts = calibration.to_counts(total, biases)
+    found = calibration.estimates(counts, strengths)
+    # the summed release's noise: each site's z * sensitivity, independent
     z = cfg.privacy.calibration_sigma if cfg.privacy.enabled else 0.0
-    noise_sd = z * calibration.sensitivity(len(strengths)) * float(np.sqrt(used))
-    # two candidates' estimates differ by noise of about sqrt(2) x one's
-    margin = float(np.sqrt(2)) * max(
-        calibration.macro_f1_sd(total, i, noise_sd=noise_sd)
-        for i in range(len(strengths)))
+    noise_sd = z * calibration.sensitivity(len(strengths), k) * float(np.sqrt(used))
+    if k == 2:  # the best candidate's lead over strength 0, as the noise moves it
+        scores = calibration.smoothed(found)
+        lead = max(range(len(found)), key=lambda i: scores[i])
+        margin = calibration.difference_sd(total, biases, noise_sd=noise_sd,
+                                           best=lead)
+    else:  # two candidates' estimates differ by noise of about sqrt(2) x one's
+        margin = float(np.sqrt(2)) * max(
+            calibration.macro_f1_sd(counts, i, noise_sd=noise_sd)
+            for i in range(len(strengths)))
     best = calibration.choose(found, margin=margin)
     state = {**adapter_state(evaluator.model), **tensors}
     held_out = [_scores(evaluator, state, bias) for bias in biases]
@@ -154,6 +161,7 @@ def calibrate(grid: Grid, *, cfg: RunConfig, run_dir: Path,
         "sites": used, "failed": {str(n): w for n, w in failed.items()},
         "validation_records": val_records,
         "noise_multiplier": z,
+        "release": "histogram" if k == 2 else "counts",
         "epsilon_max": max(spent) if spent else None,
         "margin": margin,  # the gain over strength 0 a move needed
         "prior": prior, "decision_bias": biases[chosen].tolist(),
@@ -205,7 +213,8 @@ def _write_bias(adapter: Path, result: dict[str, Any]) -> None:
 def table_lines(result: dict[str, Any]) -> list[str]:
     """The candidates as text (the log and ``fedtune report``)."""
     lines = [f"decision calibration on {result['validation_records']} validation "
-             f"records of {result['sites']} sites (counts under DP): strength "
+             f"records of {result['sites']} sites ({result.get('release', 'counts')} "
+             "under DP): strength "
              f"{result['strength']:g} of the logit adjustment "
              f"{result['logit_adjustment']:g} (decisions at tau "
              f"{result['effective_adjustment']:g}); the sites' epsilon after it: "

@@ -51,11 +51,66 @@ def test_one_record_moves_the_counts_by_at_most_the_sensitivity() -> None:
 
 
 def test_noise_has_the_planned_scale_and_zero_means_exact() -> None:
-    exact = np.zeros((11, 2))
+    exact = np.zeros((11, 3))
     rng = np.random.default_rng(1)
-    draws = np.stack([calibration.noisy(exact, z=2.0, rng=rng) for _ in range(400)])
+    draws = np.stack([calibration.noisy(exact, z=2.0, rng=rng, candidates=5,
+                                        num_classes=3) for _ in range(400)])
     assert draws.std() == pytest.approx(2.0 * math.sqrt(11), rel=0.05)
-    assert (calibration.noisy(exact + 3, z=0.0, rng=rng) == 3).all()
+    assert (calibration.noisy(exact + 3, z=0.0, rng=rng, candidates=5,
+                              num_classes=3) == 3).all()
+    # two classes: the histogram's sensitivity 1, so z itself
+    hist = np.stack([calibration.noisy(np.zeros((2, 6)), z=2.0, rng=rng,
+                                       candidates=5, num_classes=2)
+                     for _ in range(800)])
+    assert hist.std() == pytest.approx(2.0, rel=0.05)
+
+
+def test_the_two_class_histogram_gives_every_candidates_exact_counts() -> None:
+    # Prepare: equal thresholds too (a uniform prior: every bias 0)
+    logits, labels = _toy(5, 300)
+    for prior in ([0.85, 0.15], [0.5, 0.5], [0.2, 0.8]):
+        biases = calibration.candidate_biases(prior, calibration.STRENGTHS)
+        # Execute
+        hist = calibration.histogram(logits, labels, biases)
+        # Assert: the counts layout, equal to scoring each candidate directly
+        np.testing.assert_array_equal(calibration.from_histogram(hist, biases),
+                                      calibration.counts(logits, labels, biases))
+        assert hist.sum() == len(labels)
+
+
+def test_one_record_moves_the_histogram_by_exactly_one_cell() -> None:
+    logits, labels = _toy(6, 80)
+    biases = calibration.candidate_biases([0.85, 0.15], calibration.STRENGTHS)
+    full = calibration.released(logits, labels, biases)
+    assert full.shape == (2, 6) and calibration.sensitivity(5, 2) == 1.0
+    for i in range(80):
+        less = calibration.released(np.delete(logits, i, 0), np.delete(labels, i),
+                                    biases)
+        diff = full - less
+        assert np.count_nonzero(diff) == 1 and diff.sum() == 1.0
+
+
+def test_the_noises_effect_on_a_candidates_lead_is_measured() -> None:
+    # Prepare: the histogram summed over 8 sites, with its noise redrawn by hand
+    biases = calibration.candidate_biases([0.85, 0.15], calibration.STRENGTHS)
+    exact = sum(calibration.histogram(*_toy(seed, 150), biases) for seed in range(8))
+    noise_sd = 2.0 * math.sqrt(8)
+    rng = np.random.default_rng(7)
+    leads = []
+    for _ in range(300):
+        scores = calibration.smoothed(calibration.estimates(calibration.to_counts(
+            exact + rng.normal(0, noise_sd, exact.shape), biases),
+            calibration.STRENGTHS))
+        leads.append(scores[4] - scores[0])
+    # Execute
+    sd = calibration.difference_sd(exact, biases, noise_sd=noise_sd, best=4)
+    # Assert: the same spread; the candidates share cells, so the lead's noise is
+    # below the sqrt(2) x one estimate's sd the many-class rule assumes
+    assert sd == pytest.approx(float(np.std(leads)), rel=0.15)
+    one = calibration.macro_f1_sd(calibration.to_counts(exact, biases), 0,
+                                  noise_sd=noise_sd * math.sqrt(6))
+    assert sd < math.sqrt(2) * one
+    assert calibration.difference_sd(exact, biases, noise_sd=0.0, best=4) == 0.0
 
 
 def test_the_choice_survives_dp_noise_on_a_federation_of_sites() -> None:
@@ -67,7 +122,8 @@ def test_the_choice_survives_dp_noise_on_a_federation_of_sites() -> None:
     for seed in range(8):
         exact = calibration.counts(*_toy(seed, 150), biases)
         exact_total += exact
-        total += calibration.noisy(exact, z=2.0, rng=rng)
+        total += calibration.noisy(exact, z=2.0, rng=rng, candidates=5,
+                                   num_classes=3)  # the counts' (many-class) noise
     # Execute
     noisy_pick = calibration.choose(calibration.estimates(total,
                                                           calibration.STRENGTHS))

@@ -77,16 +77,21 @@ def test_causal_lm_scenario(tmp_path: Path) -> None:
                 "eval_answer_condition"} <= set(row)
 
 
-def test_imbalanced_scenario_calibrates_its_decisions(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("scenario", "labels"), [
+    ("imbalanced", ("disease", "circumstance")),
+    ("imbalanced-musculoskeletal", ("other", "musculoskeletal"))])
+def test_imbalanced_scenario_calibrates_its_decisions(
+        tmp_path: Path, scenario: str, labels: tuple[str, str]) -> None:
     # a YAML naming only the data and the sites; the recipe is the built-in one
-    rows, seconds, log = _run(tmp_path, "imbalanced")
+    rows, seconds, log = _run(tmp_path, scenario)
     assert seconds < 600
     # the calibration scores the adapter fedtune export/predict use: the best round
     (cal,) = [r["calibration"] for r in rows if "calibration" in r]
     assert cal["round"] == rows[-1]["best_round"]
     assert cal["sites"] == 10 and 7.5 < cal["epsilon_max"] <= 8.0 + 1e-6
     assert "overall: expected to learn" in log
-    for label in ("disease", "circumstance"):  # the bar, on the held-out set
+    assert cal["release"] == "histogram"  # two classes: sensitivity 1
+    for label in labels:  # the bar, on the held-out set
         assert cal["eval"][f"precision-{label}"] >= 0.8, cal["eval"]
         assert cal["eval"][f"recall-{label}"] >= 0.8, cal["eval"]
     meta = json.loads((tmp_path / "run" / "best" / "fedtune_model.json").read_text())
