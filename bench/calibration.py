@@ -8,9 +8,9 @@ shipped ICD-10 data, its columns and 21 labels, Dirichlet 1.0, 8 sites of 1,500
 records: what a new user writes), everything else fedtune's built-in defaults;
 ``imbalanced`` is ``simulations/imbalanced.yaml`` (circumstance against disease,
 12 % minority, 10 unequal label-skewed sites), ``imbalanced-musculoskeletal`` its
-harder sibling (musculoskeletal against the rest, 13 % minority, 10 sites of 10,000
-records at Dirichlet 0.3, 10 rounds, where decisions at tau 1 overshoot); any other name is
-``simulations/NAME.yaml``.
+harder sibling (musculoskeletal against the rest, 13 % minority, 10 sites share
+10,000 records at Dirichlet 0.3, 10 rounds; decisions at tau 1 can overshoot);
+any other name is ``simulations/NAME.yaml``.
 
 Arms: ``recipe`` is the built-in default (logit adjustment tau 1 in training, then
 the decision calibration on the sites' validation counts under DP). Its run also
@@ -105,8 +105,15 @@ def read_run(run_dir: Path, rows: list[dict[str, Any]], labels: list[str],
     if cal:
         cands = {c["strength"]: c for c in cal["candidates"]}
         out["calibration"] = {"strength": cal["strength"],
+                              "release": cal.get("release", "counts"),
+                              "margin": cal.get("margin"),
+                              "epsilon_max": cal.get("epsilon_max"),
                               "val_macro_f1": {str(s): c["val_macro_f1"]
-                                               for s, c in cands.items()}}
+                                               for s, c in cands.items()},
+                              "val_precision": {str(s): c["val_precision"]
+                                                for s, c in cands.items()},
+                              "val_recall": {str(s): c["val_recall"]
+                                             for s, c in cands.items()}}
         out["rules"] = {"calibrated": _rule(cal["eval"], labels),
                         "tau1 (strength 0)": _rule(cands[0.0]["test"], labels),
                         "tau0 (strength 1)": _rule(cands[max(cands)]["test"], labels)}

@@ -151,7 +151,7 @@ def calibrate(grid: Grid, *, cfg: RunConfig, run_dir: Path,
         margin = float(np.sqrt(2)) * max(
             calibration.macro_f1_sd(counts, i, noise_sd=noise_sd)
             for i in range(len(strengths)))
-    best = calibration.choose(found, margin=margin)
+    best = calibration.choose(found, margin=margin, balance=k == 2)
     state = {**adapter_state(evaluator.model), **tensors}
     held_out = [_scores(evaluator, state, bias) for bias in biases]
     chosen = strengths.index(best.strength)
