@@ -219,34 +219,11 @@ def macro_f1_sd(total: np.ndarray, strength_index: int, *, noise_sd: float
     return float(math.sqrt(var[present].sum()) / present.sum())
 
 
-def _smooth(values: Sequence[float]) -> list[float]:
-    return smoothed([Estimate(0.0, v, [], [], []) for v in values])
-
-
-def worst_side(found: Sequence[Estimate]) -> list[float]:
-    """Each candidate's smoothed worst per-class precision or recall: the figure a
-    decision must hold up on every class (two classes; estimates of classes the
-    validation splits hold are all there is)."""
-    return _smooth([min(min(e.precision), min(e.recall)) if e.precision else 0.0
-                    for e in found])
-
-
-def choose(found: Sequence[Estimate], *, margin: float = 0.0,
-           balance: bool = False) -> Estimate:
+def choose(found: Sequence[Estimate], *, margin: float = 0.0) -> Estimate:
     """The candidate with the best smoothed macro-F1 estimate; the first one (the
     training's own decision rule, strength 0) unless the best beats it by more
-    than ``margin`` (the noise's standard error: a move the noise could explain
-    is not made).
-
-    ``balance`` (two classes): macro-F1 is often flat across the strengths, which
-    then only trade the minority's recall for its precision, and its estimate
-    picks an end by noise. Among the candidates within ``margin`` of the best
-    smoothed macro-F1, the one whose worst per-class precision or recall
-    (:func:`worst_side`) is highest is kept (ties: the lower strength)."""
+    than ``margin`` (what the noise could explain: a move it could explain is not
+    made)."""
     scores = smoothed(found)
     best = max(range(len(found)), key=lambda i: scores[i])
-    if not balance:
-        return found[best] if scores[best] - scores[0] > margin else found[0]
-    near = [i for i in range(len(found)) if scores[i] >= scores[best] - margin]
-    sides = worst_side(found)
-    return found[max(near, key=lambda i: (sides[i], -i))]
+    return found[best] if scores[best] - scores[0] > margin else found[0]

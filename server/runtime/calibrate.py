@@ -37,6 +37,7 @@ from fedtune.server.runtime.stats import failure_words
 from fedtune.server.runtime.trained import resolve
 
 logger = logging.getLogger(__name__)
+LEAD_SDS = 2.0  # two classes: how many sd of noise a candidate's lead must beat
 
 
 def _ask(grid: Grid, nodes: list[int], *, content: RecordDict, kind: str,
@@ -142,16 +143,17 @@ def calibrate(grid: Grid, *, cfg: RunConfig, run_dir: Path,
     # the summed release's noise: each site's z * sensitivity, independent
     z = cfg.privacy.calibration_sigma if cfg.privacy.enabled else 0.0
     noise_sd = z * calibration.sensitivity(len(strengths), k) * float(np.sqrt(used))
-    if k == 2:  # the best candidate's lead over strength 0, as the noise moves it
+    if k == 2:  # 2 sd of the best candidate's lead over strength 0 that the
+        # noise alone puts there (1 sd moved a third of the measured runs on noise)
         scores = calibration.smoothed(found)
         lead = max(range(len(found)), key=lambda i: scores[i])
-        margin = calibration.difference_sd(total, biases, noise_sd=noise_sd,
-                                           best=lead)
+        margin = LEAD_SDS * calibration.difference_sd(
+            total, biases, noise_sd=noise_sd, best=lead)
     else:  # two candidates' estimates differ by noise of about sqrt(2) x one's
         margin = float(np.sqrt(2)) * max(
             calibration.macro_f1_sd(counts, i, noise_sd=noise_sd)
             for i in range(len(strengths)))
-    best = calibration.choose(found, margin=margin, balance=k == 2)
+    best = calibration.choose(found, margin=margin)
     state = {**adapter_state(evaluator.model), **tensors}
     held_out = [_scores(evaluator, state, bias) for bias in biases]
     chosen = strengths.index(best.strength)
