@@ -20,9 +20,14 @@ what the size changes). Recipes (10 rounds each):
   ``lora1``/``lora2`` LoRA (r 8, AdamW 5e-3) on the top 1/2 layers; ``bitfit2``,
   ``layernorm2``, ``ia3-2`` (``lora.method``) on the top 2 layers at AdamW 2e-2
   (vectors: fewer, larger steps);
-- variants of an adapter row (``ROW@VARIANT``): ``full`` full batches (q = 1:
-  ``train.batch_size`` = the site's records, both phases, 4 steps a round),
-  ``eps25``/``eps75`` a quarter / three quarters of epsilon to the head rounds.
+- variants of an adapter row (``ROW@VARIANT``): ``eps25``/``eps75`` a quarter /
+  three quarters of epsilon to the head rounds; ``epochs4`` four epochs a round
+  in the adapter's rounds (4x the steps at the same batch).
+
+Every adapter round already takes large batches and few steps: batch 512 (the
+recipe's, both phases share it since the ledger accounts one sampling rate per
+run) is q = 1 at 150 records (a full batch: one step a round), q = 0.38 at 1,350
+(3 steps) and q = 0.10 at 5,000 (10 steps).
 
 The figure is the macro-F1 of the model as served: the best round with its
 calibrated decision bias (the recipe's last step), on the 2,000 held-out records.
@@ -56,7 +61,7 @@ RECIPES: dict[str, list[str]] = {
     "head+ia3-2": [*ADAPT, "lora.top_layers=2", "lora.method=ia3", VECTORS],
 }
 VARIANTS: dict[str, list[str]] = {
-    "full": ["train.batch_size={size}", "train.local_epochs=4"],
+    "epochs4": ["train.local_epochs=4"],
     "eps25": ["privacy.linear_probe_budget=0.25"],
     "eps75": ["privacy.linear_probe_budget=0.75"],
 }
@@ -164,6 +169,20 @@ def main() -> None:
                   r["macro_f1_sd"] or "-", r["runs"], r["auto"], r["wall_s_mean"]]
                  for r in rows]))
     print(f"-> {path}")
+    print("fedtune.common.recipes.MAP (the rows with >= 2 runs):")
+    print(map_literal(rows))
+
+
+def map_literal(rows: list[dict[str, Any]]) -> str:
+    """The measured rows as ``recipes.MAP``'s literal: {size: {row: (mean, sd)}},
+    rounded as tests/common/test_recipes.py holds the two to each other."""
+    table: dict[int, dict[str, tuple[float, float]]] = {}
+    for r in rows:
+        if r["recipe"] in RECIPES and r["runs"] >= 2:
+            table.setdefault(r["records_per_site"], {})[r["recipe"]] = (
+                round(r["macro_f1_mean"], 4), round(r["macro_f1_sd"], 4))
+    return "{\n" + "".join(f"    {size}: {row},\n" for size, row in
+                           sorted(table.items())) + "}"
 
 
 if __name__ == "__main__":

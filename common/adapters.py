@@ -118,13 +118,13 @@ def peft_config(method: str, *, model_type: str, layers: list[int],
                      if feed and not configured else [])
 
 
-def check_model(pretrained: nn.Module, lora: Any) -> None:
+def check_model(pretrained: Any, lora: Any) -> None:
     """Refuse, before anything starts and in one line naming the method and the
     model, a non-LoRA ``lora.method`` that ``pretrained`` (a transformers model)
     cannot host: no targets for its family, none found, or (bitfit) no bias."""
     if lora.method == "lora":
         return
-    model_type = pretrained.config.model_type
+    model_type: str = pretrained.config.model_type
     names = targets(lora.method, model_type, lora.target_modules)
     found = [m for n, m in pretrained.named_modules()
              if any(n == t or n.endswith("." + t) for t in names)]

@@ -80,7 +80,8 @@ def _at_least(biases: np.ndarray) -> np.ndarray:
     """``L_k``: candidate ``k`` predicts class 1 for a record exactly when at least
     ``L_k`` candidates do (the thresholds ``t_m <= t_k``)."""
     t = biases[:, 0] - biases[:, 1]
-    return (t[None, :] <= t[:, None]).sum(axis=1)
+    least: np.ndarray = (t[None, :] <= t[:, None]).sum(axis=1)
+    return least
 
 
 def histogram(logits: np.ndarray, labels: np.ndarray, biases: np.ndarray

@@ -44,6 +44,7 @@ def test_small_sites_learn_nothing_and_get_advice() -> None:
 def test_head_only_rounds_plan_their_own_dimensions() -> None:
     cfg = config.from_dict({"train": {"batch_size": 512, "linear_probe_rounds": 1},
                             "privacy": {"linear_probe_budget": 0.5},
+                            "lora": {"top_layers": 2},  # a row of the map
                             "federation": {"num_rounds": 3}})
     plan = planning.plan_site(cfg, site="s", records=2_000, dims=80_000,
                               probe_dims=8_000)
