@@ -91,6 +91,6 @@ def release(cfg: RunConfig, *, model: torch.nn.Module, site: SiteData,
                         records.EPSILON_TOTAL: eps if total is None else total})
     logger.info("calibration: %s released the %s of %d validation records for %d "
                 "decision biases (noise %g x sensitivity %.2f)", site.name,
-                "histogram" if k == 2 else "counts", len(site.val), len(biases),
+                calibration.release_name(k), len(site.val), len(biases),
                 seg[0] if dp else 0.0, calibration.sensitivity(len(biases), k))
     return metrics, state

@@ -23,12 +23,10 @@ import re
 from typing import Any
 
 from peft import BeftConfig, IA3Config, LNTuningConfig, PeftConfig
-from torch import nn
 
 from fedtune.common import recipes
 from fedtune.common.errors import ModelError
 
-METHODS = ("lora", "bitfit", "layernorm", "ia3")
 # A parameter name holds one of these exactly when it is an adapter tensor (not
 # the head): in peft's state-dict names and in named_parameters' alike
 MARKERS = (".lora_A.", ".lora_B.", ".beft_bias", ".ln_tuning_layers.", ".ia3_l")
@@ -137,21 +135,3 @@ def check_model(pretrained: Any, lora: Any) -> None:
         raise ModelError(f"lora.method: bitfit cannot be hosted by model_type "
                          f"{model_type!r}: its {names} layers carry no bias to "
                          "tune; use lora.method: ia3, layernorm or lora")
-
-
-def check_hosted(model: nn.Module, method: str, model_type: str) -> None:
-    """Refuse, in one line naming the method and the model, an adapter that found
-    no module to sit on or (bitfit) a layer without a bias to tune."""
-    found = [n for n, _ in model.named_parameters() if is_adapter(n)]
-    if not found:
-        raise ModelError(f"lora.method: {method} found no module to adapt in "
-                         f"model_type {model_type!r}; check lora.target_modules")
-    if method != "bitfit":
-        return
-    bare = [name for name, mod in model.named_modules()
-            if hasattr(mod, "beft_bias") and getattr(mod.get_base_layer(), "bias",
-                                                     None) is None]
-    if bare:
-        raise ModelError(f"lora.method: bitfit cannot be hosted by model_type "
-                         f"{model_type!r}: its layer {bare[0]} has no bias to tune; "
-                         "use lora.method: ia3, layernorm or lora")

@@ -62,6 +62,19 @@ def sensitivity(candidates: int, num_classes: int = 0) -> float:
     return 1.0 if num_classes == 2 else math.sqrt(1 + 2 * candidates)
 
 
+def release_shape(candidates: int, num_classes: int) -> tuple[int, int]:
+    """The shape of what a site releases: the histogram's ``[2, K + 1]`` for two
+    classes, else the counts' ``[1 + 2K, C]``."""
+    if num_classes == 2:
+        return (2, candidates + 1)
+    return (1 + 2 * candidates, num_classes)
+
+
+def release_name(num_classes: int) -> str:
+    """What a site releases, in a word (the logs, the calibration record)."""
+    return "histogram" if num_classes == 2 else "counts"
+
+
 def released(logits: np.ndarray, labels: np.ndarray, biases: np.ndarray
              ) -> np.ndarray:
     """What a site releases (before noise): :func:`histogram` for two classes,

@@ -272,6 +272,8 @@ def build_model(cfg: ModelConfig, lora: LoraConfig, *, num_labels: int = 0,
 def _build_other(base: Any, config: Any, cfg: ModelConfig, lora: LoraConfig, *,
                  seed: int) -> PeftModel:
     """``base`` wrapped with a non-LoRA adapter (:mod:`fedtune.common.adapters`)."""
+    adapters.check_model(base.encoder if cfg.task == "classification" else base,
+                         lora)
     layers = lora_layers(config, lora.top_layers) or list(range(num_layers(config)))
     peft_cfg = adapters.peft_config(
         lora.method, model_type=config.model_type, layers=layers,
@@ -293,7 +295,6 @@ def _build_other(base: Any, config: Any, cfg: ModelConfig, lora: LoraConfig, *,
                              f"in model_type {config.model_type!r} (targets "
                              f"{names}; peft: {str(err).split(':')[0]}); check "
                              "lora.target_modules") from err
-    adapters.check_hosted(model, lora.method, config.model_type)
     return model
 
 

@@ -134,11 +134,6 @@ def _tolerance(row: dict[str, tuple[float, float]]) -> tuple[float, float]:
     return best[0], max(0.01, best[1])
 
 
-def best_in_map() -> dict[int, str]:
-    """The best row at each measured size."""
-    return {size: max(row, key=lambda k: row[k][0]) for size, row in MAP.items()}
-
-
 def auto_row() -> str:
     """What ``train.recipe: auto`` trains: the first row (cheapest first, the
     head alone leading) within max(0.01, sd) of the best at every measured size;

@@ -119,8 +119,7 @@ def calibrate(grid: Grid, *, cfg: RunConfig, run_dir: Path,
     got, failed = _ask(grid, nodes, content=RecordDict({
         records.ARRAYS: records.to_record(tensors), records.CONFIG: conf}),
         kind=MessageType.EVALUATE, timeout=timeout)
-    shape = (2, len(strengths) + 1) if k == 2 else (1 + 2 * len(strengths), k)
-    total = np.zeros(shape, np.float64)
+    total = np.zeros(calibration.release_shape(len(strengths), k), np.float64)
     used, val_records, spent = 0, 0, []
     for node, m in got.items():
         flat = m.get(records.CALIBRATION_COUNTS)
@@ -163,7 +162,7 @@ def calibrate(grid: Grid, *, cfg: RunConfig, run_dir: Path,
         "sites": used, "failed": {str(n): w for n, w in failed.items()},
         "validation_records": val_records,
         "noise_multiplier": z,
-        "release": "histogram" if k == 2 else "counts",
+        "release": calibration.release_name(k),
         "epsilon_max": max(spent) if spent else None,
         "margin": margin,  # the gain over strength 0 a move needed
         "prior": prior, "decision_bias": biases[chosen].tolist(),

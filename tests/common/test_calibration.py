@@ -82,7 +82,8 @@ def test_one_record_moves_the_histogram_by_exactly_one_cell() -> None:
     logits, labels = _toy(6, 80)
     biases = calibration.candidate_biases([0.85, 0.15], calibration.STRENGTHS)
     full = calibration.released(logits, labels, biases)
-    assert full.shape == (2, 6) and calibration.sensitivity(5, 2) == 1.0
+    assert full.shape == (2, 6) == calibration.release_shape(5, 2)
+    assert calibration.sensitivity(5, 2) == 1.0
     for i in range(80):
         less = calibration.released(np.delete(logits, i, 0), np.delete(labels, i),
                                     biases)
