@@ -194,8 +194,9 @@ def headline(run: Run) -> list[str]:
     cal = calibration(run)
     if cal:
         ev, balanced = cal["eval"], cal["candidates"][0]["test"]
-        out.append(f"decision calibration (round {cal['round']}, validation counts "
-                   f"of {cal['sites']} sites under DP): strength {cal['strength']:g}"
+        out.append(f"decision calibration (round {cal['round']}, validation "
+                   f"{cal.get('release', 'counts')} of {cal['sites']} sites under "
+                   f"DP): strength {cal['strength']:g}"
                    f" of the logit adjustment τ={cal['logit_adjustment']:g}, "
                    f"decisions at τ={cal['effective_adjustment']:g}: accuracy "
                    f"{fig(ev.get('accuracy'), '.3f')}, macro-F1 "
