@@ -106,7 +106,11 @@ def read_run(run_dir: Path, rows: list[dict[str, Any]], labels: list[str],
         cands = {c["strength"]: c for c in cal["candidates"]}
         out["calibration"] = {"strength": cal["strength"],
                               "release": cal.get("release", "counts"),
+                              "rule": cal.get("rule", "macro-f1"),
                               "margin": cal.get("margin"),
+                              "excess": cal.get("excess"),
+                              "test_per_class": {str(s): _per_class(c["test"], labels)
+                                                 for s, c in cands.items()},
                               "epsilon_max": cal.get("epsilon_max"),
                               "val_macro_f1": {str(s): c["val_macro_f1"]
                                                for s, c in cands.items()},

@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 def segment(cfg: RunConfig) -> tuple[float, float, int]:
     """The accountant's view of the release: one Gaussian mechanism."""
-    return (cfg.privacy.calibration_sigma, 1.0, 1)
+    return (cfg.calibration_sigma, 1.0, 1)
 
 
 @torch.no_grad()

@@ -213,17 +213,17 @@ def run_plan(cfg: RunConfig, *, num_examples: int, count: bool | None = None
         num_rounds=cfg.federation.num_rounds,
         probe_rounds=cfg.probe_rounds, probe_steps_per_round=probe,
         count=cfg.releases_class_histogram if count is None else count,
-        calibration=cfg.calibrates)
+        calibration_sigma=cfg.calibration_sigma if cfg.calibrates else 0.0)
 
 
 def plan_schedule(cfg: PrivacyConfig, *, q: float, round_steps: int,
                   num_rounds: int, probe_rounds: int = 0, count: bool = False,
-                  probe_steps_per_round: int = 0, calibration: bool = False
+                  probe_steps_per_round: int = 0, calibration_sigma: float = 0.0
                   ) -> NoisePlan:
     """Noise for a run of ``num_rounds`` rounds whose first ``probe_rounds`` train
     the head only (``probe_steps_per_round`` steps each; 0: ``round_steps``),
     after a class-histogram release when ``count`` and before the decision
-    calibration's release when ``calibration``.
+    calibration's release of noise ``calibration_sigma`` (0: none).
 
     With ``cfg.linear_probe_budget`` the histogram and the probe rounds spend that
     share of ``target_epsilon`` and the later rounds are calibrated so that the
@@ -235,8 +235,7 @@ def plan_schedule(cfg: PrivacyConfig, *, q: float, round_steps: int,
     tune_rounds = num_rounds - probe_rounds
     count_sigma = cfg.count_noise_multiplier if count else 0.0
     prefix: list[Segment] = [(count_sigma, 1.0, 1)] if count else []
-    calibration_sigma = cfg.calibration_sigma if calibration else 0.0
-    if calibration:  # composition does not depend on the order of the releases
+    if calibration_sigma:  # composition does not depend on the order of releases
         prefix.append((calibration_sigma, 1.0, 1))
 
     def plan(probe: float, tune: float) -> NoisePlan:

@@ -30,9 +30,13 @@ validation records by true class ``c`` and ``j`` (:func:`histogram`): one record
 moves one cell by one, an L2 sensitivity of 1 instead of ``sqrt(1 + 2 K)`` (3.3 at
 5 candidates), under the same Gaussian mechanism and the same accounting. The
 server derives every candidate's counts from the summed histogram
-(:func:`from_histogram`), and the noise's effect on the difference between two
-candidates (strongly correlated: they share most cells) is measured by redrawing
-the noise (:func:`difference_sd`) rather than bounded.
+(:func:`from_histogram`) and keeps the candidate where the minority class is
+predicted as often as it occurs (:func:`balance_point`: its precision equals its
+recall), rather than the best macro-F1 estimate: macro-F1 moves by a point or less
+across the strengths that matter, far below what the noise on ~100 minority
+validation records can resolve, while the minority's count of false positives
+minus false negatives moves by tens of records per step. Its noise is half the
+counts' (``RunConfig.calibration_sigma``).
 
 Pure arithmetic on arrays (no Flower, no model).
 """
@@ -123,23 +127,29 @@ def from_histogram(hist: np.ndarray, biases: np.ndarray) -> np.ndarray:
     return out
 
 
-def difference_sd(total: np.ndarray, biases: np.ndarray, *, noise_sd: float,
-                  best: int, draws: int = 400, seed: int = 0) -> float:
-    """The standard deviation of (smoothed macro-F1 of candidate ``best``) minus
-    (that of candidate 0) that Gaussian noise of ``noise_sd`` per cell of the
-    summed release ``total`` puts there: the noise redrawn ``draws`` times around
-    the release (post-processing only: no record is read)."""
-    if noise_sd <= 0 or best == 0:
-        return 0.0
-    rng = np.random.default_rng(seed)
-    strengths = list(range(len(biases)))
-    diffs = []
-    for _ in range(draws):
-        found = estimates(to_counts(total + rng.normal(0.0, noise_sd, total.shape),
-                                    biases), strengths)
-        scores = smoothed(found)
-        diffs.append(scores[best] - scores[0])
-    return float(np.std(diffs))
+def excess(total: np.ndarray, cls: int) -> np.ndarray:
+    """Per candidate, from the summed counts: the records predicted as class
+    ``cls`` minus those in it (false positives minus false negatives; 0 where its
+    precision equals its recall)."""
+    k = (len(total) - 1) // 2
+    return np.asarray([total[2 + 2 * i, cls] - total[0, cls] for i in range(k)],
+                      np.float64)
+
+
+def balance_point(total: np.ndarray, cls: int) -> int:
+    """The candidate nearest where class ``cls`` is predicted as often as it
+    occurs: the zero of a line fitted to :func:`excess` over the candidates (their
+    noise is shared, cell by cell, so the line's zero moves less than any one
+    candidate's excess), clipped to the candidates; where the fitted line does not
+    fall (noise or a flat model), the candidate of the smallest excess."""
+    found = excess(total, cls)
+    steps = np.arange(len(found), dtype=np.float64)
+    if len(found) < 2:
+        return 0
+    slope, at_zero = np.polyfit(steps, found, 1)
+    if slope >= 0:
+        return int(np.argmin(np.abs(found)))
+    return int(np.clip(np.rint(-at_zero / slope), 0, len(found) - 1))
 
 
 def counts(logits: np.ndarray, labels: np.ndarray, biases: np.ndarray

@@ -56,6 +56,18 @@ class RunConfig:
                 and self.train.logit_adjustment > 0)
 
     @property
+    def calibration_sigma(self) -> float:
+        """The decision calibration's noise multiplier: ``privacy.
+        calibration_noise_multiplier``, or (0) resolved: 2 at epsilon >= 8 for the
+        many-class counts, half that for the two-class histogram (sensitivity 1,
+        and the decision's only evidence: about 1.8 of epsilon 8 instead of 0.5,
+        bench/README.md section 11)."""
+        p = self.privacy
+        if p.calibration_noise_multiplier > 0 or len(self.data.labels) != 2:
+            return p.calibration_sigma
+        return p.calibration_sigma / 2
+
+    @property
     def releases_class_histogram(self) -> bool:
         """Whether each site releases its class histogram (under DP) for the
         logit adjustment, the class weights or the decision calibration (whose

@@ -37,7 +37,6 @@ from fedtune.server.runtime.stats import failure_words
 from fedtune.server.runtime.trained import resolve
 
 logger = logging.getLogger(__name__)
-LEAD_SDS = 2.0  # two classes: how many sd of noise a candidate's lead must beat
 
 
 def _ask(grid: Grid, nodes: list[int], *, content: RecordDict, kind: str,
@@ -115,7 +114,7 @@ def calibrate(grid: Grid, *, cfg: RunConfig, run_dir: Path,
     logger.info("calibration: %d sites score %d decision biases on their "
                 "validation splits (round %d's adapter, counts under DP, noise %g)",
                 len(nodes), len(strengths), trained.round,
-                cfg.privacy.calibration_sigma)
+                cfg.calibration_sigma)
     got, failed = _ask(grid, nodes, content=RecordDict({
         records.ARRAYS: records.to_record(tensors), records.CONFIG: conf}),
         kind=MessageType.EVALUATE, timeout=timeout)
@@ -140,19 +139,17 @@ def calibrate(grid: Grid, *, cfg: RunConfig, run_dir: Path,
     counts = calibration.to_counts(total, biases)
     found = calibration.estimates(counts, strengths)
     # the summed release's noise: each site's z * sensitivity, independent
-    z = cfg.privacy.calibration_sigma if cfg.privacy.enabled else 0.0
+    z = cfg.calibration_sigma if cfg.privacy.enabled else 0.0
     noise_sd = z * calibration.sensitivity(len(strengths), k) * float(np.sqrt(used))
-    if k == 2:  # 2 sd of the best candidate's lead over strength 0 that the
-        # noise alone puts there (1 sd moved a third of the measured runs on noise)
-        scores = calibration.smoothed(found)
-        lead = max(range(len(found)), key=lambda i: scores[i])
-        margin = LEAD_SDS * calibration.difference_sd(
-            total, biases, noise_sd=noise_sd, best=lead)
+    if k == 2:  # the minority predicted as often as it occurs (P = R)
+        minority = int(np.argmin(prior))
+        best = found[calibration.balance_point(counts, minority)]
+        margin = None
     else:  # two candidates' estimates differ by noise of about sqrt(2) x one's
         margin = float(np.sqrt(2)) * max(
             calibration.macro_f1_sd(counts, i, noise_sd=noise_sd)
             for i in range(len(strengths)))
-    best = calibration.choose(found, margin=margin)
+        best = calibration.choose(found, margin=margin)
     state = {**adapter_state(evaluator.model), **tensors}
     held_out = [_scores(evaluator, state, bias) for bias in biases]
     chosen = strengths.index(best.strength)
@@ -164,7 +161,10 @@ def calibrate(grid: Grid, *, cfg: RunConfig, run_dir: Path,
         "noise_multiplier": z,
         "release": calibration.release_name(k),
         "epsilon_max": max(spent) if spent else None,
-        "margin": margin,  # the gain over strength 0 a move needed
+        "margin": margin,  # many classes: the gain over strength 0 a move needed
+        "rule": "balance" if k == 2 else "macro-f1",
+        "excess": (calibration.excess(counts, int(np.argmin(prior))).tolist()
+                   if k == 2 else None),
         "prior": prior, "decision_bias": biases[chosen].tolist(),
         "candidates": [{"strength": e.strength, "val_macro_f1": e.macro_f1,
                         "val_macro_f1_smoothed": sm,
@@ -215,21 +215,27 @@ def table_lines(result: dict[str, Any]) -> list[str]:
     """The candidates as text (the log and ``fedtune report``)."""
     lines = [f"decision calibration on {result['validation_records']} validation "
              f"records of {result['sites']} sites ({result.get('release', 'counts')} "
-             "under DP): strength "
+             "under DP): "
+             + ("the minority predicted as often as it occurs, " if
+                result.get("rule") == "balance" else "")
+             + "strength "
              f"{result['strength']:g} of the logit adjustment "
              f"{result['logit_adjustment']:g} (decisions at tau "
              f"{result['effective_adjustment']:g}); the sites' epsilon after it: "
              f"max {_num(result.get('epsilon_max'))}",
              f"{'strength':>8} {'tau':>5} {'val macro-F1 (DP)':>18} "
-             f"{'smoothed':>9} {'held-out macro-F1':>18} {'accuracy':>9}"]
-    for c in result["candidates"]:
+             f"{'smoothed':>9} {'held-out macro-F1':>18} {'accuracy':>9}"
+             + ("  minority predicted - in it (DP)" if result.get("excess") else "")]
+    excess = result.get("excess") or [None] * len(result["candidates"])
+    for c, over in zip(result["candidates"], excess, strict=True):
         mark = "  <- chosen" if c["strength"] == result["strength"] else ""
         test = c["test"]
         tau = result["logit_adjustment"] - c["strength"]
         lines.append(f"{c['strength']:>8g} {tau:>5g} {c['val_macro_f1']:>18.3f} "
                      f"{_num(c.get('val_macro_f1_smoothed')):>9} "
                      f"{_num(test.get('macro-f1')):>18} "
-                     f"{_num(test.get('accuracy')):>9}{mark}")
+                     f"{_num(test.get('accuracy')):>9}"
+                     + ("" if over is None else f"  {over:>+31.0f}") + mark)
     return lines
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fedtune.common import accounting
-from fedtune.common.config import PrivacyConfig
+from fedtune.common.config import DataConfig, PrivacyConfig, RunConfig
 from fedtune.common.errors import PrivacyError
 
 Q, STEPS, ROUNDS = 0.1, 10, 4
@@ -65,7 +65,8 @@ def test_the_calibration_release_follows_the_budget(eps: float) -> None:
     cfg = PrivacyConfig(target_epsilon=eps)
     # Execute
     plan = accounting.plan_schedule(cfg, q=Q, round_steps=STEPS,
-                                    num_rounds=ROUNDS, count=True, calibration=True)
+                                    num_rounds=ROUNDS, count=True,
+                                    calibration_sigma=cfg.calibration_sigma)
     # Assert: 2 (as measured) from epsilon 8 up, 2 * 8 / eps below; a small budget
     # still leaves room for training, and the whole run lands on the target
     assert plan.calibration_sigma == pytest.approx(2.0 * max(1.0, 8.0 / eps))
@@ -82,7 +83,28 @@ def test_an_explicit_calibration_noise_is_used_as_it_is() -> None:
     assert cfg.calibration_sigma == 3.0
     with pytest.raises(PrivacyError, match="calibration_noise_multiplier"):
         accounting.plan_schedule(cfg, q=Q, round_steps=STEPS,
-                                 num_rounds=ROUNDS, count=True, calibration=True)
+                                 num_rounds=ROUNDS, count=True,
+                                 calibration_sigma=cfg.calibration_sigma)
+
+
+@pytest.mark.parametrize("eps", [0.5, 8.0])
+def test_the_two_class_histogram_gets_half_the_noise(eps: float) -> None:
+    # Prepare: a two-class run and a many-class one, default calibration noise
+    two = RunConfig(data=DataConfig(labels=("a", "b")),
+                    privacy=PrivacyConfig(target_epsilon=eps))
+    many = RunConfig(data=DataConfig(labels=("a", "b", "c")),
+                     privacy=PrivacyConfig(target_epsilon=eps))
+    # Execute
+    plan = accounting.plan_schedule(two.privacy, q=Q, round_steps=STEPS,
+                                    num_rounds=ROUNDS, count=True,
+                                    calibration_sigma=two.calibration_sigma)
+    # Assert: half the counts' noise, an explicit one kept, the run on its target
+    assert two.calibration_sigma == pytest.approx(many.calibration_sigma / 2)
+    assert RunConfig(data=DataConfig(labels=("a", "b")), privacy=PrivacyConfig(
+        calibration_noise_multiplier=3.0)).calibration_sigma == 3.0
+    whole = accounting.epsilon_spent(
+        plan.history(q=Q, rounds=ROUNDS, ended=True), delta=1e-5)
+    assert whole == pytest.approx(eps, abs=0.02) and whole <= eps + 1e-6
 
 
 def test_prior_and_weights_from_noisy_counts() -> None:

@@ -91,27 +91,45 @@ def test_one_record_moves_the_histogram_by_exactly_one_cell() -> None:
         assert np.count_nonzero(diff) == 1 and diff.sum() == 1.0
 
 
-def test_the_noises_effect_on_a_candidates_lead_is_measured() -> None:
-    # Prepare: the histogram summed over 8 sites, with its noise redrawn by hand
+def test_the_excess_is_false_positives_minus_false_negatives() -> None:
+    # Prepare
+    logits, labels = _toy(3, 500)
     biases = calibration.candidate_biases([0.85, 0.15], calibration.STRENGTHS)
-    exact = sum(calibration.histogram(*_toy(seed, 150), biases) for seed in range(8))
-    noise_sd = 2.0 * math.sqrt(8)
-    rng = np.random.default_rng(7)
-    leads = []
-    for _ in range(300):
-        scores = calibration.smoothed(calibration.estimates(calibration.to_counts(
-            exact + rng.normal(0, noise_sd, exact.shape), biases),
-            calibration.STRENGTHS))
-        leads.append(scores[4] - scores[0])
+    counts = calibration.to_counts(calibration.histogram(logits, labels, biases),
+                                   biases)
     # Execute
-    sd = calibration.difference_sd(exact, biases, noise_sd=noise_sd, best=4)
-    # Assert: the same spread; the candidates share cells, so the lead's noise is
-    # below the sqrt(2) x one estimate's sd the many-class rule assumes
-    assert sd == pytest.approx(float(np.std(leads)), rel=0.15)
-    one = calibration.macro_f1_sd(calibration.to_counts(exact, biases), 0,
-                                  noise_sd=noise_sd * math.sqrt(6))
-    assert sd < math.sqrt(2) * one
-    assert calibration.difference_sd(exact, biases, noise_sd=0.0, best=4) == 0.0
+    over = calibration.excess(counts, 1)
+    # Assert: scored by hand; it falls as the strength grows (fewer minority calls)
+    for k, bias in enumerate(biases):
+        pred = np.argmax(logits + bias, 1)
+        fp = int(((pred == 1) & (labels == 0)).sum())
+        fn = int(((pred == 0) & (labels == 1)).sum())
+        assert over[k] == fp - fn
+    assert list(over) == sorted(over, reverse=True)
+
+
+def test_the_balance_point_is_where_precision_meets_recall() -> None:
+    # Prepare: excesses by hand (rows: N, then TP and P per candidate; class 1)
+    def counts(predicted: list[float], n: float = 100.0) -> np.ndarray:
+        out = np.zeros((1 + 2 * len(predicted), 2))
+        out[0, 1] = n
+        out[2::2, 1] = predicted
+        return out
+
+    # Execute / Assert: the zero of the fitted line, clipped to the candidates
+    assert calibration.balance_point(counts([140, 120, 101, 80, 60]), 1) == 2
+    assert calibration.balance_point(counts([130, 125, 120, 115, 110]), 1) == 4
+    assert calibration.balance_point(counts([99, 90, 80, 70, 60]), 1) == 0
+    # a line that does not fall (noise): the smallest excess
+    assert calibration.balance_point(counts([90, 130, 95, 140, 120]), 1) == 2
+    # exact on a toy head: the chosen candidate's precision and recall are closest
+    logits, labels = _toy(4, 4000)
+    biases = calibration.candidate_biases([0.85, 0.15], calibration.STRENGTHS)
+    exact = calibration.to_counts(calibration.histogram(logits, labels, biases),
+                                  biases)
+    found = calibration.estimates(exact, calibration.STRENGTHS)
+    gaps = [abs(e.precision[1] - e.recall[1]) for e in found]
+    assert abs(calibration.balance_point(exact, 1) - int(np.argmin(gaps))) <= 1
 
 
 def test_the_choice_survives_dp_noise_on_a_federation_of_sites() -> None:
@@ -134,6 +152,23 @@ def test_the_choice_survives_dp_noise_on_a_federation_of_sites() -> None:
     picked = next(e for e in exact_found if e.strength == noisy_pick.strength)
     assert best - picked.macro_f1 < 0.02
     assert calibration.choose(exact_found).strength > 0  # balanced overshoots
+
+
+def test_the_balance_point_survives_the_histograms_noise() -> None:
+    # Prepare: 10 sites of 100 validation records (15 % minority), each releasing
+    # its histogram with the two-class noise (z = 1), over 200 federations
+    biases = calibration.candidate_biases([0.85, 0.15], calibration.STRENGTHS)
+    rng = np.random.default_rng(5)
+    exact = sum(calibration.histogram(*_toy(seed, 100), biases) for seed in range(10))
+    truth = calibration.balance_point(calibration.to_counts(exact, biases), 1)
+    # Execute
+    picks = [calibration.balance_point(calibration.to_counts(
+        exact + sum(calibration.noisy(np.zeros((2, 6)), z=1.0, rng=rng, candidates=5,
+                                      num_classes=2) for _ in range(10)),
+        biases), 1) for _ in range(200)]
+    # Assert: nearly always the exact pick or its neighbour, never the far end
+    near = sum(abs(p - truth) <= 1 for p in picks) / len(picks)
+    assert near >= 0.95, (truth, np.bincount(picks, minlength=5))
 
 
 def test_negative_noisy_counts_and_absent_classes_stay_sane() -> None:
