@@ -13,6 +13,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,7 +40,7 @@ from fedtune.client.site import (
     site_rank,
 )
 from fedtune.common import loops, records, updates
-from fedtune.common.config import RunConfig, from_run_config
+from fedtune.common.config import RUN_PATH, RunConfig, from_run_config
 from fedtune.common.errors import FedtuneError
 from fedtune.common.model import (
     adapter_state,
@@ -53,6 +54,7 @@ from fedtune.common.model import (
 
 logger = logging.getLogger(__name__)
 PRIVACY_STATE = "fedtune-privacy"
+SITE_LABEL = "site-label"  # node_config: the daemon's --label
 
 
 def run_config(context: Context, defaults: Mapping[str, Any]) -> RunConfig:
@@ -88,7 +90,22 @@ def _checked(context: Context, defaults: Mapping[str, Any], *,
     return cfg
 
 
+_ANNOUNCED: set[int] = set()
+
+
+def _announce(context: Context) -> None:
+    """Once per node and process: the site's node id and label in its own log, so
+    the hospital can tie its ledger and logs to the operator's report."""
+    if context.node_id in _ANNOUNCED:
+        return
+    _ANNOUNCED.add(context.node_id)
+    label = context.node_config.get(SITE_LABEL)
+    logger.info("this site is node %d on the SuperLink%s", context.node_id,
+                f" (label {label})" if label else "")
+
+
 def _setup(msg: Message, context: Context, cfg: RunConfig) -> Setup:
+    _announce(context)
     device = loops.resolve_device(str(context.node_config.get("device", "auto")))
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.federation.client_cpus)))
@@ -101,6 +118,13 @@ def _setup(msg: Message, context: Context, cfg: RunConfig) -> Setup:
         k: torch.from_numpy(np.array(v, np.float32)) for k, v in received.items()}})
     pad = load_tokenizer(cfg.model.name_or_path, cfg.model.gguf_file).pad_token_id
     return Setup(cfg, site, model, device, int(pad), rank, received)
+
+
+def _run_name(context: Context, defaults: Mapping[str, Any]) -> str:
+    """The operator's name for the run (its run directory's), as the ledger keeps
+    it beside Flower's run id; empty where the server chose none."""
+    path = {**defaults, **context.run_config}.get(RUN_PATH)
+    return Path(str(path)).name if path else ""
 
 
 def _floats(values: object) -> list[float]:
@@ -136,14 +160,17 @@ def _incoming(msg: Message, model: torch.nn.Module, cfg: RunConfig
             zip(names, parameters_to_ndarrays(fitins.parameters), strict=True)}
 
 
-def _reply(msg: Message, state: dict[str, torch.Tensor], metrics: dict[str, Any]
-           ) -> Message:
-    """fedtune's ArrayRecord reply, or a legacy FitRes for ``secaggplus_mod`` (which
-    masks the arrays and sends only the masked vector)."""
+def _reply(msg: Message, state: dict[str, torch.Tensor], metrics: dict[str, Any],
+           label: str = "") -> Message:
+    """fedtune's ArrayRecord reply (with the daemon's ``label``, the site's name
+    for the operator, where it set one), or a legacy FitRes for
+    ``secaggplus_mod`` (which masks the arrays and sends only the masked vector)."""
     if not _is_secagg(msg):
-        return Message(RecordDict({records.ARRAYS: records.to_record(state),
-                                   records.METRICS: MetricRecord(metrics)}),
-                       reply_to=msg)
+        content = RecordDict({records.ARRAYS: records.to_record(state),
+                              records.METRICS: MetricRecord(metrics)})
+        if label:
+            content[records.SITE] = ConfigRecord({records.SITE_LABEL: label})
+        return Message(content, reply_to=msg)
     params = ndarrays_to_parameters([state[k].detach().cpu().numpy()
                                      for k in sorted(state)])
     fitres = FitRes(status=Status(Code.OK, ""), parameters=params,
@@ -164,7 +191,10 @@ def _personalize(msg: Message, context: Context, setup: Setup, round_: int,
         saved=dict(saved) if saved is not None else None,
         out=personalize.personal_dir(cfg, context.node_config,
                                      {**defaults, **context.run_config}, run=run),
-        run=run, message=msg.metadata.message_id, round_=round_)
+        run=run, message=msg.metadata.message_id, round_=round_,
+        run_name=_run_name(context, defaults),
+        check_noise=functools.partial(policy.check_noise,
+                                      policy.of_node(context.node_config)))
     context.state[PRIVACY_STATE] = ConfigRecord({**state.to_config()})
     metrics: dict[str, Any] = dict(scored)
     if "partition-id" in context.node_config:
@@ -173,7 +203,7 @@ def _personalize(msg: Message, context: Context, setup: Setup, round_: int,
 
 
 def _calibrate(msg: Message, context: Context, setup: Setup,
-               conf: Mapping[str, Any]) -> Message:
+               conf: Mapping[str, Any], defaults: Mapping[str, Any]) -> Message:
     """The site's validation counts for the server's candidate decision biases,
     under DP (:mod:`fedtune.client.calibrate`)."""
     cfg = setup.cfg
@@ -188,7 +218,8 @@ def _calibrate(msg: Message, context: Context, setup: Setup,
         biases=np.asarray(flat, np.float64).reshape(-1, k),
         book=site_ledger(cfg, context.node_config, setup.site),
         saved=dict(saved) if saved is not None else None, run=str(context.run_id),
-        message=msg.metadata.message_id, round_=int(conf[records.SERVER_ROUND]))
+        message=msg.metadata.message_id, round_=int(conf[records.SERVER_ROUND]),
+        run_name=_run_name(context, defaults))
     context.state[PRIVACY_STATE] = ConfigRecord({**state.to_config()})
     if "partition-id" in context.node_config:
         metrics[records.PARTITION] = int(context.node_config["partition-id"])
@@ -224,7 +255,7 @@ def make_client_app(defaults: Mapping[str, Any] | None = None, *,
             prior=_floats(prior["counts"]) if prior is not None else None,
             book=book, resumed_at=int(conf.get(records.RESUMED_AT, 0)),
             run=str(context.run_id), message=msg.metadata.message_id,
-            seed=cfg.train.seed * 1000 + rnd,
+            seed=cfg.train.seed * 1000 + rnd, run_name=_run_name(context, defaults),
             check_noise=functools.partial(policy.check_noise,
                                           policy.of_node(context.node_config)))
         _keep(context, guard)  # the histogram's release stands even if training fails
@@ -266,7 +297,8 @@ def make_client_app(defaults: Mapping[str, Any] | None = None, *,
             out = {k: torch.from_numpy(v) for k, v in updates.encode(
                 {k: v.numpy() for k, v in out.items()}, setup.received,
                 cfg.federation.compression).items()}
-        return _reply(msg, out, metrics)
+        return _reply(msg, out, metrics,
+                      label=str(context.node_config.get(SITE_LABEL, "")))
 
     @app.query()
     @private_errors
@@ -303,7 +335,7 @@ def make_client_app(defaults: Mapping[str, Any] | None = None, *,
             return _personalize(msg, context, setup, int(conf[records.SERVER_ROUND]),
                                 defaults)
         if conf.get(records.CALIBRATE):
-            return _calibrate(msg, context, setup, conf)
+            return _calibrate(msg, context, setup, conf, defaults)
         ds = site.val if len(site.val) else site.train
         metrics: dict[str, Any] = {records.NUM_EXAMPLES: len(ds), **personalize.scores(
             cfg, model, ds, device=device, pad=pad)}

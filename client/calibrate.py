@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedtune.client.privacy import Book, PrivacyState
+from fedtune.client.privacy import PrivacyState
+from fedtune.client.releases import CALIBRATION, Book, Releases
 from fedtune.client.site import SiteData
 from fedtune.common import calibration, records
 from fedtune.common.config import RunConfig
@@ -60,15 +61,17 @@ def val_logits(cfg: RunConfig, model: torch.nn.Module, site: SiteData, *,
 
 def release(cfg: RunConfig, *, model: torch.nn.Module, site: SiteData,
             device: torch.device, pad: int, biases: np.ndarray, book: Book | None,
-            saved: Mapping[str, Any] | None, run: str, message: str, round_: int
-            ) -> tuple[dict[str, Any], PrivacyState]:
-    """Check, charge and release the site's calibration counts; returns the
-    reply's metrics and the run's privacy state with the release composed in."""
+            saved: Mapping[str, Any] | None, run: str, message: str, round_: int,
+            run_name: str = "") -> tuple[dict[str, Any], PrivacyState]:
+    """Check, release and charge the site's calibration counts
+    (:class:`~fedtune.client.releases.Releases`); returns the reply's metrics and
+    the run's privacy state with the release composed in."""
     dp = cfg.privacy.enabled
     seg = segment(cfg)
     state = PrivacyState.from_config(dict(saved) if saved is not None else None)
-    if dp and book:
-        book.ledger.check(seg, book.budget)  # refuses before anything is computed
+    releases = Releases(cfg.privacy, state.history, book, run=run, round_=round_,
+                        message=message, run_name=run_name)
+    releases.check(CALIBRATION, seg)  # refuses before anything is computed
     logits, labels = val_logits(cfg, model, site, device=device, pad=pad)
     exact = calibration.released(logits, labels, biases)
     seed = secrets.randbits(62) if cfg.privacy.secure_noise else (
@@ -77,18 +80,11 @@ def release(cfg: RunConfig, *, model: torch.nn.Module, site: SiteData,
     out = calibration.noisy(exact, z=seg[0] if dp else 0.0,
                             rng=np.random.default_rng(seed),
                             candidates=len(biases), num_classes=k)
+    releases.charge(CALIBRATION, seg)  # before the reply exists
     metrics: dict[str, Any] = {records.NUM_EXAMPLES: len(site.val),
                                records.CALIBRATION_COUNTS: [float(v) for v in
-                                                            out.ravel()]}
-    if dp:
-        total = None
-        if book:  # charged before the reply exists (over-counts on a crash)
-            total = book.ledger.charge(seg, book.budget, run=run, round_=round_,
-                                       message=f"{message}/calibration")
-        state.history.append(seg)
-        eps = state.epsilon(cfg.privacy)
-        metrics.update({records.EPSILON: eps,
-                        records.EPSILON_TOTAL: eps if total is None else total})
+                                                            out.ravel()],
+                               **releases.metrics()}
     logger.info("calibration: %s released the %s of %d validation records for %d "
                 "decision biases (noise %g x sensitivity %.2f)", site.name,
                 calibration.release_name(k), len(site.val), len(biases),

@@ -23,7 +23,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         budget_delta=args.budget_delta, lora_rank=args.lora_rank,
         worker=not args.no_worker,
         policy=Path(args.policy) if args.policy else None,
-        allow_non_private=args.allow_non_private))
+        allow_non_private=args.allow_non_private, label=args.label or ""))
 
 
 def cmd_privacy(args: argparse.Namespace) -> int:
@@ -35,9 +35,15 @@ def cmd_privacy(args: argparse.Namespace) -> int:
     for r in rows:
         budget = "no limit" if r["budget"] is None else f"{r['budget']:g}"
         left = "-" if r["remaining"] is None else f"{r['remaining']:.3f}"
-        print(f"dataset {r['dataset'][:12]}  {r['records']} records  {r['runs']} runs  "
-              f"{r['rounds']} rounds  epsilon {r['epsilon']:.3f} (delta "
-              f"{r['delta']:g})  budget {budget}  remaining {left}")
+        print(f"dataset {r['dataset'][:12]}  {r['records']} records  "
+              f"{len(r['runs'])} runs  {r['releases']} releases  total epsilon "
+              f"{r['epsilon']:.3f} (delta {r['delta']:g})  budget {budget}  "
+              f"remaining {left}")
+        for run in r["runs"]:
+            kinds = ", ".join(f"{n} {kind}{'s' if n > 1 else ''}"
+                              for kind, n in run["releases"].items())
+            print(f"  run {run['run']}{' ' + run['name'] if run['name'] else ''}:"
+                  f" epsilon {run['epsilon']:.3f}  ({kinds}; last {run['last']})")
     return 0
 
 
@@ -77,12 +83,16 @@ def add_client_parser(sub: Any) -> None:
                    help="local port for this node's ClientApps (default %(default)s)")
     c.add_argument("--insecure", action="store_true",
                    help="no TLS, no node key: trusted test networks only")
+    c.add_argument("--label", help="this site's name in the operator's logs, metrics "
+                   "and report (sent with every update; not secret), where the "
+                   "operator registered none")
     c.set_defaults(func=cmd_client)
 
 
 def add_privacy_parser(sub: Any) -> None:
     pv = sub.add_parser("privacy", help="a site's privacy ledger")
     pvsub = pv.add_subparsers(dest="action", required=True)
-    ps = pvsub.add_parser("show", help="runs, rounds, epsilon spent and remaining")
+    ps = pvsub.add_parser("show", help="each run (the operator's run id and name) "
+                          "with its releases and epsilon, the total and what remains")
     ps.add_argument("--ledger-dir", required=True)
     pv.set_defaults(func=cmd_privacy)

@@ -1,9 +1,11 @@
-"""A site's privacy ledger: every DP-SGD release it made from one dataset, on disk.
+"""A site's privacy ledger: every release it made from one dataset, on disk.
 
 One JSON file per dataset, named by a fingerprint of its records, in the site's
-ledger directory. Each local training round appends one entry (the Opacus
-accountant's ``(noise multiplier, sample rate, steps)`` segment, plus which run,
-round and Flower message it answered) *before* the reply leaves the site. Epsilon
+ledger directory. Each release (:mod:`fedtune.client.releases`: a DP-SGD round,
+the class histogram, the decision calibration, a personalisation) appends one
+entry (the Opacus accountant's ``(noise multiplier, sample rate, steps)`` segment,
+its kind, and which run, round and Flower message it answered) *before* the reply
+leaves the site. Epsilon
 is recomputed from all entries of all runs, so spending accumulates across rounds,
 runs and daemon restarts. Updates are atomic (write, fsync, rename) and serialized
 by an exclusive ``flock`` on a side file, so concurrent runs on one ledger lose
@@ -134,8 +136,10 @@ class PrivacyLedger:
         return after
 
     def charge(self, segment: Segment, budget: Budget, *, run: str, round_: int,
-               message: str) -> float:
-        """Record one release (once per ``message``) and return the epsilon spent."""
+               message: str, kind: str = "round", run_name: str = "") -> float:
+        """Record one release (once per ``message``) and return the epsilon spent;
+        ``kind``: what was released (:data:`fedtune.client.releases.KINDS`);
+        ``run_name``: the operator's name for the run (its run directory's)."""
         with self._locked():
             doc = self.read()
             if any(e.get("message") == message for e in doc["entries"]):
@@ -143,7 +147,8 @@ class PrivacyLedger:
                                      accountant=self.accountant)
             after = self.check(segment, budget, doc)  # re-checked under the lock
             doc["entries"].append({
-                "run": run, "round": round_, "message": message,
+                "run": run, "run_name": run_name, "kind": kind, "round": round_,
+                "message": message,
                 "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                 "sigma": segment[0], "sample_rate": segment[1], "steps": segment[2],
                 "delta": budget.delta, "epsilon_after": after})
@@ -154,20 +159,44 @@ class PrivacyLedger:
             return after
 
 
+def kind_of(entry: Mapping[str, Any]) -> str:
+    """An entry's release kind (entries written before kinds were recorded: from
+    the message suffix the releases always carried)."""
+    if entry.get("kind"):
+        return str(entry["kind"])
+    tail = str(entry.get("message", "")).rsplit("/", 1)
+    return tail[1] if len(tail) == 2 else "round"
+
+
 def summarize(directory: Path) -> list[dict[str, Any]]:
-    """One line per dataset ledger in ``directory`` (``fedtune privacy show``)."""
+    """One line per dataset ledger in ``directory`` (``fedtune privacy show``),
+    with its runs: each run's id and name, its releases by kind and its epsilon
+    (the run's releases composed), in the order they were first charged."""
     rows = []
     for path in sorted(Path(directory).glob("*.json")):
         ledger = PrivacyLedger(path.parent, path.stem)
         doc = ledger.read()
         budget = doc.get("budget") or {}
         delta = float(budget.get("delta") or 1e-5)
-        eps = epsilon_spent(ledger.history(doc), delta=delta,
-                            accountant=str(doc.get("accountant", "rdp")))
+        accountant = str(doc.get("accountant", "rdp"))
+        eps = epsilon_spent(ledger.history(doc), delta=delta, accountant=accountant)
+        runs: dict[str, dict[str, Any]] = {}
+        for e in doc["entries"]:
+            run = runs.setdefault(str(e["run"]), {
+                "run": str(e["run"]), "name": e.get("run_name") or "",
+                "releases": {}, "segments": [], "last": e.get("time", "")})
+            run["name"] = run["name"] or e.get("run_name") or ""
+            kind = kind_of(e)
+            run["releases"][kind] = run["releases"].get(kind, 0) + 1
+            run["segments"].append((float(e["sigma"]), float(e["sample_rate"]),
+                                    int(e["steps"])))
+            run["last"] = e.get("time", run["last"])
+        for run in runs.values():
+            run["epsilon"] = epsilon_spent(run.pop("segments"), delta=delta,
+                                           accountant=accountant)
         limit = budget.get("epsilon")
         rows.append({"dataset": path.stem, "records": doc.get("records", 0),
-                     "runs": len({e["run"] for e in doc["entries"]}),
-                     "rounds": len(doc["entries"]), "delta": delta, "epsilon": eps,
-                     "budget": limit,
+                     "runs": list(runs.values()), "releases": len(doc["entries"]),
+                     "delta": delta, "epsilon": eps, "budget": limit,
                      "remaining": None if limit is None else max(0.0, limit - eps)})
     return rows

@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fedtune.client import trainer
-from fedtune.client.privacy import Book, PrivacyState
+from fedtune.client.privacy import PrivacyState
+from fedtune.client.releases import PERSONALISATION, Book, Releases
 from fedtune.client.site import SiteData
 from fedtune.common import loops, records
 from fedtune.common.accounting import (
@@ -36,7 +36,6 @@ from fedtune.common.accounting import (
 )
 from fedtune.common.config import RUN_PATH, RunConfig, dump_yaml
 from fedtune.common.data import EncodedDataset
-from fedtune.common.errors import PrivacyBudgetExhausted
 from fedtune.common.model import RUN_CONFIG, save_adapter, set_adapter_trainable
 
 logger = logging.getLogger(__name__)
@@ -74,7 +73,9 @@ def personal_dir(cfg: RunConfig, node_config: Mapping[str, Any],
 def fine_tune(cfg: RunConfig, *, site: SiteData, model: torch.nn.Module,
               device: torch.device, pad: int, book: Book | None,
               saved: Mapping[str, Any] | None, out: Path, run: str, message: str,
-              round_: int) -> tuple[dict[str, float], PrivacyState]:
+              round_: int, run_name: str = "",
+              check_noise: Callable[[list[float]], None] | None = None
+              ) -> tuple[dict[str, float], PrivacyState]:
     """Score the global adapter, fine-tune it, score the result, keep it in
     ``out``; returns the reply's metrics and the run's privacy state with the
     personalisation composed in."""
@@ -100,12 +101,10 @@ def fine_tune(cfg: RunConfig, *, site: SiteData, model: torch.nn.Module,
         target_epsilon=cfg.privacy.personalize_epsilon,
         target_delta=cfg.privacy.target_delta, sample_rate=q, steps=steps,
         accountant=cfg.privacy.accountant) if dp else 0.0
-    if dp and book:
-        book.ledger.check((sigma, q, steps), book.budget)
-    elif book and math.isfinite(book.budget.epsilon):
-        raise PrivacyBudgetExhausted("DP is off for this run but the site has a "
-                                     "privacy budget: non-private personalisation "
-                                     "would spend an unbounded epsilon")
+    state = PrivacyState.from_config(dict(saved) if saved is not None else None)
+    releases = Releases(cfg.privacy, state.history, book, run=run, round_=round_,
+                        message=message, run_name=run_name, check_noise=check_noise)
+    releases.check(PERSONALISATION, (sigma, q, steps), noise=[sigma])
     before = scores(cfg, model, site.val, device=device, pad=pad)
     set_adapter_trainable(model, cfg.lora, trainable=not head_only)
     res = trainer.train_local(
@@ -113,22 +112,16 @@ def fine_tune(cfg: RunConfig, *, site: SiteData, model: torch.nn.Module,
         train_cfg=train_cfg, privacy_cfg=cfg.privacy, noise_multiplier=sigma,
         sample_rate=q, device=device, pad_id=pad, seed=cfg.train.seed * 1000 + 999,
         head_only=head_only, top_layers=cfg.lora.top_layers)
-    state = PrivacyState.from_config(dict(saved) if saved is not None else None)
     metrics: dict[str, float] = {records.NUM_EXAMPLES: len(site.val),
                                  records.DP_STEPS: res.steps,
                                  records.TRAIN_SECONDS: res.seconds}
+    releases.charge(PERSONALISATION, (sigma, q, res.steps))
     if dp:
-        state.charge(q=q, steps=res.steps, sigma=sigma)
-        total = state.epsilon(cfg.privacy)
-        if book and res.steps > 0:
-            total = book.ledger.charge((sigma, q, res.steps), book.budget, run=run,
-                                       round_=round_, message=message)
         metrics.update({
             records.PERSONAL_EPSILON: epsilon_spent(
                 [(sigma, q, res.steps)], delta=cfg.privacy.target_delta,
                 accountant=cfg.privacy.accountant),
-            records.EPSILON: state.epsilon(cfg.privacy),
-            records.EPSILON_TOTAL: total, records.NOISE_MULTIPLIER: sigma})
+            **releases.metrics(), records.NOISE_MULTIPLIER: sigma})
     after = scores(cfg, model, site.val, device=device, pad=pad)
     _keep(model, out, cfg=cfg, meta={"personalised": True, "round": round_,
                                       "epsilon": metrics.get(records.PERSONAL_EPSILON)})

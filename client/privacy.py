@@ -13,13 +13,12 @@ reported.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from fedtune.client import recipe
-from fedtune.client.ledger import Budget, PrivacyLedger
+from fedtune.client.releases import HISTOGRAM, ROUND, Book, Releases
 from fedtune.common import records
 from fedtune.common.accounting import (
     NoisePlan,
@@ -29,7 +28,6 @@ from fedtune.common.accounting import (
     run_plan,
 )
 from fedtune.common.config import PrivacyConfig, RunConfig, TrainConfig
-from fedtune.common.errors import PrivacyBudgetExhausted
 
 logger = logging.getLogger(__name__)
 
@@ -88,15 +86,6 @@ class PrivacyState:
                    probe_rounds=int(rec.get("probe-rounds", 0)))
 
 
-@dataclass(frozen=True)
-class Book:
-    """A site's persistent ledger and its budget (deployment, or a simulation with
-    ``privacy.ledger_dir``)."""
-
-    ledger: PrivacyLedger
-    budget: Budget
-
-
 @dataclass
 class RoundPrivacy:
     """What one round may spend, from :func:`open_round`: the trainer's inputs
@@ -112,33 +101,18 @@ class RoundPrivacy:
     terms: recipe.ClassTerms
     state: PrivacyState
     prior: list[float] | None  # the released class histogram (stays on the site)
-    book: Book | None
-    run: str
-    message: str
+    releases: Releases
 
     def charge(self, *, steps: int) -> dict[str, float]:
-        """Book ``steps`` DP-SGD steps in the run's state and the ledger; returns
-        the DP metrics of the reply (empty when DP is off: no epsilon key at all
-        means not private)."""
-        cfg = self.cfg.privacy
-        if not cfg.enabled:
-            return {}
-        self.state.charge(q=self.sample_rate, steps=steps,
-                          sigma=self.noise_multiplier)
-        eps = self.state.epsilon(cfg)
-        total = eps
-        if self.book and steps > 0:
-            # Charged before the reply exists: a crash after this over-counts, never
-            # under-counts; a retried message is not charged twice.
-            total = self.book.ledger.charge(
-                (self.noise_multiplier, self.sample_rate, steps), self.book.budget,
-                run=self.run, round_=self.round_, message=self.message)
-        elif self.book:
-            total = self.book.ledger.spent(self.book.budget.delta)
-        return {records.EPSILON: eps, records.EPSILON_TOTAL: total,
-                records.DELTA: cfg.target_delta,
-                records.NOISE_MULTIPLIER: self.noise_multiplier,
-                records.SAMPLE_RATE: self.sample_rate}
+        """Book ``steps`` DP-SGD steps (:meth:`Releases.charge`); returns the DP
+        metrics of the reply (empty when DP is off: no epsilon key at all means
+        not private)."""
+        self.releases.charge(ROUND, (self.noise_multiplier, self.sample_rate, steps))
+        found = self.releases.metrics()
+        if found:
+            found.update({records.NOISE_MULTIPLIER: self.noise_multiplier,
+                          records.SAMPLE_RATE: self.sample_rate})
+        return found
 
 
 def open_round(cfg: RunConfig, *, num_examples: int, round_: int,
@@ -146,7 +120,7 @@ def open_round(cfg: RunConfig, *, num_examples: int, round_: int,
                saved: Mapping[str, Any] | None,
                prior: Sequence[float] | None, book: Book | None,
                resumed_at: int = 0, run: str = "", message: str = "",
-               seed: int = 0,
+               seed: int = 0, run_name: str = "",
                check_noise: Callable[[list[float]], None] | None = None
                ) -> RoundPrivacy:
     """The site's privacy for one round, like Opacus' ``make_private`` for a whole
@@ -159,7 +133,8 @@ def open_round(cfg: RunConfig, *, num_examples: int, round_: int,
     ``num_examples``: the site's training records; ``labels``: their class ids,
     asked for only when the run releases a class histogram (classification);
     ``check_noise``: the site policy's look at the planned noise multipliers, before
-    anything is released or charged.
+    anything is released or charged. Every release goes through
+    :class:`~fedtune.client.releases.Releases`.
     """
     dp = cfg.privacy.enabled
     train_cfg = cfg.phase(round_, num_examples)  # a head round's own lr, steps
@@ -173,30 +148,24 @@ def open_round(cfg: RunConfig, *, num_examples: int, round_: int,
             # them as if the site took part in each (an upper bound).
             state.history += plan.history(q=q, rounds=resumed_at - 1)
     sigma = state.sigma(round_)
-    if dp and check_noise is not None:
-        check_noise([state.noise_multiplier, state.probe_noise_multiplier])
+    releases = Releases(cfg.privacy, state.history, book, run=run, round_=round_,
+                        message=message, run_name=run_name, check_noise=check_noise)
     counting = cfg.releases_class_histogram
     release = counting and prior is None
     histogram = [recipe.histogram_segment(cfg)] if release and dp else []
     if not dp:
         logger.warning("DP is OFF on this site: the adapter update is not "
                        "differentially private (privacy.enabled=false)")
-        if book and math.isfinite(book.budget.epsilon):
-            raise PrivacyBudgetExhausted(
-                "DP is off for this run but the site has a privacy budget: a "
-                "non-private update would spend an unbounded epsilon")
-    elif book:
-        book.ledger.check((sigma, q, planned), book.budget, extra=histogram)
+    releases.check(ROUND, *histogram, (sigma, q, planned),
+                   noise=[state.noise_multiplier, state.probe_noise_multiplier])
     released = list(prior) if prior is not None else None
     if release:
         released = recipe.release_histogram(cfg, [int(y) for y in labels()],
                                             seed=seed)
-        if book and histogram:
-            book.ledger.charge(histogram[0], book.budget, run=run, round_=round_,
-                               message=f"{message}/histogram")
-        state.history += histogram
+        if histogram:
+            releases.charge(HISTOGRAM, histogram[0])
     return RoundPrivacy(
         cfg=cfg, round_=round_, train_cfg=train_cfg,
         head_only=cfg.head_only(round_), noise_multiplier=sigma,
         sample_rate=q, terms=recipe.class_terms(cfg, released if counting else None),
-        state=state, prior=released, book=book, run=run, message=message)
+        state=state, prior=released, releases=releases)

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from fedtune.client import ledger, privacy
+from fedtune.client import ledger
+from fedtune.client.releases import Book
 from fedtune.common import data, sites
 from fedtune.common.config import RunConfig
 from fedtune.common.data import EncodedDataset
@@ -97,7 +98,7 @@ def site_data(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteData:
 
 
 def site_ledger(cfg: RunConfig, node_config: Mapping[str, Any], site: SiteData
-                ) -> privacy.Book | None:
+                ) -> Book | None:
     """The site's ledger and budget: the daemon's (deployment) or the simulation's."""
     if "ledger-dir" in node_config:
         directory = Path(str(node_config["ledger-dir"]))
@@ -109,7 +110,7 @@ def site_ledger(cfg: RunConfig, node_config: Mapping[str, Any], site: SiteData
         delta = cfg.privacy.target_delta
     else:
         return None
-    return privacy.Book(
+    return Book(
         ledger.PrivacyLedger(directory, site.fingerprint, records=site.records,
                              accountant=cfg.privacy.accountant),
         ledger.Budget(epsilon=eps, delta=delta))

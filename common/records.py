@@ -27,6 +27,8 @@ DP_STEPS = "dp-steps"
 SAMPLE_RATE = "sample-rate"  # Poisson sampling rate of this round's DP-SGD
 TRAINABLE_PARAMS = "trainable-params"  # dimensions DP-SGD noised this round
 TRAIN_SECONDS = "train-seconds"
+SITE = "site"  # a training reply's ConfigRecord: the daemon's --label (not secret)
+SITE_LABEL = "label"  # ... its key
 PARTITION = "partition"  # simulation only: the site's partition index (no data)
 SITE_PREFIX = "p"  # a simulated site's name in the server's logs: p<partition>
 

@@ -22,6 +22,7 @@ by the worker.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from fedtune.common import data, deployment, keys
 from fedtune.common.errors import ConfigError, DeploymentError
 
 logger = logging.getLogger(__name__)
+LABEL = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,6 +54,7 @@ class ClientOptions:
     worker: bool = True  # False: Flower's process per message, nothing kept warm
     policy: Path | None = None  # the site's rules (client/policy.py)
     allow_non_private: bool = False  # the only way to train without DP
+    label: str = ""  # the site's name for the operator (not secret)
 
 
 def check_device(name: str) -> str:
@@ -119,6 +122,9 @@ def supernode_command(opts: ClientOptions, *, socket: Path | None = None,
                               "--budget-delta in (0, 1)")
     if opts.lora_rank < 0:
         raise DeploymentError("--lora-rank must be >= 1 (or 0: the run's lora.r)")
+    if opts.label and not LABEL.fullmatch(opts.label):
+        raise DeploymentError(f"--label {opts.label!r}: use 1-64 letters, digits, "
+                              "'.', '-' or '_' (e.g. hospital-a)")
     rules = site_policy(opts)
     budget = opts.budget_epsilon or rules.budget_epsilon
     node_config = " ".join([
@@ -130,7 +136,8 @@ def supernode_command(opts: ClientOptions, *, socket: Path | None = None,
         *([f"{channel.WORKER_SOCKET}={_quote(str(socket))}"] if socket else []),
         *([f"{policy.POLICY_PATH}={_quote(str(opts.policy.expanduser().resolve()))}"]
           if opts.policy else []),
-        *([f"{policy.NON_PRIVATE}=true"] if opts.allow_non_private else [])])
+        *([f"{policy.NON_PRIVATE}=true"] if opts.allow_non_private else []),
+        *([f"site-label={_quote(opts.label)}"] if opts.label else [])])
     logger.info("site policy%s: %s", f" ({opts.policy})" if opts.policy else
                 " (no --policy: the defaults)", rules.describe())
     if budget == 0:
@@ -155,6 +162,9 @@ def supernode_command(opts: ClientOptions, *, socket: Path | None = None,
                  "--auth-supernode-private-key", str(opts.node_key.resolve())]
     logger.info("site data: %d records in %s; ledger: %s; device: %s", count,
                 opts.data_path, ledger, device)
+    logger.info("site label: %s (the SuperLink's node id follows in Flower's "
+                "'SuperNode ID' line once connected)", opts.label or
+                "none (--label names this site in the operator's logs and report)")
     return argv, deployment.flower_env(home=state / "flwr", extra=extra)
 
 

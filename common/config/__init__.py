@@ -24,8 +24,11 @@ from fedtune.common.config.flat import (
     RESUME,
     RUN_PATH,
     SIMULATED,
+    SITE_LABELS,
     from_run_config,
     run_config_key,
+    site_labels,
+    site_labels_value,
     to_run_config,
 )
 from fedtune.common.config.loading import (
@@ -73,6 +76,7 @@ __all__ = [
     "RunConfig",
     "SECTIONS",
     "SIMULATED",
+    "SITE_LABELS",
     "SWEEP",
     "Scalar",
     "Strategy",
@@ -85,5 +89,7 @@ __all__ = [
     "parse_overrides",
     "run_config_key",
     "to_dict",
+    "site_labels",
+    "site_labels_value",
     "to_run_config",
 ]

@@ -25,6 +25,23 @@ RUN_PATH = "fedtune.run-path"  # run_config key: exact run directory (set by the
 RESUME = "fedtune.resume"  # run_config key: continue RUN_PATH from its saved state
 PAST_STOP = "fedtune.past-early-stop"  # run_config key: resume a run that stopped early
 SIMULATED = "fedtune.simulated"  # run_config key: sites are data.source partitions
+SITE_LABELS = "fedtune.site-labels"  # run_config key: "NODE=LABEL,..." (registration)
+
+
+def site_labels(value: object) -> dict[str, str]:
+    """The operator's site labels by node id, from the run_config's
+    :data:`SITE_LABELS` (empty when the run carries none)."""
+    out: dict[str, str] = {}
+    for pair in str(value or "").split(","):
+        node, sep, label = pair.partition("=")
+        if sep and node.strip() and label.strip():
+            out[node.strip()] = label.strip()
+    return out
+
+
+def site_labels_value(labels: dict[str, str]) -> str:
+    """:data:`SITE_LABELS`' value for ``labels`` (node id -> label)."""
+    return ",".join(f"{node}={label}" for node, label in sorted(labels.items()))
 
 
 def run_config_key(section: str, field: str) -> str:

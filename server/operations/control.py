@@ -20,13 +20,23 @@ from typing import Any
 import tomli_w
 
 from fedtune.common import deployment
-from fedtune.common.config import PAST_STOP, RESUME, RUN_PATH, RunConfig, to_run_config
+from fedtune.common.config import (
+    PAST_STOP,
+    RESUME,
+    RUN_PATH,
+    SITE_LABELS,
+    RunConfig,
+    site_labels_value,
+    to_run_config,
+)
 from fedtune.common.errors import DeploymentError
 
 logger = logging.getLogger(__name__)
 _DUPLICATE = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:[A-Z]+:")
 _ROUND = re.compile(r"\[ROUND (\d+)/(\d+)\]")
 _RUN_DIR = re.compile(r"run directory: (\S+)")
+_EPSILON = re.compile(r"(?:eps max|epsilon max) (\d+\.\d+)")
+LABELS_FILE = "fedtune-sites.json"  # beside Flower's config.toml: node labels
 
 
 def home() -> Path:
@@ -114,13 +124,41 @@ def _flwr(args: Sequence[str], *, name: str, json_out: bool = True) -> Any:
 
 
 def register_node(public_key: Path, *, name: str, label: str | None = None) -> int:
-    """Register a hospital's public key with the SuperLink; returns its node id."""
+    """Register a hospital's public key with the SuperLink; returns its node id.
+    ``label`` names the site in every run's logs, metrics and report, and in
+    ``fedtune status`` (kept in ``$FEDTUNE_HOME/flwr/fedtune-sites.json``)."""
     from fedtune.common import keys
 
     keys.check_public_key(public_key)
     args = ["supernode", "register", str(public_key.resolve())]
     answer = _flwr(args + (["--name", label] if label else []), name=name)
-    return int(answer["node-id"])
+    node_id = int(answer["node-id"])
+    if label:
+        doc = _read_labels()
+        doc.setdefault(name, {})[str(node_id)] = label
+        path = _flwr_home() / LABELS_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    return node_id
+
+
+def _read_labels() -> dict[str, dict[str, str]]:
+    path = _flwr_home() / LABELS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DeploymentError(f"{path} is not valid JSON ({err}); fix it, or delete "
+                              "it and register the nodes' labels again") from None
+    return {str(k): {str(n): str(v) for n, v in vals.items()}
+            for k, vals in doc.items() if isinstance(vals, dict)}
+
+
+def labels(name: str) -> dict[str, str]:
+    """The labels registered on deployment ``name``, by node id."""
+    return _read_labels().get(name, {})
 
 
 def unregister_node(node_id: int, *, name: str) -> None:
@@ -140,7 +178,8 @@ def runs(name: str) -> list[dict[str, Any]]:
 
 
 def write_app(cfg: RunConfig, dest: Path, *, run_path: Path | None,
-              resume: bool = False, past_stop: bool = False) -> Path:
+              resume: bool = False, past_stop: bool = False,
+              site_labels: dict[str, str] | None = None) -> Path:
     """A Flower App directory: just a pyproject.toml whose components are fedtune's
     installed apps and whose config is this run's flat run_config."""
     flat: dict[str, Any] = dict(to_run_config(cfg))
@@ -150,6 +189,8 @@ def write_app(cfg: RunConfig, dest: Path, *, run_path: Path | None,
         flat[RESUME] = True
     if past_stop:
         flat[PAST_STOP] = True
+    if site_labels:
+        flat[SITE_LABELS] = site_labels_value(site_labels)
     from importlib.metadata import version
 
     doc = {"build-system": {"requires": ["hatchling"],
@@ -172,6 +213,7 @@ def submit(cfg: RunConfig, *, name: str, run_path: Path | None,
     continues ``run_path`` (a directory on the server host) from its saved state."""
     with tempfile.TemporaryDirectory(prefix="fedtune-app-") as tmp:
         app_dir = write_app(cfg, Path(tmp), run_path=run_path, resume=resume,
+                            site_labels=labels(name),
                             past_stop=past_stop)
         answer = _flwr(["run", str(app_dir)], name=name)
     return int(answer["run-id"])
@@ -198,32 +240,51 @@ def run_status(run_id: int, *, name: str) -> str:
     return str(found[0]["status"]) if found else "unknown"
 
 
-def progress(run_id: int, *, name: str) -> tuple[int, int, str | None]:
-    """(last round started, rounds planned, run directory) read from the run's log."""
+def progress(run_id: int, *, name: str) -> dict[str, Any]:
+    """What the run's log says: the last round started and the rounds planned,
+    the run directory, and the sites' max epsilon so far (each site's ledger
+    total for this run: the round lines, then the calibration's and the
+    personalisation's)."""
     proc = _flwr(["log", str(run_id), "--show"], name=name, json_out=False)
     text = proc.stdout if isinstance(proc, subprocess.CompletedProcess) else ""
     rounds = _ROUND.findall(text)
     where = _RUN_DIR.findall(text)
+    eps = _EPSILON.findall(text)
     last, total = (int(rounds[-1][0]), int(rounds[-1][1])) if rounds else (0, 0)
-    return last, total, where[-1] if where else None
+    return {"round": last, "rounds": total, "run_dir": where[-1] if where else None,
+            "epsilon": float(eps[-1]) if eps else None}
+
+
+def run_line(run: dict[str, Any], *, name: str) -> str:
+    """One run as ``fedtune status`` shows it: a failed run says so."""
+    rid = int(run["run-id"])
+    status = str(run.get("status", ""))
+    line = f"  {rid}  {status:<20} {float(run.get('elapsed', 0)):.0f} s"
+    if not status.startswith(("running", "finished")):
+        return line
+    got = progress(rid, name=name)
+    where = got["run_dir"] or ("no run directory (the run failed before the "
+                               "server made one)")
+    at = f"round {got['round']}/{got['rounds']}"
+    if status.startswith("finished:") and status != "finished:completed":
+        at = f"FAILED at {at}"
+    eps = "" if got["epsilon"] is None else f"  ε max {got['epsilon']:.3f}"
+    return f"{line}  {at}{eps}  {where}"
 
 
 def status_text(name: str) -> str:
-    """Nodes and runs of a deployment, as the operator reads them."""
+    """Nodes (by their labels) and runs of a deployment, as the operator reads
+    them."""
     lines = [f"deployment {name}: {deployments()[name]['address']}"]
     node_list = nodes(name)
+    named = labels(name)
     online = [n for n in node_list if n.get("status") == "online"]
     lines.append(f"nodes: {len(online)} online of {len(node_list)} registered")
     for n in node_list:
+        label = named.get(str(n.get("node-id")), "-")
         lines.append(f"  {n.get('node-id')}  {n.get('status'):<10} "
-                     f"online since {n.get('online-at')}")
+                     f"online since {n.get('online-at')}  {label}")
     run_list = runs(name)
     lines.append(f"runs: {len(run_list)}")
-    for r in run_list[:5]:
-        rid = int(r["run-id"])
-        line = f"  {rid}  {r.get('status'):<20} {float(r.get('elapsed', 0)):.0f} s"
-        if str(r.get("status", "")).startswith(("running", "finished")):
-            last, total, where = progress(rid, name=name)
-            line += f"  round {last}/{total}" + (f"  {where}" if where else "")
-        lines.append(line)
+    lines += [run_line(r, name=name) for r in run_list[:5]]
     return "\n".join(lines)

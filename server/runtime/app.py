@@ -18,8 +18,10 @@ from fedtune.common.config import (
     RESUME,
     RUN_PATH,
     SIMULATED,
+    SITE_LABELS,
     RunConfig,
     from_run_config,
+    site_labels,
 )
 from fedtune.common.deployment import ensure_app_logging
 from fedtune.common.errors import FedtuneError
@@ -67,6 +69,7 @@ def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
                                "--resume RUN_DIR / fedtune run --resume RUN_DIR)")
         run_dir = _run_dir(flat, cfg, context.run_id)
         run_dir.mkdir(parents=True, exist_ok=True)
+        logger.info("run directory: %s", run_dir)
         if not resuming:
             checkpoint.write_config(run_dir, cfg)
         if not cfg.privacy.enabled:
@@ -87,9 +90,13 @@ def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
             min_train_nodes=fed.train_nodes,
             min_evaluate_nodes=min(fed.train_nodes, 2),
             min_available_nodes=fed.train_nodes)
+        strategy.site_labels = site_labels(flat.get(SITE_LABELS))
+        if strategy.site_labels:
+            logger.info("sites by their registered labels: %s", ", ".join(
+                f"{label} (node {node})"
+                for node, label in sorted(strategy.site_labels.items())))
         recorder = RoundRecorder(cfg=cfg, run_dir=run_dir, strategy=strategy,
                                  evaluator=evaluator, model=model)
-        logger.info("run directory: %s", run_dir)
         rounds.wait_for_nodes(grid, fed.train_nodes, fed.round_timeout)
         plans = plan_privacy(grid, cfg, run_dir=run_dir,
                              dims=planning.model_dims(cfg, model),

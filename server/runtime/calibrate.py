@@ -150,6 +150,8 @@ def calibrate(grid: Grid, *, cfg: RunConfig, run_dir: Path,
             calibration.macro_f1_sd(counts, i, noise_sd=noise_sd)
             for i in range(len(strengths)))
         best = calibration.choose(found, margin=margin)
+    checkpoint.fold_epsilons(run_dir, {str(n): m for n, m in got.items()},
+                             release="calibration")
     state = {**adapter_state(evaluator.model), **tensors}
     held_out = [_scores(evaluator, state, bias) for bias in biases]
     chosen = strengths.index(best.strength)

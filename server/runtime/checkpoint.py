@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 import zipfile
@@ -25,10 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from fedtune.common import assets
+from fedtune.common import assets, records
 from fedtune.common.config import RunConfig, dump_yaml, to_dict
 from fedtune.common.errors import FedtuneError
 from fedtune.server import rundir
+
+logger = logging.getLogger(__name__)
 
 STATE_FORMAT = "fedtune-server-state/1"
 
@@ -129,6 +132,35 @@ def amend_metrics(run_dir: Path, server_round: int, fields: dict[str, Any]) -> N
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def fold_epsilons(run_dir: Path, replies: Mapping[str, Mapping[str, Any]], *,
+                  release: str) -> float | None:
+    """After a release outside the rounds (the decision calibration, a
+    personalisation): each replying site's epsilons (this run's and its ledger's
+    total, both from :class:`fedtune.client.releases.Releases`) into the last line
+    of ``metrics.jsonl``, so that the summary, the report and ``fedtune status``
+    show what the sites' ledgers hold. Returns the run's new max epsilon."""
+    found = {str(n): (float(m[records.EPSILON]),
+                      float(m.get(records.EPSILON_TOTAL, m[records.EPSILON])))
+             for n, m in replies.items() if records.EPSILON in m}
+    rows = read_metrics(run_dir)
+    if not found or not rows:
+        return None
+    last = rows[-1]
+    eps = dict(last.get("epsilon_by_node") or {})
+    total = dict(last.get("epsilon_total_by_node") or {})
+    for node, (run_eps, ledger_eps) in found.items():
+        eps[node], total[node] = run_eps, ledger_eps
+    top = float(max([*eps.values(), float(last.get("epsilon_max") or 0.0)]))
+    amend_metrics(run_dir, int(last["round"]), {
+        "epsilon_by_node": eps, "epsilon_total_by_node": total,
+        "epsilon_max": top, "epsilon_mean": sum(eps.values()) / len(eps),
+        "epsilon_releases": sorted({*last.get("epsilon_releases", ["round"]),
+                                    release})})
+    logger.info("privacy after the %s: epsilon max %.3f over the run's sites "
+                "(the sites' ledgers hold the same)", release, top)
+    return top
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 from fedtune.common import records
 from fedtune.common.config import RunConfig
 from fedtune.server import rundir
+from fedtune.server.runtime import checkpoint
 from fedtune.server.runtime.stats import declined_words, failure_words
 from fedtune.server.runtime.trained import resolve
 
@@ -54,6 +55,7 @@ def personalize(grid: Grid, *, cfg: RunConfig, run_dir: Path) -> dict[str, Any] 
                 for node in nodes]
     sites: dict[str, dict[str, Any]] = {}
     failed: dict[str, str] = {}
+    spent: dict[str, dict[str, Any]] = {}
     for reply in grid.send_and_receive(messages,
                                        timeout=cfg.federation.round_timeout):
         node = str(reply.metadata.src_node_id)
@@ -63,6 +65,7 @@ def personalize(grid: Grid, *, cfg: RunConfig, run_dir: Path) -> dict[str, Any] 
             continue
         m: dict[str, Any] = dict(reply.content.metric_records.get(records.METRICS,
                                                                  MetricRecord()))
+        spent[node] = m
         sites[node] = {
             "records": int(m.get(records.NUM_EXAMPLES, 0)),
             "global": {k: float(m[records.GLOBAL + k]) for k in quality_keys(cfg)},
@@ -78,6 +81,7 @@ def personalize(grid: Grid, *, cfg: RunConfig, run_dir: Path) -> dict[str, Any] 
               "epsilon": cfg.privacy.personalize_epsilon if cfg.privacy.enabled
               else None, "sites": sites, "failed": failed, "late": late,
               "mean": _means(sites, quality_keys(cfg))}
+    checkpoint.fold_epsilons(run_dir, spent, release="personalisation")
     (run_dir / rundir.PERSONALISATION).write_text(json.dumps(
         result, indent=2, allow_nan=False, default=_finite) + "\n")
     for line in table_lines(result):

@@ -47,6 +47,7 @@ class Recorded(Protocol):
     train_metrics: dict[int, dict[str, float]]
     eval_metrics: dict[int, dict[str, float]]
     client_epsilon: dict[int, float]  # central DP's client-level epsilon; else empty
+    site_labels: dict[str, str]  # node id -> the operator's label
 
 
 def _clean(value: Any) -> Any:

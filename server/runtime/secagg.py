@@ -64,12 +64,14 @@ class SecAggFedAvg(LegacyFedAvg):
         self.train_metrics: dict[int, dict[str, float]] = {}
         self.eval_metrics: dict[int, dict[str, float]] = {}
         self.client_epsilon: dict[int, float] = {}  # no central DP with SecAgg+
+        self.site_labels: dict[str, str] = {}  # node id -> the operator's label
 
     def aggregate_fit(self, server_round: int,
                       results: list[tuple[ClientProxy, FitRes]],
                       failures: list[Any]) -> tuple[Parameters | None,
                                                     dict[str, Scalar]]:
-        stats = self.round_stats.setdefault(server_round, RoundStats())
+        stats = self.round_stats.setdefault(
+            server_round, RoundStats(site_by_node=dict(self.site_labels)))
         stats.sampled = len(results) + len(failures)
         stats.replied, stats.failed = len(results), len(failures)
         losses, weights = [], []
@@ -107,6 +109,7 @@ def run_secagg(grid: Grid, context: Context, *, cfg: RunConfig,
         min_fit_clients=fed.train_nodes, min_available_clients=fed.train_nodes,
         initial_parameters=ndarrays_to_parameters(to_ndarrays(initial)),
         evaluate_fn=evaluate, accept_failures=True)
+    strategy.site_labels = dict(recorder.strategy.site_labels)
     recorder.strategy = strategy
     legacy = LegacyContext(context=context, config=ServerConfig(
         num_rounds=fed.num_rounds, round_timeout=fed.round_timeout), strategy=strategy)

@@ -182,6 +182,10 @@ def summarize_replies(replies: list[Message], stats: RoundStats) -> None:
             continue
         stats.replied += 1
         stats.nodes_replied.append(node)
+        site = msg.content.config_records.get(records.SITE)
+        if site is not None and isinstance(site.get(records.SITE_LABEL), str):
+            # the daemon's own --label, where the operator registered none
+            stats.site_by_node.setdefault(node, str(site[records.SITE_LABEL])[:64])
         record_site_metrics(stats, node, dict(
             msg.content.metric_records.get(records.METRICS, MetricRecord())))
 

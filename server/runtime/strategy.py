@@ -90,6 +90,7 @@ class FedTuneStrategy:
         self.train_metrics: dict[int, dict[str, float]] = {}
         self.eval_metrics: dict[int, dict[str, float]] = {}
         self.client_epsilon: dict[int, float] = {}  # central DP fills it
+        self.site_labels: dict[str, str] = {}  # node id -> the operator's label
 
     @property
     def current(self) -> dict[str, np.ndarray]:
@@ -119,7 +120,7 @@ class FedTuneStrategy:
                     content=content, message_type=msg.metadata.message_type,
                     dst_node_id=msg.metadata.dst_node_id)
             sent += records.wire_bytes(msg.content[records.ARRAYS])
-        stats = RoundStats()
+        stats = RoundStats(site_by_node=dict(self.site_labels))
         stats.attempts = self.round_stats[server_round].attempts + 1 \
             if server_round in self.round_stats else 1
         self.round_stats[server_round] = stats
@@ -128,7 +129,8 @@ class FedTuneStrategy:
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        stats = self.round_stats.setdefault(server_round, RoundStats())
+        stats = self.round_stats.setdefault(
+            server_round, RoundStats(site_by_node=dict(self.site_labels)))
         replies = list(replies)
         count_bytes(replies, stats)
         replies = decoding.accept(replies, self.expected, stats)

@@ -151,11 +151,18 @@ def headline(run: Run) -> list[str]:
         out.append(f"best round: {last['best_round']} by {last['selection_metric']} "
                    f"({fig(last.get('best_value'))}; RUN_DIR/best), chosen on the "
                    "central evaluation set, so its figure there is optimistic")
+    names = {n: m for r in run.rows for n, m in (r.get("site_by_node") or {}).items()}
+    declined = sorted({n for r in run.rows for n in r.get("nodes_declined") or ()})
     if cfg.privacy.enabled:
-        out.append("privacy: DP-SGD on every site, target "
+        who = ("every site" if not declined else "every site that trained ("
+               + ", ".join(site_label(names, n) for n in declined) + " declined)")
+        releases = " + ".join({"round": "rounds"}.get(k, k) for k in
+                              last.get("epsilon_releases") or ["round"])
+        out.append(f"privacy: DP-SGD on {who}, target "
                    f"ε={cfg.privacy.target_epsilon:g} "
                    f"δ={cfg.privacy.target_delta:g} per site over the run; spent: "
-                   f"max ε {fig(last.get('epsilon_max'), '.3f')}")
+                   f"max ε {fig(last.get('epsilon_max'), '.3f')} (the {releases}: "
+                   "what the sites' ledgers hold for this run)")
     else:
         out.append("WARNING: DP is OFF (privacy.enabled=false): the updates of this "
                    "run are not differentially private")
@@ -163,8 +170,6 @@ def headline(run: Run) -> list[str]:
                for n, why in (r.get("nodes_declined_why") or {}).items()
                if why.startswith("site policy")}
     if refused:
-        names = {n: m for r in run.rows
-                 for n, m in (r.get("site_by_node") or {}).items()}
         out.append("WARNING: declined by their own site policy: " + "; ".join(
             f"{site_label(names, n)}: {why}"
             for n, why in sorted(refused.items())))

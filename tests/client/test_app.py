@@ -10,6 +10,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedtune.client.app import make_client_app
+from fedtune.client.ledger import PrivacyLedger
 from fedtune.client.mods import SiteFailure
 from fedtune.common import config, recipes, records
 from fedtune.common.model import (
@@ -222,7 +223,7 @@ def test_the_resident_model_trains_exactly_like_a_fresh_one(
 
 PERSONAL_METRICS = {records.NUM_EXAMPLES, records.DP_STEPS, records.TRAIN_SECONDS,
                     records.PERSONAL_EPSILON, records.EPSILON, records.EPSILON_TOTAL,
-                    records.NOISE_MULTIPLIER, records.PARTITION} | {
+                    records.NOISE_MULTIPLIER, records.PARTITION, records.DELTA} | {
     prefix + key for prefix in (records.GLOBAL, records.PERSONAL)
     for key in (records.EVAL_LOSS, records.ACCURACY, records.MACRO_F1)}
 
@@ -301,7 +302,8 @@ def test_calibration_counts_are_noised_charged_once_and_refused_past_the_budget(
     assert not first.has_error(), first.error
     m = first.content[records.METRICS]
     assert set(m) == {records.NUM_EXAMPLES, records.CALIBRATION_COUNTS,
-                      records.EPSILON, records.EPSILON_TOTAL, records.PARTITION}
+                      records.EPSILON, records.EPSILON_TOTAL, records.DELTA,
+                      records.PARTITION}
     flat_counts = m[records.CALIBRATION_COUNTS]
     assert len(flat_counts) == 11 * 3 and m[records.NUM_EXAMPLES] == 4
     assert any(v != round(v) for v in flat_counts)  # noised, not exact
@@ -309,7 +311,13 @@ def test_calibration_counts_are_noised_charged_once_and_refused_past_the_budget(
     entries = [e for f in ledger_dir.glob("*.json")
                for e in json.loads(f.read_text())["entries"]]
     assert [e["message"].rsplit("/", 1)[-1] for e in entries].count("calibration") == 1
+    assert [e["kind"] for e in entries] == ["histogram", "round", "calibration"]
     assert not again.has_error()
+    # the reply's epsilons are the ledger's: this run's releases, and the total
+    (ledger_file,) = ledger_dir.glob("*.json")
+    spent = PrivacyLedger(ledger_dir, ledger_file.stem).spent(cfg.privacy.target_delta)
+    assert m[records.EPSILON] == pytest.approx(spent)
+    assert m[records.EPSILON_TOTAL] == pytest.approx(spent)
     # ... and a site whose budget cannot afford the release declines it
     poor = _context({"partition-id": 1, "num-partitions": 3,
                      "ledger-dir": str(tmp_path / "poor"), "budget-epsilon": 0.5})

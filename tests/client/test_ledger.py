@@ -11,6 +11,7 @@ import pytest
 from opacus.accountants import RDPAccountant
 
 from fedtune.client.ledger import Budget, PrivacyLedger, fingerprint, summarize
+from fedtune.common.accounting import epsilon_spent
 from fedtune.common.errors import PrivacyBudgetExhausted, PrivacyError
 
 SEG = (1.1, 0.25, 8)  # (noise multiplier, sample rate, steps) of one local round
@@ -45,7 +46,37 @@ def test_a_second_run_keeps_accumulating(tmp_path: Path) -> None:
     one = ledger.charge(SEG, OPEN, run="a", round_=1, message="a1")
     two = ledger.charge(SEG, OPEN, run="b", round_=1, message="b1")
     assert two > one > 0
-    assert summarize(tmp_path)[0]["runs"] == 2
+    assert len(summarize(tmp_path)[0]["runs"]) == 2
+
+
+def test_the_summary_lists_each_run_with_its_releases_and_epsilon(
+        tmp_path: Path) -> None:
+    # Prepare: run a (named) with a histogram and two rounds; run b with one round
+    # and a calibration; an old entry without a kind (from its message's suffix)
+    ledger = PrivacyLedger(tmp_path, "ds")
+    cal = (2.0, 1.0, 1)
+    ledger.charge(cal, OPEN, run="a", round_=1, message="a1/histogram",
+                  kind="histogram", run_name="icd10-a")
+    ledger.charge(SEG, OPEN, run="a", round_=1, message="a1", run_name="icd10-a")
+    ledger.charge(SEG, OPEN, run="a", round_=2, message="a2", run_name="icd10-a")
+    ledger.charge(SEG, OPEN, run="b", round_=1, message="b1")
+    doc = ledger.read()
+    doc["entries"].append({**doc["entries"][-1], "message": "b2/calibration",
+                           "sigma": 2.0, "sample_rate": 1.0, "steps": 1})
+    del doc["entries"][-1]["kind"]
+    ledger._write(doc)
+    # Execute
+    (row,) = summarize(tmp_path)
+    # Assert: each run's epsilon is its own releases composed; the total all of them
+    a, b = row["runs"]
+    assert (a["run"], a["name"], a["releases"]) == (
+        "a", "icd10-a", {"histogram": 1, "round": 2})
+    assert b["releases"] == {"round": 1, "calibration": 1}
+    assert a["epsilon"] == pytest.approx(epsilon_spent([cal, SEG, SEG], delta=1e-5))
+    assert b["epsilon"] == pytest.approx(epsilon_spent([SEG, cal], delta=1e-5))
+    assert row["epsilon"] == pytest.approx(
+        epsilon_spent([cal, SEG, SEG, SEG, cal], delta=1e-5))
+    assert row["releases"] == 5
 
 
 def test_a_retried_message_is_charged_once(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from fedtune.client import policy, privacy, site
 from fedtune.client.app import make_client_app
 from fedtune.client.ledger import Budget, PrivacyLedger
 from fedtune.client.node.daemon import ClientOptions, site_policy, supernode_command
+from fedtune.client.releases import Book
 from fedtune.common import config, records
 from fedtune.common.errors import DeploymentError
 from fedtune.common.model import adapter_state, build_model
@@ -167,7 +168,7 @@ def test_a_declined_run_reads_no_record_and_charges_nothing(
 def test_the_planned_noise_is_checked_before_anything_is_released(
         tmp_path: Path, tiny_bert: Path, review_files: tuple[Path, Path]) -> None:
     cfg = _cfg(tiny_bert, review_files, train={"logit_adjustment": 1.0})
-    book = privacy.Book(PrivacyLedger(tmp_path, "f" * 64), Budget(epsilon=50.0))
+    book = Book(PrivacyLedger(tmp_path, "f" * 64), Budget(epsilon=50.0))
     picky = policy.SitePolicy(min_noise_multiplier=50.0)
     with pytest.raises(policy.PolicyDeclined, match="rule min_noise_multiplier"):
         privacy.open_round(cfg, num_examples=100, round_=1, labels=lambda: [0] * 100,

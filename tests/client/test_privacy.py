@@ -8,6 +8,7 @@ from opacus.accountants import RDPAccountant
 
 from fedtune.client import dpsgd, privacy, recipe
 from fedtune.client.ledger import Budget, PrivacyLedger
+from fedtune.client.releases import Book
 from fedtune.common import accounting, config, data, loops, records
 from fedtune.common import model as M
 from fedtune.common.config import LoraConfig, ModelConfig, PrivacyConfig
@@ -198,7 +199,7 @@ def test_open_round_releases_the_histogram_once_and_charges_the_ledger(
     # Prepare
     cfg = _round_cfg(tiny_bert, review_files)
     labels = [0, 1, 2, 2] * 25
-    book = privacy.Book(PrivacyLedger(tmp_path, "d" * 64, records=100), Budget(8.0))
+    book = Book(PrivacyLedger(tmp_path, "d" * 64, records=100), Budget(8.0))
     # Execute: round 1 releases the histogram, round 2 reuses it
     first = privacy.open_round(cfg, num_examples=100, labels=lambda: labels,
                                round_=1, saved=None, prior=None, book=book,
@@ -223,7 +224,7 @@ def test_open_round_releases_the_histogram_once_and_charges_the_ledger(
 def test_open_round_refuses_before_training_what_the_budget_cannot_pay(
         tmp_path: Path, tiny_bert: Path, review_files: tuple[Path, Path]) -> None:
     cfg = _round_cfg(tiny_bert, review_files)
-    book = privacy.Book(PrivacyLedger(tmp_path, "d" * 64), Budget(0.5))
+    book = Book(PrivacyLedger(tmp_path, "d" * 64), Budget(0.5))
     with pytest.raises(PrivacyBudgetExhausted):
         privacy.open_round(cfg, num_examples=100, labels=lambda: [0, 1] * 50,
                            round_=1, saved=None, prior=None,
@@ -234,7 +235,7 @@ def test_open_round_refuses_before_training_what_the_budget_cannot_pay(
         privacy.open_round(off, num_examples=100, labels=lambda: [0, 1] * 50,
                            round_=1, saved=None, prior=None,
                            book=book)
-    unlimited = privacy.Book(PrivacyLedger(tmp_path / "u", "d" * 64), Budget())
+    unlimited = Book(PrivacyLedger(tmp_path / "u", "d" * 64), Budget())
     plain = privacy.open_round(off, num_examples=100, labels=lambda: [0, 1] * 50,
                                round_=1, saved=None, prior=None, book=unlimited)
     assert plain.charge(steps=3) == {}  # not private: no epsilon

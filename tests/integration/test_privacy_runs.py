@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -53,9 +54,15 @@ def test_budget_exhausted_site_declines_and_spending_accumulates(
     shown = runner.run(["privacy", "show", "--ledger-dir", str(ledger_dir)])
     assert shown.returncode == 0, shown.stderr[-2000:]
     show = shown.stdout
-    lines = show.splitlines()
-    assert len(lines) == 3 and sum("2 runs  4 rounds" in line for line in lines) == 2
+    datasets = [line for line in show.splitlines() if line.startswith("dataset")]
+    assert len(datasets) == 3 and sum("  2 runs  " in d for d in datasets) == 2
     assert "budget 6  remaining" in show
+    # each run by Flower's id and the operator's name, its releases by kind, its
+    # epsilon the run's target (what the round lines said)
+    runs = re.findall(r"  run (\d+) run: epsilon (\d+\.\d+)  \((.*);", show)
+    assert len(runs) == 4, show
+    assert all(float(eps) == pytest.approx(2.0, abs=0.01) for _, eps, _ in runs)
+    assert all("2 rounds" in kinds for _, _, kinds in runs)
 
 
 def test_central_dp_reports_client_level_epsilon(
@@ -142,7 +149,16 @@ def test_dp_recipe_end_to_end_plans_charges_and_reports(
         assert len(entries) == 4
         assert entries[-2]["epsilon_after"] == pytest.approx(4.0, abs=0.02)
         assert 4.0 < entries[-1]["epsilon_after"] <= 4.0 + 1.0 + 0.02
-    assert two["epsilon_max"] == pytest.approx(4.0, abs=0.02)
+    # every epsilon the operator sees is the ledger's: the run's last line holds
+    # each site's total after the personalisation too, and the report says so
+    totals = [float(json.loads(p.read_text())["entries"][-1]["epsilon_after"])
+              for p in ledger_dir.glob("*.json")]
+    assert sorted(two["epsilon_total_by_node"].values()) == pytest.approx(
+        sorted(totals))
+    assert sorted(two["epsilon_by_node"].values()) == pytest.approx(sorted(totals))
+    assert two["epsilon_max"] == pytest.approx(max(totals))
+    assert two["epsilon_releases"] == ["personalisation", "round"]
+    assert f"max ε {max(totals):.3f} (the personalisation + rounds" in proc.stdout
     # personalisation: every site scored the global and its own adapter on its own
     # held-out split, spent its personalize_epsilon, and kept the adapter at home
     personal = json.loads((run_dir / "personalization.json").read_text())

@@ -368,3 +368,44 @@ def test_the_decision_calibration_is_reported(tmp_path: Path) -> None:
     assert re.search(r"positive\s+0\.600\s+0\.950\s+0\.740\s+0\.800\s+0\.900\s+0\.847",
                      classes)
     assert re.search(r"0\.5\s+0\.5\s+0\.800\s+-\s+0\.800\s+0\.900  <- chosen", text)
+
+
+def test_the_privacy_line_names_the_sites_that_declined(troubled_run: Path) -> None:
+    # Prepare: B declined round 3 (its budget); its label from the registration
+    rows = report.load_run(troubled_run).rows
+    rows[-1]["site_by_node"] = {B: "hospital-b"}
+    (troubled_run / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows))
+    # Execute
+    lines = report.headline(report.load_run(troubled_run))
+    # Assert
+    (line,) = [x for x in lines if x.startswith("privacy:")]
+    assert "every site that trained (hospital-b declined)" in line
+    assert "DP-SGD on every site," not in line
+
+
+def test_a_later_release_is_folded_into_the_runs_epsilon(tmp_path: Path) -> None:
+    # Prepare: two rounds, then the calibration's replies (this run's epsilon and
+    # the ledger's total, as each site's Releases reports them)
+    from fedtune.common import records
+    from fedtune.server.runtime import checkpoint
+
+    run = make_run(tmp_path, [_row(0), _row(1), _row(2)])
+    replies = {A: {records.EPSILON: 4.6, records.EPSILON_TOTAL: 5.6},
+               C: {records.EPSILON: 3.4, records.EPSILON_TOTAL: 3.4},
+               B: {records.NUM_EXAMPLES: 3}}  # DP off on B: no epsilon at all
+    # Execute
+    top = checkpoint.fold_epsilons(run, replies, release="calibration")
+    # Assert: the last line (what the summary, report and status read) holds them
+    last = checkpoint.read_metrics(run)[-1]
+    assert top == last["epsilon_max"] == 4.6
+    assert last["epsilon_by_node"] == {A: 4.6, B: 4.0, C: 3.4}
+    assert last["epsilon_total_by_node"] == {A: 5.6, B: 4.0, C: 3.4}
+    assert last["epsilon_releases"] == ["calibration", "round"]
+    line = next(x for x in report.headline(report.load_run(run))
+                if x.startswith("privacy:"))
+    assert "max ε 4.600 (the calibration + rounds" in line
+    head, body = report.site_table(report.load_run(run))
+    a_row = dict(zip(head, next(r for r in body if r[0] == A), strict=True))
+    assert (a_row["ε this run"], a_row["ledger total"]) == ("4.600", "5.600")
+    assert checkpoint.fold_epsilons(run, {B: {}}, release="calibration") is None

@@ -152,3 +152,30 @@ def test_run_resume_submits_the_run_directory_and_the_flag(tmp_path: Path) -> No
     fresh = control.write_app(config.RunConfig(), tmp_path / "fresh", run_path=None)
     assert RESUME not in tomllib.loads((fresh / "pyproject.toml").read_text())[
         "tool"]["flwr"]["app"]["config"]
+
+
+def test_status_tells_a_failed_run_and_the_app_carries_the_labels(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tomllib
+
+    from fedtune.common.config import SITE_LABELS
+    from fedtune.server.operations import control
+
+    # the registered labels travel in the run's config
+    app = control.write_app(config.RunConfig(), tmp_path / "app", run_path=None,
+                            site_labels={"12": "hospital-a"})
+    flat = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"][
+        "app"]["config"]
+    assert flat[SITE_LABELS] == "12=hospital-a"
+    # a failed run is not shown as running; its directory always shows
+    shown = {"round": 1, "rounds": 2, "run_dir": None, "epsilon": 3.25}
+    monkeypatch.setattr(control, "progress", lambda rid, name: shown)
+    failed = control.run_line({"run-id": 5, "status": "finished:failed",
+                               "elapsed": 16}, name="t")
+    assert "FAILED at round 1/2" in failed and "ε max 3.250" in failed
+    assert "no run directory (the run failed before the server made one)" in failed
+    shown["run_dir"] = "/srv/runs/run-5"
+    running = control.run_line({"run-id": 5, "status": "running", "elapsed": 3},
+                               name="t")
+    assert "  round 1/2  ε max 3.250  /srv/runs/run-5" in running
+    assert "FAILED" not in running

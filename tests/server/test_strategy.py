@@ -158,3 +158,28 @@ class _Grid:
 
     def get_node_ids(self) -> list[int]:
         return [1]
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_sites_are_named_by_the_operators_label_else_their_own() -> None:
+    # Prepare: node 1's reply carries its daemon's --label
+    from fedtune.common.config import site_labels, site_labels_value
+
+    query = Message(RecordDict({records.CONFIG: ConfigRecord()}), dst_node_id=1,
+                    message_type="train")
+    reply = _reply(query, {"head.bias": torch.tensor([1.0])}, 10, eps=1.0)
+    reply.content[records.SITE] = ConfigRecord({records.SITE_LABEL: "own-name"})
+    labels = {"1": "hospital-a", "7": "hospital-b"}
+    assert site_labels(site_labels_value(labels)) == labels
+    assert site_labels("") == {} and site_labels("x=,=y,1=a") == {"1": "a"}
+    # Execute: with the operator's registered labels, then without
+    named = build_strategy(FederationConfig(), min_train_nodes=1,
+                           min_available_nodes=1)
+    named.site_labels = labels
+    named.aggregate_train(1, [reply])
+    plain = build_strategy(FederationConfig(), min_train_nodes=1,
+                           min_available_nodes=1)
+    plain.aggregate_train(1, [reply])
+    # Assert: the registration wins; the site's own label fills in for none
+    assert named.round_stats[1].summary()["site_by_node"] == labels
+    assert plain.round_stats[1].summary()["site_by_node"] == {"1": "own-name"}
