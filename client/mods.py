@@ -17,10 +17,11 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from fedtune.common.deployment import ensure_app_logging
-from fedtune.common.errors import FedtuneError
+from fedtune.common.errors import CONFIG_FAILURE, ConfigError, DataError, FedtuneError
 
 logger = logging.getLogger(__name__)
 Handler = Callable[[Message, Context], Message]
+MAX_LINE = 400  # characters of a configuration error's line that leave the site
 
 
 class SiteFailure(FedtuneError):
@@ -28,9 +29,16 @@ class SiteFailure(FedtuneError):
 
 
 def failure_text(err: BaseException) -> str:
-    """The only words about a site's failure that leave the site."""
+    """The only words about a site's failure that leave the site: its class, and
+    for a configuration or data error (which file, which columns or labels: never
+    a record) its first line, which the operator needs to fix the run."""
     if isinstance(err, SiteFailure):
         return str(err)
+    public = (" ".join(err.problems) if isinstance(err, ConfigError) else
+              err.public if isinstance(err, DataError) else "")
+    if public:  # words from the run's config and the file's layout only
+        return (f"{type(err).__name__} on the site ({CONFIG_FAILURE}): "
+                f"{public.replace(chr(10), ' ')[:MAX_LINE]}")
     return f"{type(err).__name__} on the site (details stay in the site's own log)"
 
 

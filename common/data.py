@@ -52,7 +52,9 @@ def read_records(source: str, *, required: Sequence[str]) -> list[Record]:
     path = Path(assets.resolve(source))
     if not path.is_file():
         raise DataError(f"{path}: data file not found; set data.source (simulation) "
-                        "or the node's data-path to an existing .jsonl/.csv/.tsv file")
+                        "or the node's data-path to an existing .jsonl/.csv/.tsv file",
+                        public="the site's data file is not found (the daemon's "
+                        "--data)")
     suffix = path.suffix.lower()
     try:
         if suffix in (".jsonl", ".json"):
@@ -64,24 +66,31 @@ def read_records(source: str, *, required: Sequence[str]) -> list[Record]:
                                               else ","))
         else:
             raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, "
-                            ".csv or .tsv")
+                            ".csv or .tsv", public=f"the site's data file is a "
+                            f"{suffix!r} file; fedtune reads .jsonl, .csv or .tsv")
     except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err}); re-save it as UTF-8") from err
+        raise DataError(f"{path}: not UTF-8 text ({err}); re-save it as UTF-8",
+                        public="the site's data file is not UTF-8 text") from err
     except csv.Error as err:
-        raise DataError(f"{path}: malformed CSV ({err})") from err
+        raise DataError(f"{path}: malformed CSV ({err})",
+                        public="the site's data file is malformed CSV") from err
     if not records:
-        raise DataError(f"{path}: no records; the file is empty")
+        raise DataError(f"{path}: no records; the file is empty",
+                        public="the site's data file is empty")
     missing = [c for c in required if c not in records[0]]
     if missing:
         raise DataError(
             f"{path}: missing column(s) {missing}; found {sorted(records[0])}. Rename "
             "the columns or set data.text_column / label_column / prompt_column / "
-            "response_column")
+            "response_column", public=f"the site's data has no column(s) {missing} "
+            f"(it has {len(records[0])} others): check data.text_column / "
+            "label_column / prompt_column / response_column")
     for i, rec in enumerate(records):
         empty = [c for c in required if rec.get(c) in (None, "")]
         if empty:
             raise DataError(
-                f"{path}: record {i + 1} has empty {empty}; fill or drop it")
+                f"{path}: record {i + 1} has empty {empty}; fill or drop it",
+                public=f"a record of the site's data has an empty {empty}")
     return records
 
 
@@ -106,6 +115,10 @@ def jsonl_records(lines: Iterable[str], *, where: str) -> list[Record]:
     return records
 
 
+def _seen(records: Sequence[Record], column: str) -> set[str]:
+    return {str(r[column]) for r in records}
+
+
 def label_ids(records: Sequence[Record], *, column: str, labels: Sequence[str],
               source: str = "data") -> list[int]:
     """Map label names to ids, rejecting labels the run does not declare."""
@@ -115,7 +128,10 @@ def label_ids(records: Sequence[Record], *, column: str, labels: Sequence[str],
         raise DataError(
             f"{source}: unknown label(s) {sorted(unknown)} in column {column!r}; "
             f"the run declares data.labels={list(labels)}. Add them there or fix "
-            "the data")
+            "the data", public=f"the site's column {column!r} holds {len(unknown)} "
+            f"label(s) that data.labels={list(labels)} does not declare "
+            f"({sum(1 for name in labels if name not in _seen(records, column))} "
+            "declared label(s) never occur there): check data.labels for a typo")
     return [index[str(r[column])] for r in records]
 
 

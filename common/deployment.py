@@ -101,6 +101,15 @@ def writable_dir(path: Path, *, what: str) -> Path:
     return path.resolve()
 
 
+# Flower's lines that tell an operator nothing (fedtune's own round line says what
+# happened; federated evaluation is off on purpose, fedtune evaluates centrally):
+# kept in the run's log (run.log, `flwr log RUN_ID`), off the operator's terminal
+FLOWER_NOISE = ("Federated evaluation will be skipped",
+                "Start `flwr-serverapp` process", "Successfully installed fedtune-run",
+                "configure_train: Sampled", "aggregate_train: Received",
+                "Loading weights:")
+
+
 def ensure_app_logging() -> None:
     """Give the ``fedtune`` loggers their own INFO handler on stderr (once).
 

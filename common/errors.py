@@ -26,7 +26,16 @@ class ConfigError(FedtuneError, ValueError):
 
 
 class DataError(FedtuneError, ValueError):
-    """A site's data file is missing, unreadable or does not fit the config."""
+    """A site's data file is missing, unreadable or does not fit the config.
+
+    ``public``: the same problem in words built from the run's config and the
+    file's layout only (never a path, a value or a record), which a site may send
+    the operator; empty: the operator learns the error's class only.
+    """
+
+    def __init__(self, message: str, *, public: str = "") -> None:
+        super().__init__(message)
+        self.public = public
 
 
 class ModelError(FedtuneError, ValueError):
@@ -44,6 +53,9 @@ class PrivacyError(FedtuneError, RuntimeError):
 # what a site's error reply starts with when its own policy declines the run
 # (client/policy.py); the server names the site and the rule
 SITE_POLICY = "SitePolicy"
+# In a site's error reply: a configuration or data error (its one line follows);
+# deterministic, so the server stops the run rather than retrying the round.
+CONFIG_FAILURE = "a configuration error on the site"
 
 
 class PrivacyBudgetExhausted(PrivacyError):

@@ -14,13 +14,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from fedtune.common.deployment import DETAIL_KEY, LOG_FORMAT
+from fedtune.common.deployment import DETAIL_KEY, FLOWER_NOISE, LOG_FORMAT
 from fedtune.server.rundir import LOG_DIR, RUN_LOG
 from fedtune.simulations import engine
 
-# Flower's notices that a fedtune simulation makes deliberately (fedtune evaluates
-# centrally, so federated evaluation is off): noise on the terminal
-BENIGN = ("Federated evaluation will be skipped",)
+BENIGN = FLOWER_NOISE  # Flower's notices that tell the user nothing (in run.log)
 
 
 class _Terminal(logging.Filter):

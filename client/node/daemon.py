@@ -21,13 +21,14 @@ by the worker.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedtune.client import policy
-from fedtune.client.node import channel, supervisor
+from fedtune.client.node import channel, probe, supervisor
 from fedtune.common import data, deployment, keys
 from fedtune.common.errors import ConfigError, DeploymentError
 
@@ -194,6 +195,13 @@ def run_client(opts: ClientOptions) -> int:
         socket = supervisor.socket_path(state)
         supervisor.clear_stale(socket)
     argv, env = supernode_command(opts, socket=socket, dirs=dirs)
+    look = functools.partial(probe.probe, opts.superlink,
+                             ca_cert=None if opts.insecure else opts.ca_cert)
+    first = look()
+    if first.fatal:  # no retry fixes it: status 2, systemd leaves the unit stopped
+        raise DeploymentError(first.words(opts.superlink))
+    if not first.ok:
+        logger.warning("%s; the SuperNode keeps retrying", first.words(opts.superlink))
     if opts.allow_non_private:
         logger.warning(
             "NON-PRIVATE RUNS ALLOWED (--allow-non-private): a run with "
@@ -211,6 +219,7 @@ def run_client(opts: ClientOptions) -> int:
     try:
         return supervisor.Supervisor(worker_argv=supervisor.worker_command(socket),
                                      supernode_argv=argv, env=env,
-                                     socket=socket).run()
+                                     socket=socket, address=opts.superlink,
+                                     probe=look).run()
     finally:
         lock.close()

@@ -16,13 +16,15 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import IO
 
 from fedtune.client.node import channel
+from fedtune.client.node.probe import Probe
 from fedtune.common.errors import DeploymentError
 
 logger = logging.getLogger(__name__)
@@ -106,15 +108,33 @@ def _describe(code: int) -> str:
     return f"exit status {code}"
 
 
+RETRY = "Connection attempt failed"  # Flower's SuperNode, retrying the SuperLink
+TLS_FAILURE = ("handshake", "CERTIFICATE_VERIFY_FAILED", "BAD_SIGNATURE")
+CONNECTED = "SuperNode ID:"  # Flower's line once the SuperLink accepted the node
+REMIND_EVERY = 10  # attempts between the ERROR lines that say what to check
+
+
 class Supervisor:
-    """Start, watch and stop the worker and the SuperNode."""
+    """Start, watch and stop the worker and the SuperNode.
+
+    The SuperNode's output is relayed line by line (unchanged) and read:
+    Flower's retry lines get one of fedtune's, naming the address and the cause
+    (``probe``, :mod:`fedtune.client.node.probe`), every :data:`REMIND_EVERY`
+    attempts an ERROR says what to check, and a TLS failure stops the daemon with
+    status 2 (a configuration error: the systemd unit does not restart it)."""
 
     def __init__(self, *, worker_argv: Sequence[str], supernode_argv: Sequence[str],
-                 env: Mapping[str, str], socket: Path) -> None:
+                 env: Mapping[str, str], socket: Path, address: str = "",
+                 probe: Callable[[], Probe] | None = None) -> None:
         self.worker_argv = list(worker_argv)
         self.supernode_argv = list(supernode_argv)
         self.env = dict(env)
         self.socket = socket
+        self.address = address
+        self.probe = probe
+        self.attempts = 0
+        self.connected = False
+        self.fatal: str | None = None
         self.worker: subprocess.Popen[bytes] | None = None
         self.supernode: subprocess.Popen[bytes] | None = None
         self.restarts = 0
@@ -139,18 +159,70 @@ class Supervisor:
         try:
             self._start_worker()
             self.supernode = subprocess.Popen(self.supernode_argv, env=self.env,
+                                              stdout=subprocess.PIPE,
+                                              stderr=subprocess.STDOUT,
                                               preexec_fn=_die_with_parent)
+            threading.Thread(target=self._relay, args=(self.supernode,),
+                             daemon=True).start()
             return self._watch()
         finally:
             self.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
+    def _relay(self, proc: subprocess.Popen[bytes]) -> None:
+        """Copy the SuperNode's output to the daemon's and read each line."""
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace")
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            try:
+                self.read(line)
+            except Exception:  # noqa: BLE001 - reading must never stop the relay
+                logger.exception("could not read a SuperNode line")
+
+    def read(self, line: str) -> None:
+        """Act on one line of the SuperNode's output."""
+        if CONNECTED in line:
+            self.connected, self.attempts = True, 0
+            node = line.split(CONNECTED, 1)[1].strip()
+            logger.info("connected to the SuperLink at %s as node %s", self.address,
+                        node)
+            return
+        tls = any(word in line for word in TLS_FAILURE)
+        if RETRY not in line and not tls:
+            return
+        self.attempts += RETRY in line
+        found = self.probe() if self.probe is not None else Probe(
+            False, "TLS handshake failed" if tls else "no answer",
+            "Check --superlink and --ca-cert", fatal=tls)
+        if found.fatal:
+            self.fatal = found.words(self.address)
+            return
+        if found.ok and not tls:
+            logger.warning("the SuperNode could not connect to %s (attempt %d), "
+                           "though the address answers now: it retries",
+                           self.address, self.attempts)
+            return
+        logger.warning("%s (attempt %d; the SuperNode retries)",
+                       found.words(self.address), self.attempts)
+        if self.attempts % REMIND_EVERY == 0:
+            logger.error("after %d attempts %s", self.attempts,
+                         found.words(self.address))
+
     def _watch(self) -> int:
         assert self.supernode is not None
         while self._stop is None:
+            if self.fatal is not None:
+                logger.error("%s. The daemon stops with status 2 (a configuration "
+                             "error: restarting would not help)", self.fatal)
+                return 2
             code = self.supernode.poll()
             if code is not None:
+                time.sleep(0.3)  # the relay reads the SuperNode's last lines
+                if self.fatal is not None:
+                    continue
                 logger.error("the SuperNode stopped (%s); stopping the site worker",
                              _describe(code))
                 return code if code > 0 else 1

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -219,18 +219,56 @@ def submit(cfg: RunConfig, *, name: str, run_path: Path | None,
     return int(answer["run-id"])
 
 
+BENIGN = deployment.FLOWER_NOISE  # they stay in `flwr log RUN_ID`
+_RAISED = re.compile(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception|Exhausted)): (.*)")
+_FLOWER_EXIT = ("Exit Code:", "For more information, visit:")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def operator_lines(lines: Iterable[str]) -> Iterator[str]:
+    """The run's log as the operator's terminal shows it: Flower's duplicate and
+    benign lines dropped, and a ServerApp's failure as one line (its error, which
+    names the problem and the fix) instead of a traceback and Flower's exit-code
+    text. The full log stays in ``flwr log RUN_ID``."""
+    in_trace = in_exit = failed = False
+    for line in lines:
+        plain = _ANSI.sub("", line)
+        if _FLOWER_EXIT[0] in plain:  # Flower's exit-code text, to its link
+            in_exit = True
+        if _DUPLICATE.match(plain) or any(b in plain for b in BENIGN):
+            continue
+        if plain.startswith("Traceback (most recent call last)"):
+            in_trace = True
+            continue
+        if in_trace:
+            raised = _RAISED.match(plain)
+            if raised:
+                in_trace = False
+                if not failed:
+                    failed = True
+                    yield (f"the run failed: {raised.group(1)}: "
+                           f"{raised.group(2).strip()}\n")
+            continue
+        if in_exit:
+            in_exit = _FLOWER_EXIT[1] not in plain
+            continue
+        if "raised an exception" in plain or "failed with exception" in plain:
+            continue
+        yield line
+
+
 def stream(run_id: int, *, name: str) -> str:
-    """Print the run's log as it happens; return its final Flower status."""
+    """Print the run's log as it happens (:func:`operator_lines`); return its
+    final Flower status."""
     _check_name(name)
     argv = [deployment.executable("flwr"), "log", str(run_id), name, "--stream"]
     env = deployment.flower_env(home=_flwr_home())
     with subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True) as proc:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            if not _DUPLICATE.match(line):
-                sys.stdout.write(line)
-                sys.stdout.flush()
+        for line in operator_lines(proc.stdout):
+            sys.stdout.write(line)
+            sys.stdout.flush()
     return run_status(run_id, name=name)
 
 
@@ -267,7 +305,7 @@ def run_line(run: dict[str, Any], *, name: str) -> str:
                                "server made one)")
     at = f"round {got['round']}/{got['rounds']}"
     if status.startswith("finished:") and status != "finished:completed":
-        at = f"FAILED at {at}"
+        at = f"FAILED at {at}" if got["round"] else "FAILED before round 1"
     eps = "" if got["epsilon"] is None else f"  ε max {got['epsilon']:.3f}"
     return f"{line}  {at}{eps}  {where}"
 
@@ -275,6 +313,7 @@ def run_line(run: dict[str, Any], *, name: str) -> str:
 def status_text(name: str) -> str:
     """Nodes (by their labels) and runs of a deployment, as the operator reads
     them."""
+    _check_name(name)
     lines = [f"deployment {name}: {deployments()[name]['address']}"]
     node_list = nodes(name)
     named = labels(name)

@@ -101,7 +101,8 @@ def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
         plans = plan_privacy(grid, cfg, run_dir=run_dir,
                              dims=planning.model_dims(cfg, model),
                              timeout=fed.round_timeout,
-                             simulated=bool(flat.get(SIMULATED)))
+                             simulated=bool(flat.get(SIMULATED)),
+                             labels=strategy.site_labels)
         if not resuming:
             recorder.initial_extra = priors.start_head(
                 model, cfg, site_records=[p.records for p in plans])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,42 +25,54 @@ from flwr.serverapp import Grid
 
 from fedtune.common import plan_text, planning, records, sites
 from fedtune.common.config import RunConfig
+from fedtune.common.errors import CONFIG_FAILURE
 from fedtune.server.rundir import PLAN_FILE
 from fedtune.server.runtime import stats
 
 logger = logging.getLogger(__name__)
 
 
-def site_sizes(grid: Grid, *, timeout: float) -> list[tuple[str, int]]:
-    """(``node <id>``, training records) of every connected node that answers."""
+def site_sizes(grid: Grid, *, timeout: float,
+               labels: Mapping[str, str] | None = None) -> list[tuple[str, int]]:
+    """(the site's name, training records) of every connected node that answers
+    (``labels``: the operator's, by node id); a configuration or data error on a
+    site stops the run here, before round 1."""
     ask: dict[str, Any] = {records.QUERY: records.SITE_SIZE}
     messages = [Message(content=RecordDict({records.CONFIG: ConfigRecord(ask)}),
                         dst_node_id=node, message_type=MessageType.QUERY)
                 for node in sorted(grid.get_node_ids())]
     sizes = []
+    broken: dict[str, str] = {}
     for reply in grid.send_and_receive(messages, timeout=timeout):
-        node = f"node {reply.metadata.src_node_id}"
+        node = stats.site_label(labels or {}, str(reply.metadata.src_node_id))
         if reply.has_error():
-            why = stats.declined_words(reply.error.reason or "")
+            reason = reply.error.reason or ""
+            why = stats.declined_words(reason)
             if why:
                 logger.warning("%s declines this run: %s", node, why)
+            elif CONFIG_FAILURE in reason:
+                broken[node] = stats.failure_words(reason)
             else:
                 logger.warning("%s did not report its size: %s", node,
-                               reply.error.reason)
+                               stats.failure_words(reason))
             continue
         metrics = reply.content.metric_records.get(records.METRICS, MetricRecord())
         if records.NUM_EXAMPLES in metrics:
             count = metrics[records.NUM_EXAMPLES]
             sizes.append((node, int(count if isinstance(count, int | float) else 0)))
+    if broken:  # deterministic: no round could succeed on these sites
+        raise stats.config_stop("before round 1", broken)
     return sizes
 
 
 def plan_privacy(grid: Grid, cfg: RunConfig, *, run_dir: Path, dims: tuple[int, int],
-              timeout: float, simulated: bool = False) -> list[planning.SitePlan]:
+                 timeout: float, simulated: bool = False,
+                 labels: Mapping[str, str] | None = None
+                 ) -> list[planning.SitePlan]:
     """Plan every answering site (``simulated``: every partition), log the table
     (a summary at scale), warn on a bad verdict, and write ``plan.json``."""
     sizes = (sites.simulated_sites(cfg) if simulated else
-             site_sizes(grid, timeout=timeout))
+             site_sizes(grid, timeout=timeout, labels=labels))
     plans = planning.plan_sites(cfg, sizes, dims=dims)
     if not plans:
         logger.warning("no site reported its size: no privacy-utility plan")

@@ -31,7 +31,7 @@ from fedtune.common.config import RunConfig
 from fedtune.common.deployment import DETAIL
 from fedtune.common.errors import FedtuneError
 from fedtune.server.runtime import resume
-from fedtune.server.runtime.stats import all_declined
+from fedtune.server.runtime.stats import all_declined, config_failed
 from fedtune.server.runtime.strategy import FedTuneStrategy
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,8 @@ def train_round(grid: Grid, strategy: FedTuneStrategy, *, server_round: int,
         stats = strategy.round_stats[server_round]
         if stats.every_site_declined:
             raise all_declined(server_round, stats)
+        if stats.config_failures:
+            raise config_failed(server_round, stats)
         summary = stats.summary()
         logger.warning(
             "round %d attempt %d: %d of %d needed updates accepted (%s late, %d "

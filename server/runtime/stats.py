@@ -18,7 +18,7 @@ from typing import Any
 from flwr.app import Message, MetricRecord
 
 from fedtune.common import planning, records
-from fedtune.common.errors import SITE_POLICY, FedtuneError
+from fedtune.common.errors import CONFIG_FAILURE, SITE_POLICY, FedtuneError
 
 logger = logging.getLogger(__name__)
 DECLINED = "PrivacyBudgetExhausted"  # in a site's error reply: it declined the round
@@ -50,6 +50,7 @@ class RoundStats:
     weight_by_node: dict[str, float] = field(default_factory=dict)
     dp_by_node: dict[str, dict[str, float]] = field(default_factory=dict)
     site_by_node: dict[str, str] = field(default_factory=dict)
+    config_failures: dict[str, str] = field(default_factory=dict)  # deterministic
 
     @property
     def every_site_declined(self) -> bool:
@@ -110,6 +111,23 @@ def all_declined(server_round: int, stats: RoundStats) -> FedtuneError:
 BUDGET_WORDS = "its privacy budget is exhausted"
 
 
+def config_failed(server_round: int, stats: RoundStats) -> FedtuneError:
+    """The error that stops a run whose round failed on configuration or data
+    errors: no retry or resume fixes them."""
+    return config_stop(f"round {server_round}", {
+        site_label(stats.site_by_node, n): w
+        for n, w in sorted(stats.config_failures.items())})
+
+
+def config_stop(when: str, failures: Mapping[str, str]) -> FedtuneError:
+    """``failures``: each site's one line (by its name), from
+    :func:`failure_words`."""
+    why = "; ".join(f"{site}: {words}" for site, words in failures.items())
+    return FedtuneError(f"{when}: {why}. Fix the run's config or the site's data "
+                        "and start a new run (retrying or resuming would meet the "
+                        "same error)")
+
+
 def declined_words(reason: str) -> str | None:
     """Why a site declined, from its error reply: its policy's rule (``site policy
     rule max_epsilon_per_run: ...``) or its exhausted budget; None: it failed."""
@@ -128,6 +146,10 @@ WRAPPERS = ("ClientAppException", "RayTaskError", "RayActorError")
 def failure_words(reason: str) -> str:
     """A failed site's reply in a few words: the error class the site sent (its
     details stay in the site's own log), or Flower's own reason, shortened."""
+    config = re.search(rf"(\w+) on the site \({CONFIG_FAILURE}\): ([^\n]*)", reason)
+    if config:
+        line = config.group(2).rstrip(" '\">")
+        return f"{config.group(1)}: {line}"
     found = re.search(r"(\w+) on the site", reason)
     if found:
         return f"{found.group(1)} on the site"
@@ -179,6 +201,8 @@ def summarize_replies(replies: list[Message], stats: RoundStats) -> None:
             else:
                 stats.nodes_failed.append(node)
                 stats.failed_why[node] = failure_words(reason)
+                if CONFIG_FAILURE in reason:
+                    stats.config_failures[node] = stats.failed_why[node]
             continue
         stats.replied += 1
         stats.nodes_replied.append(node)

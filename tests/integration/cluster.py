@@ -75,9 +75,12 @@ class Cluster:
         wait_for(lambda: self.log("server").count("Uvicorn running on https") > started,
                  timeout=60, what="the SuperLink to listen")
 
-    def provision(self, names: list[str]) -> None:
+    def provision(self, names: list[str], *, labelled: tuple[str, ...] | None = None
+                  ) -> dict[str, str]:
         """A CA, the server's certificate, a key per node; the SuperLink started,
-        the deployment ``test`` named, and each node registered (labelled)."""
+        the deployment ``test`` named, and each node registered (those in
+        ``labelled`` with their name as label; default all). Returns the node ids
+        by name."""
         for args in (["ca", "--out", str(self.certs)],
                      ["server", "--ca", str(self.certs), "--san", "127.0.0.1"],
                      *[["node", n, "--out", str(self.keys)] for n in names]):
@@ -86,10 +89,14 @@ class Cluster:
         added = self.fedtune("deployment", "add", "test", "--control", self.control,
                              "--ca-cert", str(self.certs / "ca.crt"))
         assert added.returncode == 0, added.stderr
+        ids = {}
         for n in names:
+            label = ["--label", n] if labelled is None or n in labelled else []
             reg = self.fedtune("keys", "register", str(self.keys / f"{n}.pub"),
-                               "--deployment", "test", "--label", n)
+                               "--deployment", "test", *label)
             assert reg.returncode == 0, reg.stderr
+            ids[n] = reg.stdout.split()[-1]
+        return ids
 
     def start_node(self, name: str, data: Path, *, key: str | None = None,
                    ca: Path | None = None, extra: tuple[str, ...] = ()

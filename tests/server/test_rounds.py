@@ -179,3 +179,38 @@ def test_status_tells_a_failed_run_and_the_app_carries_the_labels(
                                name="t")
     assert "  round 1/2  ε max 3.250  /srv/runs/run-5" in running
     assert "FAILED" not in running
+
+
+def test_a_serverapp_failure_reaches_the_operator_as_one_line() -> None:
+    from fedtune.server.operations import control
+
+    # Prepare: what `flwr log --stream` prints for a ServerApp's DataError
+    # (Flower 1.39, abridged: each traceback frame is two lines)
+    frames = ['  File "/x/central_eval.py", line 54, in __init__\n',
+              "    self.dataset = data.encode_for_task(recs, tok)\n"] * 3
+    raw = ["\x1b[92mINFO \x1b[0m:      Start `flwr-serverapp` process\n",
+           "2026-12-07 13:11:26,346 INFO fedtune.server.runtime.app: run "
+           "directory: /srv/runs/run-1\n",
+           "\x1b[93mWARNING \x1b[0m:   fraction_evaluate is set to 0.0. Federated "
+           "evaluation will be skipped.\n",
+           "\x1b[91mERROR \x1b[0m:     ServerApp raised an exception\n",
+           "Traceback (most recent call last):\n", *frames,
+           "fedtune.common.errors.DataError: /srv/test.jsonl: data file not found; "
+           "set data.source\n",
+           "12/07/2026 13:11:26:ERROR:ServerApp raised an exception\n",
+           "Traceback (most recent call last):\n", *frames,
+           "fedtune.common.errors.DataError: /srv/test.jsonl: data file not found\n",
+           "\x1b[91mERROR \x1b[0m:     Exit Code: 201\n", "\n",
+           "An unhandled exception occurred in the ServerApp.\n", "\n",
+           "For more information, visit: <https://flower.ai/docs/201.html>\n",
+           "12/07/2026 13:11:26:ERROR:Exit Code: 201\n", "\n",
+           "An unhandled exception occurred in the ServerApp.\n", "\n",
+           "For more information, visit: <https://flower.ai/docs/201.html>\n",
+           "\n"]
+    # Execute
+    shown = list(control.operator_lines(raw))
+    # Assert: the run's own lines (not Flower's notices), then its error once, in
+    # one line
+    assert shown == [raw[1],
+                     "the run failed: DataError: /srv/test.jsonl: data file not "
+                     "found; set data.source\n", "\n"]

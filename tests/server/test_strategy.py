@@ -183,3 +183,40 @@ def test_sites_are_named_by_the_operators_label_else_their_own() -> None:
     # Assert: the registration wins; the site's own label fills in for none
     assert named.round_stats[1].summary()["site_by_node"] == labels
     assert plain.round_stats[1].summary()["site_by_node"] == {"1": "own-name"}
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_a_configuration_error_reaches_the_operator_in_one_line_and_stops_the_run(
+        ) -> None:
+    # Prepare: a site's data does not hold the run's labels (a typo in data.labels)
+    from fedtune.client.mods import failure_text
+    from fedtune.common.data import label_ids
+    from fedtune.common.errors import DataError, FedtuneError
+    from fedtune.server.runtime import stats as round_stats
+
+    rows = [{"y": "jane-doe"}, {"y": "neutral"}]
+    with pytest.raises(DataError) as err:
+        label_ids(rows, column="y", labels=["neutrl", "positive"])
+    sent = failure_text(err.value)
+    query = Message(RecordDict({records.CONFIG: ConfigRecord()}), dst_node_id=1,
+                    message_type="train")
+    failed = Message(Error(code=0, reason=f"<'{sent}'>"), reply_to=query)
+    strategy = build_strategy(FederationConfig(), min_train_nodes=1,
+                              min_available_nodes=1)
+    strategy.site_labels = {"1": "hospital-a"}
+    # Execute
+    arrays, _ = strategy.aggregate_train(1, [failed])
+    stopped = round_stats.config_failed(1, strategy.round_stats[1])
+    # Assert: the one line names the column and the declared labels, never a value
+    # from the data; the run stops at once (no retry, no promised resume)
+    assert arrays is None
+    why = strategy.round_stats[1].config_failures["1"]
+    assert why.startswith("DataError: the site's column 'y' holds 2 label(s) that "
+                          "data.labels=['neutrl', 'positive'] does not declare")
+    assert "jane-doe" not in sent and "neutral" not in sent.replace("neutrl", "")
+    assert isinstance(stopped, FedtuneError)
+    assert str(stopped).startswith("round 1: hospital-a: DataError: the site's")
+    assert "start a new run" in str(stopped) and "resuming" in str(stopped)
+    # an error without public words: its class only, and retried like any failure
+    assert failure_text(DataError("/secret/path.jsonl: x")) == (
+        "DataError on the site (details stay in the site's own log)")
