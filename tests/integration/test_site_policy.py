@@ -116,8 +116,9 @@ def test_each_site_declines_what_its_policy_forbids(
     why = row["nodes_declined_why"]
     assert sorted(w.split(":")[0] for w in why.values()) == sorted(
         f"site policy rule {r}" for r in RULES.values())
+    names = row["site_by_node"]  # the labels the operator registered
     for node, words in why.items():
-        assert f"node {node} declined the round: {words}" in log
+        assert f"{names[node]} declined the round: {words}" in log
     for name, rule in RULES.items():
         assert f"declined by this site's policy: SitePolicy on the site: rule {rule}" \
             in sites.log(name)
