@@ -47,12 +47,17 @@ def file_stamp(source: str) -> tuple[int, ...]:
     return (info.st_ino, info.st_size, info.st_mtime_ns)
 
 
-def read_records(source: str, *, required: Sequence[str]) -> list[Record]:
-    """Read a JSONL / CSV / TSV file (or ``fedtune:NAME`` asset) into records."""
+SITE_DATA = "data.source (simulation) or the node's data-path"
+
+
+def read_records(source: str, *, required: Sequence[str], key: str = SITE_DATA
+                 ) -> list[Record]:
+    """Read a JSONL / CSV / TSV file (or ``fedtune:NAME`` asset) into records;
+    ``key``: the setting that names the file, for the error that cannot find it."""
     path = Path(assets.resolve(source))
     if not path.is_file():
-        raise DataError(f"{path}: data file not found; set data.source (simulation) "
-                        "or the node's data-path to an existing .jsonl/.csv/.tsv file",
+        raise DataError(f"{path}: data file not found; set {key} to an existing "
+                        ".jsonl/.csv/.tsv file",
                         public="the site's data file is not found (the daemon's "
                         "--data)")
     suffix = path.suffix.lower()

@@ -191,7 +191,8 @@ def check_simulation_data(cfg: RunConfig) -> list[str]:
                    "data.source")
     else:
         try:
-            test = read_records(d.test_source, required=required)
+            test = read_records(d.test_source, required=required,
+                                key="data.test_source")
             if task == "classification":
                 label_ids(test, column=d.label_column, labels=d.labels,
                           source=d.test_source)

@@ -48,7 +48,8 @@ class CentralEvaluator:
         if cfg.data.test_source:
             recs = data.read_records(
                 cfg.data.test_source,
-                required=data.required_columns(cfg.model.task, cfg.data))
+                required=data.required_columns(cfg.model.task, cfg.data),
+                key="data.test_source (read on the server host)")
             if cfg.data.max_test_samples:
                 recs = recs[: cfg.data.max_test_samples]
             self.dataset = data.encode_for_task(recs, tok, task=cfg.model.task,
@@ -64,7 +65,9 @@ class CentralEvaluator:
         self.retention_set = None
         if cfg.data.retention_source:
             recs = data.read_records(cfg.data.retention_source,
-                                     required=[cfg.data.retention_column])
+                                     required=[cfg.data.retention_column],
+                                     key="data.retention_source (read on the "
+                                     "server host)")
             recs = recs[: cfg.data.max_retention_samples or None]
             self.retention_set = data.encode_text(
                 recs, tok, column=cfg.data.retention_column,
