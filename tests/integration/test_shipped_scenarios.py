@@ -79,10 +79,11 @@ def test_causal_lm_scenario(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("scenario", "labels", "floor"), [
     ("imbalanced", ("disease", "circumstance"), 0.8),
-    # the bar is 0.8 here too; measured over 3 runs (bench/README.md
-    # section 10) the calibrated decisions held it twice, the third run's minority
-    # recall was 0.787: the floor is what every run held
-    ("imbalanced-musculoskeletal", ("other", "musculoskeletal"), 0.75)])
+    # the bar is 0.8 here too; the balance point held it in all 3 measured
+    # runs (bench/README.md section 10c), with minority precision 0.804-0.811: the
+    # held-out set's 268 minority records put ~0.025 of sampling sd on that, so
+    # the floor leaves one sd below the bar
+    ("imbalanced-musculoskeletal", ("other", "musculoskeletal"), 0.78)])
 def test_imbalanced_scenario_calibrates_its_decisions(
         tmp_path: Path, scenario: str, labels: tuple[str, str], floor: float) -> None:
     # a YAML naming only the data and the sites; the recipe is the built-in one
