@@ -137,7 +137,8 @@ class PrivacyConfig(_Section):
     histogram. 0 (the default) follows the budget: 2 (what the recipe was measured
     with at epsilon 8) for ``target_epsilon >= 8``, ``2 * 8 / target_epsilon``
     below, so that the release keeps about the share of a smaller budget it has
-    of 8 (at a fixed 2, an epsilon-1 run could not afford it at all).
+    of 8 (at a fixed 2, an epsilon-1 run could not afford it at all); half that
+    for a two-class task's histogram (``RunConfig.calibration_sigma``).
 
     ``personalize_epsilon`` (at ``target_delta``) is what a site's personalisation
     (``train.personalize_epochs``) may spend on top of the run; its DP-SGD noise is
@@ -172,7 +173,8 @@ class PrivacyConfig(_Section):
 
     @property
     def calibration_sigma(self) -> float:
-        """The decision calibration's noise multiplier (``0`` resolved)."""
+        """The many-class calibration counts' noise multiplier (``0`` resolved;
+        a run's release uses ``RunConfig.calibration_sigma``)."""
         if self.calibration_noise_multiplier > 0:
             return self.calibration_noise_multiplier
         return CALIBRATION_NOISE_AT_8 * max(1.0, 8.0 / self.target_epsilon)
