@@ -143,10 +143,9 @@ def balance_point(total: np.ndarray, cls: int) -> int:
     candidate's excess), clipped to the candidates; where the fitted line does not
     fall (noise or a flat model), the candidate of the smallest excess."""
     found = excess(total, cls)
-    steps = np.arange(len(found), dtype=np.float64)
     if len(found) < 2:
         return 0
-    slope, at_zero = np.polyfit(steps, found, 1)
+    slope, at_zero = np.polyfit(np.arange(len(found), dtype=np.float64), found, 1)
     if slope >= 0:
         return int(np.argmin(np.abs(found)))
     return int(np.clip(np.rint(-at_zero / slope), 0, len(found) - 1))

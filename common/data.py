@@ -120,23 +120,21 @@ def jsonl_records(lines: Iterable[str], *, where: str) -> list[Record]:
     return records
 
 
-def _seen(records: Sequence[Record], column: str) -> set[str]:
-    return {str(r[column]) for r in records}
-
-
 def label_ids(records: Sequence[Record], *, column: str, labels: Sequence[str],
               source: str = "data") -> list[int]:
     """Map label names to ids, rejecting labels the run does not declare."""
     index = {name: i for i, name in enumerate(labels)}
     unknown = Counter(str(r[column]) for r in records if str(r[column]) not in index)
     if unknown:
+        present = {str(r[column]) for r in records}
+        absent = sum(1 for name in labels if name not in present)
         raise DataError(
             f"{source}: unknown label(s) {sorted(unknown)} in column {column!r}; "
             f"the run declares data.labels={list(labels)}. Add them there or fix "
             "the data", public=f"the site's column {column!r} holds {len(unknown)} "
             f"label(s) that data.labels={list(labels)} does not declare "
-            f"({sum(1 for name in labels if name not in _seen(records, column))} "
-            "declared label(s) never occur there): check data.labels for a typo")
+            f"({absent} declared label(s) never occur there): check data.labels "
+            "for a typo")
     return [index[str(r[column])] for r in records]
 
 

@@ -60,8 +60,8 @@ class RunConfig:
         """The decision calibration's noise multiplier: ``privacy.
         calibration_noise_multiplier``, or (0) resolved: 2 at epsilon >= 8 for the
         many-class counts, half that for the two-class histogram (sensitivity 1,
-        and the decision's only evidence: about 1.8 of epsilon 8 instead of 0.5,
-        bench/README.md section 11)."""
+        and the decision's only evidence: about 2.1 of epsilon 8 instead of 0.5,
+        bench/README.md section 10c)."""
         p = self.privacy
         if p.calibration_noise_multiplier > 0 or len(self.data.labels) != 2:
             return p.calibration_sigma

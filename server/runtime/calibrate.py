@@ -141,8 +141,8 @@ def calibrate(grid: Grid, *, cfg: RunConfig, run_dir: Path,
     # the summed release's noise: each site's z * sensitivity, independent
     z = cfg.calibration_sigma if cfg.privacy.enabled else 0.0
     noise_sd = z * calibration.sensitivity(len(strengths), k) * float(np.sqrt(used))
+    minority = int(np.argmin(prior))
     if k == 2:  # the minority predicted as often as it occurs (P = R)
-        minority = int(np.argmin(prior))
         best = found[calibration.balance_point(counts, minority)]
         margin = None
     else:  # two candidates' estimates differ by noise of about sqrt(2) x one's
@@ -165,7 +165,7 @@ def calibrate(grid: Grid, *, cfg: RunConfig, run_dir: Path,
         "epsilon_max": max(spent) if spent else None,
         "margin": margin,  # many classes: the gain over strength 0 a move needed
         "rule": "balance" if k == 2 else "macro-f1",
-        "excess": (calibration.excess(counts, int(np.argmin(prior))).tolist()
+        "excess": (calibration.excess(counts, minority).tolist()
                    if k == 2 else None),
         "prior": prior, "decision_bias": biases[chosen].tolist(),
         "candidates": [{"strength": e.strength, "val_macro_f1": e.macro_f1,
