@@ -20,9 +20,10 @@ what the size changes). Recipes (10 rounds each):
   ``lora1``/``lora2`` LoRA (r 8, AdamW 5e-3) on the top 1/2 layers; ``bitfit2``,
   ``layernorm2``, ``ia3-2`` (``lora.method``) on the top 2 layers at AdamW 2e-2
   (vectors: fewer, larger steps);
-- variants of an adapter row (``ROW@VARIANT``): ``eps25``/``eps75`` a quarter /
-  three quarters of epsilon to the head rounds; ``epochs4`` four epochs a round
-  in the adapter's rounds (4x the steps at the same batch).
+- variants of an adapter row (``ROW@VARIANT``): ``eps25``/``eps75``/``eps90`` a
+  quarter / three quarters / nine tenths of epsilon to the head rounds;
+  ``epochs4`` four epochs a round in the adapter's rounds (4x the steps at the
+  same batch).
 
 Every adapter round already takes large batches and few steps: batch 512 (the
 recipe's, both phases share it since the ledger accounts one sampling rate per
@@ -64,6 +65,7 @@ VARIANTS: dict[str, list[str]] = {
     "epochs4": ["train.local_epochs=4"],
     "eps25": ["privacy.linear_probe_budget=0.25"],
     "eps75": ["privacy.linear_probe_budget=0.75"],
+    "eps90": ["privacy.linear_probe_budget=0.9"],
 }
 SITES = {150: 8, 1350: 8, 5000: 2}
 
