@@ -8,10 +8,18 @@
 - ``layernorm``: LayerNorm-only. A trainable copy of each layer's LayerNorms
   (peft's LN tuning), its weight and bias;
 - ``ia3``: IA3. A scaling vector on key, value and the feed-forward output
-  (peft's IA3, starting at 1).
+  (peft's IA3, starting at 1);
+- ``prompt`` (causal LM): prompt tuning. ``lora.virtual_tokens`` trained input
+  embeddings before every prompt (peft's prompt tuning, each started from a
+  token of the model's vocabulary);
+- ``prefix`` (causal LM): prefix tuning. ``lora.virtual_tokens`` trained keys and
+  values that every layer's attention reads before the prompt (peft's prefix
+  tuning, without the reparametrising MLP: its per-record gradient is an
+  embedding's, which Opacus computes exactly).
 
-Every method sits on the transformer layers ``lora.top_layers`` names (the top k,
-the ones below cached; 0: every layer), and the classification head trains with it.
+Every method but the two prompt methods sits on the transformer layers
+``lora.top_layers`` names (the top k, the ones below cached; 0: every layer), and
+the classification head trains with it.
 ``lora.target_modules`` overrides a method's targets. Opacus computes each method's
 per-record gradients exactly (:mod:`fedtune.client.dpsgd`; tests hold them to the
 whole model's within 1e-5). Pure torch + peft, no Flower.
@@ -22,14 +30,24 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from peft import BeftConfig, IA3Config, LNTuningConfig, PeftConfig
+from peft import (
+    BeftConfig,
+    IA3Config,
+    LNTuningConfig,
+    PeftConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    PromptTuningInit,
+)
 
 from fedtune.common import recipes
 from fedtune.common.errors import ModelError
 
 # A parameter name holds one of these exactly when it is an adapter tensor (not
 # the head): in peft's state-dict names and in named_parameters' alike
-MARKERS = (".lora_A.", ".lora_B.", ".beft_bias", ".ln_tuning_layers.", ".ia3_l")
+MARKERS = (".lora_A.", ".lora_B.", ".beft_bias", ".ln_tuning_layers.", ".ia3_l",
+           "prompt_encoder.", "prompt_embeddings")
+PROMPTS = ("prompt", "prefix")  # the methods that add virtual tokens (causal LM)
 ENCODERS = ("bert", "roberta", "xlm-roberta")
 DECODERS = ("llama", "mistral", "qwen2", "qwen3")
 # each method's targets (module-name suffixes inside a transformer layer) by family
@@ -47,7 +65,7 @@ LAYER_LISTS = ("layer", "layers", "h")
 
 
 WORDS = {"bitfit": "bias-only (BitFit)", "layernorm": "LayerNorm-only",
-         "ia3": "IA3"}
+         "ia3": "IA3", "prompt": "prompt tuning", "prefix": "prefix tuning"}
 
 
 def describe(cfg: Any) -> str:
@@ -58,6 +76,8 @@ def describe(cfg: Any) -> str:
         return "the head only"
     what = WORDS.get(lora.method) or (f"LoRA r={lora.r}"
                                       f"{' (FFA)' if lora.ffa else ''}")
+    if lora.method in PROMPTS:
+        what += f" ({lora.virtual_tokens} virtual tokens)"
     if lora.top_layers:
         what += f" on the top {lora.top_layers} layer(s)"
     if cfg.model.task != "classification":
@@ -101,8 +121,18 @@ def layer_pattern(names: list[str], layers: list[int]) -> str:
 
 def peft_config(method: str, *, model_type: str, layers: list[int],
                 configured: tuple[str, ...], head: str | None, task_type: str | None,
-                base_name: str) -> PeftConfig:
+                base_name: str, virtual_tokens: int = 8) -> PeftConfig:
     """The peft config of a non-LoRA ``method`` on the transformer ``layers``."""
+    if method == "prompt":
+        return PromptTuningConfig(task_type=task_type,
+                                  base_model_name_or_path=base_name,
+                                  num_virtual_tokens=virtual_tokens,
+                                  prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB)
+    if method == "prefix":
+        return PrefixTuningConfig(task_type=task_type,
+                                  base_model_name_or_path=base_name,
+                                  num_virtual_tokens=virtual_tokens,
+                                  prefix_projection=False)
     pattern = layer_pattern(targets(method, model_type, configured), layers)
     common: dict[str, Any] = {"target_modules": pattern, "task_type": task_type,
                               "modules_to_save": [head] if head else None,
@@ -123,6 +153,13 @@ def check_model(pretrained: Any, lora: Any) -> None:
     if lora.method == "lora":
         return
     model_type: str = pretrained.config.model_type
+    if lora.method in PROMPTS:
+        if model_type not in DECODERS:
+            raise ModelError(f"lora.method: {lora.method} cannot be hosted by "
+                             f"model_type {model_type!r}: prompt and prefix tuning "
+                             f"are offered for causal LMs ({', '.join(DECODERS)}); "
+                             "use lora.method: lora, ia3, layernorm or bitfit")
+        return
     names = targets(lora.method, model_type, lora.target_modules)
     found = [m for n, m in pretrained.named_modules()
              if any(n == t or n.endswith("." + t) for t in names)]

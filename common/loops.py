@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from peft import PeftType
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -68,7 +69,8 @@ def per_sample_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, task: s
 
     Causal LM: token losses summed over the response tokens divided by their count
     (HF's ``labels=`` loss averages over all tokens of the batch, which mixes samples
-    and breaks per-sample gradients).
+    and breaks per-sample gradients); the LM head runs at those positions only
+    (:func:`response_logits`).
 
     ``logit_bias`` (classification, training only): added to the logits before the
     loss, ``tau * log(prior)`` for logit-adjusted training.
@@ -78,12 +80,56 @@ def per_sample_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, task: s
         if logit_bias is not None:
             logits = logits + logit_bias.to(logits.device)
         return F.cross_entropy(logits, batch["labels"], reduction="none")
-    logits = forward(model, batch).logits[:, :-1]
-    target = batch["input_ids"][:, 1:]
     mask = batch["loss_mask"][:, 1:]
-    tok = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                          target.reshape(-1), reduction="none").view(target.shape)
-    return (tok * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    read = mask > 0
+    logits, rows = response_logits(model, batch, read)
+    target = batch["input_ids"][:, 1:][read]
+    tok = F.cross_entropy(logits.float(), target, reduction="none") * mask[read]
+    total = torch.zeros(len(mask), dtype=tok.dtype, device=tok.device)
+    return total.index_add(0, rows, tok) / mask.sum(1).clamp(min=1.0)
+
+
+class _Deferred(nn.Module):
+    """Stands in for a causal LM's ``lm_head`` inside :func:`response_logits`: the
+    model's "logits" are then its final hidden states."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+
+def _lm_head_holder(model: nn.Module) -> nn.Module:
+    """The module whose ``lm_head`` turns the final hidden states into logits (the
+    causal LM inside peft's and Opacus' wrappers, or a top-layer view's)."""
+    for module in model.modules():
+        if "lm_head" in module._modules:
+            return module
+    raise ConfigError(f"{type(model).__name__} has no lm_head: not a causal LM")
+
+
+def response_logits(model: nn.Module, batch: Batch, read: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits predicting each next token where ``read`` ([B, T-1], the loss
+    positions) is set, as ``[N, vocab]``, and each row's sequence in the batch.
+
+    A 49k-vocabulary LM head over every position is most of a step's work; here
+    it runs on the positions the loss reads alone. The model runs whole (peft's
+    prompt and prefix tuning, LoRA, IA3, a top-layer view alike) with its
+    ``lm_head`` set aside, so its output is the final hidden states; they are
+    gathered at ``read`` and only then put through the head. Exact: the same
+    head on the same states (tests/client/test_response_logits.py holds the loss
+    and each record's gradient to the whole computation's within 1e-5)."""
+    holder = _lm_head_holder(model)
+    head = holder._modules["lm_head"]
+    assert head is not None
+    holder._modules["lm_head"] = _Deferred()
+    try:
+        states = forward(model, batch).logits
+    finally:
+        holder._modules["lm_head"] = head
+    # prompt tuning's virtual tokens come first: the records' positions are last
+    states = states[:, states.shape[1] - batch["input_ids"].shape[1]:]
+    rows = read.nonzero()[:, 0]
+    return head(states[:, :-1][read]), rows
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device
@@ -97,7 +143,39 @@ def forward(model: nn.Module, batch: Batch) -> Any:
     (:class:`fedtune.common.toplayers.TopLayers`)."""
     if "hidden" in batch:
         return model(hidden=batch["hidden"], attention_mask=batch["attention_mask"])
+    tuned = _prompt_tuned(model)
+    if tuned is not None:
+        return _prompted(tuned, batch)
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+
+def _prompt_tuned(model: nn.Module) -> Any:
+    """The peft model inside ``model`` when it trains prompt tuning, else None."""
+    for module in model.modules():
+        config = getattr(module, "active_peft_config", None)
+        if config is not None:
+            return module if config.peft_type == PeftType.PROMPT_TUNING else None
+    return None
+
+
+def _prompted(peft: Any, batch: Batch) -> Any:
+    """Prompt tuning's forward with the virtual tokens embedded once per record.
+
+    peft embeds them once for the batch and repeats the result, which is the same
+    output but leaves Opacus one gradient for the whole batch (their sum), not one
+    per record: DP-SGD would clip the batch's sum as if it were one record's. Here
+    each record looks its virtual tokens up itself, so the embedding's per-record
+    gradients are exact (tests/client/test_response_logits.py holds them to
+    peft's own forward, record by record)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    adapter = peft.active_adapter
+    n = peft.active_peft_config.num_virtual_tokens
+    tokens = peft.prompt_tokens[adapter].unsqueeze(0).expand(len(ids), -1)
+    embeds = peft.word_embeddings(ids)
+    prompts = peft.prompt_encoder[adapter](tokens.to(ids.device)).to(embeds.dtype)
+    return peft.base_model(
+        inputs_embeds=torch.cat((prompts, embeds), dim=1),
+        attention_mask=torch.cat((mask.new_ones(len(ids), n), mask), dim=1))
 
 
 def class_logits(model: nn.Module, batch: Batch) -> torch.Tensor:

@@ -280,7 +280,7 @@ def _build_other(base: Any, config: Any, cfg: ModelConfig, lora: LoraConfig, *,
         configured=lora.target_modules,
         head=HEAD if cfg.task == "classification" else None,
         task_type="CAUSAL_LM" if cfg.task == "causal-lm" else None,
-        base_name=cfg.name_or_path)
+        base_name=cfg.name_or_path, virtual_tokens=lora.virtual_tokens)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:

@@ -67,11 +67,15 @@ class LoraConfig(_Section):
     ``method``: the adapter this section shapes (:mod:`fedtune.common.adapters`):
     ``lora`` (the default), ``bitfit`` (bias-only), ``layernorm`` (LayerNorm-only)
     or ``ia3``; ``top_layers`` and ``target_modules`` apply to each, ``r``,
-    ``alpha``, ``dropout``, ``ffa`` and ranks to LoRA only.
+    ``alpha``, ``dropout``, ``ffa`` and ranks to LoRA only. A causal LM also takes
+    ``prompt`` (prompt tuning: ``virtual_tokens`` trained input embeddings before
+    every prompt) and ``prefix`` (prefix tuning: ``virtual_tokens`` trained keys
+    and values in every layer); both reach every layer, so ``top_layers`` is 0.
     """
 
     SECTION = "lora"
-    method: Literal["lora", "bitfit", "layernorm", "ia3"] = "lora"
+    method: Literal["lora", "bitfit", "layernorm", "ia3", "prompt", "prefix"] = "lora"
+    virtual_tokens: int = 8
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
@@ -87,7 +91,11 @@ class LoraConfig(_Section):
         return bool(self.site_ranks) or self.heterogeneous_ranks
 
     def _check(self) -> list[str]:
-        out = _positive(self, "r", "alpha")
+        out = _positive(self, "r", "alpha", "virtual_tokens")
+        if self.method in ("prompt", "prefix") and self.top_layers:
+            out.append(f"method {self.method} reaches every layer (its virtual "
+                       "tokens enter the attention of each): set top_layers: 0, or "
+                       "use ia3 or lora on the top layers")
         if self.top_layers < 0:
             out.append(f"top_layers: must be >= 0 (0: every layer), got "
                        f"{self.top_layers!r}")

@@ -54,6 +54,10 @@ def export(source: str | Path, *, out: str | Path, which: str | None = None,
         raise FedtuneError(f"{dest}: exists and is not empty; pass a new --out "
                            "directory (nothing was overwritten)")
     trained = resolve(source, which)
+    if merge and trained.cfg.lora.method in ("prompt", "prefix"):
+        raise FedtuneError(f"--merge: lora.method {trained.cfg.lora.method} adds "
+                           "virtual tokens, which no weight can absorb; export the "
+                           "adapter (without --merge) and load it with peft")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:

@@ -158,6 +158,9 @@ def test_what_an_architecture_cannot_host_is_refused_in_one_line(
     with pytest.raises(ConfigError, match="lora.method ia3 has neither"):
         from_dict({"lora": {"method": "ia3", "ffa": True}})
     with pytest.raises(ConfigError, match=r"lora\.method"):
+        from_dict({"lora": {"method": "adapters"}})
+    with pytest.raises(ConfigError, match=r"lora\.method: prefix tuning is offered "
+                                          r"for causal LMs"):
         from_dict({"lora": {"method": "prefix"}})
 
 
