@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedtune.common.errors import DataError
+
 EXACT = "answer_exact"
 PREFIX = "answer_"
 
@@ -35,6 +37,20 @@ def fields(pattern: str, text: str) -> dict[str, str] | None:
     if match is None:
         return None
     return {k: _norm(v or "") for k, v in match.groupdict().items()}
+
+
+def check_pattern(pattern: str, references: Sequence[str], *, source: str) -> None:
+    """Refuse a ``data.answer_pattern`` that reads none of the held-out answers
+    (every field score would be 0 whatever the model learns), quoting the
+    pattern and one answer."""
+    if pattern and references and not any(fields(pattern, r) is not None
+                                          for r in references):
+        raise DataError(
+            f"data.answer_pattern {pattern!r} matches none of the {len(references)} "
+            f"held-out answers in {source} (one of them: {references[0][:120]!r}); "
+            "fix the pattern (its named groups read the fields out of an answer) "
+            "or leave it empty to score exact match only",
+            public="data.answer_pattern matches none of the held-out answers")
 
 
 def score(answers: Sequence[str], references: Sequence[str], *, pattern: str = ""

@@ -285,6 +285,23 @@ def _build_icd10_binary(zf: zipfile.ZipFile, out: Path, *, task: str) -> None:
                           + "\n" for r in rows if held_out(r["code"]) == keep)
 
 
+def instruct_pair(row: dict[str, str]) -> dict[str, str]:
+    """A prompt/answer pair from one ICD-10 record (the instruct scenario): the
+    diagnosis in, its chapter's label out, a checkable answer kept short."""
+    return {"prompt": f"ICD chapter: {row['text']}", "response": row["chapter"],
+            "chapter": row["chapter"], "category": row["category"]}
+
+
+def _build_icd10_instruct(zf: zipfile.ZipFile, out: Path) -> None:
+    """The ICD-10 split above (unseen categories held out), as instruction pairs."""
+    _build_icd10(zf, out)
+    for stem in ("train", "test"):
+        rows = [json.loads(line) for line in
+                (out / f"{stem}.jsonl").read_text(encoding="utf-8").splitlines()]
+        with open(out / f"instruct-{stem}.jsonl", "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(instruct_pair(r)) + "\n" for r in rows)
+
+
 RETENTION_SIZE = 500
 
 
@@ -324,6 +341,10 @@ _ASSETS: dict[str, tuple[str, Callable[[zipfile.ZipFile, Path], None],
     "drug-review-sft-test": ("drug-reviews", _build_drugs, DRUGS, "sft-test.jsonl"),
     "icd10-chapters": ("icd10-chapters", _build_icd10, ICD10, "train.jsonl"),
     "icd10-chapters-test": ("icd10-chapters", _build_icd10, ICD10, "test.jsonl"),
+    "icd10-instruct": ("icd10-instruct", _build_icd10_instruct, ICD10,
+                       "instruct-train.jsonl"),
+    "icd10-instruct-test": ("icd10-instruct", _build_icd10_instruct, ICD10,
+                            "instruct-test.jsonl"),
     **{f"{task}{end}": (task, _icd10_binary(task), ICD10, f"binary-{stem}.jsonl")
        for task in BINARY_TASKS for end, stem in (("", "train"), ("-test", "test"))},
     "chitchat-retention": ("chitchat", _build_chitchat, CHITCHAT, "retention.jsonl"),

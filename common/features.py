@@ -208,15 +208,17 @@ def _shared_path(dataset: EncodedDataset, lora: dict[str, torch.Tensor],
     """Where the processes of one simulation share a data set's features
     (``FEDTUNE_SHARED_FEATURES``, a directory the simulation driver makes and
     removes; unset, as on a deployed site: memory only). Keyed by the records'
-    tokens and labels, the LoRA state (at fp16 precision, so a few ulps of server
-    optimizer drift share the entry) and the device."""
+    tokens and labels (a causal LM's: loss masks), the LoRA state (at fp16
+    precision, so a few ulps of server optimizer drift share the entry) and the
+    device."""
     root = os.environ.get(SHARED_ENV)
     if not root or not os.path.isdir(root):  # a cluster's other machines: memory
         return None
     h = hashlib.sha256(f"{device.type}:{what}".encode())
     for item in dataset.items:
         h.update(item["input_ids"].numpy().tobytes())
-        h.update(item["labels"].numpy().tobytes())
+        h.update(item["labels" if "labels" in item else "loss_mask"]
+                 .numpy().tobytes())  # a causal LM's records carry a loss mask
     for k in sorted(lora):
         h.update(k.encode())
         h.update(lora[k].detach().to(torch.float16).cpu().numpy().tobytes())

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from fedtune.common import planning, recipes
+from fedtune.common import adapters, planning, recipes
 from fedtune.common.config import RunConfig
 from fedtune.common.planning import (
     THRESHOLDS,
@@ -98,6 +98,9 @@ def format_plan(plans: Sequence[SitePlan], cfg: RunConfig, *,
     lines.append(f"thresholds for {cfg.model.task}, measured on {t.measured_on}")
     median = sorted(p.records for p in plans)[len(plans) // 2] if plans else None
     lines += [f"recipe: {line}" for line in recipes.overrides(cfg, median)]
+    if not cfg.classifies and plans:  # the method and dimensions the noise is for
+        lines.append(f"recipe: trains {adapters.describe(cfg)}: {plans[0].dims:,} "
+                     "trainable dimensions, the dims above")
     if cfg.probe_rounds:
         lines.append(f"recipe: {head_length(cfg, median)}")
     if cfg.classifies:

@@ -80,7 +80,8 @@ def partition(records: Sequence[Record], cfg: DataConfig, *, num_parts: int,
         return iid_partition(len(records), num_parts=num_parts, seed=seed)
     if cfg.partition == "dirichlet":
         if label_col_ids is None:
-            raise DataError("dirichlet partitioning needs labels (classification task)")
+            raise DataError("dirichlet partitioning needs labels (classification) "
+                            "or data.partition_column (causal LM)")
         return dirichlet_partition(label_col_ids, num_parts=num_parts,
                                    alpha=cfg.dirichlet_alpha, seed=seed)
     if cfg.partition_column not in records[0]:
@@ -97,8 +98,22 @@ def partitions(records: Sequence[Record], cfg: DataConfig, *, task: str,
     :func:`site_records` splits them): compute once, then pass to each site."""
     recs = records[: cfg.max_records or None]
     ys = (label_ids(recs, column=cfg.label_column, labels=cfg.labels,
-                    source=source) if task == "classification" else None)
+                    source=source) if task == "classification" else
+          _column_ids(recs, cfg) if cfg.partition == "dirichlet" else None)
     return partition(recs, cfg, num_parts=num_parts, seed=seed, label_col_ids=ys)
+
+
+def _column_ids(records: Sequence[Record], cfg: DataConfig) -> list[int]:
+    """A causal LM's Dirichlet split skews over ``data.partition_column`` (its
+    records carry no label): each record's value as an index of the sorted set."""
+    if not records or cfg.partition_column not in records[0]:
+        raise DataError(f"data.partition: dirichlet for a causal LM skews the sites "
+                        f"over data.partition_column {cfg.partition_column!r}, which "
+                        f"is not a column of the data; found "
+                        f"{sorted(records[0]) if records else []}")
+    values = sorted({str(r[cfg.partition_column]) for r in records})
+    index = {v: i for i, v in enumerate(values)}
+    return [index[str(r[cfg.partition_column])] for r in records]
 
 
 def site_records(records: Sequence[Record], cfg: DataConfig, *, task: str,

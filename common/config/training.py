@@ -159,6 +159,10 @@ class DataConfig(_Section):
     longer records; at 0 each data set (a site's records, the test set) takes the
     99th percentile of its own token lengths, at most 256, and logs it.
 
+    ``partition``: ``iid``; ``dirichlet`` (label skew at ``dirichlet_alpha``:
+    over the labels for a classifier, over ``partition_column``'s values for a
+    causal LM); ``column`` (whole groups of ``partition_column``'s values per site).
+
     ``max_records`` (0: all) keeps the first records of ``source`` before a
     simulation splits it into sites (the shipped files are shuffled, so this is a
     random sample); ``max_samples_per_site`` then caps each site.

@@ -60,6 +60,8 @@ class CentralEvaluator:
                 asked = recs[: cfg.data.max_answer_samples or None]
                 self.prompts = [str(r[cfg.data.prompt_column]) for r in asked]
                 self.references = [str(r[cfg.data.response_column]) for r in asked]
+                answers.check_pattern(cfg.data.answer_pattern, self.references,
+                                      source=cfg.data.test_source)
                 self.answer_tokens = 8 + max((len(tok(x, add_special_tokens=False)[
                     "input_ids"]) for x in self.references), default=0)
         self.retention_set = None

@@ -33,6 +33,16 @@ from fedtune.server.tools.runs import (
 )
 
 
+def _answers_line(last: Mapping[str, Any], initial: Mapping[str, Any] | None
+                  ) -> str:
+    """A causal LM's answers after training, beside the zero-shot ones (round 0)."""
+    words = answers.words(last)
+    if not words:
+        return ""
+    zero = answers.words(initial or {})
+    return f", answers {words}" + (f" (zero-shot, round 0: {zero})" if zero else "")
+
+
 def round_table(run: Run) -> tuple[list[str], list[list[str]]]:
     """Per round: global eval metrics, participation, bytes, time, epsilon."""
     classification = run.cfg.model.task == "classification"
@@ -190,7 +200,8 @@ def headline(run: Run) -> list[str]:
         quality = (f"accuracy {fig(last.get('eval_accuracy'), '.3f')}, macro-F1 "
                    f"{fig(last.get('eval_macro_f1'), '.3f')}"
                    if cfg.model.task == "classification" else
-                   f"perplexity {fig(last.get('eval_perplexity'), '.2f')}")
+                   f"perplexity {fig(last.get('eval_perplexity'), '.2f')}"
+                   + _answers_line(last, run.initial))
         total = sum((r.get("bytes_received") or 0) + (r.get("bytes_sent") or 0)
                     for r in run.rows)
         out.append(f"final (round {last['round']}): eval loss "

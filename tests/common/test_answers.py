@@ -51,3 +51,23 @@ def test_a_bad_answer_pattern_is_refused() -> None:
         from_dict({"data": {"answer_pattern": "(unclosed"}})
     with pytest.raises(ConfigError, match="answer_pattern: needs named groups"):
         from_dict({"data": {"answer_pattern": "positive|negative"}})
+
+
+def test_a_pattern_that_reads_no_held_out_answer_is_refused_before_training(
+        tiny_llama: Path, sft_file: Path) -> None:
+    from fedtune.common.errors import DataError
+    from fedtune.server.runtime.central_eval import CentralEvaluator
+
+    answers.check_pattern(r"the review is (?P<sentiment>\w+)",
+                          ["the review is positive"], source="t")  # reads: fine
+    cfg = from_dict({"model": {"name_or_path": str(tiny_llama), "task": "causal-lm"},
+                     "lora": {"r": 4},
+                     "data": {"source": str(sft_file), "test_source": str(sft_file),
+                              "max_length": 48,
+                              "answer_pattern": r"The condition is (?P<c>\w+)"}})
+    model = M.build_model(cfg.model, cfg.lora)
+    with pytest.raises(DataError, match=r"data.answer_pattern 'The condition is "
+                                        r"\(\?P<c>\\\\w\+\)' matches none of the 24 "
+                                        r"held-out answers in .*sft.jsonl \(one of "
+                                        r"them: 'the review is"):
+        CentralEvaluator(cfg, model, torch.device("cpu"))

@@ -199,3 +199,23 @@ def test_labels_are_read_from_the_training_file_when_not_given(tmp_path: Path
         data.with_labels(from_dict({"data": {"source": str(write_jsonl(
             tmp_path / "one.jsonl", [{"text": "t", "kind": "a"}])),
             "label_column": "kind"}}))
+
+
+def test_a_causal_lms_dirichlet_split_skews_over_the_partition_column() -> None:
+    from fedtune.common import assets
+
+    recs = [assets.instruct_pair({"text": f"diagnosis {i}", "category": "X00",
+                                  "chapter": ("eye", "ear", "skin")[i % 3]})
+            for i in range(300)]
+    assert recs[0] == {"prompt": "ICD chapter: diagnosis 0", "response": "eye",
+                       "chapter": "eye", "category": "X00"}
+    cfg = DataConfig(partition="dirichlet", partition_column="chapter",
+                     dirichlet_alpha=0.1)
+    parts = sites.partitions(recs, cfg, task="causal-lm", num_parts=3, seed=0)
+    assert sorted(i for p in parts for i in p) == list(range(300))
+    shares = [Counter(recs[i]["response"] for i in p) for p in parts]
+    assert max(max(c.values()) / sum(c.values()) for c in shares) > 0.6  # skewed
+    with pytest.raises(DataError, match="skews the sites over "
+                                        "data.partition_column 'condition'"):
+        sites.partitions(recs, DataConfig(partition="dirichlet"), task="causal-lm",
+                         num_parts=3, seed=0)

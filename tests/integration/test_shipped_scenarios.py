@@ -77,6 +77,21 @@ def test_causal_lm_scenario(tmp_path: Path) -> None:
                 "eval_answer_condition"} <= set(row)
 
 
+def test_instruct_scenario_runs_its_path(tmp_path: Path) -> None:
+    pytest.importorskip("gguf")
+    # the instruct scenario shrunk to one round of 8 small sites (the whole of it
+    # is ~15 minutes on 2 cores: bench/sft_map.py measures it): label-skewed
+    # sites over the chapter, LoRA on the cached top layer, answers scored
+    rows, _, log = _run(tmp_path, "instruct", "federation.num_rounds=1",
+                        "data.max_samples_per_site=60", "data.max_test_samples=40",
+                        "data.max_answer_samples=40")
+    assert [r["round"] for r in rows] == [0, 1] and rows[-1]["clients_replied"] == 8
+    assert rows[0]["eval_answer_exact"] == 0.0  # zero-shot: free text, no label
+    assert "eval_answer_exact" in rows[-1] and 0 < rows[-1]["epsilon_max"] <= 8.0
+    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
+    assert "trains LoRA r=8 on the top 1 layer(s): 15,360 trainable dimensions" in log
+
+
 @pytest.mark.parametrize(("scenario", "labels", "floor"), [
     ("imbalanced", ("disease", "circumstance"), 0.8),
     # the bar is 0.8 here too; the balance point held it in all 3 measured

@@ -113,17 +113,23 @@ def test_report_writes_a_self_contained_page_and_pngs(troubled_run: Path,
 
 
 def test_dp_off_is_loud_and_causal_runs_show_perplexity(tmp_path: Path) -> None:
-    rows = [{"round": 0, "eval_loss": 3.0, "eval_perplexity": 20.1},
+    rows = [{"round": 0, "eval_loss": 3.0, "eval_perplexity": 20.1,
+             "eval_answer_exact": 0.0},
             {**_row(1, epsilon_max=None, epsilon_by_node={},
-                    epsilon_total_by_node={}), "eval_perplexity": 12.0}]
+                    epsilon_total_by_node={}), "eval_perplexity": 12.0,
+             "eval_answer_exact": 0.4}]
     for r in rows:
         r.pop("eval_accuracy", None), r.pop("eval_macro_f1", None)
     run_dir = make_run(tmp_path, rows, privacy={"enabled": False},
                        model={"task": "causal-lm"})
     page, text = report.write_report(run_dir, tmp_path / "out")
     assert "WARNING: DP is OFF" in text and "rounds: 1 of 3 done (unfinished" in text
-    head, _ = report.round_table(report.load_run(run_dir))
+    head, body = report.round_table(report.load_run(run_dir))
     assert "perplexity" in head and "acc" not in head
+    # exact match before training (zero-shot) and after each round, by perplexity
+    assert [r[head.index("answers")] for r in body] == ["exact 0.00", "exact 0.40"]
+    assert ("perplexity 12.00, answers exact 0.40 (zero-shot, round 0: exact "
+            "0.00)") in text
     assert 'class=warn' in page.read_text(encoding="utf-8")
 
 
