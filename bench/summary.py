@@ -91,6 +91,23 @@ def deploy(d: dict[str, Any]) -> str:
             f"ClientApp start {d['cold_start']['wall_s']:.2f} -> {thin:.2f} s")
 
 
+def sft(d: dict[str, Any]) -> str:
+    """The instruct scenario's best DP row (bench/sft_map.py, full scale) against
+    the same method without DP."""
+    full = [r for r in d["rows"] if "@" not in r["method"]]
+    dp = [r for r in full if r["dp"]]
+    if not dp:
+        return "no DP row"
+    best = max(dp, key=lambda r: r["exact_match_mean"])
+    nodp = next((r for r in full if r["method"] == best["method"] and not r["dp"]),
+                None)
+    ratio = (f"{best['exact_match_mean'] / nodp['exact_match_mean']:.3f}"
+             if nodp and nodp["exact_match_mean"] else "-")
+    return (f"dp exact {best['exact_match_mean']:.3f} ({best['method']}, "
+            f"{best['runs']} runs) nodp exact "
+            f"{nodp['exact_match_mean'] if nodp else float('nan'):.3f} ratio {ratio}")
+
+
 BENCHES = {"dp_overhead": dp, "communication": comm, "framework_overhead": framework,
            "privacy_utility": utility, "scale": scale, "deploy_overhead": deploy}
 
@@ -107,6 +124,8 @@ def main() -> None:
                                                         "privacy_utility_repeats")
     print("privacy_utility repeats: " + (repeats(d) if d else "missing (run "
                                          "bench/repeats.py)"))
+    d = _load(folder, "sft_map") or _load(RESULTS, "sft_map")
+    print("sft: " + (sft(d) if d else "missing (run bench/sft_map.py)"))
 
 
 if __name__ == "__main__":

@@ -46,12 +46,14 @@ THRESHOLDS = {
         "ICD-10 default learns every class at rho < 0.1; the drug reviews, LoRA "
         "from round 1, learn only the class prior at rho 2-6"),
     "causal-lm": Thresholds(
-        40.0, 160.0, "one run: simulations/causal-lm.yaml (SmolLM2-135M "
-        "instruction SFT, LoRA on q/v, 4 sites of 32 records) at rho 36.8 and "
-        "epsilon 8: its perplexity fell (20.55 -> 18.66 in 2 rounds) but its "
-        "answers stayed at exact match 0 (non-private: sentiment 0.78), so for a "
-        "causal LM 'expected to learn' means the loss falls, not that the task is "
-        "learnt; the marginal bound is 4x, the classification ratio, not measured"),
+        0.5, 2.0, "two scenarios judged by their answers (exact match), not their "
+        "loss: simulations/instruct.yaml (SmolLM2-135M, LoRA on the top layer, 8 "
+        "sites of 1,000 prompts) at rho 0.27 per site, 0.095 in the aggregate, "
+        "answers 0.331 ± 0.009 over 3 runs at epsilon 8 against 0.396 without DP "
+        "(bench/results/sft_map.json); simulations/causal-lm.yaml (4 sites of 32) "
+        "at rho 36.8 answers nothing right (exact 0; non-private sentiment 0.78). "
+        "No run lies between them, so the bounds are the classification ones, "
+        "which bracket both"),
 }
 LEARNS, MARGINAL = (THRESHOLDS["classification"].learns,
                     THRESHOLDS["classification"].marginal)

@@ -10,7 +10,10 @@
 - ``auto`` (the default): the row of the measured map (:data:`MAP`, from
   ``bench/recipe_map.py``, held to its JSON by a test) that is within max(0.01,
   sd) of the best at every measured size, the cheapest first
-  (:func:`auto_row`). A causal LM has no head: always ``lora``.
+  (:func:`auto_row`). A causal LM has no head: always ``lora``, the adapter
+  every round; under ``auto`` its method and layers (``lora.method``,
+  ``lora.top_layers``, where left at their defaults) are the best DP row of the
+  instruct scenario's measured map (:data:`SFT_MAP`, from ``bench/sft_map.py``).
 
 The choice is made from the config alone, so every side (the planner, the server,
 each site) resolves the same one: a key the recipe sets is taken from the recipe
@@ -54,6 +57,15 @@ MAP: dict[int, dict[str, tuple[float, float]]] = {
            "head+lora2": (0.5602, 0.0301), "head+ia3-2": (0.5637, 0.0156)},
     5000: {"head": (0.6341, 0.0073)},
 }
+SFT_SOURCE = "bench/results/sft_map.json"
+# a causal LM's rows (lora.method, lora.top_layers), cheapest first
+SFT_ROWS: dict[str, tuple[str, int]] = {
+    "lora-top1": ("lora", 1), "ia3-top1": ("ia3", 1), "lora-top2": ("lora", 2),
+    "ia3-top2": ("ia3", 2), "prompt": ("prompt", 0), "prefix": ("prefix", 0)}
+# exact match of the instruct scenario (SmolLM2-135M, 8 sites of 1,000 ICD-10
+# prompt/answer pairs) at epsilon 8 by row: (mean, sd) over its runs; a test holds
+# it to SFT_SOURCE (the full-scale DP rows)
+SFT_MAP: dict[str, tuple[float, float]] = {"lora-top1": (0.3313, 0.0092)}
 TOP_LAYERS = 2  # head+lora's LoRA layers where lora.top_layers is 0
 # DP steps of a head round by a site's records: sqrt(records) within these bounds
 HEAD_STEPS = (10, 40)
@@ -176,9 +188,7 @@ def choose(*, recipe: str, task: str, rounds: int, top_layers: int,
            probe_budget: float, method: str = "lora") -> Choice:
     """Resolve ``recipe`` for a run of ``rounds`` rounds."""
     if task != "classification":
-        return Choice("lora", 0, top_layers, probe_budget, method,
-                      "a causal LM has no classification head: the adapter every "
-                      "round")
+        return _causal(recipe, top_layers, probe_budget, method)
     reason = f"train.recipe: {recipe}"
     if recipe == "auto":
         row = auto_row()
@@ -203,6 +213,35 @@ def choose(*, recipe: str, task: str, rounds: int, top_layers: int,
                   f"{lora_rounds} of the adapter)")
 
 
+def sft_auto_row() -> str | None:
+    """A causal LM's ``auto`` row: the cheapest (:data:`SFT_ROWS`' order) within
+    max(0.01, sd) of the best DP exact match measured (None: no map)."""
+    if not SFT_MAP:
+        return None
+    best, slack = _tolerance(SFT_MAP)
+    return next(name for name in SFT_ROWS
+                if name in SFT_MAP and SFT_MAP[name][0] >= best - slack)
+
+
+def _causal(recipe: str, top_layers: int, probe_budget: float, method: str
+            ) -> Choice:
+    """A causal LM's recipe: the adapter every round; under ``auto``, with
+    ``lora.method`` and ``lora.top_layers`` at their defaults, the measured row."""
+    reason = "a causal LM has no classification head: the adapter every round"
+    row = sft_auto_row()
+    if recipe != "auto" or row is None:
+        return Choice("lora", 0, top_layers, probe_budget, method, reason)
+    if (method, top_layers) not in (("lora", 0), SFT_ROWS[row]):
+        return Choice("lora", 0, top_layers, probe_budget, method, reason + (
+            f"; lora.method/top_layers set, so not the measured {row}"))
+    method, top_layers = SFT_ROWS[row]
+    quoted = ", ".join(f"{k} {v[0]:.3f}" for k, v in sorted(
+        SFT_MAP.items(), key=lambda kv: -kv[1][0]))
+    return Choice("lora", 0, top_layers, probe_budget, method,
+                  f"{reason}; train.recipe: auto -> {row} (exact match at epsilon 8 "
+                  f"on the instruct scenario, {SFT_SOURCE}: {quoted})")
+
+
 def resolve(sections: dict[str, Any]) -> tuple[dict[str, Any], Choice]:
     """The sections with the recipe's keys set where they hold their defaults
     (sections: the built config dataclasses by name); and the choice."""
@@ -217,6 +256,10 @@ def resolve(sections: dict[str, Any]) -> tuple[dict[str, Any], Choice]:
             sections["model"].task == "classification":
         out["train"] = dataclasses.replace(
             train, linear_probe_rounds=choice.linear_probe_rounds)
+    if sections["model"].task != "classification" and (
+            lora.method, lora.top_layers) != (choice.method, choice.top_layers):
+        out["lora"] = dataclasses.replace(lora, method=choice.method,
+                                          top_layers=choice.top_layers)
     if choice.recipe == "head+lora":
         if lora.top_layers == type(lora)().top_layers:
             lora = dataclasses.replace(lora, top_layers=choice.top_layers)

@@ -183,20 +183,21 @@ def test_a_causal_lm_plan_uses_its_own_measured_thresholds() -> None:
     # Prepare: the causal-lm scenario's shape: 4 sites of 32 records, LoRA q/v
     cfg = config.from_dict({"model": {"task": "causal-lm"},
                             "data": {"labels": [], "label_column": ""},
-                            "train": {"batch_size": 8},
+                            "train": {"batch_size": 8, "recipe": "lora"},
                             "federation": {"num_sites": 4, "num_rounds": 2}})
     # 30 layers x (q 576x8 + 8x576, v 576x8 + 8x192): 460,800 LoRA dimensions
     plans = planning.plan_sites(cfg, [(f"p{i}", 32) for i in range(4)],
                                 dims=(460_800, 0))
     assert 30 < plans[0].rho < 40  # the scenario measured 36.8
-    rho = plans[0].rho
-    # Assert: a rho that the classification thresholds call "will learn nothing"
-    # is judged by the causal-LM ones, which the plan prints with their source
-    assert planning.verdict(rho, "classification") == "will learn nothing"
-    assert plans[0].verdict == planning.verdict(rho, "causal-lm")
-    assert plans[0].verdict != "will learn nothing"
+    # Assert: the scenario answers nothing right under DP (exact match 0), so its
+    # plan says so; the instruct scenario's rho (0.27 per site), which answers
+    # 0.8 of the non-private run's exact match, is "expected to learn"
+    assert plans[0].verdict == "will learn nothing"
+    assert planning.verdict(0.27, "causal-lm") == "expected to learn"
     text = plan_text.format_plan(plans, cfg)
-    assert "thresholds for causal-lm, measured on one run: simulations/" in text
+    assert ("thresholds for causal-lm, measured on two scenarios judged by their "
+            "answers") in text and "bench/results/sft_map.json" in text
+    assert "trains LoRA r=8: 460,800 trainable dimensions" in text
 
 
 def test_a_large_federations_plan_is_a_summary_by_verdict() -> None:

@@ -124,3 +124,30 @@ def test_the_maps_are_the_bench_results() -> None:
             table.setdefault(r["records_per_site"], {})[r["steps_per_round"]] = round(
                 r["macro_f1_mean"], 4)
     assert table == recipes.STEPS_MAP
+
+
+def test_a_causal_lms_auto_row_is_the_measured_sft_map() -> None:
+    """SFT_MAP holds the committed bench JSON's full-scale DP rows; auto sets a
+    causal LM's method and layers from it where they are left at their
+    defaults, and the plan quotes it."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    rows = json.loads((root / recipes.SFT_SOURCE).read_text())["rows"]
+    measured = {r["method"]: (round(r["exact_match_mean"], 4),
+                              round(r["exact_match_sd"] or 0.0, 4))
+                for r in rows if r["dp"] and r["method"] in recipes.SFT_ROWS}
+    assert measured == recipes.SFT_MAP and recipes.SFT_MAP
+    row = recipes.sft_auto_row()
+    assert row is not None
+    best = max(recipes.SFT_MAP.values())
+    assert recipes.SFT_MAP[row][0] >= best[0] - max(0.01, best[1])
+    cfg = from_dict({"model": {"task": "causal-lm"}})
+    assert (cfg.lora.method, cfg.lora.top_layers) == recipes.SFT_ROWS[row]
+    assert f"train.recipe: auto -> {row}" in recipes.overrides(cfg)[0]
+    assert recipes.SFT_SOURCE in recipes.overrides(cfg)[0]
+    kept = from_dict({"model": {"task": "causal-lm"}, "lora": {"method": "ia3"}})
+    assert (kept.lora.method, kept.lora.top_layers) == ("ia3", 0)  # a set key wins
+    pinned = from_dict({"model": {"task": "causal-lm"}, "train": {"recipe": "lora"}})
+    assert (pinned.lora.method, pinned.lora.top_layers) == ("lora", 0)
