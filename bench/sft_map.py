@@ -44,10 +44,12 @@ METHODS: dict[str, list[str]] = {
     "prompt": ["lora.method=prompt", "lora.top_layers=0", "train.learning_rate=0.02"],
     "prefix": ["lora.method=prefix", "lora.top_layers=0", "train.learning_rate=0.02"],
 }
-SMALL = ["federation.num_sites=4", "data.max_samples_per_site=250",
+FULL = {"sites": 8, "records_per_site": 1000}
+SMALL_SHAPE = {"sites": 4, "records_per_site": 250}
+SMALL = [f"federation.num_sites={SMALL_SHAPE['sites']}",
+         f"data.max_samples_per_site={SMALL_SHAPE['records_per_site']}",
          "federation.num_rounds=3", "train.batch_size=32", "train.local_epochs=1",
          "data.max_test_samples=200", "data.max_answer_samples=200"]
-FULL = {"sites": 8, "records_per_site": 1000}
 
 
 def overrides(name: str, dp: bool) -> list[str]:
@@ -67,7 +69,7 @@ def summary(name: str, work: Path, wall: float) -> dict[str, Any]:
     zero, rows = json.loads(lines[0]), [json.loads(x) for x in lines[1:] if x.strip()]
     trained = [r for r in rows if r.get("eval_answer_exact") is not None]
     last = trained[-1]
-    small = name.endswith("@small")
+    shape = SMALL_SHAPE if name.endswith("@small") else FULL
     return {"exact_match": last["eval_answer_exact"],
             "best_round_exact_match": max(r["eval_answer_exact"] for r in trained),
             "exact_by_round": [zero.get("eval_answer_exact")]
@@ -76,8 +78,7 @@ def summary(name: str, work: Path, wall: float) -> dict[str, Any]:
             + [r.get("eval_perplexity") for r in trained],
             "zero_shot_exact_match": zero.get("eval_answer_exact"),
             "epsilon": last.get("epsilon_max"), "wall_s": wall,
-            "sites": 4 if small else FULL["sites"],
-            "records_per_site": 250 if small else FULL["records_per_site"]}
+            **shape}
 
 
 def cells(results: list[dict[str, Any]]) -> list[dict[str, Any]]:

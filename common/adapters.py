@@ -47,7 +47,6 @@ from fedtune.common.errors import ModelError
 # the head): in peft's state-dict names and in named_parameters' alike
 MARKERS = (".lora_A.", ".lora_B.", ".beft_bias", ".ln_tuning_layers.", ".ia3_l",
            "prompt_encoder.", "prompt_embeddings")
-PROMPTS = ("prompt", "prefix")  # the methods that add virtual tokens (causal LM)
 ENCODERS = ("bert", "roberta", "xlm-roberta")
 DECODERS = ("llama", "mistral", "qwen2", "qwen3")
 # each method's targets (module-name suffixes inside a transformer layer) by family
@@ -76,7 +75,7 @@ def describe(cfg: Any) -> str:
         return "the head only"
     what = WORDS.get(lora.method) or (f"LoRA r={lora.r}"
                                       f"{' (FFA)' if lora.ffa else ''}")
-    if lora.method in PROMPTS:
+    if lora.prompt_method:
         what += f" ({lora.virtual_tokens} virtual tokens)"
     if lora.top_layers:
         what += f" on the top {lora.top_layers} layer(s)"
@@ -153,7 +152,7 @@ def check_model(pretrained: Any, lora: Any) -> None:
     if lora.method == "lora":
         return
     model_type: str = pretrained.config.model_type
-    if lora.method in PROMPTS:
+    if lora.prompt_method:
         if model_type not in DECODERS:
             raise ModelError(f"lora.method: {lora.method} cannot be hosted by "
                              f"model_type {model_type!r}: prompt and prefix tuning "

@@ -165,7 +165,7 @@ def _cross_checks(sec: Mapping[str, Any]) -> list[str]:
         out.append("train.personalize_epochs: needs data.val_fraction > 0 (each site "
                    "scores the global and its personalised adapter on its own "
                    "held-out split)")
-    if lora.method in ("prompt", "prefix") and model.task != "causal-lm":
+    if lora.prompt_method and model.task != "causal-lm":
         out.append(f"lora.method: {lora.method} tuning is offered for causal LMs "
                    "(model.task: causal-lm); a classifier trains lora, ia3, "
                    "layernorm or bitfit")

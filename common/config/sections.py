@@ -86,13 +86,18 @@ class LoraConfig(_Section):
     top_layers: int = 0
 
     @property
+    def prompt_method(self) -> bool:
+        """Prompt or prefix tuning: virtual tokens that reach every layer."""
+        return self.method in ("prompt", "prefix")
+
+    @property
     def mixed_ranks(self) -> bool:
         """Sites may train lower ranks than ``r`` (the server pads their updates)."""
         return bool(self.site_ranks) or self.heterogeneous_ranks
 
     def _check(self) -> list[str]:
         out = _positive(self, "r", "alpha", "virtual_tokens")
-        if self.method in ("prompt", "prefix") and self.top_layers:
+        if self.prompt_method and self.top_layers:
             out.append(f"method {self.method} reaches every layer (its virtual "
                        "tokens enter the attention of each): set top_layers: 0, or "
                        "use ia3 or lora on the top layers")

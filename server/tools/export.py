@@ -54,7 +54,7 @@ def export(source: str | Path, *, out: str | Path, which: str | None = None,
         raise FedtuneError(f"{dest}: exists and is not empty; pass a new --out "
                            "directory (nothing was overwritten)")
     trained = resolve(source, which)
-    if merge and trained.cfg.lora.method in ("prompt", "prefix"):
+    if merge and trained.cfg.lora.prompt_method:
         raise FedtuneError(f"--merge: lora.method {trained.cfg.lora.method} adds "
                            "virtual tokens, which no weight can absorb; export the "
                            "adapter (without --merge) and load it with peft")
