@@ -30,7 +30,15 @@ from flwr.common import (
 )
 from flwr.compat.common import recorddict_compat as compat
 
-from fedtune.client import calibrate, personalize, policy, privacy, recipe, trainer
+from fedtune.client import (
+    calibrate,
+    personalize,
+    policy,
+    pooled,
+    privacy,
+    recipe,
+    trainer,
+)
 from fedtune.client.mods import private_errors, secagg_when_asked
 from fedtune.client.site import (
     SiteData,
@@ -161,10 +169,11 @@ def _incoming(msg: Message, model: torch.nn.Module, cfg: RunConfig
 
 
 def _reply(msg: Message, state: dict[str, torch.Tensor], metrics: dict[str, Any],
-           label: str = "") -> Message:
+           label: str = "", weight: int | None = None) -> Message:
     """fedtune's ArrayRecord reply (with the daemon's ``label``, the site's name
     for the operator, where it set one), or a legacy FitRes for
-    ``secaggplus_mod`` (which masks the arrays and sends only the masked vector)."""
+    ``secaggplus_mod`` (which masks the arrays and sends only the masked vector;
+    ``weight``: its weight in SecAgg+'s average, default the site's records)."""
     if not _is_secagg(msg):
         content = RecordDict({records.ARRAYS: records.to_record(state),
                               records.METRICS: MetricRecord(metrics)})
@@ -174,8 +183,41 @@ def _reply(msg: Message, state: dict[str, torch.Tensor], metrics: dict[str, Any]
     params = ndarrays_to_parameters([state[k].detach().cpu().numpy()
                                      for k in sorted(state)])
     fitres = FitRes(status=Status(Code.OK, ""), parameters=params,
-                    num_examples=int(metrics[records.NUM_EXAMPLES]), metrics=metrics)
+                    num_examples=(int(metrics[records.NUM_EXAMPLES]) if weight is None
+                                  else weight), metrics=metrics)
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
+
+
+def _share_round(msg: Message, context: Context, setup: Setup,
+                 guard: privacy.RoundPrivacy, rnd: int) -> Message:
+    """A distributed-noise round: the site's noise share of one full-batch DP step
+    (:mod:`fedtune.client.pooled`), charged before the reply exists; refused
+    outside SecAgg+ (a share alone is not private)."""
+    cfg = setup.cfg
+    if not _is_secagg(msg):
+        raise FedtuneError("privacy.noise is distributed but this round is not a "
+                           "SecAgg+ round: a site's noise share alone is not "
+                           "private, so nothing is released (the server must run "
+                           "federation.secure_aggregation)")
+    got = pooled.share(setup.model, setup.site.train, cfg=cfg,
+                       sigma=guard.noise_multiplier, head_only=guard.head_only,
+                       device=setup.device, pad_id=setup.pad,
+                       seed=cfg.train.seed * 1000 + rnd,
+                       class_weights=guard.terms.weights,
+                       logit_bias=guard.terms.logit_bias)
+    dp_metrics = guard.charge(steps=1, sigma=got.sigma)
+    _keep(context, guard)
+    metrics: dict[str, Any] = {
+        records.NUM_EXAMPLES: got.records, records.TRAIN_LOSS: got.loss,
+        records.DP_STEPS: 1, **dp_metrics, records.TRAINABLE_PARAMS: got.dims}
+    if "partition-id" in context.node_config:
+        metrics[records.PARTITION] = int(context.node_config["partition-id"])
+    logger.info("round %d: %s sent its noise share of one full-batch step on %d "
+                "records (noise multiplier %.4g of the sum, loss %.4f), epsilon "
+                "%.3f", rnd, setup.site.name, got.records, got.sigma, got.loss,
+                dp_metrics.get(records.EPSILON, math.inf))
+    return _reply(msg, got.arrays, metrics,
+                  label=str(context.node_config.get(SITE_LABEL, "")), weight=1)
 
 
 def _personalize(msg: Message, context: Context, setup: Setup, round_: int,
@@ -260,6 +302,8 @@ def make_client_app(defaults: Mapping[str, Any] | None = None, *,
                                           policy.of_node(context.node_config)))
         _keep(context, guard)  # the histogram's release stands even if training fails
         set_adapter_trainable(model, cfg.lora, trainable=not guard.head_only)
+        if cfg.privacy.noise == "distributed":
+            return _share_round(msg, context, setup, guard, rnd)
         mu = float(conf.get(records.PROXIMAL_MU, 0.0))  # FedProx
         res = trainer.train_local(
             model, site.train, site.val, task=cfg.model.task,

@@ -21,7 +21,11 @@ Rules (every key optional):
   with (checked once the run's noise is planned, still before any release);
 - ``max_clipping_norm``: the largest ``privacy.max_grad_norm``;
 - ``personalized_adapters``: whether the site may write personalised adapters
-  (default true).
+  (default true);
+- ``allowed_noise``: ``local`` (the site adds the whole DP-SGD noise itself),
+  ``distributed`` (its share of noise pooled under SecAgg+, trusting that at most
+  ``privacy.max_dropped_or_colluding`` sites drop out or collude with the server);
+  ``[local]`` requires local noise.
 
 In a simulation there is no site daemon and no policy: the researcher owns every
 site.
@@ -48,6 +52,7 @@ logger = logging.getLogger(__name__)
 POLICY_PATH = "site-policy"  # node_config: the checked policy file
 NON_PRIVATE = "allow-non-private"  # node_config: the daemon's --allow-non-private
 TASKS = ("classification", "causal-lm")
+NOISE = ("local", "distributed")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
 
@@ -71,6 +76,7 @@ class SitePolicy:
     min_noise_multiplier: float = 0.0
     max_clipping_norm: float = 0.0  # 0: no cap
     personalized_adapters: bool = True
+    allowed_noise: tuple[str, ...] = ()  # empty: any
     allow_non_private: bool = False  # the daemon's flag, never the file's
 
     def describe(self) -> str:
@@ -91,6 +97,8 @@ class SitePolicy:
             out.append(f"clipping bound <= {self.max_clipping_norm:g}")
         if not self.personalized_adapters:
             out.append("no personalised adapters")
+        if self.allowed_noise:
+            out.append("noise " + ", ".join(self.allowed_noise))
         return "; ".join(out)
 
 
@@ -133,9 +141,13 @@ def parse(raw: Any, path: Path) -> SitePolicy:
                 "max_clipping_norm"):
         if key in raw:
             values[key] = _number(path, key, raw[key])
-    for key in ("allowed_models", "allowed_tasks"):
+    for key in ("allowed_models", "allowed_tasks", "allowed_noise"):
         if key in raw:
             values[key] = _strings(path, key, raw[key])
+    bad = [t for t in values.get("allowed_noise", ()) if t not in NOISE]
+    if bad:
+        raise DeploymentError(f"{path}: allowed_noise: unknown noise {bad}; use "
+                              f"{', '.join(NOISE)}")
     bad = [t for t in values.get("allowed_tasks", ()) if t not in TASKS]
     if bad:
         raise DeploymentError(f"{path}: allowed_tasks: unknown task(s) {bad}; "
@@ -262,6 +274,10 @@ def enforce(policy: SitePolicy | None, cfg: Any, *, personalize: bool = False
         raise PolicyDeclined("min_noise_multiplier", f"the run sets noise "
                              f"multiplier {p.noise_multiplier:g}, below the site's "
                              f"{policy.min_noise_multiplier:g}")
+    if p.enabled and policy.allowed_noise and p.noise not in policy.allowed_noise:
+        raise PolicyDeclined("allowed_noise", f"the run asks {p.noise} noise "
+                             f"(privacy.noise); this site allows "
+                             f"{', '.join(policy.allowed_noise)} only")
     if policy.allowed_tasks and cfg.model.task not in policy.allowed_tasks:
         raise PolicyDeclined("allowed_tasks", f"the run's task {cfg.model.task!r} "
                              "is not one this site allows")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedtune.client import recipe
-from fedtune.client.releases import HISTOGRAM, ROUND, Book, Releases
+from fedtune.client.releases import HISTOGRAM, ROUND, SHARE, Book, Releases
 from fedtune.common import records
 from fedtune.common.accounting import (
     NoisePlan,
@@ -103,11 +103,23 @@ class RoundPrivacy:
     prior: list[float] | None  # the released class histogram (stays on the site)
     releases: Releases
 
-    def charge(self, *, steps: int) -> dict[str, float]:
-        """Book ``steps`` DP-SGD steps (:meth:`Releases.charge`); returns the DP
+    @property
+    def kind(self) -> str:
+        """The round's release: a DP-SGD round, or a noise share (distributed
+        noise: one full-batch step, the noise pooled under SecAgg+)."""
+        return SHARE if self.cfg.privacy.noise == "distributed" else ROUND
+
+    def charge(self, *, steps: int, sigma: float | None = None) -> dict[str, float]:
+        """Book ``steps`` DP-SGD steps (:meth:`Releases.charge`) at the planned
+        noise, or at ``sigma`` where the release carried less; returns the DP
         metrics of the reply (empty when DP is off: no epsilon key at all means
         not private)."""
-        self.releases.charge(ROUND, (self.noise_multiplier, self.sample_rate, steps))
+        if sigma is not None and sigma > self.noise_multiplier:
+            raise ValueError("a release is charged at most at its planned noise")
+        if sigma is not None:
+            self.noise_multiplier = sigma
+        self.releases.charge(self.kind, (self.noise_multiplier, self.sample_rate,
+                                         steps))
         found = self.releases.metrics()
         if found:
             found.update({records.NOISE_MULTIPLIER: self.noise_multiplier,
@@ -156,7 +168,8 @@ def open_round(cfg: RunConfig, *, num_examples: int, round_: int,
     if not dp:
         logger.warning("DP is OFF on this site: the adapter update is not "
                        "differentially private (privacy.enabled=false)")
-    releases.check(ROUND, *histogram, (sigma, q, planned),
+    releases.check(SHARE if cfg.privacy.noise == "distributed" else ROUND,
+                   *histogram, (sigma, q, planned),
                    noise=[state.noise_multiplier, state.probe_noise_multiplier])
     released = list(prior) if prior is not None else None
     if release:

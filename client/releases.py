@@ -2,8 +2,10 @@
 :class:`Releases`.
 
 A release is one Gaussian mechanism (or a run of DP-SGD steps) on the site's
-records, of one :data:`KINDS`: a DP-SGD round, the class histogram, the decision
-calibration's counts, a personalisation. Each goes the same way:
+records, of one :data:`KINDS`: a DP-SGD round, a noise share (a round under
+distributed noise: one full-batch step whose noise the sites pool under
+SecAgg+), the class histogram, the decision calibration's counts, a
+personalisation. Each goes the same way:
 
 1. :meth:`Releases.check` refuses it before anything is computed: DP off under a
    privacy budget, a noise below the site policy's floor, or a budget the ledger
@@ -33,9 +35,9 @@ from fedtune.common.accounting import Segment, epsilon_spent
 from fedtune.common.config import PrivacyConfig
 from fedtune.common.errors import PrivacyBudgetExhausted
 
-ROUND, HISTOGRAM, CALIBRATION, PERSONALISATION = (
-    "round", "histogram", "calibration", "personalisation")
-KINDS = (ROUND, HISTOGRAM, CALIBRATION, PERSONALISATION)
+ROUND, SHARE, HISTOGRAM, CALIBRATION, PERSONALISATION = (
+    "round", "noise-share", "histogram", "calibration", "personalisation")
+KINDS = (ROUND, SHARE, HISTOGRAM, CALIBRATION, PERSONALISATION)
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,8 @@ class Releases:
             # under-counts; a retried message is not charged twice.
             self.book.ledger.charge(
                 segment, self.book.budget, run=self.run, round_=self.round_,
-                message=self.message if kind == ROUND else f"{self.message}/{kind}",
+                message=(self.message if kind in (ROUND, SHARE)
+                         else f"{self.message}/{kind}"),
                 kind=kind, run_name=self.run_name)
 
     def epsilon(self) -> float:

@@ -15,6 +15,7 @@ import secrets
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
@@ -39,6 +40,7 @@ from fedtune.common.model import adapter_state, classifier_head, set_adapter_sta
 from fedtune.common.toplayers import TopLayers
 
 logger = logging.getLogger(__name__)
+VSet = TypeVar("VSet", Dataset[Batch], None)
 
 
 @dataclass(frozen=True)
@@ -128,20 +130,11 @@ def train_local(model: nn.Module, train_set: Dataset[Batch], val_set: Dataset[Ba
     batch size over records).
     """
     start = time.perf_counter()
-    trained: nn.Module = model
-    scored: nn.Module = model  # what the validation loss runs through
-    if head_only:  # the encoder is frozen: train and validate on its cached output
-        train_set, val_set = (head_features(
-            model, ds, device=device, pad_id=pad_id,  # type: ignore[arg-type]  # an EncodedDataset
-            batch_size=train_cfg.eval_batch_size, top_layers=top_layers)
-            for ds in (train_set, val_set))
-        trained = scored = HeadOnly(classifier_head(model)[1])
-    elif top_layers:  # the layers below are frozen: start from their cached output
-        trained = scored = TopLayers(model, top_layers)
-        train_set, val_set = (hidden_inputs(
-            model, ds, layer=trained.first, device=device, pad_id=pad_id,  # type: ignore[arg-type]  # an EncodedDataset
-            batch_size=train_cfg.eval_batch_size) for ds in (train_set, val_set))
-        _all_trained(model, trained)
+    trained, train_set, val_set = trained_view(
+        model, train_set, val_set, device=device, pad_id=pad_id,
+        batch_size=train_cfg.eval_batch_size, head_only=head_only,
+        top_layers=top_layers)
+    scored = trained  # what the validation loss runs through
     dp = privacy_cfg.enabled
     sample_seed, noise_seed = _seeds(seed, dp=dp, secure=privacy_cfg.secure_noise)
     gen = torch.Generator().manual_seed(sample_seed)
@@ -211,6 +204,32 @@ def train_local(model: nn.Module, train_set: Dataset[Batch], val_set: Dataset[Ba
                        train_loss=loss_sum / max(loss_n, 1), val_loss=val_loss,
                        steps=steps, seconds=time.perf_counter() - start,
                        sample_rate=rate if dp else 0.0)
+
+
+def trained_view(model: nn.Module, train_set: Dataset[Batch],
+                 val_set: VSet, *, device: torch.device, pad_id: int,
+                 batch_size: int, head_only: bool, top_layers: int
+                 ) -> tuple[nn.Module, Dataset[Batch], VSet]:
+    """(the module a round trains, its train and validation sets (None stays
+    None)): the model on its records; the head on cached pooled features
+    (``head_only``); or the top ``top_layers`` layers on the cached hidden states
+    entering them."""
+    if head_only:  # the encoder is frozen: train and validate on its cached output
+        def cached(ds: Any) -> Any:
+            return None if ds is None else head_features(
+                model, ds, device=device, pad_id=pad_id, batch_size=batch_size,
+                top_layers=top_layers)
+        return HeadOnly(classifier_head(model)[1]), cached(train_set), cached(val_set)
+    if top_layers:  # the layers below are frozen: start from their cached output
+        top = TopLayers(model, top_layers)
+
+        def hidden(ds: Any) -> Any:
+            return None if ds is None else hidden_inputs(
+                model, ds, layer=top.first, device=device, pad_id=pad_id,
+                batch_size=batch_size)
+        _all_trained(model, top)
+        return top, hidden(train_set), hidden(val_set)
+    return model, train_set, val_set
 
 
 class NoOpStep(RuntimeError):

@@ -347,6 +347,20 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
             for k, v in state.items()}
 
 
+def adapter_values(model: nn.Module, values: dict[int, torch.Tensor]
+                   ) -> dict[str, torch.Tensor]:
+    """The adapter state's names and shapes filled with ``values`` (keyed by
+    ``id`` of the model's parameter: a gradient sum, say) and zeros for every
+    adapter tensor ``values`` has no entry for; fp32 CPU."""
+    inner = _unwrap(model)
+    filled = {n: values.get(id(p), torch.zeros_like(p))
+              for n, p in inner.named_parameters()}
+    state = get_peft_model_state_dict(inner, state_dict=filled,
+                                      save_embedding_layers=False)
+    return {k: v.detach().to("cpu", torch.float32).contiguous().clone()
+            for k, v in state.items()}
+
+
 def set_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load adapter tensors, refusing missing/extra names or wrong shapes."""
     own = get_peft_model_state_dict(_unwrap(model), save_embedding_layers=False)

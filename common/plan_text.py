@@ -5,6 +5,7 @@ verdict. The figures are :mod:`fedtune.common.planning`'s.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 from fedtune.common import adapters, planning, recipes
@@ -65,6 +66,30 @@ def _grouped(plans: Sequence[SitePlan], row: Callable[[SitePlan], str]) -> list[
     return lines
 
 
+def _federation(plans: Sequence[SitePlan], cfg: RunConfig) -> list[str]:
+    """The aggregate's rho, and under distributed noise what is promised."""
+    rho = aggregate_rho(plans, cfg)
+    if cfg.privacy.noise != "distributed":
+        return [f"federation: the aggregate's rho {rho:.3f} (sqrt of the sum of "
+                f"(share x rho)^2 over the sites, weighting "
+                f"{cfg.federation.weighting!r})"]
+    n, t = cfg.federation.train_nodes, cfg.privacy.max_dropped_or_colluding
+    local = math.sqrt(sum((p.share * p.rho) ** 2 for p in plans))
+    return [
+        f"federation: distributed noise: each round is one full-batch DP step "
+        f"whose noise the {n} sites share under SecAgg+ (each adds 1/{n - t} of "
+        f"its variance); the aggregate's rho {rho:.4f}, {local / rho:.2f}x less "
+        f"than the same steps with local noise ({local:.4f})",
+        f"federation: promised: each site's epsilon above, against an honest-but-"
+        f"curious server and up to t={t} sites that drop out or collude with it "
+        f"(a sum is unmasked only with >= {cfg.federation.secagg_threshold} sites' "
+        "shares), under SecAgg+'s own assumptions; not promised: a server that "
+        f"deviates from the protocol, or more than {t} colluding sites (they could "
+        "subtract their shares, leaving less noise than planned)",
+        *([f"federation: REFUSED before round 1: {problem}"]
+          if (problem := planning.grid_problem(plans, cfg)) else [])]
+
+
 def format_plan(plans: Sequence[SitePlan], cfg: RunConfig, *,
                 full: bool = False) -> str:
     """The planner's table (grouped by verdict above :data:`SUMMARY_AT` sites,
@@ -116,8 +141,6 @@ def format_plan(plans: Sequence[SitePlan], cfg: RunConfig, *,
                              "aggregate" for p in alone[:5])
                          + (", ..." if len(alone) > 5 else "")
                          + "); the aggregate weighs them by their share")
-        lines.append(f"federation: the aggregate's rho {aggregate_rho(plans, cfg):.3f}"
-                     f" (sqrt of the sum of (share x rho)^2 over the sites, "
-                     f"weighting {cfg.federation.weighting!r})")
+        lines += _federation(plans, cfg)
     lines.append(f"overall: {overall(plans, cfg)}")
     return "\n".join(lines)

@@ -243,8 +243,44 @@ def aggregate_rho(plans: Sequence[SitePlan], cfg: RunConfig) -> float:
     if not plans:
         return math.inf
     sampled = min(len(plans), cfg.federation.train_nodes)
+    if cfg.privacy.noise == "distributed":
+        return pooled_rho(plans, cfg)
     return math.sqrt(len(plans) / sampled * sum((p.share * p.rho) ** 2
                                                 for p in plans))
+
+
+def grid_problem(plans: Sequence[SitePlan], cfg: RunConfig) -> str | None:
+    """Under distributed noise, why SecAgg+'s grid cannot hold the planned
+    shares (None: it can): its range leaves no room for the noise, or its levels
+    are too coarse (:meth:`~fedtune.common.distributed_noise.Mechanism.check`)."""
+    if cfg.privacy.noise != "distributed" or not cfg.privacy.enabled or not plans:
+        return None
+    from fedtune.common.distributed_noise import Grid, Mechanism, levels_for
+
+    fed, priv = cfg.federation, cfg.privacy
+    worst = max(plans, key=lambda p: max(p.sigma, p.probe_sigma))
+    try:
+        Mechanism(sigma=max(worst.sigma, worst.probe_sigma), clip=priv.max_grad_norm,
+                  sites=fed.train_nodes, margin=priv.max_dropped_or_colluding,
+                  dims=max(worst.dims, worst.probe_dims, 1), rounds=fed.num_rounds,
+                  epsilon=priv.target_epsilon, delta=priv.target_delta,
+                  grid=Grid(fed.secagg_clipping_range, levels_for(fed.train_nodes))
+                  ).check()
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def pooled_rho(plans: Sequence[SitePlan], cfg: RunConfig) -> float:
+    """The aggregate's round noise ratio under distributed noise: one noise of
+    ``sigma sqrt(n / (n - t))`` (every share present; ``n - t`` carry ``sigma``)
+    over the records of the ``n`` sites a round pools (one full-batch step:
+    ``rho_i * records_i = sigma sqrt(d)``), not ``sqrt(n)`` noises over them."""
+    n = min(len(plans), cfg.federation.train_nodes)
+    t = cfg.privacy.max_dropped_or_colluding
+    noise = max(p.rho * p.records for p in plans) * math.sqrt(n / max(1, n - t))
+    pooled = n / len(plans) * sum(p.records for p in plans)
+    return noise / pooled
 
 
 def overall(plans: Sequence[SitePlan], cfg: RunConfig) -> str:
@@ -254,6 +290,8 @@ def overall(plans: Sequence[SitePlan], cfg: RunConfig) -> str:
         return "no sites"
     if not cfg.privacy.enabled:
         return "DP off"
+    if grid_problem(plans, cfg):
+        return "refused: SecAgg+'s grid cannot hold the noise shares (above)"
     return verdict(aggregate_rho(plans, cfg), cfg.model.task)
 
 
@@ -301,6 +339,10 @@ def head_length(cfg: RunConfig, records: float | None) -> str:
     length's cost by its replayed map."""
     r = recipes
     n = round(records) if records else None
+    if cfg.privacy.noise == "distributed":
+        return ("head rounds: one full-batch DP step per round over every site's "
+                "records (distributed noise), the server's Adam at federation."
+                f"server_learning_rate {cfg.federation.server_learning_rate:g}")
     line = (f"head rounds: batch {r.BATCH} (at most a site's records) and "
             f"sqrt(records) DP steps per round within {r.HEAD_STEPS[0]}.."
             f"{r.HEAD_STEPS[1]}, the best count at every size in the replayed map "

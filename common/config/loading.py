@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -182,10 +183,51 @@ def _cross_checks(sec: Mapping[str, Any]) -> list[str]:
     if fed.round_patience and not sec["data"].test_source:
         out.append("federation.round_patience: needs the central "
                    "evaluation set data.test_source (the rounds are compared on it)")
+    out += _distributed_noise(fed, priv, train)
     if fed.secure_aggregation and priv.central_dp:
         out.append("privacy.central_dp: cannot be combined with federation.secure_"
                    "aggregation (central DP clips each site's update, which SecAgg+ "
                    "hides from the server)")
+    return out
+
+
+def _distributed_noise(fed: Any, priv: Any, train: Any) -> list[str]:
+    """``privacy.noise: distributed`` and what it needs: SecAgg+, ``t < n``, a
+    SecAgg+ threshold that unmasks only sums of at least ``n - t`` shares and
+    keeps fewer than it colluding, and one DP step per round."""
+    if priv.noise != "distributed":
+        return []
+    n, t = fed.train_nodes, priv.max_dropped_or_colluding
+    if not priv.enabled:
+        return ["privacy.noise: distributed needs privacy.enabled (it is DP noise)"]
+    if not fed.secure_aggregation:
+        return ["privacy.noise: distributed needs federation.secure_aggregation: "
+                "true (a site's share alone is not private: only SecAgg+'s sum "
+                "carries the whole noise); turn SecAgg+ on or use noise: local"]
+    out = []
+    if t >= n:
+        out.append(f"privacy.max_dropped_or_colluding: {t} must be below the {n} "
+                   "sites a round trains (federation.min_train_nodes, or num_sites "
+                   "x fraction_train)")
+    elif not (fed.secagg_threshold >= n - t and fed.secagg_threshold > t):
+        out.append(f"federation.secagg_threshold: {fed.secagg_threshold} does not "
+                   f"fit privacy.max_dropped_or_colluding {t} at {n} sites: it must "
+                   f"be at least n - t = {n - t} (a sum is unmasked only with the "
+                   f"shares of that many sites) and above t (SecAgg+ hides a site "
+                   f"from fewer colluders than the threshold)"
+                   + ("" if n - t > t else f"; no threshold fits: t must be below "
+                      f"n/2 ({(n - 1) // 2} at most)"))
+    bound = fed.secagg_clipping_range
+    if bound > 0 and math.frexp(bound)[0] != 0.5:
+        out.append(f"federation.secagg_clipping_range: distributed noise needs a "
+                   f"power of two (exact integers through SecAgg+'s quantisation), "
+                   f"got {bound:g}; e.g. {2.0 ** round(math.log2(bound)):g}")
+    if priv.noise_multiplier:
+        out.append("privacy.noise_multiplier: distributed noise calibrates its own "
+                   "(one full-batch step per round); leave it 0")
+    if train.personalize_epochs:
+        out.append("train.personalize_epochs: not offered with distributed noise "
+                   "(a personalisation is a local release)")
     return out
 
 

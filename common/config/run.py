@@ -108,6 +108,10 @@ class RunConfig:
         (``linear_probe_epochs``; at 0 ``max_steps`` = the recipe's steps for
         the site's size, which needs ``num_examples``)."""
         t = self.train
+        if self.privacy.noise == "distributed":  # one full-batch DP step a round
+            return dataclasses.replace(
+                t, batch_size=max(1, num_examples or t.batch_size or 1),
+                max_steps=1, local_epochs=1)
         batch = t.batch_size or (recipes.BATCH if self.classifies else 16)
         if not self.head_only(server_round):
             return t if batch == t.batch_size else dataclasses.replace(

@@ -157,6 +157,14 @@ class PrivacyConfig(_Section):
     (``train.personalize_epochs``) may spend on top of the run; its DP-SGD noise is
     calibrated to it and it is charged to the site's ledger.
 
+    ``noise``: ``local`` (each site adds the whole DP-SGD noise to its own
+    update) or ``distributed`` (with ``federation.secure_aggregation``: each round
+    is one full-batch DP step whose noise the sites share, so the unmasked sum
+    carries it once; :mod:`fedtune.common.distributed_noise`).
+    ``max_dropped_or_colluding`` (``t``): under distributed noise, how many of a
+    round's sites may drop out or collude with the server while the sum still
+    carries the whole noise (each share is ``1/(n - t)`` of its variance).
+
     ``ledger_dir`` and ``budget_epsilon`` are for simulations only: a deployed site
     keeps its own ledger and budget (``fedtune client --ledger-dir --budget-epsilon``)
     and ignores these two.
@@ -183,6 +191,8 @@ class PrivacyConfig(_Section):
     count_noise_multiplier: float = 20.0
     calibration_noise_multiplier: float = 0.0
     personalize_epsilon: float = 1.0
+    noise: Literal["local", "distributed"] = "local"
+    max_dropped_or_colluding: int = 1
 
     @property
     def calibration_sigma(self) -> float:
@@ -197,7 +207,8 @@ class PrivacyConfig(_Section):
                         "central_noise_multiplier", "central_clipping_norm",
                         "count_noise_multiplier", "personalize_epsilon")
         out += _non_negative(self, "noise_multiplier", "budget_epsilon",
-                             "calibration_noise_multiplier")
+                             "calibration_noise_multiplier",
+                             "max_dropped_or_colluding")
         if not 0.0 <= self.linear_probe_budget < 1.0:
             out.append(f"linear_probe_budget: must be in [0, 1) (the share of "
                        f"target_epsilon for the linear-probe rounds; 0: one noise "

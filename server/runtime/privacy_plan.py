@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 
 from fedtune.common import plan_text, planning, records, sites
 from fedtune.common.config import RunConfig
-from fedtune.common.errors import CONFIG_FAILURE
+from fedtune.common.errors import CONFIG_FAILURE, ConfigError
 from fedtune.server.rundir import PLAN_FILE
 from fedtune.server.runtime import stats
 
@@ -77,6 +77,9 @@ def plan_privacy(grid: Grid, cfg: RunConfig, *, run_dir: Path, dims: tuple[int, 
     if not plans:
         logger.warning("no site reported its size: no privacy-utility plan")
         return plans
+    problem = planning.grid_problem(plans, cfg)
+    if problem:  # before any site releases anything
+        raise ConfigError(problem)
     table = plan_text.format_plan(plans, cfg)
     verdict = planning.overall(plans, cfg)
     if verdict in planning.VERDICTS[1:]:
@@ -85,5 +88,7 @@ def plan_privacy(grid: Grid, cfg: RunConfig, *, run_dir: Path, dims: tuple[int, 
     else:
         logger.info("%s", table)
     (run_dir / PLAN_FILE).write_text(json.dumps(
-        {"overall": verdict, "sites": [asdict(p) for p in plans]}, indent=2) + "\n")
+        {"overall": verdict, "aggregate_rho": planning.aggregate_rho(plans, cfg),
+         "noise": cfg.privacy.noise if cfg.privacy.enabled else "off",
+         "sites": [asdict(p) for p in plans]}, indent=2) + "\n")
     return plans

@@ -24,7 +24,13 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Context
-from flwr.common import FitRes, Parameters, Scalar, ndarrays_to_parameters
+from flwr.common import (
+    FitRes,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg as LegacyFedAvg
@@ -33,6 +39,8 @@ from flwr.serverapp import Grid
 
 from fedtune.common import records
 from fedtune.common.config import RunConfig
+from fedtune.common.distributed_noise import levels_for
+from fedtune.server.runtime.pooled import PooledStep
 from fedtune.server.runtime.recorder import RoundRecorder
 from fedtune.server.runtime.stats import RoundStats, record_site_metrics
 
@@ -89,6 +97,34 @@ class SecAggFedAvg(LegacyFedAvg):
         return super().aggregate_fit(server_round, results, failures)
 
 
+class PooledNoiseAvg(SecAggFedAvg):
+    """SecAgg+'s FedAvg whose "average" is the pooled noisy gradient sum of
+    distributed noise: one server step on it (:class:`~fedtune.server.runtime.
+    pooled.PooledStep`)."""
+
+    def __init__(self, *, step: PooledStep, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.step = step
+
+    def aggregate_fit(self, server_round: int,
+                      results: list[tuple[ClientProxy, FitRes]],
+                      failures: list[Any]) -> tuple[Parameters | None,
+                                                    dict[str, Scalar]]:
+        mean, metrics = super().aggregate_fit(server_round, results, failures)
+        used = sum(int(res.metrics.get(records.NUM_EXAMPLES, 0)) for _, res in results)
+        stats = self.round_stats[server_round]  # the aggregate: one pooled noise
+        stats.pooled = (self.step.cfg.federation.train_nodes,
+                        self.step.cfg.privacy.max_dropped_or_colluding)
+        stats.weight_by_node = {str(proxy.node_id): float(
+            res.metrics.get(records.NUM_EXAMPLES, 0)) for proxy, res in results}
+        if mean is None or used <= 0:
+            return None, metrics
+        # each share's SecAgg+ weight is 1: the average times the shares is the sum
+        total = [a * len(results) for a in parameters_to_ndarrays(mean)]
+        new = self.step(server_round, total, shares=len(results), records=used)
+        return ndarrays_to_parameters([a.astype(np.float32) for a in new]), metrics
+
+
 def run_secagg(grid: Grid, context: Context, *, cfg: RunConfig,
                initial: dict[str, Any], recorder: RoundRecorder) -> None:
     """Run ``cfg.federation.num_rounds`` SecAgg+ rounds; ``recorder`` records each
@@ -104,19 +140,31 @@ def run_secagg(grid: Grid, context: Context, *, cfg: RunConfig,
         row: dict[str, Any] = dict(metric or {})
         return float(row.get("loss", math.nan)), row
 
-    strategy = SecAggFedAvg(
+    common: dict[str, Any] = dict(
         fraction_fit=fed.fraction_train, fraction_evaluate=0.0,
         min_fit_clients=fed.train_nodes, min_available_clients=fed.train_nodes,
         initial_parameters=ndarrays_to_parameters(to_ndarrays(initial)),
         evaluate_fn=evaluate, accept_failures=True)
+    distributed = cfg.privacy.enabled and cfg.privacy.noise == "distributed"
+    strategy: SecAggFedAvg
+    if distributed:  # the sum is a gradient: one server step on it (pooled.py)
+        strategy = PooledNoiseAvg(step=PooledStep(
+            cfg=cfg, names=names, initial=to_ndarrays(initial)), **common)
+    else:
+        strategy = SecAggFedAvg(**common)
     strategy.site_labels = dict(recorder.strategy.site_labels)
     recorder.strategy = strategy
     legacy = LegacyContext(context=context, config=ServerConfig(
         num_rounds=fed.num_rounds, round_timeout=fed.round_timeout), strategy=strategy)
     shares = max(3, fed.train_nodes)
+    # distributed noise: each site sends integers on the grid with weight 1; the
+    # levels keep the sum below the modulus (fedtune.common.distributed_noise)
     secagg = SecAggPlusWorkflow(
         num_shares=shares, reconstruction_threshold=fed.secagg_threshold,
-        clipping_range=fed.secagg_clipping_range, timeout=fed.round_timeout)
+        clipping_range=fed.secagg_clipping_range, timeout=fed.round_timeout,
+        max_weight=1.0 if distributed else 1000.0,  # 1000: Flower's default
+        quantization_range=(levels_for(fed.train_nodes) if distributed
+                            else 2**22))  # 2**22: Flower's default
 
     def fit(grid: Grid, context: Context) -> None:
         # Flower's loop runs num_rounds; after an early stop its rounds do nothing
@@ -128,6 +176,12 @@ def run_secagg(grid: Grid, context: Context, *, cfg: RunConfig,
     logger.info("secure aggregation (SecAgg+): %d shares, reconstruction threshold "
                 "%d, clipping range %g", shares, fed.secagg_threshold,
                 fed.secagg_clipping_range)
+    if distributed:
+        logger.info("distributed noise: each site adds 1/%d of the noise variance; "
+                    "a sum is unmasked only with at least %d sites' key shares (up "
+                    "to %d may drop out or collude)", fed.train_nodes
+                    - cfg.privacy.max_dropped_or_colluding, fed.secagg_threshold,
+                    cfg.privacy.max_dropped_or_colluding)
     workflow(grid, legacy)
     logger.info("SecAgg+ run finished in %.1f s", time.perf_counter() - t0)
 

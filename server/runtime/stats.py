@@ -51,6 +51,9 @@ class RoundStats:
     dp_by_node: dict[str, dict[str, float]] = field(default_factory=dict)
     site_by_node: dict[str, str] = field(default_factory=dict)
     config_failures: dict[str, str] = field(default_factory=dict)  # deterministic
+    # distributed noise: (n, t), the sites a round trains and the margin; the
+    # aggregate then holds one pooled noise, not one per site
+    pooled: tuple[int, int] | None = None
 
     @property
     def every_site_declined(self) -> bool:
@@ -97,6 +100,11 @@ class RoundStats:
         total = sum(w for w, _ in rated)
         if not rated or total <= 0:
             return None
+        if self.pooled:  # planning.pooled_rho: one noise over the pooled records
+            n, t = self.pooled
+            noise = max(w * rho for w, rho in rated) * math.sqrt(
+                len(rated) / max(1, n - t))
+            return noise / total
         return math.sqrt(sum((w / total * rho) ** 2 for w, rho in rated))
 
 

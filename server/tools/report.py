@@ -166,9 +166,14 @@ def headline(run: Run) -> list[str]:
     if cfg.privacy.enabled:
         who = ("every site" if not declined else "every site that trained ("
                + ", ".join(site_label(names, n) for n in declined) + " declined)")
-        releases = " + ".join({"round": "rounds"}.get(k, k) for k in
+        releases = " + ".join({"round": "rounds", "noise-share": "noise shares"
+                               }.get(k, k) for k in
                               last.get("epsilon_releases") or ["round"])
-        out.append(f"privacy: DP-SGD on {who}, target "
+        how = ("DP-SGD" if cfg.privacy.noise != "distributed" else
+               f"distributed noise (one full-batch DP step a round, its noise pooled "
+               f"under SecAgg+; up to {cfg.privacy.max_dropped_or_colluding} sites "
+               f"may drop out or collude)")
+        out.append(f"privacy: {how} on {who}, target "
                    f"ε={cfg.privacy.target_epsilon:g} "
                    f"δ={cfg.privacy.target_delta:g} per site over the run; spent: "
                    f"max ε {fig(last.get('epsilon_max'), '.3f')} (the {releases}: "

@@ -40,6 +40,7 @@ def _cfg(tiny_bert: Path, review_files: tuple[Path, Path], **sections: dict
     ({"max_epsilon_per_run": "eight"}, "max_epsilon_per_run: expected a number"),
     ({"min_noise_multiplier": -1}, "min_noise_multiplier: expected a number >= 0"),
     ({"allowed_tasks": ["translation"]}, "allowed_tasks: unknown task(s)"),
+    ({"allowed_noise": ["pooled"]}, "allowed_noise: unknown noise ['pooled']"),
     ({"allowed_models": ["sha256:abc"]}, "is not a sha256"),
     ({"allowed_models": 3}, "allowed_models: expected a list of names"),
     ({"personalized_adapters": "no"}, "personalized_adapters: expected true or false"),
@@ -111,6 +112,13 @@ def test_each_rule_declines_a_run_that_breaks_it(
     with pytest.raises(policy.PolicyDeclined, match="rule allowed_tasks: the run's "
                        "task 'classification'"):
         policy.enforce(tasks, cfg)
+    local = policy.SitePolicy(allowed_noise=("local",))
+    pooled = _cfg(tiny_bert, review_files, privacy={"noise": "distributed"},
+                  federation={"secure_aggregation": True, "secagg_threshold": 2})
+    with pytest.raises(policy.PolicyDeclined, match="rule allowed_noise: the run "
+                       "asks distributed noise .* allows local only"):
+        policy.enforce(local, pooled)
+    policy.enforce(local, cfg)
     # by name, and DP off with --allow-non-private
     policy.enforce(policy.SitePolicy(allowed_models=(str(tiny_bert),)), cfg)
     off = _cfg(tiny_bert, review_files, privacy={"enabled": False})

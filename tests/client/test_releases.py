@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from fedtune.client.ledger import Budget, PrivacyLedger
-from fedtune.client.releases import KINDS, Book, Releases
+from fedtune.client.releases import KINDS, SHARE, Book, Releases
 from fedtune.common import records
 from fedtune.common.accounting import epsilon_spent
 from fedtune.common.config import PrivacyConfig
@@ -31,15 +31,18 @@ def test_every_kind_is_charged_once_and_the_epsilons_are_the_ledgers(
     history: list = []
     rel = _releases(Book(ledger, Budget(epsilon=50.0)), history)
     # Execute: one release of each kind, the message delivered twice
+    # (a noise share is a round's release under distributed noise: one message
+    # makes one or the other, below)
+    kinds = [k for k in KINDS if k != SHARE]
     for _ in range(2):
-        for kind in KINDS:
+        for kind in kinds:
             rel.check(kind, ROUND if kind in ("round", "personalisation") else ONCE)
             rel.charge(kind, ROUND if kind in ("round", "personalisation") else ONCE)
     m = rel.metrics()
     # Assert: four entries of this run, each with its kind and the run's name;
     # this run's epsilon is its releases composed, the total the whole ledger's
     entries = [e for e in ledger.read()["entries"] if e["run"] == "7"]
-    assert [e["kind"] for e in entries] == list(KINDS)
+    assert [e["kind"] for e in entries] == kinds
     assert {e["run_name"] for e in entries} == {"icd10-run"}
     mine = [ROUND, ONCE, ONCE, ROUND]
     assert len(history) == 8  # the run's state: the second delivery too
@@ -47,7 +50,7 @@ def test_every_kind_is_charged_once_and_the_epsilons_are_the_ledgers(
     assert m[records.EPSILON_TOTAL] == pytest.approx(
         epsilon_spent([ROUND, *mine], delta=1e-5))
     once = _releases(None, [])
-    for kind, seg in zip(KINDS, mine, strict=True):
+    for kind, seg in zip(kinds, mine, strict=True):
         once.charge(kind, seg)
     assert once.metrics()[records.EPSILON] == pytest.approx(
         epsilon_spent(mine, delta=1e-5))
@@ -77,3 +80,17 @@ def test_a_release_the_budget_cannot_afford_is_refused_before_anything(
                        check_noise=seen.extend)
     watched.check("round", ROUND, noise=[1.1])
     assert seen == [1.1]
+
+
+def test_a_noise_share_is_booked_as_its_rounds_one_release(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path, "d" * 64)
+    rel = _releases(Book(ledger, Budget(epsilon=50.0)), [])
+    share = (4.0, 1.0, 1)  # one full-batch step
+    for _ in range(2):  # the message delivered twice: booked once
+        rel.check(SHARE, share)
+        rel.charge(SHARE, share)
+    (entry,) = ledger.read()["entries"]
+    assert entry["kind"] == SHARE and entry["message"] == rel.message
+    assert (entry["sigma"], entry["sample_rate"], entry["steps"]) == share
+    assert rel.metrics()[records.EPSILON_TOTAL] == pytest.approx(
+        epsilon_spent([share], delta=1e-5))

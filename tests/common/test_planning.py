@@ -165,6 +165,41 @@ def test_one_tiny_site_is_named_but_the_federation_learns() -> None:
     assert planning.aggregate_rho(flat, uniform) > planning.aggregate_rho(plans, cfg)
 
 
+def test_pooled_noise_divides_the_aggregates_noise_by_sqrt_n_minus_t() -> None:
+    # Prepare: 8 sites of 1,350 records, the same full-batch steps with local
+    # noise (each site its own sigma) and with distributed noise (t = 1)
+    pooled = {"privacy": {"noise": "distributed", "max_dropped_or_colluding": 1},
+              "federation": {"secure_aggregation": True, "secagg_threshold": 7,
+                             "num_rounds": 30}}
+    cfg = config.from_dict(pooled)
+    local = config.from_dict({"federation": {"num_rounds": 30},
+                              "train": {"batch_size": 1350,
+                                        "linear_probe_epochs": 1}})
+    sites = [(f"s{i}", 1350) for i in range(8)]
+    # Execute
+    plans = planning.plan_sites(cfg, sites, dims=(80_000, 8085))
+    text = plan_text.format_plan(plans, cfg)
+    # Assert: one step a round at q = 1; the aggregate's rho is the local one
+    # over sqrt(n - t); the plan states the threat model
+    p = plans[0]
+    assert (p.sample_rate, p.probe_steps) == (1.0, 1)
+    assert p.rho == pytest.approx(p.probe_sigma * math.sqrt(8085) / 1350)
+    same_steps = math.sqrt(sum((q.share * q.rho) ** 2 for q in plans))
+    assert planning.aggregate_rho(plans, cfg) == pytest.approx(
+        same_steps / math.sqrt(7))
+    assert "2.65x less than the same steps with local noise" in text
+    assert "up to t=1 sites that drop out or collude" in text
+    assert "not promised: a server that deviates from the protocol" in text
+    assert planning.aggregate_rho(planning.plan_sites(local, sites, dims=(
+        80_000, 8085)), local) > planning.aggregate_rho(plans, cfg)
+    # a grid without room for the shares' noise: refused, with the range needed
+    pooled["federation"]["secagg_clipping_range"] = 8.0
+    tight = config.from_dict(pooled)
+    plans = planning.plan_sites(tight, sites, dims=(80_000, 8085))
+    assert "at least 32" in (planning.grid_problem(plans, tight) or "")
+    assert planning.overall(plans, tight).startswith("refused")
+
+
 def test_a_head_only_plan_quotes_the_heads_dimensions() -> None:
     # Prepare: every round head only (the default) on a site too small to learn
     cfg = config.from_dict({})
