@@ -108,6 +108,18 @@ def sft(d: dict[str, Any]) -> str:
             f"{nodp['exact_match_mean'] if nodp else float('nan'):.3f} ratio {ratio}")
 
 
+def pooled(d: dict[str, Any]) -> str:
+    """Local against distributed noise on the head (bench/pooled_noise.py)."""
+    head = {r["noise"]: r for r in d["rows"] if r["recipe"] == "head"
+            and (r["noise"] == "distributed" or not r.get("secagg"))}
+    if not {"local", "distributed"} <= set(head):
+        return "a local or a distributed head row is missing"
+    loc, dist = head["local"], head["distributed"]
+    return (f"head macro-F1 local {loc['macro_f1_mean']:.3f} distributed "
+            f"{dist['macro_f1_mean']:.3f} ({dist['runs']} runs); aggregate rho "
+            f"{loc['aggregate_rho']:.4f} -> {dist['aggregate_rho']:.4f}")
+
+
 BENCHES = {"dp_overhead": dp, "communication": comm, "framework_overhead": framework,
            "privacy_utility": utility, "scale": scale, "deploy_overhead": deploy}
 
@@ -126,6 +138,8 @@ def main() -> None:
                                          "bench/repeats.py)"))
     d = _load(folder, "sft_map") or _load(RESULTS, "sft_map")
     print("sft: " + (sft(d) if d else "missing (run bench/sft_map.py)"))
+    d = _load(folder, "pooled_noise") or _load(RESULTS, "pooled_noise")
+    print("pooled: " + (pooled(d) if d else "missing (run bench/pooled_noise.py)"))
 
 
 if __name__ == "__main__":
