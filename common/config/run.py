@@ -106,7 +106,8 @@ class RunConfig:
         ``num_examples`` training records: the recipe's batch where ``batch_size``
         is 0, and a head-only round's own learning rate, optimizer and length
         (``linear_probe_epochs``; at 0 ``max_steps`` = the recipe's steps for
-        the site's size, which needs ``num_examples``)."""
+        the site's size, which needs ``num_examples``). Under distributed noise
+        every round is one full-batch step (``batch_size`` = the records)."""
         t = self.train
         if self.privacy.noise == "distributed":  # one full-batch DP step a round
             return dataclasses.replace(

@@ -166,8 +166,9 @@ def headline(run: Run) -> list[str]:
     if cfg.privacy.enabled:
         who = ("every site" if not declined else "every site that trained ("
                + ", ".join(site_label(names, n) for n in declined) + " declined)")
-        releases = " + ".join({"round": "rounds", "noise-share": "noise shares"
-                               }.get(k, k) for k in
+        pooled = cfg.privacy.noise == "distributed"  # its rounds: noise shares
+        releases = " + ".join({"round": "noise shares" if pooled else "rounds",
+                               "noise-share": "noise shares"}.get(k, k) for k in
                               last.get("epsilon_releases") or ["round"])
         how = ("DP-SGD" if cfg.privacy.noise != "distributed" else
                f"distributed noise (one full-batch DP step a round, its noise pooled "
