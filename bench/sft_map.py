@@ -13,7 +13,9 @@ prompts, for the methods 2 cores cannot run at full scale):
 
 - ``lora-top1`` / ``lora-top2``: LoRA r 8 on q/v of the top 1 / 2 layers, the
   frozen layers below cached (the scenario's default);
-- ``ia3-top1`` / ``ia3-top2``: IA3 on the top 1 / 2 layers, cached likewise;
+- ``ia3-top1`` / ``ia3-top2``: IA3 on the top 1 / 2 layers, cached likewise
+  (AdamW 2e-2; ``ia3-top1-lr2``: 2e-1, ten times larger steps for vectors that
+  start at 1);
 - ``prompt``: prompt tuning, 8 virtual tokens; ``prefix``: prefix tuning, 8
   virtual tokens. Both reach every layer: no cache, the whole model each step.
 
@@ -40,6 +42,8 @@ METHODS: dict[str, list[str]] = {
     "lora-top1": ["lora.method=lora", "lora.top_layers=1"],
     "lora-top2": ["lora.method=lora", "lora.top_layers=2"],
     "ia3-top1": ["lora.method=ia3", "lora.top_layers=1", "train.learning_rate=0.02"],
+    "ia3-top1-lr2": ["lora.method=ia3", "lora.top_layers=1",
+                     "train.learning_rate=0.2"],
     "ia3-top2": ["lora.method=ia3", "lora.top_layers=2", "train.learning_rate=0.02"],
     "prompt": ["lora.method=prompt", "lora.top_layers=0", "train.learning_rate=0.02"],
     "prefix": ["lora.method=prefix", "lora.top_layers=0", "train.learning_rate=0.02"],
