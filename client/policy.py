@@ -144,14 +144,12 @@ def parse(raw: Any, path: Path) -> SitePolicy:
     for key in ("allowed_models", "allowed_tasks", "allowed_noise"):
         if key in raw:
             values[key] = _strings(path, key, raw[key])
-    bad = [t for t in values.get("allowed_noise", ()) if t not in NOISE]
-    if bad:
-        raise DeploymentError(f"{path}: allowed_noise: unknown noise {bad}; use "
-                              f"{', '.join(NOISE)}")
-    bad = [t for t in values.get("allowed_tasks", ()) if t not in TASKS]
-    if bad:
-        raise DeploymentError(f"{path}: allowed_tasks: unknown task(s) {bad}; "
-                              f"use {', '.join(TASKS)}")
+    for key, known, what in (("allowed_tasks", TASKS, "task(s)"),
+                             ("allowed_noise", NOISE, "noise")):
+        bad = [t for t in values.get(key, ()) if t not in known]
+        if bad:
+            raise DeploymentError(f"{path}: {key}: unknown {what} {bad}; use "
+                                  f"{', '.join(known)}")
     for digest in values.get("allowed_models", ()):
         if digest.startswith("sha256:") and len(_hex(digest)) != 64:
             raise DeploymentError(f"{path}: allowed_models: {digest!r} is not a "

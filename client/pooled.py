@@ -26,9 +26,9 @@ from fedtune.client import dpsgd
 from fedtune.client.trainer import trained_view
 from fedtune.common.config import RunConfig
 from fedtune.common.data import collate
-from fedtune.common.distributed_noise import Grid, Mechanism, levels_for
 from fedtune.common.loops import Batch, autocast, per_sample_loss, to_device
 from fedtune.common.model import adapter_values
+from fedtune.common.planning import mechanism
 
 logger = logging.getLogger(__name__)
 
@@ -45,16 +45,6 @@ class Share:
     records: int
     clipped: int
     dims: int
-
-
-def mechanism(cfg: RunConfig, *, sigma: float, dims: int) -> Mechanism:
-    """The round's mechanism under ``cfg`` (``n``: the sites a round trains)."""
-    fed, priv = cfg.federation, cfg.privacy
-    return Mechanism(sigma=sigma, clip=priv.max_grad_norm, sites=fed.train_nodes,
-                     margin=priv.max_dropped_or_colluding,
-                     dims=dims, rounds=fed.num_rounds, epsilon=priv.target_epsilon,
-                     delta=priv.target_delta,
-                     grid=Grid(fed.secagg_clipping_range, levels_for(fed.train_nodes)))
 
 
 def clipped_sum(trained: nn.Module, dataset: Dataset[Batch], *, cfg: RunConfig,

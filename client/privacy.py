@@ -86,6 +86,12 @@ class PrivacyState:
                    probe_rounds=int(rec.get("probe-rounds", 0)))
 
 
+def round_kind(cfg: RunConfig) -> str:
+    """A round's release: a DP-SGD round, or a noise share (distributed noise:
+    one full-batch step, the noise pooled under SecAgg+)."""
+    return SHARE if cfg.privacy.noise == "distributed" else ROUND
+
+
 @dataclass
 class RoundPrivacy:
     """What one round may spend, from :func:`open_round`: the trainer's inputs
@@ -105,9 +111,7 @@ class RoundPrivacy:
 
     @property
     def kind(self) -> str:
-        """The round's release: a DP-SGD round, or a noise share (distributed
-        noise: one full-batch step, the noise pooled under SecAgg+)."""
-        return SHARE if self.cfg.privacy.noise == "distributed" else ROUND
+        return round_kind(self.cfg)
 
     def charge(self, *, steps: int, sigma: float | None = None) -> dict[str, float]:
         """Book ``steps`` DP-SGD steps (:meth:`Releases.charge`) at the planned
@@ -168,8 +172,7 @@ def open_round(cfg: RunConfig, *, num_examples: int, round_: int,
     if not dp:
         logger.warning("DP is OFF on this site: the adapter update is not "
                        "differentially private (privacy.enabled=false)")
-    releases.check(SHARE if cfg.privacy.noise == "distributed" else ROUND,
-                   *histogram, (sigma, q, planned),
+    releases.check(round_kind(cfg), *histogram, (sigma, q, planned),
                    noise=[state.noise_multiplier, state.probe_noise_multiplier])
     released = list(prior) if prior is not None else None
     if release:

@@ -214,22 +214,23 @@ def trained_view(model: nn.Module, train_set: Dataset[Batch],
     None)): the model on its records; the head on cached pooled features
     (``head_only``); or the top ``top_layers`` layers on the cached hidden states
     entering them."""
+    view: nn.Module
     if head_only:  # the encoder is frozen: train and validate on its cached output
-        def cached(ds: Any) -> Any:
-            return None if ds is None else head_features(
-                model, ds, device=device, pad_id=pad_id, batch_size=batch_size,
-                top_layers=top_layers)
-        return HeadOnly(classifier_head(model)[1]), cached(train_set), cached(val_set)
-    if top_layers:  # the layers below are frozen: start from their cached output
-        top = TopLayers(model, top_layers)
+        view = HeadOnly(classifier_head(model)[1])
 
-        def hidden(ds: Any) -> Any:
-            return None if ds is None else hidden_inputs(
-                model, ds, layer=top.first, device=device, pad_id=pad_id,
-                batch_size=batch_size)
+        def cached(ds: Any) -> Any:
+            return head_features(model, ds, device=device, pad_id=pad_id,
+                                 batch_size=batch_size, top_layers=top_layers)
+    elif top_layers:  # the layers below are frozen: start from their cached output
+        top = view = TopLayers(model, top_layers)
         _all_trained(model, top)
-        return top, hidden(train_set), hidden(val_set)
-    return model, train_set, val_set
+
+        def cached(ds: Any) -> Any:
+            return hidden_inputs(model, ds, layer=top.first, device=device,
+                                 pad_id=pad_id, batch_size=batch_size)
+    else:
+        return model, train_set, val_set
+    return view, cached(train_set), None if val_set is None else cached(val_set)
 
 
 class NoOpStep(RuntimeError):

@@ -52,7 +52,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MODULUS = 2**32  # Flower's SecAgg+ modulus (its largest)
 SLACK = 1e-3  # the share of delta the clipped-noise event may take
 INFLATION = 1.0 + 1e-9  # the shares' noise a hair above the target (float safety)
 
@@ -80,6 +79,17 @@ def is_power_of_two(value: float) -> bool:
     return mantissa == 0.5
 
 
+def power_of_two_problem(bound: float) -> str | None:
+    """Why ``federation.secagg_clipping_range`` cannot carry distributed noise
+    (None: it can): it must be a power of two."""
+    if is_power_of_two(bound):
+        return None
+    near = 2.0 ** round(math.log2(bound)) if bound > 0 else 1.0
+    return (f"federation.secagg_clipping_range: distributed noise needs a power of "
+            f"two (exact integers through SecAgg+'s quantisation), got {bound:g}; "
+            f"e.g. {near:g}")
+
+
 @dataclass(frozen=True)
 class Grid:
     """SecAgg+'s quantisation grid: ``levels`` integers over ``+-bound``
@@ -92,11 +102,9 @@ class Grid:
     levels: int
 
     def __post_init__(self) -> None:
-        if not is_power_of_two(self.bound):
-            raise ValueError(f"federation.secagg_clipping_range: distributed noise "
-                             f"needs a power of two (exact integers through "
-                             f"SecAgg+'s quantisation), got {self.bound:g}; e.g. "
-                             f"{2.0 ** round(math.log2(max(self.bound, 1e-9))):g}")
+        problem = power_of_two_problem(self.bound)
+        if problem:
+            raise ValueError(problem)
         if self.levels < 2 or self.levels & (self.levels - 1):
             raise ValueError(f"levels must be a power of two >= 2, got {self.levels}")
 

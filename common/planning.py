@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from fedtune.common import accounting, recipes
+from fedtune.common import accounting, distributed_noise, recipes
 from fedtune.common.config import RunConfig
 from fedtune.common.errors import PrivacyError
 
@@ -249,23 +249,30 @@ def aggregate_rho(plans: Sequence[SitePlan], cfg: RunConfig) -> float:
                                                 for p in plans))
 
 
+def mechanism(cfg: RunConfig, *, sigma: float, dims: int
+              ) -> distributed_noise.Mechanism:
+    """A distributed-noise round's mechanism under the run's config: noise
+    multiplier ``sigma`` on ``dims`` trained coordinates (``n``: the sites a round
+    trains)."""
+    fed, priv = cfg.federation, cfg.privacy
+    return distributed_noise.Mechanism(
+        sigma=sigma, clip=priv.max_grad_norm, sites=fed.train_nodes,
+        margin=priv.max_dropped_or_colluding, dims=dims, rounds=fed.num_rounds,
+        epsilon=priv.target_epsilon, delta=priv.target_delta,
+        grid=distributed_noise.Grid(fed.secagg_clipping_range,
+                                    distributed_noise.levels_for(fed.train_nodes)))
+
+
 def grid_problem(plans: Sequence[SitePlan], cfg: RunConfig) -> str | None:
     """Under distributed noise, why SecAgg+'s grid cannot hold the planned
     shares (None: it can): its range leaves no room for the noise, or its levels
     are too coarse (:meth:`~fedtune.common.distributed_noise.Mechanism.check`)."""
     if cfg.privacy.noise != "distributed" or not cfg.privacy.enabled or not plans:
         return None
-    from fedtune.common.distributed_noise import Grid, Mechanism, levels_for
-
-    fed, priv = cfg.federation, cfg.privacy
     worst = max(plans, key=lambda p: max(p.sigma, p.probe_sigma))
     try:
-        Mechanism(sigma=max(worst.sigma, worst.probe_sigma), clip=priv.max_grad_norm,
-                  sites=fed.train_nodes, margin=priv.max_dropped_or_colluding,
-                  dims=max(worst.dims, worst.probe_dims, 1), rounds=fed.num_rounds,
-                  epsilon=priv.target_epsilon, delta=priv.target_delta,
-                  grid=Grid(fed.secagg_clipping_range, levels_for(fed.train_nodes))
-                  ).check()
+        mechanism(cfg, sigma=max(worst.sigma, worst.probe_sigma),
+                  dims=max(worst.dims, worst.probe_dims, 1)).check()
     except ValueError as err:
         return str(err)
     return None
@@ -277,10 +284,19 @@ def pooled_rho(plans: Sequence[SitePlan], cfg: RunConfig) -> float:
     over the records of the ``n`` sites a round pools (one full-batch step:
     ``rho_i * records_i = sigma sqrt(d)``), not ``sqrt(n)`` noises over them."""
     n = min(len(plans), cfg.federation.train_nodes)
-    t = cfg.privacy.max_dropped_or_colluding
-    noise = max(p.rho * p.records for p in plans) * math.sqrt(n / max(1, n - t))
-    pooled = n / len(plans) * sum(p.records for p in plans)
-    return noise / pooled
+    return pooled_ratio([(p.records, p.rho) for p in plans], shares=n,
+                        honest=n - cfg.privacy.max_dropped_or_colluding,
+                        sampled=n / len(plans))
+
+
+def pooled_ratio(rated: Sequence[tuple[float, float]], *, shares: int, honest: int,
+                 sampled: float = 1.0) -> float:
+    """:func:`pooled_rho` on ``(records, rho)`` per site: the noise
+    ``max(records * rho) sqrt(shares / honest)`` (``sigma sqrt(d)``, every one of
+    ``shares`` present, ``honest`` of them carrying ``sigma``) over the records
+    a round pools (``sampled``: the share of the sites a round trains)."""
+    noise = max(n * rho for n, rho in rated) * math.sqrt(shares / max(1, honest))
+    return noise / (sampled * sum(n for n, _ in rated))
 
 
 def overall(plans: Sequence[SitePlan], cfg: RunConfig) -> str:

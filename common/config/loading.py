@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from fedtune.common.config.run import SECTIONS, RunConfig
 from fedtune.common.config.training import (
     TrainConfig,
 )
+from fedtune.common.distributed_noise import power_of_two_problem
 from fedtune.common.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -217,11 +217,8 @@ def _distributed_noise(fed: Any, priv: Any, train: Any) -> list[str]:
                    f"from fewer colluders than the threshold)"
                    + ("" if n - t > t else f"; no threshold fits: t must be below "
                       f"n/2 ({(n - 1) // 2} at most)"))
-    bound = fed.secagg_clipping_range
-    if bound > 0 and math.frexp(bound)[0] != 0.5:
-        out.append(f"federation.secagg_clipping_range: distributed noise needs a "
-                   f"power of two (exact integers through SecAgg+'s quantisation), "
-                   f"got {bound:g}; e.g. {2.0 ** round(math.log2(bound)):g}")
+    grid = power_of_two_problem(fed.secagg_clipping_range)
+    out += [grid] if grid and fed.secagg_clipping_range > 0 else []
     if priv.noise_multiplier:
         out.append("privacy.noise_multiplier: distributed noise calibrates its own "
                    "(one full-batch step per round); leave it 0")

@@ -100,11 +100,9 @@ class RoundStats:
         total = sum(w for w, _ in rated)
         if not rated or total <= 0:
             return None
-        if self.pooled:  # planning.pooled_rho: one noise over the pooled records
+        if self.pooled:  # one noise over the pooled records (weights: records)
             n, t = self.pooled
-            noise = max(w * rho for w, rho in rated) * math.sqrt(
-                len(rated) / max(1, n - t))
-            return noise / total
+            return planning.pooled_ratio(rated, shares=len(rated), honest=n - t)
         return math.sqrt(sum((w / total * rho) ** 2 for w, rho in rated))
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fedtune.client import pooled
-from fedtune.common import config, data, loops
+from fedtune.common import config, data, loops, planning
 from fedtune.common import model as M
 from tests.conftest import REVIEW_DATA, make_reviews, tiny_config
 
@@ -78,7 +78,7 @@ def test_a_share_lies_on_the_grid_in_the_adapters_names(
                        device=CPU, pad_id=0, seed=0)
     state = M.adapter_state(model)
     assert sorted(got.arrays) == sorted(state)
-    mech = pooled.mechanism(cfg, sigma=2.0, dims=got.dims)
+    mech = planning.mechanism(cfg, sigma=2.0, dims=got.dims)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert got.dims == trained and got.sigma == 2.0 and got.records == 20
     for name, value in got.arrays.items():
